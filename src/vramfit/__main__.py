@@ -1,0 +1,3 @@
+from vramfit.cli import main
+
+main()

@@ -1,0 +1,288 @@
+"""Config models (pydantic) and the one YAML loader.
+
+A run is a ``ModelSpec`` (the architecture) plus a ``Workload`` (what is done with
+it). Every field carries its range, so bad input fails here, naming the field,
+before any arithmetic runs. ``load_yaml`` turns YAML and validation errors into
+one ``VramfitError``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vramfit.errors import VramfitError
+
+
+class Arch(str, Enum):
+    """Model family: sets the defaults of the mechanism fields below."""
+
+    gpt2 = "gpt2"  # LayerNorm, GELU MLP, biases, learned positions, tied embeddings
+    llama = "llama"  # RMSNorm, SwiGLU, RoPE, no biases, untied lm_head
+
+
+class Norm(str, Enum):
+    layernorm = "layernorm"  # weight + bias
+    rmsnorm = "rmsnorm"  # weight only
+
+
+class Mlp(str, Enum):
+    gelu = "gelu"  # up (h x ffn) -> GELU -> down (ffn x h)
+    swiglu = "swiglu"  # gate and up (h x ffn each) -> SiLU(gate) * up -> down
+
+
+class Positions(str, Enum):
+    learned = "learned"  # a max_positions x hidden table (GPT-2)
+    rope = "rope"  # rotary, no parameters (Su et al. 2021)
+
+
+class Mode(str, Enum):
+    train = "train"
+    infer = "infer"
+
+
+class Precision(str, Enum):
+    """How weights are stored and matmuls run.
+
+    ``amp-*``: fp32 weights, grads and optimizer state; matmuls autocast to 16 bits.
+    ``bf16`` / ``fp16``: weights, grads and optimizer state all in that dtype.
+    """
+
+    fp32 = "fp32"
+    amp_fp16 = "amp-fp16"
+    amp_bf16 = "amp-bf16"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Optimizer(str, Enum):
+    adamw = "adamw"  # torch.optim.AdamW, foreach implementation (PyTorch's default on CUDA)
+    adamw_fused = "adamw-fused"  # torch.optim.AdamW(fused=True)
+    sgd = "sgd"
+    sgd_momentum = "sgd-momentum"
+    adam_8bit = "adam-8bit"  # bitsandbytes-style block-wise 8-bit states
+    adafactor = "adafactor"  # factored second moment (Shazeer & Stern 2018)
+    none = "none"  # gradients only (e.g. a forward/backward benchmark)
+
+
+class Attention(str, Enum):
+    flash = "flash"  # fused SDPA kernels: no s x s scores kept
+    eager = "eager"  # explicit softmax(QK^T)V: s x s scores and probabilities saved
+
+
+class Checkpointing(str, Enum):
+    none = "none"
+    selective = "selective"  # recompute the attention core only (Korthikanti et al. 2022)
+    full = "full"  # keep each block's input, recompute the block in backward
+
+
+class KvDtype(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    fp8 = "fp8"
+    int8 = "int8"
+
+
+class Formula(str, Enum):
+    default = "default"  # vramfit's per-component, per-phase model
+    seed = "seed"  # the origin notebook's formula, reproduced exactly
+
+
+DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class ModelSpec(_Strict):
+    """The architecture of a decoder-only transformer.
+
+    Fields left as ``None`` take the family default of ``arch`` (see ``resolved``).
+    """
+
+    arch: Arch = Field(default=Arch.llama, description="model family: gpt2 or llama")
+    layers: int = Field(ge=1, le=100_000, description="transformer blocks")
+    hidden: int = Field(ge=1, le=10_000_000, description="model (residual) width")
+    heads: int | None = Field(default=None, ge=1, description="attention heads")
+    kv_heads: int | None = Field(default=None, ge=1, description="key/value heads (GQA)")
+    head_dim: int | None = Field(default=None, ge=1, description="per-head width")
+    ffn: int | None = Field(default=None, ge=1, description="MLP intermediate size")
+    vocab: int | None = Field(default=None, ge=1, description="vocabulary size")
+    max_positions: int | None = Field(
+        default=None, ge=1, description="learned position table length (learned positions only)"
+    )
+    tied: bool | None = Field(default=None, description="lm_head shares the embedding matrix")
+    norm: Norm | None = None
+    mlp: Mlp | None = None
+    positions: Positions | None = None
+    bias: bool | None = Field(default=None, description="biases on every linear layer and norm")
+    qkv_bias: bool | None = Field(default=None, description="biases on q, k, v only (Qwen)")
+    norms_per_layer: int = Field(default=2, ge=0, le=8, description="norms inside each block")
+    experts: int = Field(default=1, ge=1, description="routed MLP experts (1 = dense)")
+    experts_per_token: int = Field(default=1, ge=1, description="experts each token is routed to")
+    expert_ffn: int | None = Field(default=None, ge=1, description="intermediate size of an expert")
+    shared_experts: int = Field(default=0, ge=0, description="always-on experts (Qwen-MoE)")
+    shared_expert_ffn: int | None = Field(default=None, ge=1)
+    shared_expert_gate: bool = Field(default=False, description="sigmoid gate on the shared expert")
+    sliding_window: int | None = Field(default=None, ge=1, description="local attention window")
+    sliding_window_every: int = Field(
+        default=1, ge=1, description="1: every layer is local; 2: every other layer (Gemma-2)"
+    )
+    params: int | None = Field(
+        default=None, ge=1, description="declared parameter count; overrides the derived one"
+    )
+
+    @model_validator(mode="after")
+    def _shapes_agree(self) -> ModelSpec:
+        heads = self.heads
+        if heads is not None and self.head_dim is None and self.hidden % heads:
+            raise ValueError(f"hidden ({self.hidden}) is not divisible by heads ({heads})")
+        if heads is not None and self.kv_heads is not None and heads % self.kv_heads:
+            raise ValueError(f"heads ({heads}) is not a multiple of kv_heads ({self.kv_heads})")
+        if self.experts_per_token > self.experts:
+            raise ValueError("experts_per_token exceeds experts")
+        return self
+
+    def resolved(self) -> ModelSpec:
+        """A copy with every family default filled in (``max_positions`` stays None without
+        learned positions; ``params`` stays as declared)."""
+        family = ARCH_DEFAULTS[self.arch]
+        values = self.model_dump()
+        for key, default in family.items():
+            if values.get(key) is None:
+                values[key] = default
+        if values["heads"] is None:
+            # head width 64, as GPT-2 / GPT-3 / Llama-7B use (Radford et al. 2019; Touvron 2023)
+            values["heads"] = max(1, self.hidden // 64) if self.hidden % 64 == 0 else 1
+        if values["kv_heads"] is None:
+            values["kv_heads"] = values["heads"]
+        if values["head_dim"] is None:
+            values["head_dim"] = self.hidden // values["heads"]
+        if values["ffn"] is None:
+            values["ffn"] = default_ffn(self.hidden, Mlp(values["mlp"]))
+        if values["expert_ffn"] is None:
+            values["expert_ffn"] = values["ffn"]
+        if values["shared_expert_ffn"] is None:
+            values["shared_expert_ffn"] = values["expert_ffn"]
+        return ModelSpec.model_validate(values)
+
+
+def default_ffn(hidden: int, mlp: Mlp) -> int:
+    """Default MLP width: 4h for GELU (GPT-2); for SwiGLU, 2/3 of 4h rounded up to a multiple of
+    256, as Llama's reference code does (Touvron et al. 2023, model.py ``multiple_of=256``)."""
+    if mlp is Mlp.gelu:
+        return 4 * hidden
+    return 256 * -(-(8 * hidden // 3) // 256)
+
+
+ARCH_DEFAULTS: dict[Arch, dict[str, Any]] = {
+    Arch.gpt2: {
+        "norm": Norm.layernorm,
+        "mlp": Mlp.gelu,
+        "positions": Positions.learned,
+        "bias": True,
+        "qkv_bias": True,
+        "tied": True,
+        "vocab": 50257,
+        "max_positions": 1024,
+    },
+    Arch.llama: {
+        "norm": Norm.rmsnorm,
+        "mlp": Mlp.swiglu,
+        "positions": Positions.rope,
+        "bias": False,
+        "qkv_bias": False,
+        "tied": False,
+        "vocab": 32000,
+    },
+}
+
+
+class Workload(_Strict):
+    """What is done with the model: training step or inference, and how."""
+
+    mode: Mode = Mode.train
+    batch: int = Field(default=1, ge=1, le=10_000_000, description="sequences per step")
+    seq: int = Field(default=2048, ge=1, le=100_000_000, description="tokens per sequence")
+    precision: Precision = Precision.amp_bf16
+    optimizer: Optimizer = Optimizer.adamw
+    attention: Attention = Attention.flash
+    checkpointing: Checkpointing = Checkpointing.none
+    gen_tokens: int = Field(default=0, ge=0, le=100_000_000, description="tokens generated (infer)")
+    kv_dtype: KvDtype | None = Field(default=None, description="KV cache dtype (infer)")
+
+
+class RunSpec(_Strict):
+    """Everything an estimate needs: the model and the workload."""
+
+    model: ModelSpec
+    workload: Workload = Workload()
+
+
+class Preset(_Strict):
+    """A preset file: a named architecture with its published parameter count."""
+
+    name: str = Field(min_length=1)
+    title: str = Field(min_length=1, description="human name, e.g. 'Llama-2 7B'")
+    source: str = Field(min_length=1, description="where the architecture and count come from")
+    published_params: int = Field(ge=1, description="parameter count the source publishes")
+    params_exact: bool = Field(
+        default=False, description="the published count is exact (else it is rounded: 0.5% slack)"
+    )
+    model: ModelSpec
+    workload: Workload | None = None
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(document)"
+
+
+def validation_error(err: ValidationError, *, prefix: str = "") -> VramfitError:
+    """Turn a pydantic ValidationError into one VramfitError naming the first bad field."""
+    first = err.errors()[0]
+    field = _location(tuple(first["loc"]))
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    return VramfitError(message, field=f"{prefix}{field}")
+
+
+def read_yaml(path: Path) -> Any:
+    """Read one YAML document with ``yaml.safe_load``; every failure is a VramfitError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise VramfitError("no such file", field=str(path)) from None
+    except IsADirectoryError:
+        raise VramfitError("is a directory, expected a YAML file", field=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VramfitError(f"cannot read: {exc}", field=str(path)) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise VramfitError(f"invalid YAML: {exc.problem}", field=where) from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise VramfitError(f"invalid YAML: {type(exc).__name__}", field=str(path)) from None
+
+
+def load_yaml(path: Path, model: type[BaseModel]) -> Any:
+    """Load ``path`` and validate it as ``model``; one VramfitError for any failure."""
+    data = read_yaml(path)
+    if data is None:
+        raise VramfitError("empty file", field=str(path))
+    if not isinstance(data, dict):
+        raise VramfitError(f"expected a mapping, got {type(data).__name__}", field=str(path))
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err, prefix=f"{path}: ") from None

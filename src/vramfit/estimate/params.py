@@ -1,0 +1,105 @@
+"""Exact parameter counts derived from a ModelSpec.
+
+Each part counts the tensors a reference implementation holds (the Hugging Face
+``modeling_*.py`` files for GPT-2 / Llama / Mistral / Qwen2 / Gemma, which
+vramfit's own torch models in ``vramfit.measure.models`` mirror). Checked against
+published counts in the tests (GPT-2 small 124,439,808; Llama-2-7B 6,738,415,616).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vramfit.config import Mlp, ModelSpec, Norm, Positions
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts by part. ``total`` is computed from the parts."""
+
+    embeddings: int
+    positions: int
+    attention: int  # all layers
+    mlp: int  # all layers: dense MLP, or every expert + shared experts
+    router: int  # all layers (MoE only)
+    norms: int  # all layers + the final norm
+    lm_head: int  # 0 when tied
+    active_mlp: int  # MLP parameters one token passes through (== mlp when dense)
+
+    @property
+    def parts(self) -> dict[str, int]:
+        return {
+            "embeddings": self.embeddings,
+            "positions": self.positions,
+            "attention": self.attention,
+            "mlp": self.mlp,
+            "router": self.router,
+            "norms": self.norms,
+            "lm_head": self.lm_head,
+        }
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def active(self) -> int:
+        """Parameters used per token: the total less the experts a token is not routed to."""
+        return self.total - self.mlp + self.active_mlp
+
+
+def mlp_params(hidden: int, ffn: int, mlp: Mlp, bias: bool) -> int:
+    """One MLP: GELU has up + down (GPT-2 ``c_fc``/``c_proj``); SwiGLU has gate, up and down
+    (Shazeer 2020; Llama ``gate_proj``/``up_proj``/``down_proj``)."""
+    matrices = 2 if mlp is Mlp.gelu else 3
+    weights = matrices * hidden * ffn
+    biases = (ffn * (matrices - 1) + hidden) if bias else 0
+    return weights + biases
+
+
+def attention_params(spec: ModelSpec) -> int:
+    """One attention block: q (h x heads*hd), k and v (h x kv_heads*hd each), o (heads*hd x h)."""
+    assert spec.heads and spec.kv_heads and spec.head_dim
+    q_width = spec.heads * spec.head_dim
+    kv_width = spec.kv_heads * spec.head_dim
+    weights = spec.hidden * (q_width + 2 * kv_width) + q_width * spec.hidden
+    qkv_bias = (q_width + 2 * kv_width) if (spec.bias or spec.qkv_bias) else 0
+    o_bias = spec.hidden if spec.bias else 0
+    return weights + qkv_bias + o_bias
+
+
+def norm_params(hidden: int, norm: Norm) -> int:
+    """LayerNorm: weight + bias (Ba et al. 2016); RMSNorm: weight only (Zhang & Sennrich 2019)."""
+    return 2 * hidden if norm is Norm.layernorm else hidden
+
+
+def count_params(spec: ModelSpec) -> ParamCounts:
+    """Count every parameter of ``spec`` (resolved first, so family defaults apply)."""
+    spec = spec.resolved()
+    assert spec.vocab and spec.ffn and spec.expert_ffn and spec.shared_expert_ffn
+    assert spec.norm and spec.mlp and spec.positions is not None
+    h, layers = spec.hidden, spec.layers
+    bias = bool(spec.bias)
+
+    if spec.experts > 1:
+        expert = mlp_params(h, spec.expert_ffn, spec.mlp, bias)
+        shared = spec.shared_experts * mlp_params(h, spec.shared_expert_ffn, spec.mlp, bias)
+        gate = h if spec.shared_expert_gate else 0  # Qwen2-MoE shared_expert_gate: h -> 1
+        per_layer_mlp = spec.experts * expert + shared + gate
+        per_layer_active = spec.experts_per_token * expert + shared + gate
+        router = layers * h * spec.experts  # Mixtral / Qwen2-MoE gate: h -> experts, no bias
+    else:
+        per_layer_mlp = per_layer_active = mlp_params(h, spec.ffn, spec.mlp, bias)
+        router = 0
+
+    positions = (spec.max_positions or 0) * h if spec.positions is Positions.learned else 0
+    return ParamCounts(
+        embeddings=spec.vocab * h,
+        positions=positions,
+        attention=layers * attention_params(spec),
+        mlp=layers * per_layer_mlp,
+        router=router,
+        norms=(layers * spec.norms_per_layer + 1) * norm_params(h, spec.norm),
+        lm_head=0 if spec.tied else spec.vocab * h,
+        active_mlp=layers * per_layer_active,
+    )

@@ -1,0 +1,84 @@
+"""Human units: parameter counts in ("1.5B", "350m", "1.5e9") and bytes out.
+
+This is the only module that knows about suffixes. Bytes stay ``int`` everywhere
+else and are turned into GiB / GB here, for display only.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from decimal import Decimal, InvalidOperation
+
+from vramfit.errors import VramfitError
+
+_COUNT_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+_COUNT_RE = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9_]*)?(?:e[+]?[0-9]+)?)\s*([kmbgt]?)\s*$", re.I)
+
+GIB = 2**30
+MIB = 2**20
+GB = 10**9
+
+
+def parse_count(text: str | int, *, field: str = "--params") -> int:
+    """Parse a positive count such as ``500M``, ``1.5B``, ``7b``, ``1.5e9`` or ``125_000_000``.
+
+    Suffixes are decimal (K = 1e3, M = 1e6, B/G = 1e9, T = 1e12), as model cards use them.
+    Raises VramfitError naming ``field`` for anything that is not a positive whole count.
+    """
+    if isinstance(text, bool):
+        raise VramfitError(f"expected a count such as 1B or 350M, got {text!r}", field=field)
+    if isinstance(text, int):
+        value = Decimal(text)
+    else:
+        match = _COUNT_RE.match(str(text))
+        if not match or match.group(1).startswith("_") or "__" in match.group(1):
+            raise VramfitError(
+                f"expected a count such as 1B, 350M, 1.5e9 or 124439808, got {str(text)!r}",
+                field=field,
+            )
+        number, suffix = match.group(1).replace("_", ""), match.group(2).lower()
+        try:
+            value = Decimal(number) * _COUNT_SUFFIXES[suffix]
+        except InvalidOperation:
+            raise VramfitError(f"not a number: {str(text)!r}", field=field) from None
+    if not value.is_finite() or value <= 0:
+        raise VramfitError(f"must be a positive count, got {str(text)!r}", field=field)
+    if value != value.to_integral_value():
+        raise VramfitError(f"must be a whole number of parameters, got {str(text)!r}", field=field)
+    if value > 10**16:
+        raise VramfitError(f"implausibly large ({str(text)!r}); the limit is 10P", field=field)
+    return int(value)
+
+
+def format_count(count: int) -> str:
+    """``1000000000`` -> ``1.00B``, ``354823168`` -> ``354.8M``, ``124439808`` -> ``124.4M``."""
+    if count >= 10**12:
+        return f"{count / 10**12:.2f}T"
+    if count >= 10**9:
+        return f"{count / 10**9:.2f}B"
+    if count >= 10**6:
+        return f"{count / 10**6:.1f}M"
+    if count >= 10**3:
+        return f"{count / 10**3:.1f}K"
+    return str(count)
+
+
+def format_gib(n_bytes: int | float) -> str:
+    """Bytes as binary gigabytes, labelled GiB (2**30 bytes)."""
+    return f"{n_bytes / GIB:.2f} GiB"
+
+
+def format_bytes(n_bytes: int | float) -> str:
+    """Bytes in the largest binary unit that keeps the number readable (KiB, MiB, GiB)."""
+    sign = "-" if n_bytes < 0 else ""
+    size = abs(n_bytes)
+    for unit, scale in (("GiB", GIB), ("MiB", MIB), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{sign}{size / scale:.2f} {unit}"
+    return f"{sign}{int(size)} B"
+
+
+def is_finite_number(value: float) -> bool:
+    """True for a real, finite float (rejects nan and +-inf)."""
+    return not (math.isnan(value) or math.isinf(value))
