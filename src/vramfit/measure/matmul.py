@@ -1,0 +1,295 @@
+"""The seed notebook's matmul experiment, measured and predicted byte for byte.
+
+The notebook (T4, Colab) printed ``torch.cuda.memory_allocated()`` after ``C = A @ B`` with A
+and B still alive: 28.12 MB (fp32 1024x2048 @ 2048x1024), 18.12 (fp16), 26.12 (fp32 inputs
+under fp16 autocast), 26.12 (bf16 autocast), 152.12 (bmm 32x512x1024 @ 32x1024x512 under
+bf16 autocast); its "MB" is MiB (it divides by 1024**2). Each figure is the live tensors
+plus the cuBLAS workspace that PyTorch allocates through its caching allocator on the first
+matmul of a (handle, stream) and keeps: 8.125 MiB on the T4.
+
+Prediction, per cell: inputs (in their storage dtype) + output (in the result dtype) +
+cuBLAS workspace stays allocated; autocast's 16-bit copies of fp32 inputs exist only during
+the op, so they add to the peak, not to what stays.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from vramfit.errors import VramfitError
+from vramfit.measure.backend import Backend, CudaBackend, import_torch
+
+MIB = 2**20
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+# dtype label -> (input storage dtype, autocast dtype or None)
+MATMUL_DTYPES: dict[str, tuple[str, str | None]] = {
+    "fp32": ("float32", None),
+    "fp16": ("float16", None),
+    "bf16": ("bfloat16", None),
+    "amp-fp16": ("float32", "float16"),
+    "amp-bf16": ("float32", "bfloat16"),
+}
+
+# The notebook's cells, in its order: (dtype, (m, k, n), batch).
+NOTEBOOK_CELLS: list[tuple[str, tuple[int, int, int], int | None]] = [
+    ("fp32", (1024, 2048, 1024), None),
+    ("fp16", (1024, 2048, 1024), None),
+    ("amp-fp16", (1024, 2048, 1024), None),
+    ("amp-bf16", (1024, 2048, 1024), None),
+    ("amp-bf16", (512, 1024, 512), 32),
+]
+
+_CONFIG_RE = re.compile(r":([0-9]+):([0-9]+)")
+
+
+def _version_tuple(torch_version: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", torch_version)
+    if not match:
+        raise VramfitError(f"cannot read torch version {torch_version!r}", field="torch")
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_workspace_config(config: str) -> int | None:
+    """Bytes that ``CUBLAS_WORKSPACE_CONFIG`` asks for: the sum of SIZE KiB x COUNT over every
+    ``:SIZE:COUNT`` pair (``:4096:8`` -> 32 MiB). None when nothing parses (PyTorch then
+    warns and uses its default)."""
+    pairs = _CONFIG_RE.findall(config)
+    if not pairs:
+        return None
+    return sum(int(size) * 1024 * int(count) for size, count in pairs)
+
+
+def cublas_workspace_bytes(
+    torch_version: str, compute_capability: tuple[int, int], config: str | None = None
+) -> int:
+    """The cuBLAS workspace PyTorch allocates through its caching allocator per (handle, stream).
+
+    Source: aten/src/ATen/cuda/CublasHandlePool.cpp, ``parseChosenWorkspaceSize`` (read by
+    ``getChosenWorkspaceSize``): ``CUBLAS_WORKSPACE_CONFIG`` (``config`` here) if set and
+    parseable, else ``:4096:2:16:8`` = 2 x 4 MiB + 8 x 16 KiB = 8.125 MiB, or 32 MiB
+    (``4096 * 8 * 1024``) on Hopper (sm90, since PyTorch 2.0, PR #89027) and, since PyTorch
+    2.11 (PR #175344), Blackwell (sm100/sm110/sm120). Allocating it from the caching allocator
+    began with PR #83461 (PyTorch 1.13, default 4 MiB then); before that it was cuBLAS's own,
+    outside ``memory_allocated``. Measured: 8.125 MiB on a T4 (the seed notebook), 32 MiB on an
+    H200 with torch 2.11.
+    """
+    version = _version_tuple(torch_version)
+    if version < (1, 13):
+        return 0
+    major = compute_capability[0]
+    if version < (2, 0):
+        default = 4096 * 1024
+    elif major == 9 or (version >= (2, 11) and major in (10, 11, 12)):
+        default = 4096 * 8 * 1024
+    else:
+        default = 4096 * 1024 * 2 + 16 * 1024 * 8
+    if config is not None:
+        parsed = parse_workspace_config(config)
+        if parsed is not None:
+            return parsed
+    return default
+
+
+@dataclass(frozen=True)
+class MatmulPrediction:
+    """Itemised bytes of one matmul cell. ``allocated_bytes`` is what stays after the op."""
+
+    inputs_bytes: int
+    output_bytes: int
+    autocast_copies_bytes: int  # live only during the op
+    workspace_bytes: int
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.inputs_bytes + self.output_bytes + self.workspace_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.allocated_bytes + self.autocast_copies_bytes
+
+    @property
+    def parts(self) -> dict[str, int]:
+        return {
+            "inputs": self.inputs_bytes,
+            "output": self.output_bytes,
+            "autocast_copies": self.autocast_copies_bytes,
+            "workspace": self.workspace_bytes,
+        }
+
+
+def _dtype_entry(dtype: str) -> tuple[str, str | None]:
+    try:
+        return MATMUL_DTYPES[dtype]
+    except KeyError:
+        choices = ", ".join(MATMUL_DTYPES)
+        raise VramfitError(
+            f"unknown matmul dtype {dtype!r} (one of {choices})", field="dtype"
+        ) from None
+
+
+def predict_matmul(
+    dtype: str,
+    shape: tuple[int, int, int] = (1024, 2048, 1024),
+    batch: int | None = None,
+    *,
+    workspace_bytes: int,
+) -> MatmulPrediction:
+    """Bytes of ``A (m x k) @ B (k x n)`` (each ``batch`` times for bmm) with A, B and C alive.
+
+    Inputs are stored in the storage dtype (fp32 under autocast); the output is in the
+    compute dtype; autocast casts each fp32 input to 16 bits for the op (PyTorch autocast op
+    list: matmul/bmm run in lower precision) and frees the copies afterwards.
+    """
+    storage, autocast = _dtype_entry(dtype)
+    m, k, n = shape
+    count = batch or 1
+    compute_bytes = DTYPE_BYTES[autocast or storage]
+    input_elements = count * (m * k + k * n)
+    return MatmulPrediction(
+        inputs_bytes=input_elements * DTYPE_BYTES[storage],
+        output_bytes=count * m * n * compute_bytes,
+        autocast_copies_bytes=input_elements * compute_bytes if autocast else 0,
+        workspace_bytes=workspace_bytes,
+    )
+
+
+@dataclass(frozen=True)
+class MatmulMeasurement:
+    """One matmul cell, measured and predicted (bytes)."""
+
+    dtype: str
+    shape: tuple[int, int, int]
+    batch: int | None
+    output_dtype: str
+    allocated_bytes: int  # memory_allocated after the op, inputs and output alive
+    peak_bytes: int  # max_memory_allocated during the op
+    workspace_bytes: int  # measured: allocated after a warm-up op, less the inputs
+    predicted_bytes: int
+    predicted_peak_bytes: int
+    prediction: dict[str, int] = field(default_factory=dict)
+
+
+def _run_op(torch: Any, a: Any, b: Any, autocast: str | None, device: str) -> Any:
+    op = torch.bmm if a.dim() == 3 else torch.matmul
+    if autocast is None:
+        return op(a, b)
+    with torch.autocast(torch.device(device).type, dtype=getattr(torch, autocast)):
+        return op(a, b)
+
+
+def measure_matmul(
+    dtype: str,
+    *,
+    shape: tuple[int, int, int] = (1024, 2048, 1024),
+    batch: int | None = None,
+    backend: Backend | None = None,
+) -> MatmulMeasurement:
+    """Run one notebook cell and compare it with ``predict_matmul``.
+
+    The cell starts clean (``empty_cache``, peak reset); the cuBLAS workspace persists across
+    cells, as it does in PyTorch. A warm-up op on the same inputs creates it if this is the
+    first matmul, and ``workspace_bytes`` is what is allocated then beyond the inputs, so
+    nothing else may hold device memory while this runs.
+    """
+    torch = import_torch()
+    storage, autocast = _dtype_entry(dtype)
+    if backend is None:
+        backend = CudaBackend()
+    device = backend.device
+    m, k, n = shape
+    lead = (batch,) if batch else ()
+    backend.synchronize()
+    backend.empty_cache()
+
+    a = torch.randn(*lead, m, k, device=device, dtype=getattr(torch, storage))
+    b = torch.randn(*lead, k, n, device=device, dtype=getattr(torch, storage))
+    input_bytes = a.numel() * a.element_size() + b.numel() * b.element_size()
+    warm = _run_op(torch, a, b, autocast, device)
+    del warm
+    backend.synchronize()
+    workspace = backend.memory_allocated() - input_bytes
+
+    backend.empty_cache()
+    backend.reset_peak()
+    c = _run_op(torch, a, b, autocast, device)
+    backend.synchronize()
+    allocated = backend.memory_allocated()
+    peak = backend.max_memory_allocated()
+    output_dtype = str(c.dtype).removeprefix("torch.")
+    del a, b, c
+    backend.empty_cache()
+
+    predicted_workspace = 0
+    if torch.device(device).type == "cuda":
+        predicted_workspace = cublas_workspace_bytes(
+            str(torch.__version__),
+            backend.compute_capability(),
+            os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        )
+    prediction = predict_matmul(dtype, shape, batch, workspace_bytes=predicted_workspace)
+    return MatmulMeasurement(
+        dtype=dtype,
+        shape=shape,
+        batch=batch,
+        output_dtype=output_dtype,
+        allocated_bytes=allocated,
+        peak_bytes=peak,
+        workspace_bytes=workspace,
+        predicted_bytes=prediction.allocated_bytes,
+        predicted_peak_bytes=prediction.peak_bytes,
+        prediction=prediction.parts,
+    )
+
+
+_TFLOPS_DTYPES = {"fp32": "float32", "tf32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def measure_tflops(
+    dtype: str,
+    n: int = 8192,
+    iters: int = 20,
+    warmup: int = 5,
+    backend: Backend | None = None,
+) -> float:
+    """Dense matmul throughput: 2 n^3 flops per n x n x n product, averaged over ``iters``
+    products after ``warmup`` (timed with CUDA events; ``time.perf_counter`` on CPU).
+    ``tf32`` is fp32 storage with ``torch.backends.cuda.matmul.allow_tf32`` on; ``fp32`` turns
+    it off for the run."""
+    torch = import_torch()
+    if dtype not in _TFLOPS_DTYPES:
+        choices = ", ".join(_TFLOPS_DTYPES)
+        raise VramfitError(f"unknown dtype {dtype!r} (one of {choices})", field="dtype")
+    if backend is None:
+        backend = CudaBackend()
+    device = backend.device
+    on_cuda = torch.device(device).type == "cuda"
+    a = torch.randn(n, n, device=device, dtype=getattr(torch, _TFLOPS_DTYPES[dtype]))
+    b = torch.randn(n, n, device=device, dtype=getattr(torch, _TFLOPS_DTYPES[dtype]))
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    try:
+        for _ in range(warmup):
+            torch.matmul(a, b)
+        backend.synchronize()
+        if on_cuda:
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                torch.matmul(a, b)
+            stop.record()
+            stop.synchronize()
+            elapsed_s = start.elapsed_time(stop) / 1000.0
+        else:
+            import time
+
+            began = time.perf_counter()
+            for _ in range(iters):
+                torch.matmul(a, b)
+            elapsed_s = time.perf_counter() - began
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
+    return 2.0 * n**3 * iters / elapsed_s / 1e12

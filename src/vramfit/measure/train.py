@@ -1,0 +1,408 @@
+"""Measure the real GPU memory of training steps (or an inference pass) of a reference model.
+
+``measure_train`` builds the model of a ``RunSpec`` on the device, runs ``steps`` training
+steps on random token ids and records, for each phase of each step, the caching allocator's
+peak (``max_memory_allocated``, reset at the start of the phase) and what stays allocated at
+its end. Around that it reads what the allocator cannot see: the CUDA context (device used
+before any tensor exists) and the device used at the end (context + reserved pool + library
+workspaces). An out-of-memory error at any point is a result (``oom=True``), not a crash.
+
+Precision mapping (``Workload.precision``):
+- ``fp32``: fp32 weights, no autocast.
+- ``amp-fp16`` / ``amp-bf16``: fp32 weights, grads and optimizer state;
+  ``torch.autocast(device, dtype)`` around the forward (loss included), backward outside it.
+  ``amp-fp16`` scales the loss with ``torch.amp.GradScaler``.
+- ``bf16`` / ``fp16``: weights, grads and optimizer state in that dtype, no autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vramfit.config import Mode, Optimizer, Positions, Precision, RunSpec, Workload
+from vramfit.errors import VramfitError
+from vramfit.estimate.params import count_params
+from vramfit.measure.backend import Backend, CudaBackend, import_torch
+from vramfit.measure.models import build_model, check_measurable
+
+ProgressFn = Callable[[str, int, int], None]
+
+LR = 1e-4  # irrelevant to memory; fixed so runs are reproducible
+
+_WEIGHT_DTYPE = {
+    Precision.fp32: "float32",
+    Precision.amp_fp16: "float32",
+    Precision.amp_bf16: "float32",
+    Precision.bf16: "bfloat16",
+    Precision.fp16: "float16",
+}
+_AUTOCAST_DTYPE = {Precision.amp_fp16: "float16", Precision.amp_bf16: "bfloat16"}
+_KV_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class TrainMeasurement:
+    """What one ``measure_train`` run saw. Bytes are ints; JSON-ready via ``asdict``.
+
+    ``phases``: phase -> the largest peak allocated in that phase over all steps
+    (train: forward, backward, optimizer; infer: kv_cache, prefill, decode).
+    ``phase_end``: phase -> the largest amount still allocated at the end of that phase.
+    ``steps``: one record per step and phase, in order.
+    ``total_bytes``: device used (total - free) after the last step: it includes the CUDA
+    context, the allocator's reserved pool and library workspaces. ``context_bytes``: device
+    used right after CUDA initialisation, before any tensor. ``weights_bytes``: allocated
+    right after the model was built.
+    """
+
+    params: int
+    phases: dict[str, int]
+    phase_end: dict[str, int]
+    peak_allocated_bytes: int
+    total_bytes: int
+    reserved_peak_bytes: int
+    context_bytes: int
+    weights_bytes: int
+    steps: list[dict[str, Any]]
+    oom: bool
+    reached: str | None
+    device_name: str
+    device_total_bytes: int
+    torch_version: str
+    alloc_conf: str | None
+    notes: list[str] = field(default_factory=list)
+
+
+class _Recorder:
+    """Reads the allocator around each phase and keeps the per-step records."""
+
+    def __init__(self, backend: Backend, on_progress: ProgressFn | None) -> None:
+        self.backend = backend
+        self.on_progress = on_progress
+        self.steps: list[dict[str, Any]] = []
+        self.reached: str | None = None
+        self.reserved_peak = 0
+        self.weights_bytes = 0
+        self.notes: list[str] = []
+        self._open: tuple[int, str] | None = None
+
+    def _note_reserved(self) -> None:
+        # reset_peak clears the reserved peak too, so fold it in before every reset.
+        self.reserved_peak = max(self.reserved_peak, self.backend.max_memory_reserved())
+
+    def begin(self, step: int, phase: str, label: str, total: int) -> None:
+        self.reached = label
+        if self.on_progress is not None:
+            self.on_progress(phase, step, total)
+        self._note_reserved()
+        self._open = (step, phase)
+        self.backend.reset_peak()
+
+    def end(self) -> None:
+        assert self._open is not None
+        self.backend.synchronize()
+        step, phase = self._open
+        self.steps.append(
+            {
+                "step": step,
+                "phase": phase,
+                "peak_allocated_bytes": self.backend.max_memory_allocated(),
+                "end_allocated_bytes": self.backend.memory_allocated(),
+            }
+        )
+        self._note_reserved()
+        self._open = None
+
+    def failed(self) -> None:
+        """Record the phase an OOM interrupted (its peak is the allocator's at the failure)."""
+        if self._open is None:
+            return
+        step, phase = self._open
+        self.steps.append(
+            {
+                "step": step,
+                "phase": phase,
+                "peak_allocated_bytes": self.backend.max_memory_allocated(),
+                "end_allocated_bytes": self.backend.memory_allocated(),
+                "oom": True,
+            }
+        )
+        self._note_reserved()
+        self._open = None
+
+
+def _optimizer_factory(torch: Any, optimizer: Optimizer) -> Callable[[Any], Any] | None:
+    """A function params -> optimizer, or None for ``none``. Checked before CUDA starts."""
+    if optimizer is Optimizer.none:
+        return None
+    if optimizer is Optimizer.adamw:
+        return lambda params: torch.optim.AdamW(params, lr=LR, foreach=True, fused=False)
+    if optimizer is Optimizer.adamw_fused:
+        return lambda params: torch.optim.AdamW(params, lr=LR, fused=True)
+    if optimizer is Optimizer.sgd:
+        return lambda params: torch.optim.SGD(params, lr=LR, momentum=0.0, foreach=True)
+    if optimizer is Optimizer.sgd_momentum:
+        return lambda params: torch.optim.SGD(params, lr=LR, momentum=0.9, foreach=True)
+    if optimizer is Optimizer.adafactor:
+        if not hasattr(torch.optim, "Adafactor"):
+            raise VramfitError(
+                f"adafactor needs torch>=2.5 (torch.optim.Adafactor); found {torch.__version__}",
+                field="--optimizer",
+            )
+        return lambda params: torch.optim.Adafactor(params, lr=LR)
+    if optimizer is Optimizer.adam_8bit:
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise VramfitError(
+                "adam-8bit needs bitsandbytes (pip install bitsandbytes)", field="--optimizer"
+            ) from None
+        return lambda params: bitsandbytes.optim.AdamW8bit(params, lr=LR)
+    raise AssertionError(optimizer)
+
+
+def _check_workload(spec: Any, workload: Workload) -> None:
+    positions = workload.seq + (workload.gen_tokens if workload.mode is Mode.infer else 0)
+    if spec.positions is Positions.learned and positions > (spec.max_positions or 0):
+        raise VramfitError(
+            f"{positions} positions exceed the model's learned table ({spec.max_positions})",
+            field="--seq",
+        )
+    if workload.mode is Mode.infer and workload.kv_dtype is not None:
+        if workload.kv_dtype.value not in _KV_DTYPE:
+            raise VramfitError("measure supports fp32, fp16 and bf16 KV caches", field="--kv-dtype")
+
+
+def _oom_errors(torch: Any) -> tuple[type[BaseException], ...]:
+    errors = {getattr(torch, "OutOfMemoryError", None), torch.cuda.OutOfMemoryError}
+    return tuple(e for e in errors if e is not None)
+
+
+def measure_train(
+    run: RunSpec,
+    *,
+    steps: int = 3,
+    backend: Backend | None = None,
+    on_progress: ProgressFn | None = None,
+) -> TrainMeasurement:
+    """Run ``run`` for real and measure its memory; see the module docstring.
+
+    ``backend`` defaults to the first CUDA device (VramfitError without one); tests pass a
+    ``CpuBackend`` or a fake. ``on_progress(phase, step, total)`` is called as each phase
+    starts. Training runs ``steps`` steps; inference runs one prefill (+ decode) pass.
+    """
+    torch = import_torch()
+    spec = run.model.resolved()
+    workload = run.workload
+    check_measurable(spec)
+    _check_workload(spec, workload)
+    if steps < 1:
+        raise VramfitError("must be at least 1", field="--steps")
+    make_optimizer = (
+        _optimizer_factory(torch, workload.optimizer) if workload.mode is Mode.train else None
+    )
+    if backend is None:
+        backend = CudaBackend()
+
+    # The context: device used once CUDA is initialised, before any tensor is allocated.
+    backend.synchronize()
+    free, device_total = backend.mem_get_info()
+    context_bytes = device_total - free
+
+    rec = _Recorder(backend, on_progress)
+    state: dict[str, Any] = {}  # every tensor-owning object, so an OOM can drop them all
+    oom = False
+    total_bytes = 0
+    try:
+        torch.manual_seed(0)
+        rec.reached = "building the model"
+        state["model"] = build_model(spec, workload, backend.device, _dtype(torch, workload))
+        backend.synchronize()
+        rec.weights_bytes = backend.memory_allocated()
+        if workload.mode is Mode.train:
+            _train(torch, state, workload, backend, rec, steps, make_optimizer)
+        else:
+            _infer(torch, state, spec, workload, backend, rec)
+        backend.synchronize()
+        free, _ = backend.mem_get_info()  # no empty_cache: the reserved pool counts
+        total_bytes = device_total - free
+        rec._note_reserved()
+        rec.reached = None
+    except _oom_errors(torch):
+        oom = True
+        rec.failed()
+        free, _ = backend.mem_get_info()
+        total_bytes = device_total - free
+    if oom:
+        state.clear()
+        gc.collect()
+        backend.empty_cache()
+    else:
+        state.clear()
+
+    phases: dict[str, int] = {}
+    phase_end: dict[str, int] = {}
+    for record in rec.steps:
+        if record.get("oom"):
+            continue
+        name = record["phase"]
+        phases[name] = max(phases.get(name, 0), record["peak_allocated_bytes"])
+        phase_end[name] = max(phase_end.get(name, 0), record["end_allocated_bytes"])
+    peak = max([r["peak_allocated_bytes"] for r in rec.steps] + [rec.weights_bytes])
+    return TrainMeasurement(
+        params=count_params(spec).total,
+        phases=phases,
+        phase_end=phase_end,
+        peak_allocated_bytes=peak,
+        total_bytes=total_bytes,
+        reserved_peak_bytes=rec.reserved_peak,
+        context_bytes=context_bytes,
+        weights_bytes=rec.weights_bytes,
+        steps=rec.steps,
+        oom=oom,
+        reached=rec.reached if oom else None,
+        device_name=backend.name(),
+        device_total_bytes=device_total,
+        torch_version=str(torch.__version__),
+        alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", os.environ.get("PYTORCH_ALLOC_CONF")),
+        notes=_notes(workload) + rec.notes,
+    )
+
+
+def _dtype(torch: Any, workload: Workload) -> Any:
+    return getattr(torch, _WEIGHT_DTYPE[workload.precision])
+
+
+def _autocast(torch: Any, workload: Workload, device: str) -> Any:
+    name = _AUTOCAST_DTYPE.get(workload.precision)
+    if name is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, name))
+
+
+def _train(
+    torch: Any,
+    state: dict[str, Any],
+    workload: Workload,
+    backend: Backend,
+    rec: _Recorder,
+    steps: int,
+    make_optimizer: Callable[[Any], Any] | None,
+) -> None:
+    model = state["model"]
+    model.train()
+    device = backend.device
+    vocab = model.vocab
+    shape = (workload.batch, workload.seq)
+    state["x"] = torch.randint(0, vocab, shape, device=device)
+    state["y"] = torch.randint(0, vocab, shape, device=device)
+    if make_optimizer is not None:
+        state["optimizer"] = make_optimizer(model.parameters())
+    optimizer = state.get("optimizer")
+    scaler = None
+    if workload.precision is Precision.amp_fp16:
+        device_type = torch.device(device).type
+        try:
+            scaler = torch.amp.GradScaler(device_type)
+        except (AttributeError, TypeError):  # torch < 2.3
+            scaler = torch.cuda.amp.GradScaler()
+        state["scaler"] = scaler
+    for step in range(1, steps + 1):
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            model.zero_grad(set_to_none=True)
+
+        rec.begin(step, "forward", f"step {step} forward", steps)
+        with _autocast(torch, workload, device):
+            state["loss"] = model(state["x"], state["y"])
+        rec.end()
+
+        rec.begin(step, "backward", f"step {step} backward", steps)
+        loss = state["loss"]
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        del loss
+        rec.end()
+
+        if optimizer is not None:
+            rec.begin(step, "optimizer", f"step {step} optimizer", steps)
+            if scaler is not None:
+                scale = scaler.get_scale()
+                scaler.step(optimizer)
+                scaler.update()
+                if scaler.get_scale() < scale:
+                    rec.notes.append(f"step {step}: GradScaler skipped the optimizer step")
+            else:
+                optimizer.step()
+            rec.end()
+        state.pop("loss")
+
+
+def _infer(
+    torch: Any,
+    state: dict[str, Any],
+    spec: Any,
+    workload: Workload,
+    backend: Backend,
+    rec: _Recorder,
+) -> None:
+    model = state["model"]
+    model.eval()
+    device = backend.device
+    b, s, gen = workload.batch, workload.seq, workload.gen_tokens
+    with torch.inference_mode(), _autocast(torch, workload, device):
+        state["x"] = torch.randint(0, model.vocab, (b, s), device=device)
+        cache = None
+        if gen > 0:
+            if workload.kv_dtype is not None:
+                kv_dtype = getattr(torch, _KV_DTYPE[workload.kv_dtype.value])
+            else:  # the compute dtype
+                kv_dtype = getattr(
+                    torch,
+                    _AUTOCAST_DTYPE.get(workload.precision, _WEIGHT_DTYPE[workload.precision]),
+                )
+            shape = (b, spec.kv_heads, s + gen, spec.head_dim)
+            rec.begin(1, "kv_cache", "allocating the KV cache", 1)
+            state["cache"] = cache = [
+                (
+                    torch.zeros(shape, dtype=kv_dtype, device=device),
+                    torch.zeros(shape, dtype=kv_dtype, device=device),
+                )
+                for _ in range(spec.layers)
+            ]
+            rec.end()
+
+        rec.begin(1, "prefill", "prefill", 1)
+        state["logits"] = model(state["x"], cache=cache, pos=0)
+        rec.end()
+
+        if gen > 0:
+            # One record for the whole decode: the peak is reset once, so it is the max over
+            # every generated token.
+            rec.begin(1, "decode", "decode token 1", 1)
+            for t in range(gen):
+                rec.reached = f"decode token {t + 1}"
+                if rec.on_progress is not None:
+                    rec.on_progress("decode", t + 1, gen)
+                token = state.pop("logits")[:, -1].argmax(-1, keepdim=True)
+                state["logits"] = model(token, cache=cache, pos=s + t)
+                del token
+            rec.end()
+
+
+def _notes(workload: Workload) -> list[str]:
+    notes = []
+    if workload.mode is Mode.infer:
+        notes.append("inference: one prefill (+ decode) pass; steps is ignored")
+    else:
+        if workload.optimizer is Optimizer.adamw:
+            notes.append("adamw: torch.optim.AdamW(foreach=True, fused=False)")
+        if workload.precision is Precision.amp_fp16:
+            notes.append("amp-fp16: loss scaled by torch.amp.GradScaler")
+    if workload.precision in _AUTOCAST_DTYPE:
+        notes.append("autocast covers the forward and the loss; backward runs outside it")
+    return notes
