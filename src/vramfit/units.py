@@ -6,7 +6,6 @@ else and are turned into GiB / GB here, for display only.
 
 from __future__ import annotations
 
-import math
 import re
 from decimal import Decimal, InvalidOperation
 
@@ -77,8 +76,3 @@ def format_bytes(n_bytes: int | float) -> str:
         if size >= scale:
             return f"{sign}{size / scale:.2f} {unit}"
     return f"{sign}{int(size)} B"
-
-
-def is_finite_number(value: float) -> bool:
-    """True for a real, finite float (rejects nan and +-inf)."""
-    return not (math.isnan(value) or math.isinf(value))
