@@ -52,7 +52,8 @@ class TrainMeasurement:
     ``phases``: phase -> the largest peak allocated in that phase over all steps
     (train: forward, backward, optimizer; infer: kv_cache, prefill, decode).
     ``phase_end``: phase -> the largest amount still allocated at the end of that phase.
-    ``steps``: one record per step and phase, in order.
+    ``steps``: one record per step and phase, in order; a phase that an OOM interrupted is
+    recorded with ``"oom": True`` and counts in ``peak_allocated_bytes`` but not in ``phases``.
     ``total_bytes``: device used (total - free) after the last step: it includes the CUDA
     context, the allocator's reserved pool and library workspaces. ``context_bytes``: device
     used right after CUDA initialisation, before any tensor. ``weights_bytes``: allocated
@@ -90,15 +91,16 @@ class _Recorder:
         self.notes: list[str] = []
         self._open: tuple[int, str] | None = None
 
-    def _note_reserved(self) -> None:
+    def note_reserved(self) -> None:
         # reset_peak clears the reserved peak too, so fold it in before every reset.
         self.reserved_peak = max(self.reserved_peak, self.backend.max_memory_reserved())
 
-    def begin(self, step: int, phase: str, label: str, total: int) -> None:
+    def begin(self, step: int, phase: str, label: str, total: int | None) -> None:
+        """Start a phase: reset the peak. ``total`` None: the caller reports progress."""
         self.reached = label
-        if self.on_progress is not None:
+        if self.on_progress is not None and total is not None:
             self.on_progress(phase, step, total)
-        self._note_reserved()
+        self.note_reserved()
         self._open = (step, phase)
         self.backend.reset_peak()
 
@@ -114,7 +116,7 @@ class _Recorder:
                 "end_allocated_bytes": self.backend.memory_allocated(),
             }
         )
-        self._note_reserved()
+        self.note_reserved()
         self._open = None
 
     def failed(self) -> None:
@@ -131,7 +133,7 @@ class _Recorder:
                 "oom": True,
             }
         )
-        self._note_reserved()
+        self.note_reserved()
         self._open = None
 
 
@@ -230,19 +232,17 @@ def measure_train(
         backend.synchronize()
         free, _ = backend.mem_get_info()  # no empty_cache: the reserved pool counts
         total_bytes = device_total - free
-        rec._note_reserved()
+        rec.note_reserved()
         rec.reached = None
     except _oom_errors(torch):
         oom = True
         rec.failed()
         free, _ = backend.mem_get_info()
         total_bytes = device_total - free
-    if oom:
-        state.clear()
+    state.clear()
+    if oom:  # the failed frames are gone with the exception; collect their cycles too
         gc.collect()
         backend.empty_cache()
-    else:
-        state.clear()
 
     phases: dict[str, int] = {}
     phase_end: dict[str, int] = {}
@@ -383,7 +383,7 @@ def _infer(
         if gen > 0:
             # One record for the whole decode: the peak is reset once, so it is the max over
             # every generated token.
-            rec.begin(1, "decode", "decode token 1", 1)
+            rec.begin(1, "decode", "decode token 1", None)
             for t in range(gen):
                 rec.reached = f"decode token {t + 1}"
                 if rec.on_progress is not None:
