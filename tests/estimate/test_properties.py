@@ -48,28 +48,33 @@ def test_breakdown_sums_to_total(run: RunSpec) -> None:
     est = estimate(run)
     assert sum(est.breakdown.values()) == est.total_bytes
     assert est.peak_allocated_bytes == max(est.phases.values())
-    assert est.phases[est.peak_phase] == est.peak_allocated_bytes
+    assert est.peak_allocated_bytes >= est.tensor_peak_bytes
     assert est.total_bytes > est.peak_allocated_bytes
 
 
-@settings(max_examples=200, deadline=None)
+def _modelled(est: object) -> int:
+    """The total less the allocator's own effects (rounding, fragmentation), which PyTorch's
+    caching allocator does not keep monotone either: a larger request can pack better."""
+    b = est.breakdown  # type: ignore[attr-defined]
+    return est.total_bytes - b.get("allocator_reserve", 0) - b.get("allocator_rounding", 0)  # type: ignore[attr-defined]
+
+
+@settings(max_examples=150, deadline=None)
 @given(runs(), st.integers(1, 16), st.integers(1, 4096))
 def test_memory_never_shrinks_when_batch_or_seq_grows(run: RunSpec, more_b: int, more_s: int) -> None:
     w = run.workload
     base = estimate(run)
-    bigger_batch = estimate(_with(run, batch=w.batch + more_b))
-    bigger_seq = estimate(_with(run, seq=w.seq + more_s))
-    for bigger in (bigger_batch, bigger_seq):
-        assert bigger.total_bytes >= base.total_bytes
-        assert bigger.peak_allocated_bytes >= base.peak_allocated_bytes
+    for bigger in (estimate(_with(run, batch=w.batch + more_b)), estimate(_with(run, seq=w.seq + more_s))):
+        assert bigger.tensor_peak_bytes >= base.tensor_peak_bytes
+        assert _modelled(bigger) >= _modelled(base)
 
 
 @settings(max_examples=200, deadline=None)
 @given(runs())
 def test_checkpointing_never_increases_the_peak(run: RunSpec) -> None:
-    none = estimate(_with(run, mode="train", checkpointing="none")).peak_allocated_bytes
-    selective = estimate(_with(run, mode="train", checkpointing="selective")).peak_allocated_bytes
-    full = estimate(_with(run, mode="train", checkpointing="full")).peak_allocated_bytes
+    none = estimate(_with(run, mode="train", checkpointing="none")).tensor_peak_bytes
+    selective = estimate(_with(run, mode="train", checkpointing="selective")).tensor_peak_bytes
+    full = estimate(_with(run, mode="train", checkpointing="full")).tensor_peak_bytes
     assert selective <= none
     assert full <= none
 
@@ -77,8 +82,8 @@ def test_checkpointing_never_increases_the_peak(run: RunSpec) -> None:
 @settings(max_examples=200, deadline=None)
 @given(runs())
 def test_flash_never_exceeds_eager(run: RunSpec) -> None:
-    flash = estimate(_with(run, attention="flash")).peak_allocated_bytes
-    eager = estimate(_with(run, attention="eager")).peak_allocated_bytes
+    flash = estimate(_with(run, attention="flash")).tensor_peak_bytes
+    eager = estimate(_with(run, attention="eager")).tensor_peak_bytes
     assert flash <= eager
 
 
@@ -91,4 +96,6 @@ def test_solve_batch_is_exact_to_the_integer(run: RunSpec, gib: int) -> None:
         assert estimate(_with(run, batch=1), hw).total_bytes > hw.memory_bytes
         return
     assert est is not None and est.total_bytes <= hw.memory_bytes
+    if best == 10_000_000:  # the --batch bound: nothing larger may be asked for
+        return
     assert estimate(_with(run, batch=best + 1), hw).total_bytes > hw.memory_bytes

@@ -1,24 +1,41 @@
-"""Bytes autograd saves for backward, per transformer block, and the block's transients.
+"""Tensors autograd saves for backward, per transformer block, and the block's transients.
 
-Each term names the tensor a reference block (``vramfit.measure.models``, which follows
+Each term names a tensor the reference block (``vramfit.measure.models``, which follows
 Hugging Face's GPT-2 / Llama modeling code) keeps alive between its forward and its
 backward, in the dtype that tensor really has. The layout follows Korthikanti et al.
 2022 ("Reducing Activation Recomputation in Large Transformer Models", arXiv 2205.05198,
-section 4.1): per layer ``s*b*h*(34 + 5*a*s/h)`` bytes for 16-bit GPT blocks with
-dropout; we drop the dropout masks (no dropout), count SwiGLU's three projections,
-GQA's narrower K/V (widened again by ``repeat_kv``), fp32 norms and residuals under
-autocast, and flash attention's O(s) softmax statistics instead of the s x s scores.
+section 4.1: ``s*b*h*(34 + 5*a*s/h)`` bytes per 16-bit GPT layer with dropout); we drop the
+dropout masks (no dropout), count SwiGLU's three projections, GQA K/V widened by
+``repeat_kv``, fp32 norms and residuals under autocast, one 16-bit copy of the normed input
+per projection under autocast (autocast does not cache casts of activations), and flash
+attention's O(s) softmax statistics instead of the s x s probabilities (Dao et al. 2022).
+Checked tensor by tensor against the forward-end memory of small models on an H200
+(benchmarks/data/h200-run1/saved.json).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vramfit.config import Attention, Checkpointing, Mlp, ModelSpec, Norm, Positions, Workload
-from vramfit.estimate.dtypes import Dtypes, dtypes_for
+from vramfit.config import (
+    Arch,
+    Attention,
+    Checkpointing,
+    Mlp,
+    ModelSpec,
+    Norm,
+    Positions,
+    Precision,
+    Workload,
+)
+from vramfit.estimate.dtypes import dtypes_for
 
 FP32 = 4
 INT64 = 8
+
+# Memory-efficient attention (used for fp32, where flash kernels do not exist) pads its
+# logsumexp to a multiple of 32 queries (PyTorch aten/.../mem_eff_attention kernel_forward.h).
+MEM_EFF_LSE_PAD = 32
 
 
 @dataclass(frozen=True)
@@ -32,8 +49,8 @@ class Shape:
     heads: int
     kv_heads: int
     head_dim: int
-    ffn: int  # intermediate width a token passes through (dense MLP or one expert)
-    active_ffn: int  # total intermediate width per token (experts_per_token * expert + shared)
+    ffn: int  # intermediate width of one MLP (dense) or one expert
+    active_ffn: int  # total intermediate width a token passes through
     vocab: int
 
     @property
@@ -44,6 +61,11 @@ class Shape:
     def kv_width(self) -> int:
         return self.kv_heads * self.head_dim
 
+    @property
+    def scores(self) -> int:
+        """Elements of one block's attention score matrix: b * heads * s * s."""
+        return self.batch * self.heads * self.seq * self.seq
+
 
 def shape_of(spec: ModelSpec, workload: Workload) -> Shape:
     """Block sizes for ``spec`` (resolved) under ``workload``."""
@@ -52,7 +74,9 @@ def shape_of(spec: ModelSpec, workload: Workload) -> Shape:
     assert spec.expert_ffn and spec.shared_expert_ffn
     if spec.experts > 1:
         ffn = spec.expert_ffn
-        active = spec.experts_per_token * spec.expert_ffn + spec.shared_experts * spec.shared_expert_ffn
+        active = (
+            spec.experts_per_token * spec.expert_ffn + spec.shared_experts * spec.shared_expert_ffn
+        )
     else:
         ffn = active = spec.ffn
     return Shape(
@@ -69,73 +93,91 @@ def shape_of(spec: ModelSpec, workload: Workload) -> Shape:
     )
 
 
-def _norm_saved(n: int, hidden: int, norm: Norm, dt: Dtypes) -> int:
-    """A norm saves its input (counted with the residual) plus per-row fp32 statistics:
-    LayerNorm mean and rstd, RMSNorm rstd (PyTorch native_layer_norm / _fused_rms_norm)."""
-    del hidden, dt
-    return (2 if norm is Norm.layernorm else 1) * n * FP32
+def norm_stats(tokens: int, norm: Norm) -> list[int]:
+    """Per-row fp32 statistics a norm saves besides its input: LayerNorm mean and rstd
+    (native_layer_norm), RMSNorm rstd (fused rms_norm)."""
+    return [tokens * FP32] * (2 if norm is Norm.layernorm else 1)
 
 
-def block_saved(spec: ModelSpec, workload: Workload) -> dict[str, int]:
-    """Bytes one block saves for backward without checkpointing, by part.
+def attention_stats(sh: Shape, workload: Workload) -> list[int]:
+    """What attention itself saves besides q, k, v and its output.
 
-    Parts: ``norm`` (norm inputs are the residual stream, plus statistics), ``attention``
-    (the normed input cast for the q/k/v projections, q/k/v as attention sees them, its
-    output, softmax statistics or probabilities), ``mlp`` (the normed input and the
-    intermediate activations).
+    Flash (16-bit) saves a (b, heads, s) fp32 logsumexp; memory-efficient attention (fp32)
+    pads it to 32 queries. Eager saves the softmax output (fp32 under autocast, which runs
+    softmax in fp32) and, under autocast, the 16-bit copy that multiplies V.
+    """
+    dt = dtypes_for(workload.precision)
+    if workload.attention is Attention.flash:
+        padded = (
+            sh.seq
+            if workload.precision is not Precision.fp32
+            else -(-sh.seq // MEM_EFF_LSE_PAD) * MEM_EFF_LSE_PAD
+        )
+        return [sh.batch * sh.heads * padded * FP32]
+    saved = [sh.scores * dt.softmax]
+    if dt.autocast:
+        saved.append(sh.scores * dt.compute)
+    return saved
+
+
+def block_tensors(spec: ModelSpec, workload: Workload) -> dict[str, list[int]]:
+    """Tensors one block keeps between its forward and its backward, by part (bytes each).
+
+    ``norm``: the two residual-stream inputs of the norms and their statistics.
+    ``attention``: the normed input as the q/k/v projections see it, q/k/v as attention
+    sees them (RoPE writes new q and k; ``repeat_kv`` widens K/V to every head), the
+    attention output (saved by the output projection) and softmax statistics/probabilities.
+    ``mlp``: the normed input as the up/gate projections see it and the intermediates.
+
+    Selective checkpointing recomputes the attention core (``repeat_kv`` + attention): its
+    inputs stay with the checkpoint, its output with the output projection, and the widened
+    K/V and the statistics/probabilities go. Full checkpointing keeps only the block input.
     """
     spec = spec.resolved()
     assert spec.norm and spec.mlp
     dt = dtypes_for(workload.precision)
     sh = shape_of(spec, workload)
     n, h, c = sh.tokens, sh.hidden, dt.compute
+    if workload.checkpointing is Checkpointing.full:
+        return {"norm": [], "attention": [], "mlp": [], "checkpoint": [n * h * dt.residual]}
+    core_recomputed = workload.checkpointing is Checkpointing.selective
+    fused_qkv = spec.arch is Arch.gpt2  # GPT-2's c_attn is one projection; Llama has three
 
-    norm = 2 * n * h * dt.residual + 2 * _norm_saved(n, h, spec.norm, dt)
+    norm = [n * h * dt.residual, *norm_stats(n, spec.norm)] * 2
 
-    # q/k/v projections save their (cast) input; attention saves q, k, v as it receives them.
-    # RoPE writes new q and k; repeat_kv widens K and V to all heads (HF ``repeat_kv``).
-    kv_seen = sh.q_width if sh.kv_heads < sh.heads else sh.kv_width
-    attn = n * h * c  # normed input as the projections see it
-    attn += n * (sh.q_width + 2 * kv_seen) * c  # q, k, v given to attention
-    attn += n * sh.q_width * c  # attention output (saved by the output projection)
-    if workload.attention is Attention.flash:
-        attn += sh.batch * sh.heads * sh.seq * FP32  # logsumexp (Dao et al. 2022)
+    # under autocast every Linear casts its own copy of the fp32 normed input
+    attn = [n * h * c] * (1 if fused_qkv or not dt.autocast else 3)
+    if fused_qkv:
+        attn.append(n * (sh.q_width + 2 * sh.kv_width) * c)  # c_attn output, split into views
     else:
-        scores = sh.batch * sh.heads * sh.seq * sh.seq
-        # softmax saves its output; under autocast softmax runs in fp32 and the matmul with V
-        # saves a 16-bit copy of the probabilities (Korthikanti's 5as/h term, without dropout)
-        attn += scores * dt.softmax + (scores * c if dt.autocast else 0)
+        attn += [n * sh.q_width * c, n * sh.kv_width * c, n * sh.kv_width * c]
+    if sh.kv_heads < sh.heads and not core_recomputed:
+        # repeat_kv copies; for Llama they replace the narrow K/V, which nothing else keeps
+        wide = [n * sh.q_width * c] * 2
+        if fused_qkv:
+            attn += wide
+        else:
+            attn[-2:] = wide
+    attn.append(n * sh.q_width * c)  # attention output
+    if not core_recomputed:
+        attn += attention_stats(sh, workload)
 
-    mlp = n * h * c  # normed input for the up/gate projections
-    if spec.mlp is Mlp.gelu:
-        mlp += 2 * n * sh.active_ffn * c  # GELU input and output
-    else:
-        mlp += 4 * n * sh.active_ffn * c  # gate, SiLU(gate), up, and the product
+    gated = spec.mlp is Mlp.swiglu
+    mlp = [n * h * c] * (2 if gated and dt.autocast else 1)
+    mlp += [n * sh.active_ffn * c] * (4 if gated else 2)  # gate, SiLU, up, product / GELU in, out
     if spec.experts > 1:
-        # router logits (fp32 softmax under autocast) and routing weights per token
-        mlp += n * spec.experts * (FP32 + c) + n * spec.experts_per_token * (FP32 + INT64)
+        # router logits (softmax in fp32 under autocast) and top-k weights and indices
+        mlp += [
+            n * spec.experts * c,
+            n * spec.experts * FP32,
+            n * spec.experts_per_token * (FP32 + INT64),
+        ]
     return {"norm": norm, "attention": attn, "mlp": mlp}
 
 
-def block_saved_checkpointed(spec: ModelSpec, workload: Workload) -> dict[str, int]:
-    """What one block keeps between forward and backward under ``workload.checkpointing``."""
-    full = block_saved(spec, workload)
-    if workload.checkpointing is Checkpointing.none:
-        return full
-    dt = dtypes_for(workload.precision)
-    sh = shape_of(spec, workload)
-    if workload.checkpointing is Checkpointing.full:
-        # only the block input survives; the rest is recomputed in backward
-        return {"norm": 0, "attention": 0, "mlp": 0, "checkpoint": sh.tokens * sh.hidden * dt.residual}
-    # selective: the attention core (softmax(QK^T)V) is recomputed; its inputs q, k, v and its
-    # output stay (they are saved by the projections around it); statistics/probabilities go
-    kept = dict(full)
-    if workload.attention is Attention.flash:
-        kept["attention"] -= sh.batch * sh.heads * sh.seq * FP32
-    else:
-        scores = sh.batch * sh.heads * sh.seq * sh.seq
-        kept["attention"] -= scores * dt.softmax + (scores * dt.compute if dt.autocast else 0)
-    return kept
+def block_saved(spec: ModelSpec, workload: Workload) -> dict[str, int]:
+    """Bytes one block keeps between forward and backward, by part."""
+    return {part: sum(sizes) for part, sizes in block_tensors(spec, workload).items()}
 
 
 def block_forward_transient(spec: ModelSpec, workload: Workload) -> int:
@@ -144,14 +186,12 @@ def block_forward_transient(spec: ModelSpec, workload: Workload) -> int:
     dt = dtypes_for(workload.precision)
     sh = shape_of(spec, workload)
     n, h, c = sh.tokens, sh.hidden, dt.compute
-    # the fp32 norm output before autocast casts it, or the pre-RoPE q/k
-    norm_out = n * h * FP32 if dt.autocast else 0
+    norm_out = n * h * FP32 if dt.autocast else 0  # fp32 norm output before autocast casts it
     pre_rope = n * (sh.q_width + sh.kv_width) * c if spec.positions is Positions.rope else 0
     transient = max(norm_out, pre_rope)
     if workload.attention is Attention.eager:
-        scores = sh.batch * sh.heads * sh.seq * sh.seq
         # raw scores and the masked copy exist before softmax (plus its fp32 input under autocast)
-        transient = max(transient, scores * (2 * c + (FP32 if dt.autocast else 0)))
+        transient = max(transient, sh.scores * (2 * c + (FP32 if dt.autocast else 0)))
     return transient
 
 
@@ -162,12 +202,17 @@ def block_backward_transient(spec: ModelSpec, workload: Workload) -> int:
     sh = shape_of(spec, workload)
     n, h, c = sh.tokens, sh.hidden, dt.compute
     grad_stream = 2 * n * h * dt.residual  # incoming and outgoing residual gradients
-    if spec.mlp is Mlp.gelu:
-        mlp = 2 * n * sh.active_ffn * c
-    else:
-        mlp = 3 * n * sh.active_ffn * c
+    mlp = (2 if spec.mlp is Mlp.gelu else 3) * n * sh.active_ffn * c
     attn = n * (sh.q_width * 3) * c + n * sh.q_width * c
     if workload.attention is Attention.eager:
-        scores = sh.batch * sh.heads * sh.seq * sh.seq
-        attn += scores * (2 * dt.softmax + (c if dt.autocast else 0))
+        attn += sh.scores * (2 * dt.softmax + (c if dt.autocast else 0))
     return grad_stream + max(mlp, attn)
+
+
+def rope_tables(spec: ModelSpec, workload: Workload) -> list[int]:
+    """RoPE cos and sin tables, (s, head_dim) each in the compute dtype, shared by all blocks."""
+    spec = spec.resolved()
+    if spec.positions is not Positions.rope:
+        return []
+    assert spec.head_dim
+    return [workload.seq * spec.head_dim * dtypes_for(workload.precision).compute] * 2

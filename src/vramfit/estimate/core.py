@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vramfit.config import Mode, RunSpec
-from vramfit.estimate.activations import block_saved_checkpointed
+from vramfit.config import Attention, Mode, Precision, RunSpec
+from vramfit.estimate.activations import block_saved
 from vramfit.estimate.inference import build_inference_timeline, kv_cache_bytes
-from vramfit.estimate.overhead import DEFAULT_CONTEXT_BYTES, allocator_reserve_bytes, cublas_workspace_bytes
+from vramfit.estimate.overhead import cublas_workspace_bytes, cuda_context_bytes
 from vramfit.estimate.params import ParamCounts, count_params
+from vramfit.estimate.timeline import replay
 from vramfit.estimate.training import build_training_timeline
 
 # Components in display order; the breakdown at the peak uses these keys.
@@ -23,6 +24,7 @@ COMPONENTS = (
     "logits",
     "kv_cache",
     "cublas_workspace",
+    "allocator_rounding",
     "allocator_reserve",
     "cuda_context",
 )
@@ -35,14 +37,15 @@ class Hardware:
     name: str
     memory_bytes: int
     compute_capability: tuple[int, int] | None = None
-    context_bytes: int = DEFAULT_CONTEXT_BYTES
+    context_bytes: int | None = None  # measured context + kernels; None: the H200 figure
 
 
 @dataclass(frozen=True)
 class Estimate:
     """Peak memory of one step, by phase and by component.
 
-    ``peak_allocated_bytes`` is what ``torch.cuda.max_memory_allocated`` reports;
+    ``peak_allocated_bytes`` is what ``torch.cuda.max_memory_allocated`` reports (the
+    tensors' bytes replayed through the caching allocator, which rounds them up);
     ``total_bytes`` adds the allocator's reserve and the CUDA context, i.e. what the device
     has in use, which is what decides an out-of-memory. ``breakdown`` sums to ``total_bytes``.
     """
@@ -54,6 +57,7 @@ class Estimate:
     peak_phase: str
     peak_point: str
     peak_allocated_bytes: int
+    tensor_peak_bytes: int  # the same peak before allocator rounding: bytes tensors ask for
     breakdown: dict[str, int]
     total_bytes: int
     block_activation_bytes: dict[str, int]
@@ -71,26 +75,47 @@ class Estimate:
 
 
 def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
-    """Build the step's memory timeline and read its peaks."""
+    """Build the step's memory timeline, replay it through the allocator, read its peaks.
+
+    Training replays three steps (the first creates the optimizer state and workspaces,
+    the next two are steady), as ``vramfit measure --train`` runs them.
+    """
     spec = run.model.resolved()
     workload = run.workload
     counts = count_params(spec)
     params = spec.params or counts.total
     cc = hardware.compute_capability if hardware else None
     workspace = cublas_workspace_bytes(cc)
-    if workload.mode is Mode.train:
-        timeline = build_training_timeline(spec, workload, workspace)
+    training = workload.mode is Mode.train
+    if training:
+        steady = build_training_timeline(spec, workload, workspace)
+        steps = [
+            build_training_timeline(spec, workload, workspace, first_step=True),
+            steady,
+            steady,
+        ]
     else:
-        timeline = build_inference_timeline(spec, workload, workspace)
+        steady = build_inference_timeline(spec, workload, workspace)
+        steps = [steady]
+    rep = replay(steps)
 
-    peak_index = timeline.peak_point()
-    peak_phase, peak_point = timeline.points[peak_index]
-    live = timeline.components_at(peak_index)
-    peak_allocated = sum(live.values())
-    reserve = allocator_reserve_bytes(peak_allocated)
-    context = hardware.context_bytes if hardware else DEFAULT_CONTEXT_BYTES
+    phases: dict[str, int] = {}
+    for timeline, allocated in zip(steps, rep.allocated, strict=True):
+        for (phase, _), n_bytes in zip(timeline.points, allocated, strict=True):
+            phases[phase] = max(phases.get(phase, 0), n_bytes)
+    steady_allocated = rep.allocated[-1]
+    peak_index = max(range(len(steady_allocated)), key=lambda i: (steady_allocated[i], -i))
+    peak_phase, peak_point = steady.points[peak_index]
+    live = steady.components_at(peak_index)
+    flash = workload.attention is Attention.flash and workload.precision is not Precision.fp32
+    context = (
+        hardware.context_bytes
+        if hardware and hardware.context_bytes
+        else cuda_context_bytes(training=training, flash=flash)
+    )
     breakdown = {name: live.get(name, 0) for name in COMPONENTS}
-    breakdown["allocator_reserve"] = reserve
+    breakdown["allocator_rounding"] = rep.peak_allocated - sum(live.values())
+    breakdown["allocator_reserve"] = rep.reserved - rep.peak_allocated
     breakdown["cuda_context"] = context
     breakdown = {k: v for k, v in breakdown.items() if v}
 
@@ -106,13 +131,14 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
         run=RunSpec(model=spec, workload=workload),
         counts=counts,
         params=params,
-        phases=timeline.phase_peaks(),
+        phases=phases,
         peak_phase=peak_phase,
         peak_point=peak_point,
-        peak_allocated_bytes=peak_allocated,
+        peak_allocated_bytes=rep.peak_allocated,
+        tensor_peak_bytes=max(steady.live_bytes()),
         breakdown=breakdown,
         total_bytes=sum(breakdown.values()),
-        block_activation_bytes=block_saved_checkpointed(spec, workload) if workload.mode is Mode.train else {},
+        block_activation_bytes=block_saved(spec, workload) if training else {},
         kv_cache_bytes=kv_cache_bytes(spec, workload) if workload.gen_tokens else 0,
         hardware=hardware,
         notes=tuple(notes),

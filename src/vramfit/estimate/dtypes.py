@@ -37,4 +37,6 @@ def kv_bytes(workload: Workload) -> int:
     """KV cache element size: ``--kv-dtype`` or, by default, the compute dtype."""
     if workload.kv_dtype is None:
         return dtypes_for(workload.precision).compute
-    return DTYPE_BYTES[workload.kv_dtype.value if isinstance(workload.kv_dtype, KvDtype) else workload.kv_dtype]
+    return DTYPE_BYTES[
+        workload.kv_dtype.value if isinstance(workload.kv_dtype, KvDtype) else workload.kv_dtype
+    ]

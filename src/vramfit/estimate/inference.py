@@ -8,10 +8,12 @@ shares each K/V head among ``heads / kv_heads`` query heads: Ainslie et al. 2023
 
 from __future__ import annotations
 
+import math
+
 from vramfit.config import Attention, Mlp, ModelSpec, Workload
-from vramfit.estimate.activations import FP32, shape_of
+from vramfit.estimate.activations import FP32, INT64, shape_of
 from vramfit.estimate.dtypes import dtypes_for, kv_bytes
-from vramfit.estimate.params import count_params
+from vramfit.estimate.params import count_params, param_tensors
 from vramfit.estimate.timeline import Timeline
 
 
@@ -22,7 +24,11 @@ def kv_cache_bytes(spec: ModelSpec, workload: Workload) -> int:
     tokens = workload.seq + workload.gen_tokens
     if spec.sliding_window:
         # a sliding-window layer only ever attends to (and keeps) the last `window` tokens
-        local = spec.layers // spec.sliding_window_every if spec.sliding_window_every > 1 else spec.layers
+        local = (
+            spec.layers // spec.sliding_window_every
+            if spec.sliding_window_every > 1
+            else spec.layers
+        )
         windowed = min(tokens, spec.sliding_window)
         per_token_layers = (spec.layers - local) * tokens + local * windowed
     else:
@@ -61,24 +67,41 @@ def build_inference_timeline(spec: ModelSpec, workload: Workload, workspace_byte
     decode_pt = t.point("decode", "last token") if workload.gen_tokens else None
     end = t.last
 
-    t.alloc("weights", "weights", params * dt.weight, start, end)
-    t.alloc("cuBLAS workspace", "cublas_workspace", workspace_bytes, start, end)
+    scale = params / counts.total
+    tensors = param_tensors(spec)
+    weights = [round(e * scale * dt.weight) for e in tensors.all(spec.layers)]
+    t.alloc("weights", "weights", weights, start, end, persistent=True)
+    t.alloc("input ids", "activations", sh.tokens * INT64, start, end, persistent=True)
+    t.alloc("cuBLAS workspace", "cublas_workspace", workspace_bytes, start, end, persistent=True)
     if workload.gen_tokens:
-        t.alloc("KV cache", "kv_cache", kv_cache_bytes(spec, workload), start, end)
+        per_tensor = kv_cache_bytes(spec, workload) // (2 * spec.layers)
+        t.alloc(
+            "KV cache", "kv_cache", [per_tensor] * (2 * spec.layers), start, end, persistent=True
+        )
     if dt.autocast:
-        # autocast caches the 16-bit copy of every weight until its context exits
-        per_layer = (counts.attention + counts.mlp + counts.router) // spec.layers
+        # under inference_mode autocast keeps no cast cache: each block casts its weights
+        # to 16 bits as it runs and drops them after (measured: benchmarks/data/h200-run1)
+        casts = [round(math.prod(s) * scale * dt.compute) for s in tensors.block_linear]
         for i, point in enumerate(blocks):
-            t.alloc(f"block {i} autocast weights", "autocast_weight_copies", per_layer * dt.compute, point, end)
-        t.alloc("lm_head autocast weight", "autocast_weight_copies", sh.vocab * sh.hidden * dt.compute, logits_pt, end)
+            t.alloc(f"block {i} autocast weights", "autocast_weight_copies", casts, point, point)
+        head = round(math.prod(tensors.lm_head) * dt.compute)
+        t.alloc("lm_head autocast weight", "autocast_weight_copies", head, logits_pt, logits_pt)
     working = prefill_working_set(spec, workload)
     for i, point in enumerate(blocks):
         t.alloc(f"block {i} working set", "activations", working, point, point)
     # only the last position's logits are computed (as HF generate does)
-    t.alloc("logits", "logits", sh.batch * sh.vocab * (dt.compute + FP32), logits_pt, logits_pt)
+    t.alloc("logits", "logits", sh.batch * sh.vocab * dt.compute, logits_pt, logits_pt)
     if decode_pt is not None:
         total = workload.seq + workload.gen_tokens
         widened = 2 * sh.batch * sh.q_width * total * dt.compute if sh.kv_heads < sh.heads else 0
-        scores = sh.batch * sh.heads * total * dt.softmax if workload.attention is Attention.eager else 0
-        t.alloc("decode working set", "activations", widened + scores + sh.batch * sh.vocab * (dt.compute + FP32), decode_pt, decode_pt)
+        scores = (
+            sh.batch * sh.heads * total * dt.softmax if workload.attention is Attention.eager else 0
+        )
+        t.alloc(
+            "decode working set",
+            "activations",
+            widened + scores + sh.batch * sh.vocab * dt.compute,
+            decode_pt,
+            decode_pt,
+        )
     return t

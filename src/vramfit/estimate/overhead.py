@@ -10,6 +10,7 @@ from __future__ import annotations
 
 MIB = 2**20
 
+
 # PyTorch allocates one cuBLAS workspace per (handle, stream) through its caching allocator
 # (aten/src/ATen/cuda/CublasHandlePool.cpp, getChosenWorkspaceSize): 4096 KiB x 2 + 16 KiB x 8
 # = 8.125 MiB by default before Hopper (the seed notebook's T4 cells), 32 MiB on Hopper (sm_90)
@@ -21,18 +22,20 @@ def cublas_workspace_bytes(compute_capability: tuple[int, int] | None) -> int:
     return 4096 * 1024 * 2 + 16 * 1024 * 8
 
 
-# The CUDA context, PyTorch's kernels and the cuBLAS/cuDNN libraries loaded on first use,
-# as device memory outside PyTorch's allocator (measured on an H200, torch 2.11: 527 MiB
-# right after init; more once cuBLAS and attention kernels are loaded).
-DEFAULT_CONTEXT_BYTES = 527 * MIB
+# Device memory outside PyTorch's allocator, measured on an H200 with torch 2.11
+# (benchmarks/data/h200-run1: device used minus max_memory_reserved, stable to +-8 MiB over
+# 28 runs): the CUDA context right after initialisation (527 MiB), then the kernel images
+# CUDA's lazy loading brings in on first use: those of a forward pass (~173 MiB), of a
+# backward pass (~51 MiB more) and of the flash-attention kernels (~16 MiB).
+CONTEXT_INIT_BYTES = 527 * MIB
+FORWARD_KERNELS_BYTES = 173 * MIB
+BACKWARD_KERNELS_BYTES = 51 * MIB
+FLASH_KERNELS_BYTES = 16 * MIB
 
 
-def allocator_reserve_bytes(peak_allocated_bytes: int) -> int:
-    """Bytes PyTorch's caching allocator holds beyond the allocated peak.
-
-    Large requests are rounded up to 2 MiB and served from segments that, once freed, are
-    kept for reuse, so reserved memory exceeds the allocated peak by rounding plus the
-    fragmentation of freed segments (PyTorch docs, "CUDA memory management").
-    """
-    segment = 2 * MIB
-    return -(-peak_allocated_bytes // segment) * segment - peak_allocated_bytes
+def cuda_context_bytes(*, training: bool, flash: bool) -> int:
+    """Device memory held by the CUDA context and loaded kernels, outside the allocator."""
+    total = CONTEXT_INIT_BYTES + FORWARD_KERNELS_BYTES
+    if training:
+        total += BACKWARD_KERNELS_BYTES + (FLASH_KERNELS_BYTES if flash else 0)
+    return total

@@ -8,6 +8,7 @@ published counts in the tests (GPT-2 small 124,439,808; Llama-2-7B 6,738,415,616
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from vramfit.config import Mlp, ModelSpec, Norm, Positions
@@ -102,4 +103,71 @@ def count_params(spec: ModelSpec) -> ParamCounts:
         norms=(layers * spec.norms_per_layer + 1) * norm_params(h, spec.norm),
         lm_head=0 if spec.tied else spec.vocab * h,
         active_mlp=layers * per_layer_active,
+    )
+
+
+Shape = tuple[int, ...]
+
+
+def _elements(shapes: tuple[Shape, ...]) -> tuple[int, ...]:
+    return tuple(math.prod(shape) for shape in shapes)
+
+
+@dataclass(frozen=True)
+class ParamTensors:
+    """Shapes of every parameter tensor, grouped as the step touches them."""
+
+    embeddings: tuple[Shape, ...]  # token embedding (+ learned positions)
+    block: tuple[Shape, ...]  # one block: norms, attention, MLP
+    block_linear: tuple[Shape, ...]  # the part of ``block`` that autocast casts (not norms)
+    head: tuple[Shape, ...]  # final norm (+ lm_head when untied)
+    lm_head: Shape  # the matrix lm_head multiplies by (the embedding when tied)
+
+    def all_shapes(self, layers: int) -> list[Shape]:
+        return [*self.embeddings, *(self.block * layers), *self.head]
+
+    def all(self, layers: int) -> list[int]:
+        """Element count of every parameter tensor, in model order."""
+        return list(_elements(tuple(self.all_shapes(layers))))
+
+
+def param_tensors(spec: ModelSpec) -> ParamTensors:
+    """Every parameter tensor of the reference implementation (see ``count_params``)."""
+    spec = spec.resolved()
+    assert spec.heads and spec.kv_heads and spec.head_dim and spec.vocab and spec.ffn
+    assert spec.norm and spec.mlp and spec.expert_ffn and spec.shared_expert_ffn
+    h = spec.hidden
+    q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    qkv_bias, bias = bool(spec.bias or spec.qkv_bias), bool(spec.bias)
+
+    def linear(n_in: int, n_out: int, with_bias: bool) -> list[Shape]:
+        return [(n_out, n_in)] + ([(n_out,)] if with_bias else [])
+
+    def mlp(ffn: int) -> list[Shape]:
+        if spec.mlp is Mlp.gelu:
+            return linear(h, ffn, bias) + linear(ffn, h, bias)
+        return linear(h, ffn, bias) + linear(h, ffn, bias) + linear(ffn, h, bias)
+
+    if spec.arch.value == "gpt2":  # one fused c_attn projection
+        attn = linear(h, q + 2 * kv, qkv_bias)
+    else:
+        attn = linear(h, q, qkv_bias) + linear(h, kv, qkv_bias) + linear(h, kv, qkv_bias)
+    attn += linear(q, h, bias)
+    if spec.experts > 1:
+        ffn_part = [(spec.experts, h)] + mlp(spec.expert_ffn) * spec.experts
+        ffn_part += mlp(spec.shared_expert_ffn) * spec.shared_experts
+        ffn_part += [(1, h)] if spec.shared_expert_gate else []
+    else:
+        ffn_part = mlp(spec.ffn)
+    norm: list[Shape] = [(h,), (h,)] if spec.norm is Norm.layernorm else [(h,)]
+    embeddings: list[Shape] = [(spec.vocab, h)]
+    if spec.positions is Positions.learned:
+        embeddings.append((spec.max_positions or 0, h))
+    head = list(norm) + ([] if spec.tied else [(spec.vocab, h)])
+    return ParamTensors(
+        embeddings=tuple(embeddings),
+        block=tuple(norm * spec.norms_per_layer + attn + ffn_part),
+        block_linear=tuple(attn + ffn_part),
+        head=tuple(head),
+        lm_head=(spec.vocab, h),
     )

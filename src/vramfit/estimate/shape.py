@@ -21,13 +21,18 @@ def infer_shape(params: int, layers: int | None, arch: Arch) -> tuple[int, int]:
 
     # the count grows with hidden: bisection on the 64-wide grid, then the nearer neighbour
     low, high = 1, 2
-    while count_params(ModelSpec(arch=arch, layers=layers, hidden=high * WIDTH_STEP)).total < params:
+    while (
+        count_params(ModelSpec(arch=arch, layers=layers, hidden=high * WIDTH_STEP)).total < params
+    ):
         low, high = high, high * 2
         if high * WIDTH_STEP > 1_000_000:
             break
     while high - low > 1:
         mid = (low + high) // 2
-        if count_params(ModelSpec(arch=arch, layers=layers, hidden=mid * WIDTH_STEP)).total < params:
+        if (
+            count_params(ModelSpec(arch=arch, layers=layers, hidden=mid * WIDTH_STEP)).total
+            < params
+        ):
             low = mid
         else:
             high = mid

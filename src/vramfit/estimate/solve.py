@@ -59,9 +59,13 @@ def suggestions(run: RunSpec, hardware: Hardware) -> list[Suggestion]:
     candidates: list[tuple[str, RunSpec]] = []
     if w.mode is Mode.train:
         if w.checkpointing is not Checkpointing.full:
-            candidates.append(("--checkpointing full", _with(run, checkpointing=Checkpointing.full)))
+            candidates.append(
+                ("--checkpointing full", _with(run, checkpointing=Checkpointing.full))
+            )
         if w.optimizer is Optimizer.adamw:
-            candidates.append(("--optimizer adamw-fused", _with(run, optimizer=Optimizer.adamw_fused)))
+            candidates.append(
+                ("--optimizer adamw-fused", _with(run, optimizer=Optimizer.adamw_fused))
+            )
         if w.optimizer in (Optimizer.adamw, Optimizer.adamw_fused):
             candidates.append(("--optimizer adam-8bit", _with(run, optimizer=Optimizer.adam_8bit)))
         if w.precision in (Precision.fp32, Precision.amp_bf16, Precision.amp_fp16):
@@ -71,7 +75,9 @@ def suggestions(run: RunSpec, hardware: Hardware) -> list[Suggestion]:
     if w.attention.value == "eager":
         candidates.append(("--attention flash", _with(run, attention="flash")))
     if w.batch > 1:
-        candidates.append((f"--batch {max(1, w.batch // 2)}", _with(run, batch=max(1, w.batch // 2))))
+        candidates.append(
+            (f"--batch {max(1, w.batch // 2)}", _with(run, batch=max(1, w.batch // 2)))
+        )
     current = estimate(run, hardware).total_bytes
     out = []
     for change, changed in candidates:

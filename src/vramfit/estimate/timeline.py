@@ -1,28 +1,40 @@
 """A memory timeline: allocations with lifetimes over the points of one step.
 
-Rather than one big sum, each tensor (or group of same-lifetime tensors) is an
-``Allocation`` that is live from one point of the step to another. The bytes live at
-a point are the sum of the allocations spanning it; a phase's peak is the maximum over
-its points; the breakdown at the overall peak is what the user sees. Checkpointing,
-attention kernels, optimizers and the KV cache become changes to the list of
-allocations, not special cases in a formula (design note: a memory timeline).
+Rather than one big sum, each tensor (or group of tensors with one lifetime) is an
+``Allocation`` that is live from one point of the step to another. The bytes live at a
+point are the sum of the allocations spanning it; a phase's peak is the maximum over its
+points. Checkpointing, attention kernels, optimizers and the KV cache become changes to
+the list of allocations, not special cases in a formula. ``replay`` feeds the same list,
+tensor by tensor, through the caching allocator model to get what PyTorch reports.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from vramfit.estimate.allocator import CachingAllocator
 
 
 @dataclass(frozen=True)
 class Allocation:
-    """``n_bytes`` live from point ``start`` to point ``end`` (inclusive)."""
+    """Tensors of ``sizes`` bytes, live from point ``start`` to point ``end`` (inclusive).
+
+    ``persistent`` allocations (weights, optimizer state, workspaces) outlive the step: a
+    replay of several steps allocates them once.
+    """
 
     name: str
     component: str
-    n_bytes: int
+    sizes: tuple[int, ...]
     start: int
     end: int
+    persistent: bool = False
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(self.sizes)
 
 
 @dataclass
@@ -41,16 +53,27 @@ class Timeline:
     def last(self) -> int:
         return len(self.points) - 1
 
-    def alloc(self, name: str, component: str, n_bytes: int, start: int, end: int) -> None:
-        """Record ``n_bytes`` live over [start, end]; zero-byte allocations are dropped."""
-        if n_bytes <= 0:
+    def alloc(
+        self,
+        name: str,
+        component: str,
+        sizes: int | Sequence[int],
+        start: int,
+        end: int,
+        *,
+        persistent: bool = False,
+    ) -> None:
+        """Record tensors of ``sizes`` bytes live over [start, end]; empty ones are dropped."""
+        sizes = (sizes,) if isinstance(sizes, int) else tuple(sizes)
+        sizes = tuple(int(s) for s in sizes if s > 0)
+        if not sizes:
             return
         if not 0 <= start <= end < len(self.points):
             raise ValueError(f"allocation {name!r} spans [{start}, {end}] outside the timeline")
-        self.allocations.append(Allocation(name, component, int(n_bytes), start, end))
+        self.allocations.append(Allocation(name, component, sizes, start, end, persistent))
 
     def live_bytes(self) -> list[int]:
-        """Bytes live at each point (difference array: O(points + allocations))."""
+        """Requested bytes live at each point (difference array: O(points + allocations))."""
         delta = [0] * (len(self.points) + 1)
         for a in self.allocations:
             delta[a.start] += a.n_bytes
@@ -61,22 +84,65 @@ class Timeline:
             live.append(running)
         return live
 
-    def peak_point(self) -> int:
-        """Index of the first point where live bytes reach their maximum."""
-        live = self.live_bytes()
-        return max(range(len(live)), key=lambda i: (live[i], -i))
-
-    def phase_peaks(self) -> dict[str, int]:
-        """Phase -> maximum live bytes over that phase's points, in step order."""
-        peaks: dict[str, int] = {}
-        for (phase, _), live in zip(self.points, self.live_bytes()):
-            peaks[phase] = max(peaks.get(phase, 0), live)
-        return peaks
-
     def components_at(self, index: int) -> dict[str, int]:
-        """Component -> bytes live at point ``index``."""
+        """Component -> requested bytes live at point ``index``."""
         parts: dict[str, int] = defaultdict(int)
         for a in self.allocations:
             if a.start <= index <= a.end:
                 parts[a.component] += a.n_bytes
         return dict(parts)
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What the caching allocator reports over a sequence of steps.
+
+    ``allocated[k][i]``: bytes in allocated blocks at point ``i`` of step ``k`` (at its
+    largest moment: after the point's allocations, before its frees). ``reserved``: the
+    segments held at the end (they are never returned).
+    """
+
+    allocated: list[list[int]]
+    peak_allocated: int
+    reserved: int
+
+
+def replay(steps: Sequence[Timeline]) -> Replay:
+    """Replay ``steps`` in order through the caching allocator.
+
+    At each point the allocations starting there are made in order, then those ending
+    there are freed; what ends at a step's last point is freed after it (the next step's
+    ``zero_grad(set_to_none=True)``). Persistent allocations are made once and kept.
+    """
+    alloc = CachingAllocator()
+    handles = 0
+    made: set[str] = set()
+    allocated: list[list[int]] = []
+    for timeline in steps:
+        starts: dict[int, list[Allocation]] = defaultdict(list)
+        ends: dict[int, list[tuple[Allocation, list[int]]]] = defaultdict(list)
+        for a in timeline.allocations:
+            if a.persistent and a.name in made:
+                continue
+            starts[a.start].append(a)
+        per_point = []
+        for i in range(len(timeline.points)):
+            for a in starts.get(i, ()):
+                ids = []
+                for size in a.sizes:
+                    handles += 1
+                    alloc.malloc(handles, size)
+                    ids.append(handles)
+                if a.persistent:
+                    made.add(a.name)
+                else:
+                    ends[a.end if a.end < timeline.last else timeline.last + 1].append((a, ids))
+            per_point.append(alloc.allocated)
+            for _, ids in ends.pop(i, ()):
+                for h in ids:
+                    alloc.free(h)
+        for _, ids in ends.pop(timeline.last + 1, ()):
+            for h in ids:
+                alloc.free(h)
+        allocated.append(per_point)
+    return Replay(allocated=allocated, peak_allocated=alloc.peak_allocated, reserved=alloc.reserved)

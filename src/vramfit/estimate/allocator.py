@@ -1,0 +1,132 @@
+"""A replay of PyTorch's CUDA caching allocator over a timeline's tensors.
+
+``torch.cuda.max_memory_allocated`` counts allocator *blocks*, and the device holds
+allocator *segments*; both exceed the bytes the tensors ask for. This module replays
+the allocations and frees of a step through the allocator's documented rules
+(c10/cuda/CUDACachingAllocator.cpp, default configuration, one stream):
+
+- requests are rounded up to 512 B (``round_size``, kMinBlockSize);
+- requests up to 1 MiB come from a small pool of 2 MiB segments; larger ones from a large
+  pool whose new segments are 20 MiB for requests under 10 MiB, else the request rounded
+  up to 2 MiB (``get_allocation_size``: kSmallBuffer, kLargeBuffer, kRoundLarge);
+- a request takes the smallest free cached block of its pool that fits (best fit,
+  ``get_free_block``), split when the rest is at least 512 B (small pool) or more than
+  1 MiB (large pool) (``should_split``); otherwise the whole block is handed out;
+- freed blocks merge with free neighbours of the same segment and stay cached: segments
+  are never returned (no ``empty_cache``), so reserved memory only grows.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+MIN_BLOCK = 512
+SMALL_SIZE = 1 << 20  # kSmallSize
+SMALL_BUFFER = 2 << 20  # kSmallBuffer
+MIN_LARGE_ALLOC = 10 << 20  # kMinLargeAlloc
+LARGE_BUFFER = 20 << 20  # kLargeBuffer
+ROUND_LARGE = 2 << 20  # kRoundLarge
+
+
+def round_size(size: int) -> int:
+    """A request rounded up to the allocator's 512-byte granularity."""
+    return max(MIN_BLOCK, -(-size // MIN_BLOCK) * MIN_BLOCK)
+
+
+def segment_size(size: int) -> int:
+    """Size of the new segment (cudaMalloc) a request of ``size`` rounded bytes creates."""
+    if size <= SMALL_SIZE:
+        return SMALL_BUFFER
+    if size < MIN_LARGE_ALLOC:
+        return LARGE_BUFFER
+    return -(-size // ROUND_LARGE) * ROUND_LARGE
+
+
+@dataclass
+class _Block:
+    segment: int
+    offset: int
+    size: int
+    small: bool  # belongs to the small pool (its segment is one 2 MiB buffer)
+    free: bool = True
+    prev: _Block | None = None
+    next: _Block | None = None
+    key: int = 0  # unique id, breaks ties in the free lists
+
+
+@dataclass
+class CachingAllocator:
+    """Allocated and reserved bytes as PyTorch's allocator would report them."""
+
+    allocated: int = 0
+    reserved: int = 0
+    peak_allocated: int = 0
+    _free: dict[bool, list[tuple[int, int, _Block]]] = field(
+        default_factory=lambda: {True: [], False: []}
+    )  # small pool?, sorted (size, key, block)
+    _live: dict[int, _Block] = field(default_factory=dict)
+    _ids: int = 0
+
+    def _next_key(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    def _insert_free(self, block: _Block, small: bool) -> None:
+        block.key = self._next_key()
+        bisect.insort(self._free[small], (block.size, block.key, block))
+
+    def _remove_free(self, block: _Block, small: bool) -> None:
+        pool = self._free[small]
+        i = bisect.bisect_left(pool, (block.size, block.key))
+        assert pool[i][2] is block
+        pool.pop(i)
+
+    def malloc(self, handle: int, size: int) -> None:
+        """Allocate ``size`` bytes under ``handle`` (freed later with ``free(handle)``)."""
+        size = round_size(size)
+        small = size <= SMALL_SIZE
+        pool = self._free[small]
+        i = bisect.bisect_left(pool, (size, -1))
+        if i < len(pool):
+            block = pool.pop(i)[2]
+        else:
+            seg = segment_size(size)
+            self.reserved += seg
+            block = _Block(segment=self._next_key(), offset=0, size=seg, small=small)
+        remaining = block.size - size
+        if (remaining >= MIN_BLOCK) if small else (remaining > SMALL_SIZE):
+            rest = _Block(
+                block.segment, block.offset + size, remaining, small, True, block, block.next
+            )
+            if block.next is not None:
+                block.next.prev = rest
+            block.next = rest
+            block.size = size
+            self._insert_free(rest, small)
+        block.free = False
+        self._live[handle] = block
+        self.allocated += block.size
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+
+    def free(self, handle: int) -> None:
+        """Return a block to its pool, merging it with free neighbours of its segment."""
+        block = self._live.pop(handle)
+        self.allocated -= block.size
+        small = block.small
+        block.free = True
+        for neighbour in (block.prev, block.next):
+            if neighbour is not None and neighbour.free:
+                self._remove_free(neighbour, small)
+                if neighbour is block.prev:
+                    neighbour.size += block.size
+                    neighbour.next = block.next
+                    if block.next is not None:
+                        block.next.prev = neighbour
+                    block = neighbour
+                else:
+                    block.size += neighbour.size
+                    block.next = neighbour.next
+                    if neighbour.next is not None:
+                        neighbour.next.prev = block
+        self._insert_free(block, small)
