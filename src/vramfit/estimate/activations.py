@@ -18,10 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramfit.config import (
-    Arch,
     Attention,
-    Checkpointing,
-    Mlp,
     ModelSpec,
     Norm,
     Positions,
@@ -118,95 +115,6 @@ def attention_stats(sh: Shape, workload: Workload) -> list[int]:
     if dt.autocast:
         saved.append(sh.scores * dt.compute)
     return saved
-
-
-def block_tensors(spec: ModelSpec, workload: Workload) -> dict[str, list[int]]:
-    """Tensors one block keeps between its forward and its backward, by part (bytes each).
-
-    ``norm``: the two residual-stream inputs of the norms and their statistics.
-    ``attention``: the normed input as the q/k/v projections see it, q/k/v as attention
-    sees them (RoPE writes new q and k; ``repeat_kv`` widens K/V to every head), the
-    attention output (saved by the output projection) and softmax statistics/probabilities.
-    ``mlp``: the normed input as the up/gate projections see it and the intermediates.
-
-    Selective checkpointing recomputes the attention core (``repeat_kv`` + attention): its
-    inputs stay with the checkpoint, its output with the output projection, and the widened
-    K/V and the statistics/probabilities go. Full checkpointing keeps only the block input.
-    """
-    spec = spec.resolved()
-    assert spec.norm and spec.mlp
-    dt = dtypes_for(workload.precision)
-    sh = shape_of(spec, workload)
-    n, h, c = sh.tokens, sh.hidden, dt.compute
-    if workload.checkpointing is Checkpointing.full:
-        return {"norm": [], "attention": [], "mlp": [], "checkpoint": [n * h * dt.residual]}
-    core_recomputed = workload.checkpointing is Checkpointing.selective
-    fused_qkv = spec.arch is Arch.gpt2  # GPT-2's c_attn is one projection; Llama has three
-
-    norm = [n * h * dt.residual, *norm_stats(n, spec.norm)] * 2
-
-    # under autocast every Linear casts its own copy of the fp32 normed input
-    attn = [n * h * c] * (1 if fused_qkv or not dt.autocast else 3)
-    if fused_qkv:
-        attn.append(n * (sh.q_width + 2 * sh.kv_width) * c)  # c_attn output, split into views
-    else:
-        attn += [n * sh.q_width * c, n * sh.kv_width * c, n * sh.kv_width * c]
-    if sh.kv_heads < sh.heads and not core_recomputed:
-        # repeat_kv copies; for Llama they replace the narrow K/V, which nothing else keeps
-        wide = [n * sh.q_width * c] * 2
-        if fused_qkv:
-            attn += wide
-        else:
-            attn[-2:] = wide
-    attn.append(n * sh.q_width * c)  # attention output
-    if not core_recomputed:
-        attn += attention_stats(sh, workload)
-
-    gated = spec.mlp is Mlp.swiglu
-    mlp = [n * h * c] * (2 if gated and dt.autocast else 1)
-    mlp += [n * sh.active_ffn * c] * (4 if gated else 2)  # gate, SiLU, up, product / GELU in, out
-    if spec.experts > 1:
-        # router logits (softmax in fp32 under autocast) and top-k weights and indices
-        mlp += [
-            n * spec.experts * c,
-            n * spec.experts * FP32,
-            n * spec.experts_per_token * (FP32 + INT64),
-        ]
-    return {"norm": norm, "attention": attn, "mlp": mlp}
-
-
-def block_saved(spec: ModelSpec, workload: Workload) -> dict[str, int]:
-    """Bytes one block keeps between forward and backward, by part."""
-    return {part: sum(sizes) for part, sizes in block_tensors(spec, workload).items()}
-
-
-def block_forward_transient(spec: ModelSpec, workload: Workload) -> int:
-    """Largest short-lived bytes inside one block's forward beyond what it saves."""
-    spec = spec.resolved()
-    dt = dtypes_for(workload.precision)
-    sh = shape_of(spec, workload)
-    n, h, c = sh.tokens, sh.hidden, dt.compute
-    norm_out = n * h * FP32 if dt.autocast else 0  # fp32 norm output before autocast casts it
-    pre_rope = n * (sh.q_width + sh.kv_width) * c if spec.positions is Positions.rope else 0
-    transient = max(norm_out, pre_rope)
-    if workload.attention is Attention.eager:
-        # raw scores and the masked copy exist before softmax (plus its fp32 input under autocast)
-        transient = max(transient, sh.scores * (2 * c + (FP32 if dt.autocast else 0)))
-    return transient
-
-
-def block_backward_transient(spec: ModelSpec, workload: Workload) -> int:
-    """Largest short-lived bytes inside one block's backward: activation gradients."""
-    spec = spec.resolved()
-    dt = dtypes_for(workload.precision)
-    sh = shape_of(spec, workload)
-    n, h, c = sh.tokens, sh.hidden, dt.compute
-    grad_stream = 2 * n * h * dt.residual  # incoming and outgoing residual gradients
-    mlp = (2 if spec.mlp is Mlp.gelu else 3) * n * sh.active_ffn * c
-    attn = n * (sh.q_width * 3) * c + n * sh.q_width * c
-    if workload.attention is Attention.eager:
-        attn += sh.scores * (2 * dt.softmax + (c if dt.autocast else 0))
-    return grad_stream + max(mlp, attn)
 
 
 def rope_tables(spec: ModelSpec, workload: Workload) -> list[int]:

@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vramfit.config import Attention, Mode, Precision, RunSpec
-from vramfit.estimate.activations import block_saved
 from vramfit.estimate.inference import build_inference_timeline, kv_cache_bytes
 from vramfit.estimate.overhead import cublas_workspace_bytes, cuda_context_bytes
 from vramfit.estimate.params import ParamCounts, count_params
 from vramfit.estimate.timeline import replay
-from vramfit.estimate.training import build_training_timeline
+from vramfit.estimate.training import block_activation_bytes, build_training_timeline
 
 # Components in display order; the breakdown at the peak uses these keys.
 COMPONENTS = (
@@ -138,7 +137,7 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
         tensor_peak_bytes=max(steady.live_bytes()),
         breakdown=breakdown,
         total_bytes=sum(breakdown.values()),
-        block_activation_bytes=block_saved(spec, workload) if training else {},
+        block_activation_bytes=block_activation_bytes(spec, workload) if training else {},
         kv_cache_bytes=kv_cache_bytes(spec, workload) if workload.gen_tokens else 0,
         hardware=hardware,
         notes=tuple(notes),

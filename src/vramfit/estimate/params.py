@@ -106,10 +106,10 @@ def count_params(spec: ModelSpec) -> ParamCounts:
     )
 
 
-Shape = tuple[int, ...]
+ParamShape = tuple[int, ...]
 
 
-def _elements(shapes: tuple[Shape, ...]) -> tuple[int, ...]:
+def _elements(shapes: tuple[ParamShape, ...]) -> tuple[int, ...]:
     return tuple(math.prod(shape) for shape in shapes)
 
 
@@ -117,13 +117,13 @@ def _elements(shapes: tuple[Shape, ...]) -> tuple[int, ...]:
 class ParamTensors:
     """Shapes of every parameter tensor, grouped as the step touches them."""
 
-    embeddings: tuple[Shape, ...]  # token embedding (+ learned positions)
-    block: tuple[Shape, ...]  # one block: norms, attention, MLP
-    block_linear: tuple[Shape, ...]  # the part of ``block`` that autocast casts (not norms)
-    head: tuple[Shape, ...]  # final norm (+ lm_head when untied)
-    lm_head: Shape  # the matrix lm_head multiplies by (the embedding when tied)
+    embeddings: tuple[ParamShape, ...]  # token embedding (+ learned positions)
+    block: tuple[ParamShape, ...]  # one block: norms, attention, MLP
+    block_linear: tuple[ParamShape, ...]  # the part of ``block`` that autocast casts (not norms)
+    head: tuple[ParamShape, ...]  # final norm (+ lm_head when untied)
+    lm_head: ParamShape  # the matrix lm_head multiplies by (the embedding when tied)
 
-    def all_shapes(self, layers: int) -> list[Shape]:
+    def all_shapes(self, layers: int) -> list[ParamShape]:
         return [*self.embeddings, *(self.block * layers), *self.head]
 
     def all(self, layers: int) -> list[int]:
@@ -140,10 +140,10 @@ def param_tensors(spec: ModelSpec) -> ParamTensors:
     q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
     qkv_bias, bias = bool(spec.bias or spec.qkv_bias), bool(spec.bias)
 
-    def linear(n_in: int, n_out: int, with_bias: bool) -> list[Shape]:
+    def linear(n_in: int, n_out: int, with_bias: bool) -> list[ParamShape]:
         return [(n_out, n_in)] + ([(n_out,)] if with_bias else [])
 
-    def mlp(ffn: int) -> list[Shape]:
+    def mlp(ffn: int) -> list[ParamShape]:
         if spec.mlp is Mlp.gelu:
             return linear(h, ffn, bias) + linear(ffn, h, bias)
         return linear(h, ffn, bias) + linear(h, ffn, bias) + linear(ffn, h, bias)
@@ -159,8 +159,8 @@ def param_tensors(spec: ModelSpec) -> ParamTensors:
         ffn_part += [(1, h)] if spec.shared_expert_gate else []
     else:
         ffn_part = mlp(spec.ffn)
-    norm: list[Shape] = [(h,), (h,)] if spec.norm is Norm.layernorm else [(h,)]
-    embeddings: list[Shape] = [(spec.vocab, h)]
+    norm: list[ParamShape] = [(h,), (h,)] if spec.norm is Norm.layernorm else [(h,)]
+    embeddings: list[ParamShape] = [(spec.vocab, h)]
     if spec.positions is Positions.learned:
         embeddings.append((spec.max_positions or 0, h))
     head = list(norm) + ([] if spec.tied else [(spec.vocab, h)])

@@ -1,28 +1,54 @@
-"""The memory timeline of one training step: forward, backward, optimizer step.
+"""The memory timeline of one training step, op by op: forward, backward, optimizer step.
 
-Steady state (step 2 onward): optimizer state and both cuBLAS workspaces exist from
-the start; ``zero_grad(set_to_none=True)`` runs before the forward, so gradients are
-born during backward and live through the optimizer step.
+Each op of the reference block (``vramfit.measure.models``, which follows Hugging Face's
+GPT-2 / Llama modeling code) allocates its outputs and frees what nothing needs any more,
+in the order PyTorch runs them: the forward keeps what autograd saves, the backward frees
+each saved tensor once the node that saved it has run and creates activation gradients
+and parameter gradients. The order matters, not only the sizes: PyTorch's caching
+allocator (``vramfit.estimate.allocator``) places each request in the blocks freed before
+it, so the same tensors in another order fragment memory differently. The order follows
+allocator traces recorded on an H200 (benchmarks/data/h200-traces).
+
+What is saved follows Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+Transformer Models", arXiv 2205.05198, section 4.1: ``s*b*h*(34 + 5*a*s/h)`` bytes per 16-bit
+GPT layer with dropout), without dropout masks, with SwiGLU's three projections, GQA K/V
+widened by ``repeat_kv``, fp32 norms and residuals under autocast, one 16-bit copy of the
+normed input per projection under autocast (autocast does not cache casts of activations,
+only of weights), and flash attention's O(s) logsumexp instead of the s x s probabilities
+(Dao et al. 2022).
+
+Steady state (``first_step=False``): optimizer state and both cuBLAS workspaces exist from
+the start; ``zero_grad(set_to_none=True)`` runs before the forward, so gradients are born
+during backward and live through the optimizer step.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-from vramfit.config import Checkpointing, ModelSpec, Optimizer, Workload
+from vramfit.config import (
+    Arch,
+    Attention,
+    Checkpointing,
+    Mlp,
+    ModelSpec,
+    Optimizer,
+    Positions,
+    Workload,
+)
 from vramfit.estimate.activations import (
     FP32,
     INT64,
-    block_backward_transient,
-    block_forward_transient,
-    block_tensors,
+    Shape,
+    attention_stats,
     norm_stats,
     rope_tables,
     shape_of,
 )
-from vramfit.estimate.dtypes import dtypes_for
-from vramfit.estimate.params import Shape, count_params, param_tensors
+from vramfit.estimate.dtypes import Dtypes, dtypes_for
+from vramfit.estimate.params import ParamShape, count_params, param_tensors
 from vramfit.estimate.timeline import Timeline
 
 # 8-bit Adam keeps two uint8 states plus one fp32 absmax per 2048-value block (Dettmers et al.
@@ -33,7 +59,7 @@ ADAM8BIT_MIN_SIZE = 4096
 
 
 def optimizer_state_tensors(
-    optimizer: Optimizer, shapes: list[Shape], weight_bytes: int
+    optimizer: Optimizer, shapes: list[ParamShape], weight_bytes: int
 ) -> list[int]:
     """Bytes of each persistent optimizer-state tensor for parameters of ``shapes``."""
     out: list[int] = []
@@ -51,184 +77,11 @@ def optimizer_state_tensors(
         elif optimizer is Optimizer.adafactor:
             # a row and a column second moment per matrix, a full variance per vector
             # (Shazeer & Stern 2018, section 3; torch.optim.Adafactor)
-            out += (
-                [shape[0] * weight_bytes, shape[1] * weight_bytes]
-                if len(shape) == 2
-                else [elements * weight_bytes]
-            )
+            if len(shape) == 2:
+                out += [shape[0] * weight_bytes, shape[1] * weight_bytes]
+            else:
+                out.append(elements * weight_bytes)
     return out
-
-
-def build_training_timeline(
-    spec: ModelSpec, workload: Workload, workspace_bytes: int, *, first_step: bool = False
-) -> Timeline:
-    """Allocations of one training step, tensor by tensor.
-
-    Steady state (``first_step=False``): optimizer state and both cuBLAS workspaces exist
-    from the start. The first step creates the workspaces at the first forward and backward
-    matmul and the optimizer state lazily inside ``optimizer.step()`` (torch.optim
-    ``_init_group``), which shapes how the caching allocator lays out its segments.
-    """
-    spec = spec.resolved()
-    assert spec.norm and spec.vocab
-    counts = count_params(spec)
-    # a declared --params scales every per-parameter tensor by the same factor
-    scale = (spec.params or counts.total) / counts.total
-    dt = dtypes_for(workload.precision)
-    sh = shape_of(spec, workload)
-    n, h, c, v = sh.tokens, sh.hidden, dt.compute, sh.vocab
-    layers = spec.layers
-    tensors = param_tensors(spec)
-
-    def sized(elements: Sequence[int], per_element: int | float) -> list[int]:
-        return [round(e * scale * per_element) for e in elements]
-
-    t = Timeline()
-    start = t.point("forward", "start")
-    fwd = [t.point("forward", f"block {i}") for i in range(layers)]
-    logits_pt = t.point("forward", "logits and loss")
-    t.point("forward", "end")
-    loss_pt = t.point("backward", "loss gradient")
-    head_pt = t.point("backward", "lm_head")
-    bwd = {i: t.point("backward", f"block {i}") for i in reversed(range(layers))}
-    embed_pt = t.point("backward", "embeddings")
-    step_pt = t.point("optimizer", "step")
-    end = t.last
-
-    all_params = tensors.all(layers)
-    t.alloc("weights", "weights", sized(all_params, dt.weight), start, end, persistent=True)
-    t.alloc(
-        "input ids and targets", "activations", [n * INT64, n * INT64], start, end, persistent=True
-    )
-    state_sizes = optimizer_state_tensors(
-        Optimizer(workload.optimizer), tensors.all_shapes(layers), dt.weight
-    )
-    t.alloc(
-        "optimizer state",
-        "optimizer_state",
-        sized(state_sizes, 1),
-        step_pt if first_step else start,
-        end,
-        persistent=True,
-    )
-    # one cuBLAS workspace per handle: the forward thread's and the autograd engine's
-    t.alloc(
-        "cuBLAS workspace (forward)",
-        "cublas_workspace",
-        workspace_bytes,
-        fwd[0] if first_step else start,
-        end,
-        persistent=True,
-    )
-    if not first_step:
-        t.alloc(
-            "cuBLAS workspace (backward)",
-            "cublas_workspace",
-            workspace_bytes,
-            start,
-            end,
-            persistent=True,
-        )
-
-    t.alloc("RoPE tables", "activations", rope_tables(spec, workload), start, bwd[0])
-    block_elements = [math.prod(shape) for shape in tensors.block]
-    linear_elements = [math.prod(shape) for shape in tensors.block_linear]
-    saved = block_tensors(spec, workload)
-    recompute = block_tensors(
-        spec, workload.model_copy(update={"checkpointing": Checkpointing.none})
-    )
-    fwd_tmp = block_forward_transient(spec, workload)
-    bwd_tmp = block_backward_transient(spec, workload)
-    for i in range(layers):
-        for part, sizes in saved.items():
-            t.alloc(f"block {i} {part}", "activations", sizes, fwd[i], bwd[i])
-        t.alloc(f"block {i} forward temporaries", "activations", fwd_tmp, fwd[i], fwd[i])
-        if dt.autocast:
-            # autocast caches a 16-bit copy of each weight; saved tensors keep it to backward
-            t.alloc(
-                f"block {i} autocast weights",
-                "autocast_weight_copies",
-                sized(linear_elements, c),
-                fwd[i],
-                bwd[i],
-            )
-        if workload.checkpointing is Checkpointing.full:
-            t.alloc(
-                f"block {i} recomputed",
-                "activations",
-                [x for p in recompute.values() for x in p],
-                bwd[i],
-                bwd[i],
-            )
-        grad_tmp = sum(sized(linear_elements, c)) if dt.autocast else 0  # 16-bit grads pre-cast
-        t.alloc(
-            f"block {i} backward temporaries",
-            "activation_grads",
-            [bwd_tmp, grad_tmp],
-            bwd[i],
-            bwd[i],
-        )
-        t.alloc(f"block {i} grads", "gradients", sized(block_elements, dt.weight), bwd[i], end)
-
-    # final norm + lm_head input, logits and the fp32 cross-entropy (HF upcasts logits)
-    final_norm = [n * h * dt.residual, *norm_stats(n, spec.norm), n * h * c]
-    t.alloc("final norm", "activations", final_norm, logits_pt, head_pt)
-    upcast = [n * v * FP32] if c != FP32 else []
-    t.alloc("logits", "logits", [n * v * c, *upcast], logits_pt, logits_pt)
-    t.alloc("log_softmax output", "logits", n * v * FP32, logits_pt, loss_pt)
-    t.alloc("loss gradients", "logits", [n * v * FP32, n * v * FP32], loss_pt, loss_pt)
-    t.alloc("logits gradient", "logits", n * v * c, head_pt, head_pt)
-    head_matrix = math.prod(tensors.lm_head)
-    if dt.autocast:
-        t.alloc(
-            "lm_head autocast weight",
-            "autocast_weight_copies",
-            sized([head_matrix], c),
-            logits_pt,
-            head_pt,
-        )
-    # lm_head backward, in the order the allocator sees it (measured trace,
-    # benchmarks/data/h200-traces): the weight gradient (16-bit first under autocast), the
-    # backward thread's cuBLAS workspace on its first matmul, then the input gradient
-    if dt.autocast:
-        t.alloc(
-            "lm_head 16-bit weight gradient",
-            "activation_grads",
-            sized([head_matrix], c),
-            head_pt,
-            head_pt,
-        )
-    # gradients of the final norm and lm_head (the embedding's, when tied: it is computed here)
-    head_grads = [math.prod(shape) for shape in tensors.head] + ([head_matrix] if spec.tied else [])
-    t.alloc("lm_head grads", "gradients", sized(head_grads, dt.weight), head_pt, end)
-    if first_step:
-        t.alloc(
-            "cuBLAS workspace (backward)",
-            "cublas_workspace",
-            workspace_bytes,
-            head_pt,
-            end,
-            persistent=True,
-        )
-    t.alloc("lm_head input gradient", "activation_grads", n * h * c, head_pt, head_pt)
-    if spec.tied:
-        # the embedding's own gradient is computed, then accumulated into the tied one
-        t.alloc(
-            "embedding gradient (accumulated)",
-            "activation_grads",
-            sized([head_matrix], dt.weight),
-            embed_pt,
-            embed_pt,
-        )
-        positions = [math.prod(shape) for shape in tensors.embeddings[1:]]
-        t.alloc("position grads", "gradients", sized(positions, dt.weight), embed_pt, end)
-    else:
-        embeddings = [math.prod(shape) for shape in tensors.embeddings]
-        t.alloc("embedding grads", "gradients", sized(embeddings, dt.weight), embed_pt, end)
-
-    temp = optimizer_step_temporaries(Optimizer(workload.optimizer), all_params, dt.weight)
-    t.alloc("optimizer step temporaries", "optimizer_temp", sized(temp, 1), step_pt, step_pt)
-    return t
 
 
 def optimizer_step_temporaries(
@@ -239,9 +92,625 @@ def optimizer_step_temporaries(
     foreach AdamW materialises ``sqrt(exp_avg_sq)`` for every parameter at once
     (torch/optim/adam.py ``_multi_tensor_adam``: ``exp_avg_sq_sqrt = torch._foreach_sqrt``);
     the fused kernel updates in place. foreach Adafactor builds a full-size variance
-    estimate per matrix (torch/optim/_adafactor.py ``var_estimates = [row_var @ col_var]``).
+    estimate per parameter (torch/optim/_adafactor.py ``var_estimates = [row_var @ col_var]``).
     SGD updates in place.
     """
     if optimizer in (Optimizer.adamw, Optimizer.adafactor):
         return [e * weight_bytes for e in param_elements]
     return []
+
+
+@dataclass
+class _Record:
+    name: str
+    component: str
+    sizes: list[int]
+    start: int
+    end: int | None = None
+    persistent: bool = False
+    part: str = ""  # for saved activations: "norm", "attention" or "mlp"
+
+
+@dataclass
+class _Tape:
+    """Builds a Timeline op by op: a tensor is recorded when created and closed when freed.
+
+    Within an op, tensors are allocated in creation order and freed after all of them.
+    """
+
+    timeline: Timeline = field(default_factory=Timeline)
+    records: list[_Record] = field(default_factory=list)
+    phase: str = "forward"
+
+    def op(self, name: str) -> int:
+        return self.timeline.point(self.phase, name)
+
+    @property
+    def now(self) -> int:
+        return self.timeline.last
+
+    def new(self, name: str, component: str, size: int, part: str = "") -> int | None:
+        """Create a tensor at the current op; its key, or None for an empty one."""
+        if size <= 0:
+            return None
+        self.records.append(_Record(name, component, [int(size)], self.now, part=part))
+        return len(self.records) - 1
+
+    def free(self, *keys: int | None) -> None:
+        """Free tensors after the current op (None keys are ignored)."""
+        for key in keys:
+            if key is not None and self.records[key].end is None:
+                self.records[key].end = self.now
+
+    def temp(self, name: str, component: str, size: int) -> None:
+        """A tensor created and freed within the current op."""
+        self.free(self.new(name, component, size))
+
+    def persist(self, name: str, component: str, sizes: Sequence[int]) -> None:
+        """Tensors that outlive the step (weights, optimizer state, workspaces), from now on."""
+        sizes = [int(s) for s in sizes if s > 0]
+        if sizes:
+            self.records.append(_Record(name, component, sizes, self.now, persistent=True))
+
+    def finish(self) -> Timeline:
+        """Close what is still open at the step's end (gradients: the next zero_grad)."""
+        last = self.now
+        for r in self.records:
+            self.timeline.alloc(
+                r.name,
+                r.component,
+                r.sizes,
+                r.start,
+                last if r.persistent or r.end is None else r.end,
+                persistent=r.persistent,
+            )
+        return self.timeline
+
+
+@dataclass
+class _Saved:
+    """Keys of one block's saved tensors, freed by the backward ops that use them."""
+
+    x_in: int | None = None
+    norm1: list[int | None] = field(default_factory=list)  # stats (+ output when not cast)
+    qkv_inputs: list[int | None] = field(default_factory=list)
+    qkv_weights: int | None = None
+    qkv: list[int | None] = field(default_factory=list)  # q, k, v as attention sees them
+    narrow_kv: list[int | None] = field(default_factory=list)  # un-widened k, v (selective)
+    core: list[int | None] = field(default_factory=list)  # lse / probabilities
+    attn_out: int | None = None
+    o_weight: int | None = None
+    x_mid: int | None = None
+    norm2: list[int | None] = field(default_factory=list)
+    mlp_inputs: list[int | None] = field(default_factory=list)
+    mlp_weights: int | None = None
+    mlp: list[int | None] = field(default_factory=list)  # intermediates
+    down_weight: int | None = None
+
+
+class _Step:
+    """One training step of the reference model, written as the ops PyTorch runs."""
+
+    def __init__(
+        self, spec: ModelSpec, workload: Workload, workspace_bytes: int, first_step: bool
+    ) -> None:
+        self.spec = spec = spec.resolved()
+        self.w = workload
+        self.dt: Dtypes = dtypes_for(workload.precision)
+        self.sh: Shape = shape_of(spec, workload)
+        self.tensors = param_tensors(spec)
+        counts = count_params(spec)
+        self.scale = (spec.params or counts.total) / counts.total  # a declared --params
+        self.workspace = workspace_bytes
+        self.first = first_step
+        self.tape = _Tape()
+        self.fused_qkv = spec.arch is Arch.gpt2
+        self.gated = spec.mlp is Mlp.swiglu
+        self.rope = spec.positions is Positions.rope
+        self.widened = self.sh.kv_heads < self.sh.heads
+        self.eager = workload.attention is Attention.eager
+        self.selective = workload.checkpointing is Checkpointing.selective
+        self.full = workload.checkpointing is Checkpointing.full
+        self.bias = bool(spec.bias)
+
+    # sizes ---------------------------------------------------------------------------------
+    def params(self, shapes: Sequence[ParamShape], per_element: int) -> list[int]:
+        return [round(math.prod(s) * self.scale * per_element) for s in shapes]
+
+    def linear_shapes(self, kind: str) -> list[ParamShape]:
+        """Parameter shapes of one block's projections: qkv, o, up (gate/up or fc), down."""
+        h, sh, spec = self.sh.hidden, self.sh, self.spec
+        bias = [1] if self.bias else []
+        qkv_bias = bool(spec.bias or spec.qkv_bias)
+        if kind == "qkv":
+            widths = (
+                [sh.q_width + 2 * sh.kv_width]
+                if self.fused_qkv
+                else [sh.q_width, sh.kv_width, sh.kv_width]
+            )
+            return [s for wd in widths for s in [(wd, h)] + ([(wd,)] if qkv_bias else [])]
+        if kind == "o":
+            return [(h, sh.q_width)] + [(h,)] * len(bias)
+        if kind == "up":
+            n = 2 if self.gated else 1
+            return [
+                s for _ in range(n) for s in [(sh.active_ffn, h)] + [(sh.active_ffn,)] * len(bias)
+            ]
+        return [(h, sh.active_ffn)] + [(h,)] * len(bias)
+
+    def norm_shapes(self) -> list[ParamShape]:
+        h = self.sh.hidden
+        return [(h,), (h,)] if self.spec.norm.value == "layernorm" else [(h,)]
+
+    # pieces ---------------------------------------------------------------------------------
+    def weight_copies(self, name: str, kind: str) -> int | None:
+        """Autocast's cached 16-bit copy of a projection's weights, saved for its backward."""
+        if not self.dt.autocast:
+            return None
+        return self.tape.new(
+            name,
+            "autocast_weight_copies",
+            sum(self.params(self.linear_shapes(kind), self.dt.compute)),
+        )
+
+    def param_grads(self, name: str, shapes: list[ParamShape], cast: bool) -> None:
+        """Parameter gradients, live until the next zero_grad; under autocast a 16-bit
+        gradient is made first and cast to the fp32 parameter's dtype."""
+        t = self.tape
+        if cast and self.dt.autocast:
+            t.temp(
+                f"{name} 16-bit weight gradient",
+                "activation_grads",
+                sum(self.params(shapes, self.dt.compute)),
+            )
+        for size in self.params(shapes, self.dt.weight):
+            t.new(f"{name} gradient", "gradients", size)
+
+    def norm_forward(self, name: str, x_keep: bool) -> tuple[int | None, list[int | None]]:
+        """A norm: its output (fp32 under autocast) and saved statistics."""
+        n, h, dt, t = self.sh.tokens, self.sh.hidden, self.dt, self.tape
+        out = t.new(
+            f"{name} output",
+            "activations",
+            n * h * (FP32 if dt.autocast else dt.compute),
+            part="norm",
+        )
+        stats = [
+            t.new(f"{name} statistics", "activations", s, part="norm")
+            for s in norm_stats(n, self.spec.norm)
+        ]
+        if not x_keep:
+            t.free(*stats)
+        return out, stats
+
+    def casts(
+        self, name: str, count: int, norm_out: int | None, keep: bool, part: str
+    ) -> list[int | None]:
+        """Under autocast each projection casts its own 16-bit copy of the fp32 input."""
+        t, size = self.tape, self.sh.tokens * self.sh.hidden * self.dt.compute
+        if not self.dt.autocast:
+            return [norm_out]
+        keys = [t.new(f"{name} 16-bit input", "activations", size, part=part) for _ in range(count)]
+        t.free(norm_out)
+        if not keep:
+            t.free(*keys)
+        return keys
+
+    def core_forward(self, i: int, s: _Saved, keep: bool, narrow: list[int | None]) -> int | None:
+        """repeat_kv + attention: saves the widened K/V and the softmax statistics or
+        probabilities when ``keep``; returns the attention output."""
+        t, sh, dt = self.tape, self.sh, self.dt
+        n, c = sh.tokens, dt.compute
+        s.qkv = list(s.qkv)
+        if self.widened:
+            t.op(f"block {i} repeat_kv")
+            wide = [
+                t.new(f"block {i} widened {x}", "activations", n * sh.q_width * c, part="attention")
+                for x in "kv"
+            ]
+            s.qkv[1:] = wide
+            if not self.selective:
+                t.free(*narrow)  # Llama's narrow K/V die; GPT-2's are views of c_attn's output
+        t.op(f"block {i} attention")
+        if self.eager:
+            t.temp(f"block {i} scores", "activations", sh.scores * c)
+            t.temp(f"block {i} masked scores", "activations", sh.scores * c)
+            if dt.autocast:
+                t.temp(f"block {i} fp32 scores", "activations", sh.scores * FP32)
+            probs = [
+                t.new(f"block {i} softmax", "activations", sh.scores * dt.softmax, part="attention")
+            ]
+            if dt.autocast:
+                probs.append(
+                    t.new(
+                        f"block {i} 16-bit softmax", "activations", sh.scores * c, part="attention"
+                    )
+                )
+            t.op(f"block {i} attention output")
+            t.temp(f"block {i} probs @ v", "activations", n * sh.q_width * c)
+        else:
+            lse = attention_stats(sh, self.w)[0]
+            probs = [t.new(f"block {i} logsumexp", "activations", lse, part="attention")]
+        out = t.new(
+            f"block {i} attention output", "activations", n * sh.q_width * c, part="attention"
+        )
+        s.core = probs
+        if not keep:
+            t.free(*probs)
+            if self.widened:
+                t.free(*s.qkv[1:])
+        return out
+
+    def forward_block(self, i: int, x_in: int | None, keep: bool) -> tuple[int | None, _Saved]:
+        """One block's forward; ``keep=False`` runs it under full checkpointing (nothing but
+        the block input outlives it). Returns the block output and what backward needs."""
+        t, sh, dt = self.tape, self.sh, self.dt
+        n, h, c, r = sh.tokens, sh.hidden, dt.compute, dt.residual
+        s = _Saved(x_in=x_in)
+
+        t.op(f"block {i} norm 1")
+        out, s.norm1 = self.norm_forward(f"block {i} norm 1", keep)
+        t.op(f"block {i} q/k/v projections")
+        if self.first and i == 0 and not self.ws_forward_made:
+            t.persist("cuBLAS workspace (forward)", "cublas_workspace", [self.workspace])
+            self.ws_forward_made = True
+        s.qkv_inputs = self.casts(
+            f"block {i} q/k/v", 1 if self.fused_qkv else 3, out, keep, "attention"
+        )
+        s.qkv_weights = self.weight_copies(f"block {i} q/k/v weights", "qkv")
+        if self.fused_qkv:
+            qkv = t.new(
+                f"block {i} q/k/v",
+                "activations",
+                n * (sh.q_width + 2 * sh.kv_width) * c,
+                part="attention",
+            )
+            s.qkv = [qkv]
+            narrow: list[int | None] = []
+        else:
+            q = t.new(f"block {i} q", "activations", n * sh.q_width * c, part="attention")
+            k = t.new(f"block {i} k", "activations", n * sh.kv_width * c, part="attention")
+            v = t.new(f"block {i} v", "activations", n * sh.kv_width * c, part="attention")
+            if self.rope:
+                t.op(f"block {i} rotary embedding")
+                t.temp(f"block {i} rotate_half(q)", "activations", n * sh.q_width * c)
+                t.temp(f"block {i} q * cos", "activations", n * sh.q_width * c)
+                q_rot = t.new(
+                    f"block {i} rotated q", "activations", n * sh.q_width * c, part="attention"
+                )
+                t.temp(f"block {i} rotate_half(k)", "activations", n * sh.kv_width * c)
+                k_rot = t.new(
+                    f"block {i} rotated k", "activations", n * sh.kv_width * c, part="attention"
+                )
+                t.free(q, k)
+                q, k = q_rot, k_rot
+            s.qkv = [q, k, v]
+            narrow = [k, v]
+        if not keep:
+            t.free(*s.qkv_inputs)
+        s.narrow_kv = narrow
+        s.attn_out = self.core_forward(i, s, keep and not self.selective, narrow)
+        if not keep:
+            t.free(*s.qkv)
+        t.op(f"block {i} output projection")
+        s.o_weight = self.weight_copies(f"block {i} o weights", "o")
+        proj = t.new(f"block {i} attention projection", "activations", n * h * c)
+        t.op(f"block {i} residual 1")
+        s.x_mid = t.new(f"block {i} residual 1", "activations", n * h * r, part="norm")
+        t.free(proj)
+        if not keep:
+            t.free(s.attn_out, s.o_weight)
+
+        t.op(f"block {i} norm 2")
+        out, s.norm2 = self.norm_forward(f"block {i} norm 2", keep)
+        t.op(f"block {i} MLP up projection")
+        s.mlp_inputs = self.casts(f"block {i} MLP", 2 if self.gated else 1, out, keep, "mlp")
+        s.mlp_weights = self.weight_copies(f"block {i} MLP up weights", "up")
+        f = n * sh.active_ffn * c
+        if self.spec.experts > 1:
+            # router logits, their fp32 softmax and the top-k weights and indices
+            e, k = self.spec.experts, self.spec.experts_per_token
+            s.mlp_inputs.append(
+                t.new(
+                    f"block {i} router",
+                    "activations",
+                    n * e * (c + FP32) + n * k * (FP32 + INT64),
+                    part="mlp",
+                )
+            )
+        first = t.new(f"block {i} MLP hidden", "activations", f, part="mlp")
+        t.op(f"block {i} MLP activation")
+        act = t.new(f"block {i} MLP activation", "activations", f, part="mlp")
+        s.mlp = [first, act]
+        if self.gated:
+            t.op(f"block {i} MLP gate * up")
+            up = t.new(f"block {i} MLP up", "activations", f, part="mlp")
+            prod = t.new(f"block {i} MLP gate * up", "activations", f, part="mlp")
+            s.mlp += [up, prod]
+        if not keep:
+            t.free(*s.mlp_inputs, s.mlp_weights, *s.mlp[:-1])
+        t.op(f"block {i} MLP down projection")
+        s.down_weight = self.weight_copies(f"block {i} MLP down weights", "down")
+        down = t.new(f"block {i} MLP projection", "activations", n * h * c)
+        t.op(f"block {i} residual 2")
+        x_out = t.new(f"block {i} output", "activations", n * h * r, part="norm")
+        t.free(down)
+        if not keep:
+            t.free(s.mlp[-1], s.down_weight, s.x_mid)
+        return x_out, s
+
+    ws_forward_made = False
+
+    def to_fp32_buffer(self, name: str, grad: int | None, buffer: int | None) -> int | None:
+        """Under autocast a projection's input gradient is cast back to fp32 (the backward of
+        autocast's cast) and accumulated in place into the norm output's gradient buffer."""
+        t, size = self.tape, self.sh.tokens * self.sh.hidden * FP32
+        if self.dt.autocast:
+            cast = t.new(f"{name} fp32 input gradient", "activation_grads", size)
+            t.free(grad)
+            grad = cast
+        if buffer is None:
+            return grad
+        t.free(grad)  # accumulated in place into the first gradient to arrive
+        return buffer
+
+    def backward_block(self, i: int, g: int | None, s: _Saved) -> None:
+        """One block's backward: ``g`` is the residual-stream gradient, accumulated in place."""
+        t, sh, dt = self.tape, self.sh, self.dt
+        n, h, c, r = sh.tokens, sh.hidden, dt.compute, dt.residual
+        f = n * sh.active_ffn * c
+        grad = "activation_grads"
+        up_shapes = self.linear_shapes("up")
+        half = len(up_shapes) // 2
+
+        t.op(f"block {i} MLP down backward")
+        g16 = t.new(f"block {i} 16-bit output gradient", grad, n * h * c) if dt.autocast else None
+        g_act = t.new(f"block {i} MLP activation gradient", grad, f)
+        self.param_grads(f"block {i} MLP down", self.linear_shapes("down"), cast=True)
+        t.free(g16, s.mlp[-1], s.down_weight)
+        if self.gated:
+            gate, act, up, _ = s.mlp
+            t.op(f"block {i} MLP gate * up backward")
+            g_silu = t.new(f"block {i} SiLU gradient", grad, f)
+            g_up = t.new(f"block {i} up gradient", grad, f)
+            t.free(g_act, act, up)
+            t.op(f"block {i} MLP up backward")
+            gx = t.new(f"block {i} up input gradient", grad, n * h * c)
+            self.param_grads(f"block {i} MLP up", up_shapes[half:], cast=True)
+            t.free(g_up, s.mlp_inputs[1] if dt.autocast else None)
+            buffer = self.to_fp32_buffer(f"block {i} MLP up", gx, None)
+            t.op(f"block {i} MLP activation backward")
+            g_gate = t.new(f"block {i} gate gradient", grad, f)
+            t.free(g_silu, gate)
+            t.op(f"block {i} MLP gate backward")
+            gx = t.new(f"block {i} gate input gradient", grad, n * h * c)
+            self.param_grads(f"block {i} MLP gate", up_shapes[:half], cast=True)
+            t.free(g_gate, *s.mlp_inputs, s.mlp_weights)
+            buffer = self.to_fp32_buffer(f"block {i} MLP gate", gx, buffer)
+        else:
+            first = s.mlp[0]
+            t.op(f"block {i} MLP activation backward")
+            g_fc = t.new(f"block {i} MLP hidden gradient", grad, f)
+            t.free(g_act, first)
+            t.op(f"block {i} MLP up backward")
+            gx = t.new(f"block {i} MLP input gradient", grad, n * h * c)
+            self.param_grads(f"block {i} MLP up", up_shapes, cast=True)
+            t.free(g_fc, *s.mlp_inputs, s.mlp_weights)
+            buffer = self.to_fp32_buffer(f"block {i} MLP", gx, None)
+        t.op(f"block {i} norm 2 backward")
+        g_norm = t.new(f"block {i} norm 2 input gradient", grad, n * h * r)
+        self.param_grads(f"block {i} norm 2", self.norm_shapes(), cast=False)
+        t.free(buffer, s.x_mid, *s.norm2, g_norm)  # accumulated in place into g
+
+        t.op(f"block {i} output projection backward")
+        g16 = (
+            t.new(f"block {i} 16-bit attention gradient", grad, n * h * c) if dt.autocast else None
+        )
+        g_o = t.new(f"block {i} attention output gradient", grad, n * sh.q_width * c)
+        self.param_grads(f"block {i} output projection", self.linear_shapes("o"), cast=True)
+        t.free(g16, s.o_weight)
+        if self.selective:  # the checkpointed core runs again, keeping what it saves
+            t.op(f"block {i} attention recompute")
+            t.free(self.core_forward(i, s, True, s.narrow_kv))
+        kv_seen = sh.q_width if self.widened else sh.kv_width
+        if self.eager:
+            t.op(f"block {i} attention P @ V backward")
+            g_probs = t.new(f"block {i} probabilities gradient", grad, sh.scores * c)
+            dv = t.new(f"block {i} v gradient", grad, n * kv_seen * c)
+            t.free(g_o, s.core[-1])
+            t.op(f"block {i} softmax backward")
+            if dt.autocast:
+                t.temp(f"block {i} fp32 probabilities gradient", grad, sh.scores * FP32)
+            g_soft = t.new(f"block {i} scores gradient", grad, sh.scores * dt.softmax)
+            t.free(g_probs, *s.core)
+            t.op(f"block {i} Q @ K backward")
+            g_scores = t.new(f"block {i} scaled scores gradient", grad, sh.scores * c)
+            t.free(g_soft)
+            dq = t.new(f"block {i} q gradient", grad, n * sh.q_width * c)
+            dk = t.new(f"block {i} k gradient", grad, n * kv_seen * c)
+            t.free(g_scores, s.attn_out)
+        else:
+            t.op(f"block {i} attention backward")
+            # flash backward accumulates dq in fp32 and keeps softmax row sums (Dao 2023, FA2)
+            t.temp(f"block {i} fp32 dq accumulator", grad, n * sh.q_width * FP32)
+            t.temp(f"block {i} softmax row sums", grad, sh.batch * sh.heads * sh.seq * FP32)
+            dq = t.new(f"block {i} q gradient", grad, n * sh.q_width * c)
+            dk = t.new(f"block {i} k gradient", grad, n * kv_seen * c)
+            dv = t.new(f"block {i} v gradient", grad, n * kv_seen * c)
+            t.free(g_o, *s.core, s.attn_out)
+        t.free(*s.qkv, *s.narrow_kv)  # saved by attention (and, selective, by the checkpoint)
+        if self.widened:
+            t.op(f"block {i} repeat_kv backward")
+            dk_n = t.new(f"block {i} narrow k gradient", grad, n * sh.kv_width * c)
+            dv_n = t.new(f"block {i} narrow v gradient", grad, n * sh.kv_width * c)
+            t.free(dk, dv)
+            dk, dv = dk_n, dv_n
+        if self.rope and not self.fused_qkv:
+            t.op(f"block {i} rotary backward")
+            t.temp(f"block {i} rotary temporary", grad, n * sh.q_width * c)
+            dq_r = t.new(f"block {i} unrotated q gradient", grad, n * sh.q_width * c)
+            dk_r = t.new(f"block {i} unrotated k gradient", grad, n * sh.kv_width * c)
+            t.free(dq, dk)
+            dq, dk = dq_r, dk_r
+        t.op(f"block {i} q/k/v projections backward")
+        qkv_shapes = self.linear_shapes("qkv")
+        if self.fused_qkv:
+            d_qkv = t.new(f"block {i} q/k/v gradient", grad, n * (sh.q_width + 2 * sh.kv_width) * c)
+            t.free(dq, dk, dv)
+            gx = t.new(f"block {i} q/k/v input gradient", grad, n * h * c)
+            self.param_grads(f"block {i} q/k/v", qkv_shapes, cast=True)
+            t.free(d_qkv, *s.qkv_inputs, s.qkv_weights)
+            buffer = self.to_fp32_buffer(f"block {i} q/k/v", gx, None)
+        else:
+            buffer = None
+            per = len(qkv_shapes) // 3
+            for j, (dx, name) in enumerate(((dv, "v"), (dk, "k"), (dq, "q"))):
+                gx = t.new(f"block {i} {name} input gradient", grad, n * h * c)
+                self.param_grads(
+                    f"block {i} {name} projection",
+                    qkv_shapes[(2 - j) * per : (3 - j) * per],
+                    cast=True,
+                )
+                t.free(dx)
+                buffer = self.to_fp32_buffer(f"block {i} {name}", gx, buffer)
+            t.free(*s.qkv_inputs, s.qkv_weights)
+        t.op(f"block {i} norm 1 backward")
+        g_norm = t.new(f"block {i} norm 1 input gradient", grad, n * h * r)
+        self.param_grads(f"block {i} norm 1", self.norm_shapes(), cast=False)
+        t.free(buffer, s.x_in, *s.norm1, g_norm)  # accumulated in place into g
+
+    def build(self) -> Timeline:
+        t, sh, dt, spec = self.tape, self.sh, self.dt, self.spec
+        n, h, c, r, v = sh.tokens, sh.hidden, dt.compute, dt.residual, sh.vocab
+        layers = spec.layers
+        shapes = self.tensors.all_shapes(layers)
+        optimizer = Optimizer(self.w.optimizer)
+
+        t.op("start")
+        t.persist("weights", "weights", self.params(shapes, dt.weight))
+        t.persist("input ids and targets", "activations", [n * INT64, n * INT64])
+        if not self.first:
+            t.persist(
+                "optimizer state",
+                "optimizer_state",
+                optimizer_state_tensors(optimizer, self.scaled_shapes(shapes), dt.weight),
+            )
+            # one cuBLAS workspace per handle: the forward thread's and the autograd engine's
+            t.persist("cuBLAS workspace (forward)", "cublas_workspace", [self.workspace])
+            t.persist("cuBLAS workspace (backward)", "cublas_workspace", [self.workspace])
+        rope = [t.new("RoPE tables", "activations", size) for size in rope_tables(spec, self.w)]
+        t.op("embeddings")
+        x = t.new("embedding output", "activations", n * h * r, part="norm")
+        if spec.positions is Positions.learned:
+            t.temp("token embeddings", "activations", n * h * r)
+
+        saved: list[_Saved] = []
+        for i in range(layers):
+            x, s = self.forward_block(i, x, keep=not self.full)
+            saved.append(s)
+
+        t.op("final norm")
+        norm_out, norm_stats_keys = self.norm_forward("final norm", True)
+        t.op("lm_head")
+        head_in = self.casts("lm_head", 1, norm_out, True, "")
+        head_weight = None
+        if dt.autocast:
+            head_weight = t.new(
+                "lm_head 16-bit weight",
+                "autocast_weight_copies",
+                round(math.prod(self.tensors.lm_head) * self.scale * c),
+            )
+        logits = t.new("logits", "logits", n * v * c)
+        t.op("cross-entropy")
+        upcast = t.new("fp32 logits", "logits", n * v * FP32) if c != FP32 else None
+        log_probs = t.new("log_softmax output", "logits", n * v * FP32)
+        t.free(upcast, logits)
+
+        t.phase = "backward"
+        t.op("loss backward")
+        g_nll = t.new("loss gradient", "logits", n * v * FP32)
+        t.op("log_softmax backward")
+        g_logits = t.new("log_softmax gradient", "logits", n * v * FP32)
+        t.free(g_nll, log_probs)
+        if c != FP32:
+            t.op("logits cast backward")
+            g16 = t.new("16-bit logits gradient", "logits", n * v * c)
+            t.free(g_logits)
+            g_logits = g16
+        t.op("lm_head backward")
+        head_matrix = [self.tensors.lm_head]
+        self.param_grads("lm_head", head_matrix, cast=True)  # the embedding's, when tied
+        if self.first:
+            t.persist("cuBLAS workspace (backward)", "cublas_workspace", [self.workspace])
+        gx = t.new("lm_head input gradient", "activation_grads", n * h * c)
+        t.free(g_logits, *head_in, head_weight)
+        t.op("final norm backward")
+        gx = self.to_fp32_buffer("final norm", gx, None)
+        g = t.new("residual stream gradient", "activation_grads", n * h * r)
+        self.param_grads("final norm", self.norm_shapes(), cast=False)
+        t.free(gx, *norm_stats_keys, x)
+
+        for i in reversed(range(layers)):
+            s = saved[i]
+            if self.full:  # the checkpointed block runs again, keeping what it saves
+                t.op(f"block {i} recompute")
+                x_out, s = self.forward_block(i, s.x_in, keep=True)
+                t.free(x_out)
+            self.backward_block(i, g, s)
+        t.op("embeddings backward")
+        t.free(*rope)
+        embed = [self.tensors.embeddings[0]]
+        if spec.tied:  # computed, then accumulated into the gradient lm_head made
+            t.temp("embedding gradient", "activation_grads", sum(self.params(embed, dt.weight)))
+        else:
+            self.param_grads("embedding", embed, cast=False)
+        self.param_grads("positions", list(self.tensors.embeddings[1:]), cast=False)
+        t.free(g, saved[0].x_in)
+
+        t.phase = "optimizer"
+        t.op("optimizer step")
+        if self.first:  # created lazily by the first step (torch.optim ``_init_group``)
+            t.persist(
+                "optimizer state",
+                "optimizer_state",
+                optimizer_state_tensors(optimizer, self.scaled_shapes(shapes), dt.weight),
+            )
+        for size in optimizer_step_temporaries(optimizer, self.params(shapes, 1), dt.weight):
+            t.temp("optimizer step temporary", "optimizer_temp", size)
+        return t.finish()
+
+    def scaled_shapes(self, shapes: list[ParamShape]) -> list[ParamShape]:
+        """Shapes scaled by a declared --params (first dimension), for optimizer state."""
+        if self.scale == 1:
+            return shapes
+        return [(max(1, round(s[0] * self.scale)), *s[1:]) for s in shapes]
+
+    def block_activation_bytes(self) -> dict[str, int]:
+        """Bytes block 0 keeps from its forward to its backward, by part."""
+        forward_end = max(
+            i for i, (phase, _) in enumerate(self.tape.timeline.points) if phase == "forward"
+        )
+        parts: dict[str, int] = {}
+        for record in self.tape.records:
+            if (
+                record.part
+                and record.name.startswith("block 0 ")
+                and (record.end is None or record.end > forward_end)
+            ):
+                parts[record.part] = parts.get(record.part, 0) + sum(record.sizes)
+        return parts
+
+
+def build_training_timeline(
+    spec: ModelSpec, workload: Workload, workspace_bytes: int, *, first_step: bool = False
+) -> Timeline:
+    """Allocations of one training step, op by op (see the module docstring)."""
+    return _Step(spec, workload, workspace_bytes, first_step).build()
+
+
+def block_activation_bytes(spec: ModelSpec, workload: Workload) -> dict[str, int]:
+    """What one block keeps between its forward and its backward, by part (norm, attention,
+    MLP; a full checkpoint keeps only the block input)."""
+    step = _Step(spec, workload, 0, False)
+    step.build()
+    return step.block_activation_bytes()
