@@ -93,6 +93,73 @@ class Timeline:
         return dict(parts)
 
 
+@dataclass
+class _Record:
+    name: str
+    component: str
+    sizes: list[int]
+    start: int
+    end: int | None = None
+    persistent: bool = False
+    part: str = ""  # for saved activations: "norm", "attention" or "mlp"
+
+
+@dataclass
+class Tape:
+    """Builds a Timeline op by op: a tensor is recorded when created and closed when freed.
+
+    Within an op, tensors are allocated in creation order and freed after all of them.
+    """
+
+    timeline: Timeline = field(default_factory=Timeline)
+    records: list[_Record] = field(default_factory=list)
+    phase: str = "forward"
+
+    def op(self, name: str) -> int:
+        return self.timeline.point(self.phase, name)
+
+    @property
+    def now(self) -> int:
+        return self.timeline.last
+
+    def new(self, name: str, component: str, size: int, part: str = "") -> int | None:
+        """Create a tensor at the current op; its key, or None for an empty one."""
+        if size <= 0:
+            return None
+        self.records.append(_Record(name, component, [int(size)], self.now, part=part))
+        return len(self.records) - 1
+
+    def free(self, *keys: int | None) -> None:
+        """Free tensors after the current op (None keys are ignored)."""
+        for key in keys:
+            if key is not None and self.records[key].end is None:
+                self.records[key].end = self.now
+
+    def temp(self, name: str, component: str, size: int) -> None:
+        """A tensor created and freed within the current op."""
+        self.free(self.new(name, component, size))
+
+    def persist(self, name: str, component: str, sizes: Sequence[int]) -> None:
+        """Tensors that outlive the step (weights, optimizer state, workspaces), from now on."""
+        sizes = [int(s) for s in sizes if s > 0]
+        if sizes:
+            self.records.append(_Record(name, component, sizes, self.now, persistent=True))
+
+    def finish(self) -> Timeline:
+        """Close what is still open at the step's end (gradients: the next zero_grad)."""
+        last = self.now
+        for r in self.records:
+            self.timeline.alloc(
+                r.name,
+                r.component,
+                r.sizes,
+                r.start,
+                last if r.persistent or r.end is None else r.end,
+                persistent=r.persistent,
+            )
+        return self.timeline
+
+
 @dataclass(frozen=True)
 class Replay:
     """What the caching allocator reports over a sequence of steps.

@@ -49,7 +49,7 @@ from vramfit.estimate.activations import (
 )
 from vramfit.estimate.dtypes import Dtypes, dtypes_for
 from vramfit.estimate.params import ParamShape, count_params, param_tensors
-from vramfit.estimate.timeline import Timeline
+from vramfit.estimate.timeline import Tape, Timeline
 
 # 8-bit Adam keeps two uint8 states plus one fp32 absmax per 2048-value block (Dettmers et al.
 # 2022, "8-bit Optimizers via Block-wise Quantization", section 2); tensors under 4096 values
@@ -101,73 +101,6 @@ def optimizer_step_temporaries(
 
 
 @dataclass
-class _Record:
-    name: str
-    component: str
-    sizes: list[int]
-    start: int
-    end: int | None = None
-    persistent: bool = False
-    part: str = ""  # for saved activations: "norm", "attention" or "mlp"
-
-
-@dataclass
-class _Tape:
-    """Builds a Timeline op by op: a tensor is recorded when created and closed when freed.
-
-    Within an op, tensors are allocated in creation order and freed after all of them.
-    """
-
-    timeline: Timeline = field(default_factory=Timeline)
-    records: list[_Record] = field(default_factory=list)
-    phase: str = "forward"
-
-    def op(self, name: str) -> int:
-        return self.timeline.point(self.phase, name)
-
-    @property
-    def now(self) -> int:
-        return self.timeline.last
-
-    def new(self, name: str, component: str, size: int, part: str = "") -> int | None:
-        """Create a tensor at the current op; its key, or None for an empty one."""
-        if size <= 0:
-            return None
-        self.records.append(_Record(name, component, [int(size)], self.now, part=part))
-        return len(self.records) - 1
-
-    def free(self, *keys: int | None) -> None:
-        """Free tensors after the current op (None keys are ignored)."""
-        for key in keys:
-            if key is not None and self.records[key].end is None:
-                self.records[key].end = self.now
-
-    def temp(self, name: str, component: str, size: int) -> None:
-        """A tensor created and freed within the current op."""
-        self.free(self.new(name, component, size))
-
-    def persist(self, name: str, component: str, sizes: Sequence[int]) -> None:
-        """Tensors that outlive the step (weights, optimizer state, workspaces), from now on."""
-        sizes = [int(s) for s in sizes if s > 0]
-        if sizes:
-            self.records.append(_Record(name, component, sizes, self.now, persistent=True))
-
-    def finish(self) -> Timeline:
-        """Close what is still open at the step's end (gradients: the next zero_grad)."""
-        last = self.now
-        for r in self.records:
-            self.timeline.alloc(
-                r.name,
-                r.component,
-                r.sizes,
-                r.start,
-                last if r.persistent or r.end is None else r.end,
-                persistent=r.persistent,
-            )
-        return self.timeline
-
-
-@dataclass
 class _Saved:
     """Keys of one block's saved tensors, freed by the backward ops that use them."""
 
@@ -203,7 +136,7 @@ class _Step:
         self.scale = (spec.params or counts.total) / counts.total  # a declared --params
         self.workspace = workspace_bytes
         self.first = first_step
-        self.tape = _Tape()
+        self.tape = Tape()
         self.fused_qkv = spec.arch is Arch.gpt2
         self.gated = spec.mlp is Mlp.swiglu
         self.rope = spec.positions is Positions.rope
@@ -313,13 +246,23 @@ class _Step:
                 t.free(*narrow)  # Llama's narrow K/V die; GPT-2's are views of c_attn's output
         t.op(f"block {i} attention")
         if self.eager:
-            t.temp(f"block {i} scores", "activations", sh.scores * c)
-            t.temp(f"block {i} masked scores", "activations", sh.scores * c)
+            # scores, then the masked copy (then its fp32 copy under autocast), then softmax:
+            # each replaces the one before; softmax saves its output (Korthikanti's 5as/h)
+            prev = t.new(f"block {i} scores", "activations", sh.scores * c)
+            t.op(f"block {i} masked scores")
+            masked = t.new(f"block {i} masked scores", "activations", sh.scores * c)
+            t.free(prev)
+            prev = masked
             if dt.autocast:
-                t.temp(f"block {i} fp32 scores", "activations", sh.scores * FP32)
+                t.op(f"block {i} fp32 scores")
+                fp32 = t.new(f"block {i} fp32 scores", "activations", sh.scores * FP32)
+                t.free(prev)
+                prev = fp32
+            t.op(f"block {i} softmax")
             probs = [
                 t.new(f"block {i} softmax", "activations", sh.scores * dt.softmax, part="attention")
             ]
+            t.free(prev)
             if dt.autocast:
                 probs.append(
                     t.new(
@@ -637,15 +580,29 @@ class _Step:
             g16 = t.new("16-bit logits gradient", "logits", n * v * c)
             t.free(g_logits)
             g_logits = g16
+        # lm_head backward in the order the allocator trace shows (benchmarks/data/h200-traces):
+        # the 16-bit weight gradient, the backward thread's cuBLAS workspace (first step), the
+        # input gradient; later the casts back to fp32 of the input and weight gradients
         t.op("lm_head backward")
         head_matrix = [self.tensors.lm_head]
-        self.param_grads("lm_head", head_matrix, cast=True)  # the embedding's, when tied
+        wgrad16 = None
+        if dt.autocast:
+            wgrad16 = t.new(
+                "lm_head 16-bit weight gradient",
+                "activation_grads",
+                sum(self.params(head_matrix, c)),
+            )
+        else:
+            self.param_grads("lm_head", head_matrix, cast=False)  # the embedding's, when tied
         if self.first:
             t.persist("cuBLAS workspace (backward)", "cublas_workspace", [self.workspace])
         gx = t.new("lm_head input gradient", "activation_grads", n * h * c)
         t.free(g_logits, *head_in, head_weight)
         t.op("final norm backward")
         gx = self.to_fp32_buffer("final norm", gx, None)
+        if dt.autocast:
+            self.param_grads("lm_head", head_matrix, cast=False)
+            t.free(wgrad16)
         g = t.new("residual stream gradient", "activation_grads", n * h * r)
         self.param_grads("final norm", self.norm_shapes(), cast=False)
         t.free(gx, *norm_stats_keys, x)
