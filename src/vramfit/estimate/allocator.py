@@ -52,7 +52,10 @@ class _Block:
     free: bool = True
     prev: _Block | None = None
     next: _Block | None = None
-    key: int = 0  # unique id, breaks ties in the free lists
+
+    @property
+    def address(self) -> int:
+        return self.segment + self.offset
 
 
 @dataclass
@@ -64,26 +67,25 @@ class CachingAllocator:
     peak_allocated: int = 0
     _free: dict[bool, list[tuple[int, int, _Block]]] = field(
         default_factory=lambda: {True: [], False: []}
-    )  # small pool?, sorted (size, key, block)
+    )  # small pool?, sorted (size, address, block)
     _live: dict[int, _Block] = field(default_factory=dict)
-    _ids: int = 0
-
-    def _next_key(self) -> int:
-        self._ids += 1
-        return self._ids
 
     def _insert_free(self, block: _Block, small: bool) -> None:
-        block.key = self._next_key()
-        bisect.insort(self._free[small], (block.size, block.key, block))
+        # equal sizes go lowest address first (BlockComparatorSize: stream, size, ptr)
+        bisect.insort(self._free[small], (block.size, block.address, block))
 
     def _remove_free(self, block: _Block, small: bool) -> None:
         pool = self._free[small]
-        i = bisect.bisect_left(pool, (block.size, block.key))
+        i = bisect.bisect_left(pool, (block.size, block.address))
         assert pool[i][2] is block
         pool.pop(i)
 
-    def malloc(self, handle: int, size: int) -> None:
-        """Allocate ``size`` bytes under ``handle`` (freed later with ``free(handle)``)."""
+    def malloc(self, handle: int, size: int, segment_address: int | None = None) -> None:
+        """Allocate ``size`` bytes under ``handle`` (freed later with ``free(handle)``).
+
+        A new segment goes above every earlier one (our model of cudaMalloc's addresses),
+        unless ``segment_address`` says where the driver put it (replaying a real trace).
+        """
         size = round_size(size)
         small = size <= SMALL_SIZE
         pool = self._free[small]
@@ -92,8 +94,10 @@ class CachingAllocator:
             block = pool.pop(i)[2]
         else:
             seg = segment_size(size)
+            # a new segment's address: above every earlier one (a model of cudaMalloc)
+            base = self.reserved if segment_address is None else segment_address
+            block = _Block(segment=base, offset=0, size=seg, small=small)
             self.reserved += seg
-            block = _Block(segment=self._next_key(), offset=0, size=seg, small=small)
         remaining = block.size - size
         if (remaining >= MIN_BLOCK) if small else (remaining > SMALL_SIZE):
             rest = _Block(
