@@ -41,13 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phases", action="store_true", help="also print per-phase peaks")
     args = parser.parse_args(argv)
     errors: dict[str, list[float]] = {"peak_allocated_bytes": [], "total_bytes": []}
-    print(f"{'case':58s} {'peak alloc GiB (pred/meas)':>28s} {'err':>7s} {'total GiB (pred/meas)':>24s} {'err':>7s}")
+    header = f"{'peak alloc GiB (pred/meas)':>28s} {'err':>7s} {'total GiB (pred/meas)':>24s}"
+    print(f"{'case':58s} {header} {'err':>7s}")
     for record in load(args.files):
         case, measured = record["case"], record["result"]
         gpu = find_gpu(measured["device_name"])
-        hardware = Hardware(name=gpu.name, memory_bytes=measured["device_total_bytes"], compute_capability=(9, 0))
+        hardware = Hardware(
+            name=gpu.name, memory_bytes=measured["device_total_bytes"], compute_capability=(9, 0)
+        )
         est = estimate(RunSpec(model=case["model"], workload=case.get("workload", {})), hardware)
-        predicted = {"peak_allocated_bytes": est.peak_allocated_bytes, "total_bytes": est.total_bytes}
+        predicted = {
+            "peak_allocated_bytes": est.peak_allocated_bytes,
+            "total_bytes": est.total_bytes,
+        }
         cells = []
         for key in errors:
             err = (predicted[key] - measured[key]) / measured[key] * 100
@@ -61,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for key, values in errors.items():
         absolute = [abs(v) for v in values]
-        print(f"{key}: {len(values)} cases, median |error| {statistics.median(absolute):.1f}%, "
-              f"max |error| {max(absolute):.1f}%")
+        print(
+            f"{key}: {len(values)} cases, median |error| {statistics.median(absolute):.1f}%, "
+            f"max |error| {max(absolute):.1f}%"
+        )
     return 0
 
 

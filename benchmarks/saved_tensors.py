@@ -26,9 +26,30 @@ from vramfit.measure.models import build_model
 from vramfit.measure.train import _autocast, _dtype
 
 CASES = [
-    ("gpt2", {"arch": "gpt2", "layers": 2, "hidden": 256, "heads": 4, "vocab": 1000, "max_positions": 512}),
+    (
+        "gpt2",
+        {
+            "arch": "gpt2",
+            "layers": 2,
+            "hidden": 256,
+            "heads": 4,
+            "vocab": 1000,
+            "max_positions": 512,
+        },
+    ),
     ("llama", {"arch": "llama", "layers": 2, "hidden": 256, "heads": 4, "ffn": 704, "vocab": 1000}),
-    ("llama-gqa", {"arch": "llama", "layers": 2, "hidden": 256, "heads": 4, "kv_heads": 2, "ffn": 704, "vocab": 1000}),
+    (
+        "llama-gqa",
+        {
+            "arch": "llama",
+            "layers": 2,
+            "hidden": 256,
+            "heads": 4,
+            "kv_heads": 2,
+            "ffn": 704,
+            "vocab": 1000,
+        },
+    ),
 ]
 WORKLOADS = [
     {"precision": p, "attention": a, "checkpointing": c}
@@ -63,11 +84,16 @@ def saved_tensors(loss: Any, params: set[int]) -> list[dict[str, Any]]:
                 if key in seen_storages or key == 0:
                     continue
                 seen_storages.add(key)
-                out.append({
-                    "node": type(node).__name__, "attr": attr, "shape": list(t.shape),
-                    "dtype": str(t.dtype).replace("torch.", ""), "bytes": storage.nbytes(),
-                    "param": key in params,
-                })
+                out.append(
+                    {
+                        "node": type(node).__name__,
+                        "attr": attr,
+                        "shape": list(t.shape),
+                        "dtype": str(t.dtype).replace("torch.", ""),
+                        "bytes": storage.nbytes(),
+                        "param": key in params,
+                    }
+                )
         stack.extend(fn for fn, _ in node.next_functions)
     return out
 
@@ -99,14 +125,21 @@ def main() -> None:
             for t in tensors:
                 if not t["param"]:
                     by_kind[f"{t['node']}.{t['attr']} {t['dtype']} {t['shape']}"] += t["bytes"]
-            report.append({
-                "model": name, "workload": w, "batch": args.batch, "seq": args.seq,
-                "forward_end_allocated_minus_weights": end,
-                "saved_non_param_bytes": sum(t["bytes"] for t in tensors if not t["param"]),
-                "by_kind": dict(sorted(by_kind.items())),
-            })
-            print(f"{name:10s} {w['precision']:9s} {w['attention']:6s} {w['checkpointing']:9s} "
-                  f"saved={report[-1]['saved_non_param_bytes']:>10,} fwd_end={end}")
+            report.append(
+                {
+                    "model": name,
+                    "workload": w,
+                    "batch": args.batch,
+                    "seq": args.seq,
+                    "forward_end_allocated_minus_weights": end,
+                    "saved_non_param_bytes": sum(t["bytes"] for t in tensors if not t["param"]),
+                    "by_kind": dict(sorted(by_kind.items())),
+                }
+            )
+            print(
+                f"{name:10s} {w['precision']:9s} {w['attention']:6s} {w['checkpointing']:9s} "
+                f"saved={report[-1]['saved_non_param_bytes']:>10,} fwd_end={end}"
+            )
             del loss, net
             if device == "cuda":
                 torch.cuda.empty_cache()

@@ -38,8 +38,12 @@ def _worker(case: dict) -> dict:
         for e in snapshot["device_traces"][0]
         if e["action"] in ACTIONS
     ]
-    return {"name": case["name"], "events": events, "reserved_peak_bytes": result.reserved_peak_bytes,
-            "peak_allocated_bytes": result.peak_allocated_bytes}
+    return {
+        "name": case["name"],
+        "events": events,
+        "reserved_peak_bytes": result.reserved_peak_bytes,
+        "peak_allocated_bytes": result.peak_allocated_bytes,
+    }
 
 
 def main() -> None:
@@ -52,17 +56,29 @@ def main() -> None:
     if args.worker:
         print(json.dumps(_worker(json.loads(sys.stdin.read()))))
         return
-    cases = [c for c in yaml.safe_load(args.cases.read_text()) if not args.only or c["name"] in args.only]
+    cases = [
+        c for c in yaml.safe_load(args.cases.read_text()) if not args.only or c["name"] in args.only
+    ]
     traces = []
     for case in cases:
-        out = subprocess.run([sys.executable, __file__, "--worker"], input=json.dumps(case),
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker"],
+            input=json.dumps(case),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if out.returncode != 0:
             print(case["name"], "failed:", out.stderr[-2000:])
             continue
         trace = json.loads(out.stdout.strip().splitlines()[-1])
         traces.append(trace)
-        print(case["name"], len(trace["events"]), "events, reserved peak", trace["reserved_peak_bytes"])
+        print(
+            case["name"],
+            len(trace["events"]),
+            "events, reserved peak",
+            trace["reserved_peak_bytes"],
+        )
     args.out.write_text(json.dumps(traces))
 
 

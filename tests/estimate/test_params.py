@@ -19,14 +19,25 @@ def test_llama2_7b_matches_the_published_count() -> None:
 
 def test_llama3_8b_with_gqa_matches_the_published_count() -> None:
     # Meta-Llama-3-8B: 8,030,261,248 (HF safetensors total); 8 KV heads of 32
-    spec = ModelSpec(arch="llama", layers=32, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=128256)
+    spec = ModelSpec(
+        arch="llama", layers=32, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=128256
+    )
     assert count_params(spec).total == 8_030_261_248
 
 
 def test_mixtral_total_and_active() -> None:
     # Mixtral-8x7B: 46,702,792,704 total; ~12.9B active with 2 of 8 experts (Jiang et al. 2024)
-    spec = ModelSpec(arch="llama", layers=32, hidden=4096, heads=32, kv_heads=8, ffn=14336,
-                     vocab=32000, experts=8, experts_per_token=2)
+    spec = ModelSpec(
+        arch="llama",
+        layers=32,
+        hidden=4096,
+        heads=32,
+        kv_heads=8,
+        ffn=14336,
+        vocab=32000,
+        experts=8,
+        experts_per_token=2,
+    )
     counts = count_params(spec)
     assert counts.total == 46_702_792_704
     assert 12.8e9 < counts.active < 13.0e9

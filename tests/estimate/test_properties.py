@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vramfit.config import ModelSpec, RunSpec, Workload
-from vramfit.estimate.core import Hardware, estimate
+from vramfit.estimate.core import Estimate, Hardware, estimate
 from vramfit.estimate.solve import solve_max
 
 ARCHS = st.sampled_from(["gpt2", "llama"])
@@ -29,8 +29,11 @@ def runs(draw: st.DrawFn) -> RunSpec:
         batch=draw(st.integers(1, 64)),
         seq=draw(st.integers(1, 8192)),
         precision=draw(st.sampled_from(["fp32", "amp-fp16", "amp-bf16", "bf16", "fp16"])),
-        optimizer=draw(st.sampled_from(
-            ["adamw", "adamw-fused", "sgd", "sgd-momentum", "adam-8bit", "adafactor", "none"])),
+        optimizer=draw(
+            st.sampled_from(
+                ["adamw", "adamw-fused", "sgd", "sgd-momentum", "adam-8bit", "adafactor", "none"]
+            )
+        ),
         attention=draw(st.sampled_from(["flash", "eager"])),
         checkpointing=draw(st.sampled_from(["none", "selective", "full"])),
         gen_tokens=draw(st.integers(0, 2048)),
@@ -52,19 +55,26 @@ def test_breakdown_sums_to_total(run: RunSpec) -> None:
     assert est.total_bytes > est.peak_allocated_bytes
 
 
-def _modelled(est: object) -> int:
+def _modelled(est: Estimate) -> int:
     """The total less the allocator's own effects (rounding, fragmentation), which PyTorch's
     caching allocator does not keep monotone either: a larger request can pack better."""
-    b = est.breakdown  # type: ignore[attr-defined]
-    return est.total_bytes - b.get("allocator_reserve", 0) - b.get("allocator_rounding", 0)  # type: ignore[attr-defined]
+    allocator = est.breakdown.get("allocator_reserve", 0) + est.breakdown.get(
+        "allocator_rounding", 0
+    )
+    return est.total_bytes - allocator
 
 
 @settings(max_examples=150, deadline=None)
 @given(runs(), st.integers(1, 16), st.integers(1, 4096))
-def test_memory_never_shrinks_when_batch_or_seq_grows(run: RunSpec, more_b: int, more_s: int) -> None:
+def test_memory_never_shrinks_when_batch_or_seq_grows(
+    run: RunSpec, more_b: int, more_s: int
+) -> None:
     w = run.workload
     base = estimate(run)
-    for bigger in (estimate(_with(run, batch=w.batch + more_b)), estimate(_with(run, seq=w.seq + more_s))):
+    for bigger in (
+        estimate(_with(run, batch=w.batch + more_b)),
+        estimate(_with(run, seq=w.seq + more_s)),
+    ):
         assert bigger.tensor_peak_bytes >= base.tensor_peak_bytes
         assert _modelled(bigger) >= _modelled(base)
 
