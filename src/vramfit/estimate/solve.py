@@ -54,7 +54,26 @@ class Suggestion:
 
 
 def suggestions(run: RunSpec, hardware: Hardware) -> list[Suggestion]:
-    """Single changes that lower the total, largest saving first (those that fit first)."""
+    """Single changes that lower the total, those that fit first, then by total. When none
+    fits alone, the changes are combined greedily (largest saving first) until one does."""
+    out, changes = _single_changes(run, hardware)
+    if out and not any(s.fits for s in out):
+        combined, names = run, []
+        for suggestion in sorted(out, key=lambda s: s.total_bytes):
+            combined = combined.model_copy(
+                update={"workload": combined.workload.model_copy(update=changes[suggestion.change])}
+            )
+            names.append(suggestion.change)
+            total = estimate(combined, hardware).total_bytes
+            if total <= hardware.memory_bytes:
+                out.insert(0, Suggestion(" ".join(names), total, True))
+                break
+    return out
+
+
+def _single_changes(
+    run: RunSpec, hardware: Hardware
+) -> tuple[list[Suggestion], dict[str, dict[str, object]]]:
     w = run.workload
     candidates: list[tuple[str, RunSpec]] = []
     if w.mode is Mode.train:
@@ -79,9 +98,12 @@ def suggestions(run: RunSpec, hardware: Hardware) -> list[Suggestion]:
             (f"--batch {max(1, w.batch // 2)}", _with(run, batch=max(1, w.batch // 2)))
         )
     current = estimate(run, hardware).total_bytes
-    out = []
+    out, changes = [], {}
     for change, changed in candidates:
         total = estimate(changed, hardware).total_bytes
         if total < current:
             out.append(Suggestion(change, total, total <= hardware.memory_bytes))
-    return sorted(out, key=lambda s: (not s.fits, s.total_bytes))
+            changes[change] = {
+                k: v for k, v in changed.workload.model_dump().items() if v != getattr(w, k)
+            }
+    return sorted(out, key=lambda s: (not s.fits, s.total_bytes)), changes
