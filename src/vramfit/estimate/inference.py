@@ -112,26 +112,32 @@ def build_inference_timeline(spec: ModelSpec, workload: Workload, workspace_byte
         if widened:
             wide = [t.new(f"block {i} widened {name}", act, n * sh.q_width * c) for name in "kv"]
         if workload.attention is Attention.eager:
-            # scores, then the masked copy, then softmax: each replaces the one before
+            # scores, then the masked copy (the core's local ``scores`` until it returns), then
+            # softmax (fp32 under autocast, which passes dtype=float32 rather than casting its
+            # input: the fp32_set_opt_dtype policy), then its copy back to 16 bits
             scores = t.new(f"block {i} scores", act, sh.scores * c)
             t.op(f"block {i} masked scores")
             masked = t.new(f"block {i} masked scores", act, sh.scores * c)
             t.free(scores)
             t.op(f"block {i} softmax")
             probs = t.new(f"block {i} softmax", act, sh.scores * dt.softmax)
-            t.free(masked)
+            if dt.autocast:
+                t.op(f"block {i} 16-bit softmax")
+                probs16 = t.new(f"block {i} 16-bit softmax", act, sh.scores * c)
+                t.free(probs)
+                probs = probs16
             t.op(f"block {i} probs @ v")
             pv = t.new(f"block {i} probs @ v", act, n * sh.q_width * c)
             t.free(probs)
             t.op(f"block {i} attention output")
-            t.free(pv)
+            t.free(pv, masked)
         else:
             t.temp(f"block {i} logsumexp", act, attention_stats(sh, workload)[0])
         out = t.new(f"block {i} attention output", act, n * sh.q_width * c)
-        t.free(q, k, v, *wide)
+        t.free(*wide)  # locals of the attention core
         t.op(f"block {i} output projection")
         proj = project(f"block {i} o", out, h, [block[-1 - (3 if gated else 2)]])
-        t.free(out)
+        t.free(out, q, k, v)  # q, k, v are the attention module's locals until it returns
         t.op(f"block {i} residual 1")
         x_mid = t.new(f"block {i} residual 1", act, n * h * r)
         t.free(proj, x)

@@ -91,9 +91,10 @@ def optimizer_step_temporaries(
 
     foreach AdamW materialises ``sqrt(exp_avg_sq)`` for every parameter at once
     (torch/optim/adam.py ``_multi_tensor_adam``: ``exp_avg_sq_sqrt = torch._foreach_sqrt``);
-    the fused kernel updates in place. foreach Adafactor builds a full-size variance
-    estimate per parameter (torch/optim/_adafactor.py ``var_estimates = [row_var @ col_var]``).
-    SGD updates in place.
+    the fused kernel updates in place. Adafactor builds a full-size variance estimate per
+    parameter (torch/optim/_adafactor.py ``var_estimate = row_var @ col_var``), one parameter
+    at a time: its ``foreach=None`` default selects the single-tensor implementation
+    (measured: benchmarks/data/h200-validation). SGD updates in place.
     """
     if optimizer in (Optimizer.adamw, Optimizer.adafactor):
         return [e * weight_bytes for e in param_elements]
@@ -246,23 +247,18 @@ class _Step:
                 t.free(*narrow)  # Llama's narrow K/V die; GPT-2's are views of c_attn's output
         t.op(f"block {i} attention")
         if self.eager:
-            # scores, then the masked copy (then its fp32 copy under autocast), then softmax:
-            # each replaces the one before; softmax saves its output (Korthikanti's 5as/h)
-            prev = t.new(f"block {i} scores", "activations", sh.scores * c)
+            # scores, then the masked copy (the core's local ``scores`` until it returns), then
+            # softmax (fp32 under autocast, which passes dtype=float32 rather than casting the
+            # input: the fp32_set_opt_dtype policy); softmax saves its output (Korthikanti's
+            # 5as/h term)
+            scores = t.new(f"block {i} scores", "activations", sh.scores * c)
             t.op(f"block {i} masked scores")
             masked = t.new(f"block {i} masked scores", "activations", sh.scores * c)
-            t.free(prev)
-            prev = masked
-            if dt.autocast:
-                t.op(f"block {i} fp32 scores")
-                fp32 = t.new(f"block {i} fp32 scores", "activations", sh.scores * FP32)
-                t.free(prev)
-                prev = fp32
+            t.free(scores)
             t.op(f"block {i} softmax")
             probs = [
                 t.new(f"block {i} softmax", "activations", sh.scores * dt.softmax, part="attention")
             ]
-            t.free(prev)
             if dt.autocast:
                 probs.append(
                     t.new(
@@ -271,6 +267,7 @@ class _Step:
                 )
             t.op(f"block {i} attention output")
             t.temp(f"block {i} probs @ v", "activations", n * sh.q_width * c)
+            t.free(masked)
         else:
             lse = attention_stats(sh, self.w)[0]
             probs = [t.new(f"block {i} logsumexp", "activations", lse, part="attention")]
@@ -342,7 +339,7 @@ class _Step:
         s.x_mid = t.new(f"block {i} residual 1", "activations", n * h * r, part="norm")
         t.free(proj)
         if not keep:
-            t.free(s.attn_out, s.o_weight)
+            t.free(s.attn_out)
 
         t.op(f"block {i} norm 2")
         out, s.norm2 = self.norm_forward(f"block {i} norm 2", keep)
@@ -371,7 +368,7 @@ class _Step:
             prod = t.new(f"block {i} MLP gate * up", "activations", f, part="mlp")
             s.mlp += [up, prod]
         if not keep:
-            t.free(*s.mlp_inputs, s.mlp_weights, *s.mlp[:-1])
+            t.free(*s.mlp_inputs, *s.mlp[:-1])
         t.op(f"block {i} MLP down projection")
         s.down_weight = self.weight_copies(f"block {i} MLP down weights", "down")
         down = t.new(f"block {i} MLP projection", "activations", n * h * c)
@@ -379,7 +376,7 @@ class _Step:
         x_out = t.new(f"block {i} output", "activations", n * h * r, part="norm")
         t.free(down)
         if not keep:
-            t.free(s.mlp[-1], s.down_weight, s.x_mid)
+            t.free(s.mlp[-1], s.x_mid)
         return x_out, s
 
     ws_forward_made = False
@@ -568,6 +565,16 @@ class _Step:
         upcast = t.new("fp32 logits", "logits", n * v * FP32) if c != FP32 else None
         log_probs = t.new("log_softmax output", "logits", n * v * FP32)
         t.free(upcast, logits)
+        if self.full:
+            # autocast caches every weight's 16-bit copy until its context exits, at the end of
+            # the forward, even when checkpointing drops what the blocks saved
+            t.free(
+                *(
+                    k
+                    for s in saved
+                    for k in (s.qkv_weights, s.o_weight, s.mlp_weights, s.down_weight)
+                )
+            )
 
         t.phase = "backward"
         t.op("loss backward")
@@ -632,8 +639,16 @@ class _Step:
                 "optimizer_state",
                 optimizer_state_tensors(optimizer, self.scaled_shapes(shapes), dt.weight),
             )
-        for size in optimizer_step_temporaries(optimizer, self.params(shapes, 1), dt.weight):
-            t.temp("optimizer step temporary", "optimizer_temp", size)
+        temporaries = optimizer_step_temporaries(optimizer, self.params(shapes, 1), dt.weight)
+        if optimizer is Optimizer.adafactor:
+            # one parameter at a time: each temporary is freed before the next is made
+            for j, size in enumerate(temporaries):
+                if j:
+                    t.op("optimizer step")
+                t.temp("optimizer step temporary", "optimizer_temp", size)
+        else:
+            for size in temporaries:
+                t.temp("optimizer step temporary", "optimizer_temp", size)
         return t.finish()
 
     def scaled_shapes(self, shapes: list[ParamShape]) -> list[ParamShape]:
