@@ -9,7 +9,7 @@ from vramfit.estimate.inference import build_inference_timeline, kv_cache_bytes
 from vramfit.estimate.overhead import cublas_workspace_bytes, cuda_context_bytes
 from vramfit.estimate.params import ParamCounts, count_params
 from vramfit.estimate.timeline import replay
-from vramfit.estimate.training import block_activation_bytes, build_training_timeline
+from vramfit.estimate.training import build_training_steps
 
 # Components in display order; the breakdown at the peak uses these keys.
 COMPONENTS = (
@@ -86,13 +86,10 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
     cc = hardware.compute_capability if hardware else None
     workspace = cublas_workspace_bytes(cc)
     training = workload.mode is Mode.train
+    block_bytes: dict[str, int] = {}
     if training:
-        steady = build_training_timeline(spec, workload, workspace)
-        steps = [
-            build_training_timeline(spec, workload, workspace, first_step=True),
-            steady,
-            steady,
-        ]
+        first, steady, block_bytes = build_training_steps(spec, workload, workspace)
+        steps = [first, steady, steady]
     else:
         steady = build_inference_timeline(spec, workload, workspace)
         steps = [steady]
@@ -137,7 +134,7 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
         tensor_peak_bytes=max(steady.live_bytes()),
         breakdown=breakdown,
         total_bytes=sum(breakdown.values()),
-        block_activation_bytes=block_activation_bytes(spec, workload) if training else {},
+        block_activation_bytes=block_bytes,
         kv_cache_bytes=kv_cache_bytes(spec, workload) if workload.gen_tokens else 0,
         hardware=hardware,
         notes=tuple(notes),

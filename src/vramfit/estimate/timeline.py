@@ -148,15 +148,17 @@ class Tape:
     def finish(self) -> Timeline:
         """Close what is still open at the step's end (gradients: the next zero_grad)."""
         last = self.now
-        for r in self.records:
-            self.timeline.alloc(
+        self.timeline.allocations.extend(
+            Allocation(
                 r.name,
                 r.component,
-                r.sizes,
+                tuple(r.sizes),
                 r.start,
                 last if r.persistent or r.end is None else r.end,
-                persistent=r.persistent,
+                r.persistent,
             )
+            for r in self.records
+        )
         return self.timeline
 
 

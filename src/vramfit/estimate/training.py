@@ -673,16 +673,13 @@ class _Step:
         return parts
 
 
-def build_training_timeline(
-    spec: ModelSpec, workload: Workload, workspace_bytes: int, *, first_step: bool = False
-) -> Timeline:
-    """Allocations of one training step, op by op (see the module docstring)."""
-    return _Step(spec, workload, workspace_bytes, first_step).build()
-
-
-def block_activation_bytes(spec: ModelSpec, workload: Workload) -> dict[str, int]:
-    """What one block keeps between its forward and its backward, by part (norm, attention,
-    MLP; a full checkpoint keeps only the block input)."""
-    step = _Step(spec, workload, 0, False)
-    step.build()
-    return step.block_activation_bytes()
+def build_training_steps(
+    spec: ModelSpec, workload: Workload, workspace_bytes: int
+) -> tuple[Timeline, Timeline, dict[str, int]]:
+    """The first training step, a steady-state step (see the module docstring), and what one
+    block keeps between its forward and its backward, by part (norm, attention, MLP; a full
+    checkpoint keeps only the block input)."""
+    first = _Step(spec, workload, workspace_bytes, True).build()
+    step = _Step(spec, workload, workspace_bytes, False)
+    steady = step.build()
+    return first, steady, step.block_activation_bytes()
