@@ -1,19 +1,25 @@
-"""The vramfit command line: parse options, call the pure estimator, render or print JSON.
+"""The vramfit command line: parse options, call the library, render tables or print JSON.
 
-Expected failures (bad input, unknown names, unreadable files) surface as one line on
-stderr and exit code 2; "does not fit" exits 1. Real bugs keep their traceback.
+Expected failures (bad input, unknown names, unreadable files, no torch, no CUDA) surface as one
+line ``error: <field>: <reason>`` on stderr and exit code 2; "does not fit" (estimated, or an
+out-of-memory while measuring) exits 1. Real bugs keep their traceback.
+
+Start-up matters (``vramfit estimate`` runs in scripts and loops): everything beyond typer,
+pydantic and the config models is imported inside the command that needs it, and torch only
+inside ``measure``.
 """
 
 from __future__ import annotations
 
-import json
+import functools
+import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+import typer.main
 from pydantic import ValidationError
-from rich.console import Console
 from typer.exceptions import Abort, TyperException
 
 from vramfit.config import (
@@ -30,6 +36,14 @@ from vramfit.config import (
     Workload,
 )
 from vramfit.errors import VramfitError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from vramfit.estimate.core import Estimate, Hardware
+    from vramfit.measure.backend import Backend
+    from vramfit.measure.matmul import MatmulMeasurement
+    from vramfit.measure.train import TrainMeasurement
 
 app = typer.Typer(
     name="vramfit",
@@ -56,34 +70,33 @@ OPTION_NAMES = {
 }
 
 
-def _console() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+def _console(*, stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=False, stderr=stderr)
+
+
+# str.splitlines() breaks on each of these; an error message must stay on one line.
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
+def _print_error(message: str) -> None:
+    """``error: <field>: <reason>`` on stderr, on one line whatever the input held."""
+    print(f"error: {message.translate(_LINE_BREAKS)}", file=sys.stderr)
 
 
 def _fail(err: VramfitError) -> None:
-    print(f"error: {err}", file=sys.stderr)
+    _print_error(str(err))
     raise typer.Exit(err.exit_code)
 
 
 def _option_error(err: ValidationError) -> VramfitError:
     first = err.errors()[0]
-    field = str(first["loc"][0]) if first["loc"] else "options"
-    message = first["msg"].removeprefix("Value error, ")
+    field = str(first["loc"][0]) if first["loc"] else "model"
+    message = _sentence(first["msg"])
     if "input" in first and not isinstance(first["input"], dict):
         message += f", got {first['input']!r}"
     return VramfitError(message, field=OPTION_NAMES.get(field, field))
-
-
-def _hardware(gpu_name: str | None) -> Any:
-    """Catalog row -> estimator Hardware (None without --gpu)."""
-    if gpu_name is None:
-        return None
-    from vramfit.catalog import find_gpu
-    from vramfit.estimate.core import Hardware
-
-    gpu = find_gpu(gpu_name)
-    return Hardware(name=gpu.name, memory_bytes=gpu.memory_bytes,
-                    compute_capability=COMPUTE_CAPABILITY.get(gpu.architecture))
 
 
 # CUDA compute capability by architecture (NVIDIA CUDA C++ Programming Guide, "Compute
@@ -96,6 +109,21 @@ COMPUTE_CAPABILITY = {
     "Hopper": (9, 0),
     "Blackwell": (10, 0),
 }
+
+
+def _hardware(gpu_name: str | None) -> Hardware | None:
+    """Catalog row -> estimator Hardware (None without --gpu)."""
+    if gpu_name is None:
+        return None
+    from vramfit.catalog import find_gpu
+    from vramfit.estimate.core import Hardware
+
+    gpu = find_gpu(gpu_name)
+    return Hardware(
+        name=gpu.name,
+        memory_bytes=gpu.memory_bytes,
+        compute_capability=COMPUTE_CAPABILITY.get(gpu.architecture),
+    )
 
 
 def build_run(
@@ -130,7 +158,8 @@ def build_run(
 
         base_model = spec_from_hf_config(hf_config).model_dump(exclude_defaults=True)
 
-    model = {**base_model, **{k: v for k, v in (model_overrides or {}).items() if v is not None}}
+    overrides = {k: v for k, v in (model_overrides or {}).items() if v is not None}
+    model = {**base_model, **overrides}
     if params is not None:
         model["params"] = parse_count(params, field="--params")
     if layers is not None:
@@ -139,57 +168,147 @@ def build_run(
         model["hidden"] = hidden
     if "hidden" not in model:
         if "params" not in model:
-            raise VramfitError("give --params (e.g. 1B), --layers and --hidden, or --preset NAME",
-                               field="--params")
+            raise VramfitError(
+                "give --params (e.g. 1B), --layers and --hidden, or --preset NAME",
+                field="--params",
+            )
         arch = Arch(model.get("arch", Arch.llama))
-        model["layers"], model["hidden"] = infer_shape(model["params"], model.get("layers"), arch)
+        try:
+            shape = infer_shape(model["params"], model.get("layers"), arch)
+        except ValidationError as err:  # e.g. --layers out of range
+            raise _option_error(err) from None
+        model["layers"], model["hidden"] = shape
     elif "layers" not in model:
         raise VramfitError("required with --hidden", field="--layers")
 
-    workload = {**base_workload, **{k: v for k, v in (workload_overrides or {}).items() if v is not None}}
+    overrides = {k: v for k, v in (workload_overrides or {}).items() if v is not None}
+    workload = {**base_workload, **overrides}
     if seq is not None:
         workload["seq"] = seq
     if batch is not None:
         workload["batch"] = batch
     try:
-        return RunSpec(model=ModelSpec(**model), workload=Workload(**workload))
+        run = RunSpec(model=ModelSpec(**model), workload=Workload(**workload))
+        # The family defaults (heads = hidden / 64, ...) are checked only once filled in.
+        run.model.resolved()
     except ValidationError as err:
         raise _option_error(err) from None
+    return run
 
 
-ParamsOpt = Annotated[Optional[str], typer.Option("--params", help="Parameter count: 1B, 350M, 1.5e9, 124439808.")]
-LayersOpt = Annotated[Optional[int], typer.Option("--layers", help="Transformer blocks.")]
-HiddenOpt = Annotated[Optional[int], typer.Option("--hidden", help="Model width.")]
-SeqOpt = Annotated[Optional[int], typer.Option("--seq", help="Tokens per sequence [default: 2048].")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch", help="Sequences per step [default: 1].")]
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="A preset name (see `vramfit presets`) or a preset YAML file.")]
-HfOpt = Annotated[Optional[Path], typer.Option("--hf-config", help="A local Hugging Face config.json (or its folder).")]
-GpuOpt = Annotated[Optional[str], typer.Option("--gpu", help="GPU to check against (see `vramfit gpus`).")]
+# Shared options. Help text says "(default: X)" rather than "[default: X]": typer renders help
+# with rich markup, which would swallow the brackets.
+ParamsOpt = Annotated[
+    str | None, typer.Option("--params", help="Parameter count: 1B, 350M, 1.5e9, 124439808.")
+]
+LayersOpt = Annotated[int | None, typer.Option("--layers", help="Transformer blocks.")]
+HiddenOpt = Annotated[int | None, typer.Option("--hidden", help="Model width.")]
+SeqOpt = Annotated[int | None, typer.Option("--seq", help="Tokens per sequence (default: 2048).")]
+BatchOpt = Annotated[int | None, typer.Option("--batch", help="Sequences per step (default: 1).")]
+PresetOpt = Annotated[
+    str | None,
+    typer.Option("--preset", help="A preset name (see `vramfit presets`) or a preset YAML file."),
+]
+HfOpt = Annotated[
+    Path | None,
+    typer.Option("--hf-config", help="A local Hugging Face config.json (or its folder)."),
+]
+GpuOpt = Annotated[
+    str | None, typer.Option("--gpu", help="GPU to check against (see `vramfit gpus`).")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
-ArchOpt = Annotated[Optional[Arch], typer.Option("--arch", help="Model family [default: llama].")]
-HeadsOpt = Annotated[Optional[int], typer.Option("--heads", help="Attention heads [default: hidden/64].")]
-KvHeadsOpt = Annotated[Optional[int], typer.Option("--kv-heads", help="Key/value heads (GQA) [default: heads].")]
-FfnOpt = Annotated[Optional[int], typer.Option("--ffn", help="MLP intermediate size.")]
-VocabOpt = Annotated[Optional[int], typer.Option("--vocab", help="Vocabulary size.")]
-TiedOpt = Annotated[Optional[bool], typer.Option("--tied/--untied", help="lm_head shares the embedding.", show_default=False)]
-PrecisionOpt = Annotated[Optional[Precision], typer.Option("--precision", help="fp32, amp-fp16/amp-bf16 (fp32 weights + autocast), or pure bf16/fp16 [default: amp-bf16].")]
-OptimizerOpt = Annotated[Optional[Optimizer], typer.Option("--optimizer", help="Optimizer [default: adamw].")]
-AttentionOpt = Annotated[Optional[Attention], typer.Option("--attention", help="flash (fused SDPA) or eager [default: flash].")]
-CkptOpt = Annotated[Optional[Checkpointing], typer.Option("--checkpointing", help="Activation checkpointing [default: none].")]
-ModeOpt = Annotated[Optional[Mode], typer.Option("--mode", help="train or infer [default: train].")]
-GenOpt = Annotated[Optional[int], typer.Option("--gen-tokens", help="Tokens to generate (infer): adds the KV cache.")]
-KvDtypeOpt = Annotated[Optional[KvDtype], typer.Option("--kv-dtype", help="KV cache dtype [default: compute dtype].")]
+ArchOpt = Annotated[Arch | None, typer.Option("--arch", help="Model family (default: llama).")]
+HeadsOpt = Annotated[
+    int | None, typer.Option("--heads", help="Attention heads (default: hidden/64).")
+]
+KvHeadsOpt = Annotated[
+    int | None, typer.Option("--kv-heads", help="Key/value heads, GQA (default: heads).")
+]
+FfnOpt = Annotated[int | None, typer.Option("--ffn", help="MLP intermediate size.")]
+VocabOpt = Annotated[int | None, typer.Option("--vocab", help="Vocabulary size.")]
+TiedOpt = Annotated[
+    bool | None,
+    typer.Option("--tied/--untied", help="lm_head shares the embedding.", show_default=False),
+]
+PrecisionOpt = Annotated[
+    Precision | None,
+    typer.Option(
+        "--precision",
+        help="fp32, amp-fp16 / amp-bf16 (fp32 weights + autocast), or pure bf16 / fp16 "
+        "(default: amp-bf16).",
+    ),
+]
+OptimizerOpt = Annotated[
+    Optimizer | None, typer.Option("--optimizer", help="Optimizer (default: adamw).")
+]
+AttentionOpt = Annotated[
+    Attention | None,
+    typer.Option("--attention", help="flash (fused SDPA) or eager (default: flash)."),
+]
+CkptOpt = Annotated[
+    Checkpointing | None,
+    typer.Option("--checkpointing", help="Activation checkpointing (default: none)."),
+]
+ModeOpt = Annotated[Mode | None, typer.Option("--mode", help="train or infer (default: train).")]
+GenOpt = Annotated[
+    int | None,
+    typer.Option("--gen-tokens", help="Tokens to generate (infer): adds the KV cache."),
+]
+KvDtypeOpt = Annotated[
+    KvDtype | None,
+    typer.Option("--kv-dtype", help="KV cache dtype (default: the compute dtype)."),
+]
+
+# The RunSpec options of `estimate` and `measure --train`, by parameter name.
+RUN_OPTIONS = {
+    "params": "--params",
+    "layers": "--layers",
+    "hidden": "--hidden",
+    "seq": "--seq",
+    "preset": "--preset",
+    "hf_config": "--hf-config",
+    "arch": "--arch",
+    "heads": "--heads",
+    "kv_heads": "--kv-heads",
+    "ffn": "--ffn",
+    "vocab": "--vocab",
+    "tied": "--tied",
+    "precision": "--precision",
+    "optimizer": "--optimizer",
+    "attention": "--attention",
+    "checkpointing": "--checkpointing",
+    "mode": "--mode",
+    "gen_tokens": "--gen-tokens",
+    "kv_dtype": "--kv-dtype",
+}
 
 
 def _run_from_options(**o: Any) -> RunSpec:
     return build_run(
-        params=o["params"], layers=o["layers"], hidden=o["hidden"], seq=o["seq"], batch=o["batch"],
-        preset=o["preset"], hf_config=o["hf_config"],
-        model_overrides={"arch": o["arch"], "heads": o["heads"], "kv_heads": o["kv_heads"],
-                         "ffn": o["ffn"], "vocab": o["vocab"], "tied": o["tied"]},
-        workload_overrides={"precision": o["precision"], "optimizer": o["optimizer"],
-                            "attention": o["attention"], "checkpointing": o["checkpointing"],
-                            "mode": o["mode"], "gen_tokens": o["gen_tokens"], "kv_dtype": o["kv_dtype"]},
+        params=o["params"],
+        layers=o["layers"],
+        hidden=o["hidden"],
+        seq=o["seq"],
+        batch=o["batch"],
+        preset=o["preset"],
+        hf_config=o["hf_config"],
+        model_overrides={
+            "arch": o["arch"],
+            "heads": o["heads"],
+            "kv_heads": o["kv_heads"],
+            "ffn": o["ffn"],
+            "vocab": o["vocab"],
+            "tied": o["tied"],
+        },
+        workload_overrides={
+            "precision": o["precision"],
+            "optimizer": o["optimizer"],
+            "attention": o["attention"],
+            "checkpointing": o["checkpointing"],
+            "mode": o["mode"],
+            "gen_tokens": o["gen_tokens"],
+            "kv_dtype": o["kv_dtype"],
+        },
     )
 
 
@@ -201,7 +320,13 @@ def estimate(
     seq: SeqOpt = None,
     batch: BatchOpt = None,
     gpu: GpuOpt = None,
-    formula: Annotated[Formula, typer.Option("--formula", help="default: vramfit's per-phase model; seed: the origin notebook's formula.")] = Formula.default,
+    formula: Annotated[
+        Formula,
+        typer.Option(
+            "--formula",
+            help="default: vramfit's per-phase model; seed: the origin notebook's formula.",
+        ),
+    ] = Formula.default,
     preset: PresetOpt = None,
     hf_config: HfOpt = None,
     arch: ArchOpt = None,
@@ -217,7 +342,10 @@ def estimate(
     mode: ModeOpt = None,
     gen_tokens: GenOpt = None,
     kv_dtype: KvDtypeOpt = None,
-    solve: Annotated[Optional[str], typer.Option("--solve", help="batch or seq: the largest value that fits --gpu.")] = None,
+    solve: Annotated[
+        str | None,
+        typer.Option("--solve", help="batch or seq: the largest value that fits --gpu."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Estimate the GPU memory a training step or inference pass needs, and whether it fits.
@@ -237,29 +365,44 @@ def estimate(
     if formula is Formula.seed:
         _seed(run, hardware, as_json)
     elif solve is not None:
+        assert hardware is not None
         _solve(run, hardware, solve, as_json)
     else:
         _default(run, hardware, as_json)
 
 
-def _default(run: RunSpec, hardware: Any, as_json: bool) -> None:
+def _print_json(document: Any) -> None:
+    import json
+
+    print(json.dumps(document, indent=2))
+
+
+def _gpu_json(hardware: Hardware | None) -> dict[str, Any] | None:
+    if hardware is None:
+        return None
+    return {"name": hardware.name, "memory_bytes": hardware.memory_bytes}
+
+
+def _default(run: RunSpec, hardware: Hardware | None, as_json: bool) -> None:
     from vramfit.estimate.core import estimate as run_estimate
-    from vramfit.estimate.solve import suggestions
 
     est = run_estimate(run, hardware)
     if as_json:
-        print(json.dumps(estimate_json(est), indent=2))
+        _print_json(estimate_json(est))
     else:
         from vramfit.render import render_estimate
 
-        tips = suggestions(run, hardware) if est.fits is False else []
+        tips = []
+        if hardware is not None and est.fits is False:
+            from vramfit.estimate.solve import suggestions
+
+            tips = suggestions(run, hardware)
         render_estimate(_console(), est, tips)
     raise typer.Exit(EXIT_DOES_NOT_FIT if est.fits is False else EXIT_FITS)
 
 
-def estimate_json(est: Any) -> dict[str, Any]:
+def estimate_json(est: Estimate) -> dict[str, Any]:
     """The documented JSON object for a default estimate (see README, "JSON output")."""
-    hw = est.hardware
     return {
         "formula": "default",
         "params": est.params,
@@ -275,14 +418,14 @@ def estimate_json(est: Any) -> dict[str, Any]:
         "peak_point": est.peak_point,
         "block_activation_bytes": est.block_activation_bytes,
         "kv_cache_bytes": est.kv_cache_bytes,
-        "gpu": None if hw is None else {"name": hw.name, "memory_bytes": hw.memory_bytes},
+        "gpu": _gpu_json(est.hardware),
         "fits": est.fits,
         "headroom_bytes": est.headroom_bytes,
         "notes": list(est.notes),
     }
 
 
-def _seed(run: RunSpec, hardware: Any, as_json: bool) -> None:
+def _seed(run: RunSpec, hardware: Hardware | None, as_json: bool) -> None:
     from vramfit.estimate.params import count_params
     from vramfit.estimate.seed import UNDERCOUNT_WARNING, seed_estimate
 
@@ -293,33 +436,45 @@ def _seed(run: RunSpec, hardware: Any, as_json: bool) -> None:
     total = sum(parts.values())
     fits = None if hardware is None else total <= hardware.memory_bytes
     if as_json:
-        print(json.dumps({
-            "formula": "seed",
-            "params": params,
-            "total_bytes": total,
-            "breakdown": parts,
-            "seed_gb": seed.notebook_gb,
-            "seed_unit": "notebook GB (= GiB, 2**30 bytes)",
-            "gpu": None if hardware is None else {"name": hardware.name, "memory_bytes": hardware.memory_bytes},
-            "fits": fits,
-            "headroom_bytes": None if hardware is None else hardware.memory_bytes - total,
-            "warning": UNDERCOUNT_WARNING,
-        }, indent=2))
+        _print_json(
+            {
+                "formula": "seed",
+                "params": params,
+                "total_bytes": total,
+                "breakdown": parts,
+                "seed_gb": seed.notebook_gb,
+                "seed_unit": "notebook GB (= GiB, 2**30 bytes)",
+                "gpu": _gpu_json(hardware),
+                "fits": fits,
+                "headroom_bytes": None if hardware is None else hardware.memory_bytes - total,
+                "warning": UNDERCOUNT_WARNING,
+            }
+        )
     else:
         from vramfit.render import render_seed
 
-        render_seed(_console(), seed, hardware.name if hardware else None,
-                    hardware.memory_bytes if hardware else None)
+        render_seed(
+            _console(),
+            seed,
+            hardware.name if hardware else None,
+            hardware.memory_bytes if hardware else None,
+        )
     raise typer.Exit(EXIT_DOES_NOT_FIT if fits is False else EXIT_FITS)
 
 
-def _solve(run: RunSpec, hardware: Any, field: str, as_json: bool) -> None:
+def _solve(run: RunSpec, hardware: Hardware, field: str, as_json: bool) -> None:
     from vramfit.estimate.solve import solve_max
 
     value, est = solve_max(run, hardware, field)  # type: ignore[arg-type]
     if as_json:
-        print(json.dumps({"solve": field, "value": value, "gpu": hardware.name,
-                          "estimate": None if est is None else estimate_json(est)}, indent=2))
+        _print_json(
+            {
+                "solve": field,
+                "value": value,
+                "gpu": hardware.name,
+                "estimate": None if est is None else estimate_json(est),
+            }
+        )
     else:
         from vramfit.render import render_solve
 
@@ -334,31 +489,466 @@ def gpus(as_json: JsonOpt = False) -> None:
 
     rows = catalog_rows()
     if as_json:
-        print(json.dumps(rows, indent=2))
+        _print_json(rows)
         return
-    from rich.table import Table
+    from vramfit.render import render_gpus
 
-    table = Table(title="GPU catalog (dense peak TFLOP/s; — = not supported)")
-    for col in ("name", "memory", "GiB", "GB/s", *DTYPES):
-        table.add_column(col, justify="left" if col in ("name", "memory") else "right")
-    for r in rows:
-        flops = ["—" if r["tflops"][d] is None else f"{r['tflops'][d]:g}" for d in DTYPES]
-        table.add_row(r["name"], r["memory_label"], f"{r['memory_bytes'] / 2**30:.1f}",
-                      f"{r['memory_bandwidth_gb_s']:g}", *flops)
-    _console().print(table)
+    render_gpus(_console(), rows, DTYPES)
+
+
+@app.command()
+def presets(as_json: JsonOpt = False) -> None:
+    """List the model presets: name, title, parameter count, published count and source."""
+    from vramfit.presets import ALIASES, preset_rows
+
+    rows = preset_rows()
+    if as_json:
+        _print_json(rows)
+        return
+    from vramfit.render import render_presets
+
+    render_presets(_console(), rows, ALIASES)
+
+
+@app.command()
+def check(
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Preset files or folders of them (default: presets/).", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Check preset YAML files: schema, ranges and the published parameter count.
+
+    Prints one `file:line: field: reason` line per problem and exits 1, or a one-line summary
+    and exits 0.
+    """
+    from vramfit.check import check_paths, collect_files, summary_line
+
+    targets = paths or [Path("presets")]
+    for path in targets:
+        if not path.exists():
+            _fail(VramfitError("no such file or directory", field=str(path)))
+    files = collect_files(targets)
+    problems = check_paths(targets)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(summary_line(len(files), problems), file=sys.stderr)
+        raise typer.Exit(EXIT_DOES_NOT_FIT)
+    print(summary_line(len(files), problems))
+
+
+@app.command("import-hf")
+def import_hf(
+    config_path: Annotated[
+        Path,
+        typer.Argument(help="A local Hugging Face config.json, or the folder holding it."),
+    ],
+) -> None:
+    """Print a preset YAML for a Hugging Face config.json (save it and pass it to --preset)."""
+    from vramfit.hf import preset_yaml_from_hf
+
+    sys.stdout.write(preset_yaml_from_hf(config_path))
+
+
+# --- measure ---------------------------------------------------------------------------------
+
+# Matmul label -> the dtype its product runs in (autocast runs matmuls in 16 bits), i.e. the
+# catalog's peak to compare the achieved TFLOP/s with.
+COMPUTE_DTYPE = {
+    "fp32": "fp32",
+    "fp16": "fp16",
+    "bf16": "bf16",
+    "amp-fp16": "fp16",
+    "amp-bf16": "bf16",
+}
+_SHAPE_RE = re.compile(r"^\s*(\d+)\s*[x×]\s*(\d+)\s*[x×]\s*(\d+)\s*$", re.IGNORECASE)
+MAX_MATMUL_DIM = 1_000_000
+
+
+def _cuda_backend() -> Backend:
+    """The first CUDA device; one-line VramfitErrors without torch or without CUDA."""
+    import warnings
+
+    from vramfit.measure.backend import CudaBackend
+
+    with warnings.catch_warnings():
+        # A torch wheel without numpy beside it warns on import; measure never needs numpy.
+        warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+        return CudaBackend()
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """``1024x2048x1024`` -> (m, k, n): A is m x k, B is k x n."""
+    match = _SHAPE_RE.match(text)
+    dims = tuple(int(d) for d in match.groups()) if match else ()
+    if len(dims) != 3 or not all(1 <= d <= MAX_MATMUL_DIM for d in dims):
+        raise VramfitError(
+            f"expected MxKxN with each size in 1..{MAX_MATMUL_DIM:,}, such as 1024x2048x1024, "
+            f"got {text!r}",
+            field="--shape",
+        )
+    return dims  # type: ignore[return-value]
+
+
+def matmul_cells(
+    dtype: Precision | None,
+    bmm: bool,
+    shape: str | None,
+    batch: int | None,
+    all_cells: bool,
+) -> list[tuple[str, tuple[int, int, int], int | None]]:
+    """The (dtype, (m, k, n), batch) cells to run: the notebook's by default.
+
+    Without --bmm (or --batch) the defaults are the notebook's first cell (fp32, 1024x2048 @
+    2048x1024); with it, its bmm cell (amp-bf16, 32 x 512x1024 @ 1024x512).
+    """
+    from vramfit.measure.matmul import NOTEBOOK_CELLS
+
+    if all_cells:
+        given = [
+            name
+            for name, value in (("--dtype", dtype), ("--shape", shape), ("--batch", batch))
+            if value is not None
+        ]
+        if bmm:
+            given.append("--bmm")
+        if given:
+            raise VramfitError(
+                f"runs the notebook's cells as they are; drop {', '.join(given)}", field="--all"
+            )
+        return list(NOTEBOOK_CELLS)
+    bmm = bmm or batch is not None
+    default_dtype, default_shape, default_batch = NOTEBOOK_CELLS[-1] if bmm else NOTEBOOK_CELLS[0]
+    return [
+        (
+            dtype.value if dtype is not None else default_dtype,
+            parse_shape(shape) if shape is not None else default_shape,
+            (batch or default_batch) if bmm else None,
+        )
+    ]
+
+
+def _catalog_gpu(device_name: str) -> Any:
+    """The catalog row of a CUDA device name (e.g. 'NVIDIA H200'), or None."""
+    from vramfit.catalog import find_gpu
+
+    try:
+        return find_gpu(device_name)
+    except VramfitError:
+        return None
+
+
+def matmul_json(
+    device_name: str,
+    cells: list[MatmulMeasurement],
+    tflops: dict[str, float],
+) -> dict[str, Any]:
+    """The matmul table as one JSON-ready dict: bytes predicted (itemised) and measured per
+    cell, and achieved TFLOP/s against the catalog's dense peak."""
+    gpu = _catalog_gpu(device_name)
+    rows = []
+    for cell in cells:
+        parts = {f"{name}_bytes": n for name, n in cell.prediction.items()}
+        rows.append(
+            {
+                "dtype": cell.dtype,
+                "shape": list(cell.shape),
+                "batch": cell.batch,
+                "output_dtype": cell.output_dtype,
+                "predicted": {
+                    **parts,
+                    "allocated_bytes": cell.predicted_bytes,
+                    "peak_bytes": cell.predicted_peak_bytes,
+                },
+                "measured": {
+                    "memory_allocated_bytes": cell.allocated_bytes,
+                    "max_memory_allocated_bytes": cell.peak_bytes,
+                    "workspace_bytes": cell.workspace_bytes,
+                },
+                "allocated_error_bytes": cell.predicted_bytes - cell.allocated_bytes,
+                "peak_error_bytes": cell.predicted_peak_bytes - cell.peak_bytes,
+            }
+        )
+    throughput = []
+    for dtype, achieved in tflops.items():
+        peak = gpu.peak_tflops(dtype) if gpu is not None else None
+        throughput.append(
+            {
+                "dtype": dtype,
+                "achieved_tflops": round(achieved, 3),
+                "peak_tflops": peak,
+                "percent_of_peak": None if not peak else round(100 * achieved / peak, 1),
+            }
+        )
+    return {
+        "device": device_name,
+        "catalog_gpu": None if gpu is None else gpu.name,
+        "torch": _torch_version(),
+        "cells": rows,
+        "tflops": throughput,
+    }
+
+
+def _torch_version() -> str | None:
+    # Only read once measure has imported torch; never imports it.
+    return getattr(sys.modules.get("torch"), "__version__", None)
+
+
+def _signed_error_pct(predicted: int | None, measured: int | None) -> float | None:
+    if predicted is None or not measured:
+        return None
+    return round(100 * (predicted - measured) / measured, 2)
+
+
+# Phase display order; measured inference also has a kv_cache phase the estimate does not.
+PHASE_ORDER = ("forward", "backward", "optimizer", "kv_cache", "prefill", "decode")
+
+
+def train_comparison(est: Estimate, measured: TrainMeasurement) -> dict[str, Any]:
+    """``{predicted, measured, errors}``: the estimate's JSON, the measurement (all fields),
+    and the signed error in percent, (predicted - measured) / measured, per phase peak and for
+    ``peak_allocated_bytes`` and ``total_bytes`` (null where there is nothing to compare)."""
+    import dataclasses
+
+    names = set(est.phases) | set(measured.phases)
+    phases = [p for p in PHASE_ORDER if p in names] + sorted(names - set(PHASE_ORDER))
+    errors: dict[str, float | None] = {}
+    if not measured.oom:
+        for phase in phases:
+            errors[phase] = _signed_error_pct(est.phases.get(phase), measured.phases.get(phase))
+        errors["peak_allocated_bytes"] = _signed_error_pct(
+            est.peak_allocated_bytes, measured.peak_allocated_bytes
+        )
+        errors["total_bytes"] = _signed_error_pct(est.total_bytes, measured.total_bytes)
+    return {
+        "predicted": estimate_json(est),
+        "measured": dataclasses.asdict(measured),
+        "errors": errors,
+    }
+
+
+@app.command()
+def measure(
+    train: Annotated[
+        bool,
+        typer.Option(
+            "--train",
+            help="Run the configured model (training steps, or inference with --mode infer) "
+            "instead of the notebook's matmuls.",
+        ),
+    ] = False,
+    dtype: Annotated[
+        Precision | None,
+        typer.Option("--dtype", help="Matmul dtype (default: the notebook cell's)."),
+    ] = None,
+    bmm: Annotated[
+        bool, typer.Option("--bmm", help="Batched matmul (the notebook's bmm cell).")
+    ] = False,
+    shape: Annotated[
+        str | None,
+        typer.Option(
+            "--shape",
+            help="Matmul MxKxN: A is MxK, B is KxN (default: 1024x2048x1024; bmm: 512x1024x512).",
+        ),
+    ] = None,
+    batch: Annotated[
+        int | None,
+        typer.Option(
+            "--batch",
+            min=1,
+            help="With --train: sequences per step (default: 1). Else: the bmm batch "
+            "(default: 32; implies --bmm).",
+        ),
+    ] = None,
+    all_cells: Annotated[
+        bool, typer.Option("--all", help="Run every notebook cell in one table.")
+    ] = False,
+    params: ParamsOpt = None,
+    layers: LayersOpt = None,
+    hidden: HiddenOpt = None,
+    seq: SeqOpt = None,
+    preset: PresetOpt = None,
+    hf_config: HfOpt = None,
+    arch: ArchOpt = None,
+    heads: HeadsOpt = None,
+    kv_heads: KvHeadsOpt = None,
+    ffn: FfnOpt = None,
+    vocab: VocabOpt = None,
+    tied: TiedOpt = None,
+    precision: PrecisionOpt = None,
+    optimizer: OptimizerOpt = None,
+    attention: AttentionOpt = None,
+    checkpointing: CkptOpt = None,
+    mode: ModeOpt = None,
+    gen_tokens: GenOpt = None,
+    kv_dtype: KvDtypeOpt = None,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", min=1, max=1000, help="With --train: training steps (default: 3)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure real GPU memory with PyTorch (CUDA), next to vramfit's prediction.
+
+    Without --train: the seed notebook's matmul cells, predicted bytes (itemised) against
+    torch.cuda.memory_allocated / max_memory_allocated, and achieved TFLOP/s against the
+    catalog peak. With --train: the model of the estimate options, run for --steps steps,
+    predicted against measured per phase.
+
+    Needs torch: pip install 'vramfit\\[measure]'. Exit code: 0 measured, 1 out of memory,
+    2 bad input / no torch / no CUDA.
+    """
+    options = locals()
+    try:
+        if train:
+            for name, flag in (("dtype", "--dtype"), ("shape", "--shape")):
+                if options[name] is not None:
+                    raise VramfitError(
+                        "only without --train (training uses --precision)", field=flag
+                    )
+            for name, flag in (("bmm", "--bmm"), ("all_cells", "--all")):
+                if options[name]:
+                    raise VramfitError("only without --train", field=flag)
+            run = _run_from_options(**options)
+            _measure_train(run, steps or 3, as_json)
+        else:
+            for name, flag in {**RUN_OPTIONS, "steps": "--steps"}.items():
+                if options[name] is not None:
+                    raise VramfitError("only with --train", field=flag)
+            _measure_matmul(matmul_cells(dtype, bmm, shape, batch, all_cells), as_json)
+    except VramfitError as err:
+        _fail(err)
+
+
+def _oom_error_types() -> tuple[type[BaseException], ...]:
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return ()
+    found = {getattr(torch, "OutOfMemoryError", None), torch.cuda.OutOfMemoryError}
+    return tuple(t for t in found if t is not None)
+
+
+def _measure_matmul(
+    cells: list[tuple[str, tuple[int, int, int], int | None]], as_json: bool
+) -> None:
+    from vramfit.measure import matmul
+
+    backend = _cuda_backend()
+    device_name = backend.name()
+    try:
+        measured = [
+            matmul.measure_matmul(dtype, shape=shape, batch=batch, backend=backend)
+            for dtype, shape, batch in cells
+        ]
+        compute = dict.fromkeys(COMPUTE_DTYPE[dtype] for dtype, _, _ in cells)
+        tflops = {d: matmul.measure_tflops(d, backend=backend) for d in compute}
+    except _oom_error_types():
+        backend.empty_cache()
+        print(f"Does not fit: {device_name} ran out of memory for this matmul.")
+        raise typer.Exit(EXIT_DOES_NOT_FIT) from None
+    document = matmul_json(device_name, measured, tflops)
+    if as_json:
+        _print_json(document)
+        return
+    from vramfit.render import render_matmul
+
+    render_matmul(_console(), document)
+
+
+def _measure_train(run: RunSpec, steps: int, as_json: bool) -> None:
+    from vramfit.estimate.core import Hardware
+    from vramfit.estimate.core import estimate as run_estimate
+    from vramfit.measure.train import measure_train
+
+    backend = _cuda_backend()
+    if as_json:
+        measured = measure_train(run, steps=steps, backend=backend)
+    else:
+        from vramfit.render import measure_progress
+
+        with measure_progress(_console(stderr=True)) as on_progress:
+            measured = measure_train(run, steps=steps, backend=backend, on_progress=on_progress)
+    hardware = Hardware(
+        name=measured.device_name,
+        memory_bytes=measured.device_total_bytes,
+        compute_capability=backend.compute_capability(),
+    )
+    comparison = train_comparison(run_estimate(run, hardware), measured)
+    if as_json:
+        _print_json(comparison)
+    elif measured.oom:
+        print(oom_line(measured, comparison["predicted"]["total_bytes"]))
+    else:
+        from vramfit.render import render_train_comparison
+
+        render_train_comparison(_console(), comparison)
+    raise typer.Exit(EXIT_DOES_NOT_FIT if measured.oom else EXIT_FITS)
+
+
+def oom_line(measured: TrainMeasurement, predicted_total_bytes: int) -> str:
+    """One line for an out-of-memory measurement: where it stopped, and the prediction."""
+    from vramfit.units import format_bytes
+
+    return (
+        f"Does not fit: {measured.device_name} ({format_bytes(measured.device_total_bytes)}) "
+        f"ran out of memory during {measured.reached or 'the run'}; "
+        f"vramfit predicted {format_bytes(predicted_total_bytes)}."
+    )
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+
+def _sentence(text: str) -> str:
+    """Lower-case the first letter of a message ('Missing x.' -> 'missing x'), drop the stop."""
+    text = " ".join(text.replace("Value error, ", "").split()).rstrip(".")
+    if len(text) > 1 and text[0].isupper() and text[1].islower():
+        text = text[0].lower() + text[1:]
+    return text
+
+
+def usage_error_line(err: TyperException) -> str:
+    """typer's usage errors as ``field: reason`` (the field is the option or argument)."""
+    param = getattr(err, "param", None)
+    option = getattr(err, "option_name", None)
+    message = str(getattr(err, "message", "") or "")
+    if param is not None:
+        opts = [o for o in getattr(param, "opts", []) if o.startswith("--")]
+        field = opts[0] if opts else str(getattr(param, "name", "argument")).upper()
+        if not message:
+            return f"{field}: missing"
+        return f"{field}: {_sentence(message)}"
+    if option is not None:
+        possibilities = sorted(getattr(err, "possibilities", None) or [])
+        if message.startswith("No such option"):
+            hint = f" (did you mean {', '.join(possibilities)}?)" if possibilities else ""
+            return f"{option}: no such option{hint}"
+        return f"{option}: {_sentence(message.replace(f'Option {option!r} ', ''))}"
+    if message.startswith("No such command"):
+        return f"command: {_sentence(message)}; run 'vramfit --help' to list them"
+    return f"usage: {_sentence(err.format_message())}"
+
+
+@functools.cache
+def _command() -> Any:
+    """The click command typer builds from ``app`` (built once: tests call ``main`` often)."""
+    return typer.main.get_command(app)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors for bad usage, exit codes as documented."""
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        code = app(args=argv, prog_name="vramfit", standalone_mode=False)
+        code = _command().main(args=args or ["--help"], prog_name="vramfit", standalone_mode=False)
     except VramfitError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _print_error(str(err))
         code = err.exit_code
     except TyperException as err:
-        message = " ".join(err.format_message().replace("Value error, ", "").split())
-        print(f"error: {message}", file=sys.stderr)
-        code = getattr(err, "exit_code", EXIT_BAD_INPUT) or EXIT_BAD_INPUT
+        _print_error(usage_error_line(err))
+        code = EXIT_BAD_INPUT
     except (Abort, KeyboardInterrupt):
         print("aborted", file=sys.stderr)
         code = 130

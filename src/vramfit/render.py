@@ -1,15 +1,28 @@
-"""Rich rendering of estimates and tables. The only module besides cli.py that uses rich."""
+"""Rich rendering of estimates and tables. The only module besides cli.py that uses rich.
+
+Every function takes a Console and data the CLI has already computed (an Estimate, or the same
+JSON-ready dict that ``--json`` prints), so the table and the JSON never disagree. Text that
+comes from files or the device (preset sources, notes, device names) is escaped: rich would
+read ``[...]`` in it as markup.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from vramfit.estimate.core import Estimate
-from vramfit.estimate.seed import UNDERCOUNT_WARNING, SeedEstimate
-from vramfit.estimate.solve import Suggestion
-from vramfit.units import GIB, format_bytes, format_count
+from vramfit.units import GIB, MIB, format_bytes, format_count
+
+if TYPE_CHECKING:  # `vramfit estimate` pays for importing only what its output needs
+    from vramfit.estimate.core import Estimate
+    from vramfit.estimate.seed import SeedEstimate
+    from vramfit.estimate.solve import Suggestion
 
 BAR_WIDTH = 30
 
@@ -24,6 +37,7 @@ COMPONENT_LABELS = {
     "logits": "logits and loss",
     "kv_cache": "KV cache",
     "cublas_workspace": "cuBLAS workspaces",
+    "allocator_rounding": "allocator rounding",
     "allocator_reserve": "allocator reserve",
     "cuda_context": "CUDA context",
 }
@@ -42,19 +56,28 @@ def render_estimate(console: Console, est: Estimate, suggestions: list[Suggestio
     """Breakdown with a bar per component, the phase timeline, and the verdict."""
     spec, wl = est.run.model, est.run.workload
     active = f" ({format_count(est.counts.active)} active)" if spec.experts > 1 else ""
+    if wl.mode.value == "train":
+        how = (
+            f"{wl.optimizer.value} · {wl.attention.value} attention · "
+            f"checkpointing {wl.checkpointing.value}"
+        )
+    else:
+        how = f"{wl.gen_tokens} generated tokens"
     console.print(
         f"[bold]{format_count(est.params)}[/] parameters{active} · {spec.arch.value} · "
-        f"{spec.layers} layers · hidden {spec.hidden} · {wl.mode.value} · batch {wl.batch} × seq {wl.seq} · "
-        f"{wl.precision.value}"
-        + (f" · {wl.optimizer.value} · {wl.attention.value} attention · checkpointing {wl.checkpointing.value}"
-           if wl.mode.value == "train" else f" · {wl.gen_tokens} generated tokens")
+        f"{spec.layers} layers · hidden {spec.hidden} · {wl.mode.value} · "
+        f"batch {wl.batch} × seq {wl.seq} · {wl.precision.value} · {how}"
     )
-    table = Table(title=f"Memory at the peak ({est.peak_phase}: {est.peak_point})", title_justify="left")
+    table = Table(
+        title=f"Memory at the peak ({est.peak_phase}: {est.peak_point})", title_justify="left"
+    )
     table.add_column("component")
     table.add_column("GiB", justify="right")
     table.add_column("share")
     for name, n_bytes in est.breakdown.items():
-        table.add_row(COMPONENT_LABELS.get(name, name), _gib(n_bytes), _bar(n_bytes, est.total_bytes))
+        table.add_row(
+            COMPONENT_LABELS.get(name, name), _gib(n_bytes), _bar(n_bytes, est.total_bytes)
+        )
     table.add_section()
     table.add_row("[bold]total on the device[/]", f"[bold]{_gib(est.total_bytes)}[/]", "")
     table.add_row("peak allocated by PyTorch", _gib(est.peak_allocated_bytes), "")
@@ -70,19 +93,26 @@ def render_estimate(console: Console, est: Estimate, suggestions: list[Suggestio
         phases.add_row(phase, _gib(n_bytes), Text.assemble(_bar(n_bytes, top), mark))
     console.print(phases)
     for note in est.notes:
-        console.print(f"[yellow]note:[/] {note}")
-    _render_verdict(console, est.total_bytes, est.hardware.name if est.hardware else None,
-                    est.hardware.memory_bytes if est.hardware else None)
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    _render_verdict(
+        console,
+        est.total_bytes,
+        est.hardware.name if est.hardware else None,
+        est.hardware.memory_bytes if est.hardware else None,
+    )
     if est.fits is False and suggestions:
-        console.print("What would help (one change at a time):")
+        console.print("What would help (each line on its own):")
+        width = max(len(s.change) for s in suggestions)
         for s in suggestions:
             verdict = "[green]fits[/]" if s.fits else "[red]still too big[/]"
-            console.print(f"  {s.change:<28} → {_gib(s.total_bytes)} GiB  {verdict}")
+            console.print(f"  {s.change:<{width}} → {_gib(s.total_bytes):>7} GiB  {verdict}")
 
 
 def _render_verdict(console: Console, total: int, gpu: str | None, memory: int | None) -> None:
     if gpu is None or memory is None:
-        console.print(f"Needs [bold]{format_bytes(total)}[/] on the device. Add --gpu NAME for a verdict.")
+        console.print(
+            f"Needs [bold]{format_bytes(total)}[/] on the device. Add --gpu NAME for a verdict."
+        )
         return
     if total <= memory:
         console.print(
@@ -98,8 +128,10 @@ def _render_verdict(console: Console, total: int, gpu: str | None, memory: int |
 
 def render_seed(console: Console, seed: SeedEstimate, gpu: str | None, memory: int | None) -> None:
     """The notebook formula's three terms, in the notebook's own unit."""
-    table = Table(title="Seed notebook formula (FP16 + AdamW), in notebook GB (= GiB, 2**30 bytes)",
-                  title_justify="left")
+    table = Table(
+        title="Seed notebook formula (FP16 + AdamW), in notebook GB (= GiB, 2**30 bytes)",
+        title_justify="left",
+    )
     table.add_column("term")
     table.add_column("notebook GB", justify="right")
     table.add_row("params: 6 × P[M] / 1024", f"{seed.param_gb:.2f}")
@@ -108,7 +140,9 @@ def render_seed(console: Console, seed: SeedEstimate, gpu: str | None, memory: i
     table.add_section()
     table.add_row("[bold]total[/]", f"[bold]{seed.notebook_gb}[/]")
     console.print(table)
-    console.print(f"[yellow]warning:[/] {UNDERCOUNT_WARNING}")
+    from vramfit.estimate.seed import UNDERCOUNT_WARNING
+
+    console.print(f"[yellow]warning:[/] {UNDERCOUNT_WARNING}", soft_wrap=True)  # one line
     _render_verdict(console, round(seed.total_gb * GIB), gpu, memory)
 
 
@@ -116,7 +150,237 @@ def render_solve(console: Console, field: str, value: int, gpu: str, est: Estima
     if value == 0 or est is None:
         console.print(f"[bold red]Nothing fits[/] on {gpu}: even {field} 1 is too big.")
         return
+    memory = est.hardware.memory_bytes if est.hardware else 0
     console.print(
         f"Largest {field} that fits on {gpu}: [bold]{value}[/] "
-        f"({format_bytes(est.total_bytes)} of {format_bytes(est.hardware.memory_bytes if est.hardware else 0)})."
+        f"({format_bytes(est.total_bytes)} of {format_bytes(memory)})."
     )
+
+
+def render_gpus(console: Console, rows: list[dict[str, Any]], dtypes: Sequence[str]) -> None:
+    """The GPU catalog: memory, bandwidth and dense peak TFLOP/s per dtype."""
+    table = Table(title="GPU catalog (dense peak TFLOP/s; — = not supported)")
+    for col in ("name", "memory", "GiB", "GB/s", *dtypes):
+        table.add_column(col, justify="left" if col in ("name", "memory") else "right")
+    for r in rows:
+        flops = ["—" if r["tflops"][d] is None else f"{r['tflops'][d]:g}" for d in dtypes]
+        table.add_row(
+            escape(r["name"]),
+            escape(r["memory_label"]),
+            f"{r['memory_bytes'] / GIB:.1f}",
+            f"{r['memory_bandwidth_gb_s']:g}",
+            *flops,
+        )
+    console.print(table)
+
+
+def render_presets(
+    console: Console, rows: list[dict[str, Any]], aliases: Mapping[str, str]
+) -> None:
+    """The presets table, then the aliases they answer to."""
+    table = Table(title="Model presets (use with --preset NAME)", title_justify="left")
+    table.add_column("name", no_wrap=True)
+    table.add_column("title")
+    table.add_column("params", justify="right")
+    table.add_column("published", justify="right")
+    table.add_column("source", overflow="fold")
+    for r in rows:
+        table.add_row(
+            Text(r["name"]),
+            Text(r["title"]),
+            format_count(r["params"]),
+            format_count(r["published_params"]),
+            Text(r["source"]),
+        )
+    console.print(table)
+    if aliases:
+        pairs = ", ".join(f"{alias} → {name}" for alias, name in sorted(aliases.items()))
+        console.print(Text(f"Aliases: {pairs}"))
+
+
+def _mib(n_bytes: int | None) -> str:
+    return "—" if n_bytes is None else f"{n_bytes / MIB:,.2f}"
+
+
+def _signed_bytes(n_bytes: int) -> Text:
+    if n_bytes == 0:
+        return Text("exact", style="green")
+    return Text(f"{n_bytes:+,} B", style="yellow")
+
+
+def render_matmul(console: Console, document: dict[str, Any]) -> None:
+    """The notebook's matmul cells: predicted bytes, itemised, next to what torch allocated;
+    then achieved TFLOP/s next to the catalog's peak."""
+    torch = f", torch {document['torch']}" if document.get("torch") else ""
+    console.print(Text(f"Device: {document['device']}{torch}"))
+    table = Table(
+        title="Matmul memory, MiB (2**20 bytes); autocast copies live only during the op",
+        title_justify="left",
+    )
+    for col, justify in (
+        ("cell", "left"),
+        ("out", "left"),
+        ("inputs", "right"),
+        ("output", "right"),
+        ("autocast copies", "right"),
+        ("cuBLAS workspace", "right"),
+        ("predicted", "right"),
+        ("memory_allocated", "right"),
+        ("Δ", "right"),
+        ("predicted peak", "right"),
+        ("max_memory_allocated", "right"),
+        ("Δ peak", "right"),
+    ):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for cell in document["cells"]:
+        m, k, n = cell["shape"]
+        batch = cell["batch"]
+        label = f"{cell['dtype']} {'bmm ' + str(batch) + '×' if batch else ''}{m}×{k} @ {k}×{n}"
+        predicted, measured = cell["predicted"], cell["measured"]
+        table.add_row(
+            label,
+            cell["output_dtype"],
+            _mib(predicted["inputs_bytes"]),
+            _mib(predicted["output_bytes"]),
+            _mib(predicted["autocast_copies_bytes"]),
+            _mib(predicted["workspace_bytes"]),
+            _mib(predicted["allocated_bytes"]),
+            _mib(measured["memory_allocated_bytes"]),
+            _signed_bytes(cell["allocated_error_bytes"]),
+            _mib(predicted["peak_bytes"]),
+            _mib(measured["max_memory_allocated_bytes"]),
+            _signed_bytes(cell["peak_error_bytes"]),
+        )
+    console.print(table)
+    console.print("Δ = predicted − measured, in bytes.")
+
+    gpu = document["catalog_gpu"]
+    flops = Table(
+        title=f"Dense matmul throughput (8192² products) vs the catalog peak of {gpu}"
+        if gpu
+        else "Dense matmul throughput (8192² products)",
+        title_justify="left",
+    )
+    flops.add_column("dtype")
+    flops.add_column("achieved TFLOP/s", justify="right")
+    flops.add_column("peak TFLOP/s", justify="right")
+    flops.add_column("% of peak", justify="right")
+    for row in document["tflops"]:
+        if gpu is None:
+            peak, share = "—", "—"
+        elif row["peak_tflops"] is None:
+            peak, share = "not supported", "—"
+        else:
+            peak, share = f"{row['peak_tflops']:g}", f"{row['percent_of_peak']:.1f}%"
+        flops.add_row(row["dtype"], f"{row['achieved_tflops']:.1f}", peak, share)
+    console.print(flops)
+    if gpu is None:
+        console.print(
+            Text(f"{document['device']} is not in the GPU catalog: no peak to compare with.")
+        )
+
+
+def _pct(value: float | None) -> Text:
+    if value is None:
+        return Text("—")
+    style = "green" if abs(value) <= 5 else "yellow" if abs(value) <= 15 else "red"
+    return Text(f"{value:+.1f}%", style=style)
+
+
+def render_train_comparison(console: Console, comparison: dict[str, Any]) -> None:
+    """Predicted vs measured peak per phase, peak allocated and device total, signed error."""
+    predicted, measured, errors = (
+        comparison["predicted"],
+        comparison["measured"],
+        comparison["errors"],
+    )
+    workload = predicted["workload"]
+    console.print(
+        Text(
+            f"{format_count(measured['params'])} parameters · {workload['mode']} · "
+            f"batch {workload['batch']} × seq {workload['seq']} · {workload['precision']} · "
+            f"{len({s['step'] for s in measured['steps']})} step(s) on {measured['device_name']} "
+            f"({format_bytes(measured['device_total_bytes'])}), torch {measured['torch_version']}"
+        )
+    )
+    table = Table(
+        title="Predicted vs measured, GiB; error = (predicted − measured) / measured",
+        title_justify="left",
+    )
+    table.add_column("")
+    table.add_column("predicted", justify="right")
+    table.add_column("measured", justify="right")
+    table.add_column("error", justify="right")
+    for phase, error in errors.items():
+        if phase in ("peak_allocated_bytes", "total_bytes"):
+            continue
+        table.add_row(
+            f"{phase} (peak allocated)",
+            _gib_or_dash(predicted["phases"].get(phase)),
+            _gib_or_dash(measured["phases"].get(phase)),
+            _pct(error),
+        )
+    table.add_section()
+    table.add_row(
+        "peak allocated (max_memory_allocated)",
+        _gib(predicted["peak_allocated_bytes"]),
+        _gib(measured["peak_allocated_bytes"]),
+        _pct(errors.get("peak_allocated_bytes")),
+    )
+    table.add_row(
+        "device total (used after the run)",
+        _gib(predicted["total_bytes"]),
+        _gib(measured["total_bytes"]),
+        _pct(errors.get("total_bytes")),
+    )
+    console.print(table)
+    console.print(
+        f"measured: CUDA context {format_bytes(measured['context_bytes'])}, "
+        f"weights {format_bytes(measured['weights_bytes'])}, "
+        f"reserved peak {format_bytes(measured['reserved_peak_bytes'])}"
+    )
+    for note in measured["notes"]:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+
+
+def _gib_or_dash(n_bytes: int | None) -> str:
+    return "—" if n_bytes is None else _gib(n_bytes)
+
+
+@contextmanager
+def measure_progress(console: Console) -> Iterator[Callable[[str, int, int], None]]:
+    """A live progress display for ``measure_train``; yields its ``on_progress`` callback.
+
+    Draw it on a stderr console so stdout stays clean; it disappears when done, and is not
+    drawn at all when the console is not a terminal (a log file gets no progress lines).
+    """
+    if not console.is_terminal:
+        yield lambda phase, step, total: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task("building the model", total=None)
+
+        def on_progress(phase: str, step: int, total: int) -> None:
+            label = f"decode, token {step}" if phase == "decode" else f"step {step}: {phase}"
+            progress.update(task, description=label, completed=step - 1, total=total)
+            progress.refresh()  # phases can take minutes: show the new one at once
+
+        yield on_progress

