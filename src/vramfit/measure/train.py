@@ -107,22 +107,15 @@ class _Recorder:
     def end(self) -> None:
         assert self._open is not None
         self.backend.synchronize()
-        step, phase = self._open
-        self.steps.append(
-            {
-                "step": step,
-                "phase": phase,
-                "peak_allocated_bytes": self.backend.max_memory_allocated(),
-                "end_allocated_bytes": self.backend.memory_allocated(),
-            }
-        )
-        self.note_reserved()
-        self._open = None
+        self._close()
 
     def failed(self) -> None:
         """Record the phase an OOM interrupted (its peak is the allocator's at the failure)."""
-        if self._open is None:
-            return
+        if self._open is not None:
+            self._close(oom=True)
+
+    def _close(self, **extra: bool) -> None:
+        assert self._open is not None
         step, phase = self._open
         self.steps.append(
             {
@@ -130,7 +123,7 @@ class _Recorder:
                 "phase": phase,
                 "peak_allocated_bytes": self.backend.max_memory_allocated(),
                 "end_allocated_bytes": self.backend.memory_allocated(),
-                "oom": True,
+                **extra,
             }
         )
         self.note_reserved()
