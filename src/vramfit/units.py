@@ -63,11 +63,6 @@ def format_count(count: int) -> str:
     return str(count)
 
 
-def format_gib(n_bytes: int | float) -> str:
-    """Bytes as binary gigabytes, labelled GiB (2**30 bytes)."""
-    return f"{n_bytes / GIB:.2f} GiB"
-
-
 def format_bytes(n_bytes: int | float) -> str:
     """Bytes in the largest binary unit that keeps the number readable (KiB, MiB, GiB)."""
     sign = "-" if n_bytes < 0 else ""

@@ -53,25 +53,6 @@ class Timeline:
     def last(self) -> int:
         return len(self.points) - 1
 
-    def alloc(
-        self,
-        name: str,
-        component: str,
-        sizes: int | Sequence[int],
-        start: int,
-        end: int,
-        *,
-        persistent: bool = False,
-    ) -> None:
-        """Record tensors of ``sizes`` bytes live over [start, end]; empty ones are dropped."""
-        sizes = (sizes,) if isinstance(sizes, int) else tuple(sizes)
-        sizes = tuple(int(s) for s in sizes if s > 0)
-        if not sizes:
-            return
-        if not 0 <= start <= end < len(self.points):
-            raise ValueError(f"allocation {name!r} spans [{start}, {end}] outside the timeline")
-        self.allocations.append(Allocation(name, component, sizes, start, end, persistent))
-
     def live_bytes(self) -> list[int]:
         """Requested bytes live at each point (difference array: O(points + allocations))."""
         delta = [0] * (len(self.points) + 1)
