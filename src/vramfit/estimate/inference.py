@@ -113,14 +113,20 @@ def build_inference_timeline(spec: ModelSpec, workload: Workload, workspace_byte
             wide = [t.new(f"block {i} widened {name}", act, n * sh.q_width * c) for name in "kv"]
         if workload.attention is Attention.eager:
             # scores, then the masked copy (the core's local ``scores`` until it returns), then
-            # softmax (fp32 under autocast, which passes dtype=float32 rather than casting its
-            # input: the fp32_set_opt_dtype policy), then its copy back to 16 bits
+            # softmax (fp32 under autocast; see Dtypes.softmax_upcast), then its copy back to
+            # 16 bits
             scores = t.new(f"block {i} scores", act, sh.scores * c)
             t.op(f"block {i} masked scores")
             masked = t.new(f"block {i} masked scores", act, sh.scores * c)
             t.free(scores)
             t.op(f"block {i} softmax")
+            upcast = (
+                t.new(f"block {i} fp32 scores", act, sh.scores * FP32)
+                if dt.softmax_upcast
+                else None
+            )
             probs = t.new(f"block {i} softmax", act, sh.scores * dt.softmax)
+            t.free(upcast)
             if dt.autocast:
                 t.op(f"block {i} 16-bit softmax")
                 probs16 = t.new(f"block {i} 16-bit softmax", act, sh.scores * c)

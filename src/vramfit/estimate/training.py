@@ -248,17 +248,20 @@ class _Step:
         t.op(f"block {i} attention")
         if self.eager:
             # scores, then the masked copy (the core's local ``scores`` until it returns), then
-            # softmax (fp32 under autocast, which passes dtype=float32 rather than casting the
-            # input: the fp32_set_opt_dtype policy); softmax saves its output (Korthikanti's
-            # 5as/h term)
+            # softmax (fp32 under autocast; see Dtypes.softmax_upcast), which saves its output
+            # (Korthikanti's 5as/h term)
             scores = t.new(f"block {i} scores", "activations", sh.scores * c)
             t.op(f"block {i} masked scores")
             masked = t.new(f"block {i} masked scores", "activations", sh.scores * c)
             t.free(scores)
             t.op(f"block {i} softmax")
+            upcast = None
+            if dt.softmax_upcast:
+                upcast = t.new(f"block {i} fp32 scores", "activations", sh.scores * FP32)
             probs = [
                 t.new(f"block {i} softmax", "activations", sh.scores * dt.softmax, part="attention")
             ]
+            t.free(upcast)
             if dt.autocast:
                 probs.append(
                     t.new(
