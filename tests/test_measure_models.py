@@ -169,3 +169,25 @@ def test_half_precision_forward_on_cpu() -> None:
     loss = model(x, x)
     assert loss.dtype == torch.float32  # logits upcast before cross-entropy
     assert math.isfinite(loss.item())
+
+
+def _presets() -> list:
+    from vramfit.presets import list_presets
+
+    return list_presets()
+
+
+@pytest.mark.parametrize("preset", _presets(), ids=lambda p: p.name)
+def test_every_preset_builds_with_the_estimators_parameter_count(preset) -> None:
+    """The torch model of every preset (on the meta device: no memory) has exactly the
+    parameters the estimator counts; architectures measure does not build fail cleanly."""
+    from vramfit.measure.models import check_measurable
+
+    spec = preset.model.resolved()
+    try:
+        check_measurable(spec)
+    except VramfitError as err:
+        assert spec.experts > 1 or spec.norms_per_layer != 2
+        assert str(err) == "--preset: measure supports dense models with 2 norms per layer"
+        return
+    assert meta(spec.model_copy(update={"params": None})).num_params() == count_params(spec).total
