@@ -26,6 +26,10 @@ if TYPE_CHECKING:  # `vramfit estimate` pays for importing only what its output 
 
 BAR_WIDTH = 30
 
+# Components under 5 MiB would print as 0.00 GiB: the table leaves them out (the total and the
+# JSON output keep them).
+SMALLEST_ROW_BYTES = 5 * 2**20
+
 COMPONENT_LABELS = {
     "weights": "weights",
     "autocast_weight_copies": "autocast 16-bit weight copies",
@@ -75,6 +79,8 @@ def render_estimate(console: Console, est: Estimate, suggestions: list[Suggestio
     table.add_column("GiB", justify="right")
     table.add_column("share")
     for name, n_bytes in est.breakdown.items():
+        if n_bytes < SMALLEST_ROW_BYTES:  # would print as 0.00 GiB
+            continue
         table.add_row(
             COMPONENT_LABELS.get(name, name), _gib(n_bytes), _bar(n_bytes, est.total_bytes)
         )
