@@ -174,3 +174,12 @@ def test_every_subpackage_ships() -> None:
     assert config["package-dir"]["vramfit.preset_files"] == "presets"
     assert "vramfit.preset_files" in config["packages"]
     assert config["package-data"]["vramfit.preset_files"] == ["*.yaml"]
+
+
+def test_a_directory_is_not_a_preset(tmp_path) -> None:
+    with pytest.raises(VramfitError) as info:
+        get_preset(str(tmp_path))
+    assert (
+        str(info.value)
+        == f"--preset: {str(tmp_path)!r} is a directory; give a preset name or a .yaml file"
+    )

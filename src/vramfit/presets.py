@@ -87,6 +87,10 @@ def get_preset(name: str) -> Preset:
     """
     if _is_path(name):
         return load_yaml(Path(name), Preset)
+    if Path(name).is_dir():
+        raise VramfitError(
+            f"{name!r} is a directory; give a preset name or a .yaml file", field="--preset"
+        )
     key = name.strip().lower()
     key = ALIASES.get(key, key)
     by_name = {preset.name.lower(): preset for preset in _load_all()}
