@@ -202,7 +202,7 @@ def test_solve_batch_is_exact(capsys: pytest.CaptureFixture[str], args: list[str
     code, doc = run_json(capsys, "estimate", *args, "--gpu", "H100", "--solve", "batch")
     assert code == 0
     n = doc["value"]
-    assert n >= 1 and doc["gpu"] == "H100-SXM"
+    assert n >= 1 and doc["gpu"] == {"name": "H100-SXM", "memory_bytes": 85_520_809_984}
     assert doc["estimate"]["workload"]["batch"] == n
     fits, at_n = run_json(capsys, "estimate", *args, "--gpu", "H100", "--batch", str(n))
     assert fits == 0 and at_n["fits"] is True
@@ -420,7 +420,7 @@ ERRORS = [
     (
         # heads default to hidden / 64 = 33, which 2 KV heads cannot share
         ["estimate", "--layers", "2", "--hidden", "2112", "--kv-heads", "2"],
-        "model: heads (33) is not a multiple of kv_heads (2)",
+        "--heads: heads (33) is not a multiple of kv_heads (2)",
     ),
     (
         ["estimate", "--params", "1Q"],
@@ -549,8 +549,8 @@ def test_bad_files_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Pa
             f"{tmp_path / 'empty.yaml'}: empty file",
         ),
         (
-            ["--preset", str(tmp_path)],  # not a .yaml file: read as a name
-            f"--preset: unknown preset {str(tmp_path)!r}; run 'vramfit presets' to list them",
+            ["--preset", str(tmp_path)],  # a directory
+            f"--preset: {str(tmp_path)!r} is a directory; give a preset name or a .yaml file",
         ),
         (
             ["--hf-config", str(_write(tmp_path / "bert.json", '{"model_type": "bert"}'))],

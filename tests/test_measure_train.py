@@ -230,16 +230,6 @@ def test_adafactor_needs_a_recent_torch(monkeypatch: pytest.MonkeyPatch) -> None
             "--kv-dtype",
             "measure supports fp32, fp16 and bf16 KV caches",
         ),
-        (
-            run_of(TINY_GPT2, seq=33),
-            "--seq",
-            "33 positions exceed the model's learned table (32)",
-        ),
-        (
-            run_of(TINY_GPT2, mode="infer", seq=30, gen_tokens=3),
-            "--seq",
-            "33 positions exceed the model's learned table (32)",
-        ),
     ],
 )
 def test_unsupported_runs_are_refused_cleanly(run: RunSpec, field: str, message: str) -> None:

@@ -66,6 +66,7 @@ OPTION_NAMES = {
     "seq": "--seq",
     "batch": "--batch",
     "gen_tokens": "--gen-tokens",
+    "kv_dtype": "--kv-dtype",
     "params": "--params",
 }
 
@@ -94,6 +95,12 @@ def _option_error(err: ValidationError) -> VramfitError:
     first = err.errors()[0]
     field = str(first["loc"][0]) if first["loc"] else "model"
     message = _sentence(first["msg"])
+    if first["type"] == "value_error":
+        # a check across fields (model or workload validators): its message starts with the
+        # field it is about, e.g. "hidden (1024) is not divisible by heads (7)"
+        leading = message.split(" ", 1)[0].lower()
+        if leading in OPTION_NAMES:
+            field = leading
     if "input" in first and not isinstance(first["input"], dict):
         message += f", got {first['input']!r}"
     return VramfitError(message, field=OPTION_NAMES.get(field, field))
@@ -359,6 +366,8 @@ def estimate(
             raise VramfitError(f"expected batch or seq, got {solve!r}", field="--solve")
         if solve is not None and hardware is None:
             raise VramfitError("needs --gpu", field="--solve")
+        if solve is not None and formula is Formula.seed:
+            raise VramfitError("works with vramfit's model, not --formula seed", field="--solve")
     except VramfitError as err:
         _fail(err)
         return
@@ -471,7 +480,7 @@ def _solve(run: RunSpec, hardware: Hardware, field: str, as_json: bool) -> None:
             {
                 "solve": field,
                 "value": value,
-                "gpu": hardware.name,
+                "gpu": _gpu_json(hardware),
                 "estimate": None if est is None else estimate_json(est),
             }
         )

@@ -160,7 +160,8 @@ class ModelSpec(_Strict):
             if values.get(key) is None:
                 values[key] = default
         if values["heads"] is None:
-            # head width 64, as GPT-2 / GPT-3 / Llama-7B use (Radford et al. 2019; Touvron 2023)
+            # head width 64, as GPT-2 and GPT-3 use (Radford et al. 2019; Brown et al. 2020);
+            # Llama uses 128 (Touvron et al. 2023): its presets give heads explicitly
             values["heads"] = max(1, self.hidden // 64) if self.hidden % 64 == 0 else 1
         if values["kv_heads"] is None:
             values["kv_heads"] = values["heads"]
@@ -219,12 +220,64 @@ class Workload(_Strict):
     gen_tokens: int = Field(default=0, ge=0, le=100_000_000, description="tokens generated (infer)")
     kv_dtype: KvDtype | None = Field(default=None, description="KV cache dtype (infer)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _inference_defaults_to_bf16(cls, data: Any) -> Any:
+        """Inference is served in 16 bits: without a precision, infer means bf16 weights,
+        not amp's fp32 weights (which only training needs, as master weights)."""
+        if isinstance(data, dict) and str(data.get("mode", "")).endswith("infer"):
+            if data.get("precision") is None:
+                data = {**data, "precision": Precision.bf16}
+        return data
+
+    @model_validator(mode="after")
+    def _options_match_the_mode(self) -> Workload:
+        if self.mode is Mode.train and self.gen_tokens:
+            raise ValueError("gen_tokens only applies with mode infer (--mode infer)")
+        if self.mode is Mode.train and self.kv_dtype is not None:
+            raise ValueError("kv_dtype only applies with mode infer (--mode infer)")
+        return self
+
 
 class RunSpec(_Strict):
     """Everything an estimate needs: the model and the workload."""
 
     model: ModelSpec
-    workload: Workload = Workload()
+    workload: Workload = Field(default_factory=Workload)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_seq_fits_the_positions(cls, data: Any) -> Any:
+        """Without an explicit seq, a model with a learned position table (GPT-2: 1024) gets
+        its full table instead of the 2048-token default."""
+        if not isinstance(data, dict) or "model" not in data:
+            return data
+        model, workload = data["model"], data.get("workload", {})
+        try:
+            spec = (
+                model if isinstance(model, ModelSpec) else ModelSpec.model_validate(model)
+            ).resolved()
+            wl = workload if isinstance(workload, Workload) else Workload.model_validate(workload)
+        except (ValidationError, ValueError, TypeError):
+            return data  # reported by the normal validation below
+        if "seq" in wl.model_fields_set or spec.positions is not Positions.learned:
+            return data
+        table = spec.max_positions or 0
+        if 0 < table < wl.seq + wl.gen_tokens:
+            seq = max(1, table - wl.gen_tokens)
+            return {**data, "workload": wl.model_copy(update={"seq": seq})}
+        return data
+
+    @model_validator(mode="after")
+    def _context_fits_the_positions(self) -> RunSpec:
+        spec, w = self.model.resolved(), self.workload
+        if spec.positions is Positions.learned and spec.max_positions:
+            if w.seq + w.gen_tokens > spec.max_positions:
+                raise ValueError(
+                    f"seq + gen_tokens ({w.seq + w.gen_tokens}) exceeds the model's "
+                    f"{spec.max_positions} learned positions"
+                )
+        return self
 
 
 class Preset(_Strict):

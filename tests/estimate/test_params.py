@@ -47,3 +47,36 @@ def test_parts_sum_to_the_total() -> None:
     counts = count_params(ModelSpec(arch="gpt2", layers=12, hidden=768))
     assert sum(counts.parts.values()) == counts.total
     assert counts.lm_head == 0  # tied
+
+
+def test_training_gradients_cover_every_parameter_including_all_experts() -> None:
+    """At the optimizer step every parameter has a gradient: for MoE, every expert's (with
+    thousands of tokens routed, each expert receives some), not only the active ones."""
+    from vramfit.config import RunSpec, Workload
+    from vramfit.estimate.core import estimate
+
+    for spec in (
+        ModelSpec(
+            arch="llama",
+            layers=2,
+            hidden=256,
+            heads=4,
+            kv_heads=2,
+            ffn=512,
+            vocab=1000,
+            experts=8,
+            experts_per_token=2,
+        ),
+        ModelSpec(arch="gpt2", layers=2, hidden=256, vocab=1000),
+        ModelSpec(arch="llama", layers=2, hidden=256, vocab=1000, tied=True),
+    ):
+        run = RunSpec(
+            model=spec, workload=Workload(batch=2, seq=64, precision="fp32", optimizer="sgd")
+        )
+        from vramfit.estimate.training import build_training_steps
+
+        _, steady, _ = build_training_steps(spec, run.workload, 0)
+        step = len(steady.points) - 1
+        grads = steady.components_at(step)["gradients"]
+        assert grads == 4 * count_params(spec).total
+        assert estimate(run).params == count_params(spec).total

@@ -23,9 +23,11 @@ def runs(draw: st.DrawFn) -> RunSpec:
         heads=heads,
         kv_heads=kv,
         vocab=draw(st.integers(100, 200_000)),
+        max_positions=16384,  # GPT-2's learned table, long enough for every drawn context
     )
+    mode = draw(st.sampled_from(["train", "infer"]))
     workload = Workload(
-        mode=draw(st.sampled_from(["train", "infer"])),
+        mode=mode,
         batch=draw(st.integers(1, 64)),
         seq=draw(st.integers(1, 8192)),
         precision=draw(st.sampled_from(["fp32", "amp-fp16", "amp-bf16", "bf16", "fp16"])),
@@ -36,7 +38,7 @@ def runs(draw: st.DrawFn) -> RunSpec:
         ),
         attention=draw(st.sampled_from(["flash", "eager"])),
         checkpointing=draw(st.sampled_from(["none", "selective", "full"])),
-        gen_tokens=draw(st.integers(0, 2048)),
+        gen_tokens=draw(st.integers(0, 2048)) if mode == "infer" else 0,
     )
     return RunSpec(model=model, workload=workload)
 

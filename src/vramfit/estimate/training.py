@@ -165,12 +165,31 @@ class _Step:
             return [s for wd in widths for s in [(wd, h)] + ([(wd,)] if qkv_bias else [])]
         if kind == "o":
             return [(h, sh.q_width)] + [(h,)] * len(bias)
-        if kind == "up":
-            n = 2 if self.gated else 1
-            return [
-                s for _ in range(n) for s in [(sh.active_ffn, h)] + [(sh.active_ffn,)] * len(bias)
-            ]
-        return [(h, sh.active_ffn)] + [(h,)] * len(bias)
+        if kind == "up":  # gate and up (GELU: fc), and the router: every expert trains
+            per = 2 if self.gated else 1
+
+            def ups(ffn: int, count: int) -> list[ParamShape]:
+                return [s for _ in range(count * per) for s in [(ffn, h)] + [(ffn,)] * len(bias)]
+
+            if spec.experts > 1:
+                assert spec.expert_ffn and spec.shared_expert_ffn
+                return (
+                    [(spec.experts, h)]
+                    + ups(spec.expert_ffn, spec.experts)
+                    + ups(spec.shared_expert_ffn, spec.shared_experts)
+                    + ([(1, h)] if spec.shared_expert_gate else [])
+                )
+            return ups(sh.ffn, 1)
+
+        def downs(ffn: int, count: int) -> list[ParamShape]:
+            return [s for _ in range(count) for s in [(h, ffn)] + [(h,)] * len(bias)]
+
+        if spec.experts > 1:
+            assert spec.expert_ffn and spec.shared_expert_ffn
+            return downs(spec.expert_ffn, spec.experts) + downs(
+                spec.shared_expert_ffn, spec.shared_experts
+            )
+        return downs(sh.ffn, 1)
 
     def norm_shapes(self) -> list[ParamShape]:
         h = self.sh.hidden

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vramfit.config import Mode, Optimizer, Positions, Precision, RunSpec, Workload
+from vramfit.config import Mode, Optimizer, Precision, RunSpec, Workload
 from vramfit.errors import VramfitError
 from vramfit.estimate.params import count_params
 from vramfit.measure.backend import Backend, CudaBackend, import_torch
@@ -161,12 +161,8 @@ def _optimizer_factory(torch: Any, optimizer: Optimizer) -> Callable[[Any], Any]
 
 
 def _check_workload(spec: Any, workload: Workload) -> None:
-    positions = workload.seq + (workload.gen_tokens if workload.mode is Mode.infer else 0)
-    if spec.positions is Positions.learned and positions > (spec.max_positions or 0):
-        raise VramfitError(
-            f"{positions} positions exceed the model's learned table ({spec.max_positions})",
-            field="--seq",
-        )
+    # (a context longer than a learned position table is refused by RunSpec itself)
+    del spec
     if workload.mode is Mode.infer and workload.kv_dtype is not None:
         if workload.kv_dtype.value not in _KV_DTYPE:
             raise VramfitError("measure supports fp32, fp16 and bf16 KV caches", field="--kv-dtype")
