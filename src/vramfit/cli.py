@@ -242,7 +242,7 @@ PrecisionOpt = Annotated[
     typer.Option(
         "--precision",
         help="fp32, amp-fp16 / amp-bf16 (fp32 weights + autocast), or pure bf16 / fp16 "
-        "(default: amp-bf16).",
+        "(default: amp-bf16; bf16 with --mode infer).",
     ),
 ]
 OptimizerOpt = Annotated[

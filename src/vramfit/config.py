@@ -109,7 +109,7 @@ class ModelSpec(_Strict):
     """
 
     arch: Arch = Field(default=Arch.llama, description="model family: gpt2 or llama")
-    layers: int = Field(ge=1, le=1024, description="transformer blocks")
+    layers: int = Field(ge=1, le=512, description="transformer blocks")
     hidden: int = Field(ge=1, le=10_000_000, description="model (residual) width")
     heads: int | None = Field(default=None, ge=1, description="attention heads")
     kv_heads: int | None = Field(default=None, ge=1, description="key/value heads (GQA)")

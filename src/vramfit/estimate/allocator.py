@@ -111,7 +111,8 @@ class CachingAllocator:
         block.free = False
         self._live[handle] = block
         self.allocated += block.size
-        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        if self.allocated > self.peak_allocated:
+            self.peak_allocated = self.allocated
 
     def free(self, handle: int) -> None:
         """Return a block to its pool, merging it with free neighbours of its segment."""

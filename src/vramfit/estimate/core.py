@@ -98,7 +98,8 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
     phases: dict[str, int] = {}
     for timeline, allocated in zip(steps, rep.allocated, strict=True):
         for (phase, _), n_bytes in zip(timeline.points, allocated, strict=True):
-            phases[phase] = max(phases.get(phase, 0), n_bytes)
+            if n_bytes > phases.get(phase, -1):
+                phases[phase] = n_bytes
     steady_allocated = rep.allocated[-1]
     peak_index = max(range(len(steady_allocated)), key=lambda i: (steady_allocated[i], -i))
     peak_phase, peak_point = steady.points[peak_index]

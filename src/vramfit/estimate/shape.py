@@ -8,7 +8,7 @@ from vramfit.estimate.params import count_params
 # GPT-3's family (Brown et al. 2020, Table 2.1) and Llama keep hidden / layers near 128.
 ASPECT = 128
 WIDTH_STEP = 64  # hidden sizes are multiples of the 64-wide head
-MAX_LAYERS = 1024  # ModelSpec.layers' bound
+MAX_LAYERS = 512  # ModelSpec.layers' bound
 
 
 def infer_shape(params: int, layers: int | None, arch: Arch) -> tuple[int, int]:
