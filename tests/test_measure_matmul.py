@@ -5,12 +5,8 @@ from __future__ import annotations
 import pytest
 
 from vramfit.errors import VramfitError
-from vramfit.measure.matmul import (
-    NOTEBOOK_CELLS,
-    cublas_workspace_bytes,
-    parse_workspace_config,
-    predict_matmul,
-)
+from vramfit.estimate.overhead import cublas_workspace_bytes, parse_workspace_config
+from vramfit.measure.matmul import NOTEBOOK_CELLS, predict_matmul
 
 MIB = 2**20
 

@@ -84,7 +84,7 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
     counts = count_params(spec)
     params = spec.params or counts.total
     cc = hardware.compute_capability if hardware else None
-    workspace = cublas_workspace_bytes(cc)
+    workspace = cublas_workspace_bytes(None, cc)
     training = workload.mode is Mode.train
     block_bytes: dict[str, int] = {}
     if training:

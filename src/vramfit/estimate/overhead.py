@@ -8,18 +8,71 @@ committed under ``benchmarks/data/``.
 
 from __future__ import annotations
 
+import re
+
+from vramfit.errors import VramfitError
+
 MIB = 2**20
 
 
-# PyTorch allocates one cuBLAS workspace per (handle, stream) through its caching allocator
-# (aten/src/ATen/cuda/CublasHandlePool.cpp, getChosenWorkspaceSize): 4096 KiB x 2 + 16 KiB x 8
-# = 8.125 MiB by default before Hopper (the seed notebook's T4 cells), 32 MiB on Hopper (sm_90)
-# and newer (measured: 32 MiB on an H200, torch 2.11).
-def cublas_workspace_bytes(compute_capability: tuple[int, int] | None) -> int:
-    """Default size of one cuBLAS workspace for a GPU of this compute capability."""
-    if compute_capability is not None and compute_capability >= (9, 0):
-        return 32 * MIB
-    return 4096 * 1024 * 2 + 16 * 1024 * 8
+MEASURED_TORCH = (2, 11)  # the PyTorch version every figure marked "measured" comes from
+
+_CONFIG_RE = re.compile(r":([0-9]+):([0-9]+)")
+
+
+def _version_tuple(torch_version: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", torch_version)
+    if not match:
+        raise VramfitError(f"cannot read torch version {torch_version!r}", field="torch")
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_workspace_config(config: str) -> int | None:
+    """Bytes that ``CUBLAS_WORKSPACE_CONFIG`` asks for: the sum of SIZE KiB x COUNT over every
+    ``:SIZE:COUNT`` pair (``:4096:8`` -> 32 MiB). None when nothing parses (PyTorch then
+    warns and uses its default)."""
+    pairs = _CONFIG_RE.findall(config)
+    if not pairs:
+        return None
+    return sum(int(size) * 1024 * int(count) for size, count in pairs)
+
+
+def cublas_workspace_bytes(
+    torch_version: str | None,
+    compute_capability: tuple[int, int] | None,
+    config: str | None = None,
+) -> int:
+    """The cuBLAS workspace PyTorch allocates through its caching allocator per (handle, stream).
+
+    Source: aten/src/ATen/cuda/CublasHandlePool.cpp, ``parseChosenWorkspaceSize`` (read by
+    ``getChosenWorkspaceSize``): ``CUBLAS_WORKSPACE_CONFIG`` (``config`` here) if set and
+    parseable, else ``:4096:2:16:8`` = 2 x 4 MiB + 8 x 16 KiB = 8.125 MiB, or 32 MiB
+    (``4096 * 8 * 1024``) on Hopper (sm90, since PyTorch 2.0, PR #89027) and, since PyTorch
+    2.11 (PR #175344), Blackwell (sm100/sm110/sm120). Allocating it from the caching allocator
+    began with PR #83461 (PyTorch 1.13, default 4 MiB then); before that it was cuBLAS's own,
+    outside ``memory_allocated``. Measured: 8.125 MiB on a T4 (the seed notebook), 32 MiB on an
+    H200 with torch 2.11.
+
+    ``torch_version`` None (an estimate, with no torch at hand) means the version measured
+    here, 2.11; ``compute_capability`` None (a GPU we know nothing of) means pre-Hopper.
+    """
+    version = MEASURED_TORCH if torch_version is None else _version_tuple(torch_version)
+    if compute_capability is None:
+        compute_capability = (0, 0)
+    if version < (1, 13):
+        return 0
+    major = compute_capability[0]
+    if version < (2, 0):
+        default = 4096 * 1024
+    elif major == 9 or (version >= (2, 11) and major in (10, 11, 12)):
+        default = 4096 * 8 * 1024
+    else:
+        default = 4096 * 1024 * 2 + 16 * 1024 * 8
+    if config is not None:
+        parsed = parse_workspace_config(config)
+        if parsed is not None:
+            return parsed
+    return default
 
 
 # Device memory outside PyTorch's allocator, measured on an H200 with torch 2.11

@@ -8,7 +8,6 @@ from vramfit.measure.backend import Backend, CpuBackend, CudaBackend
 from vramfit.measure.matmul import (
     MatmulMeasurement,
     MatmulPrediction,
-    cublas_workspace_bytes,
     measure_matmul,
     measure_tflops,
     predict_matmul,
@@ -24,7 +23,6 @@ __all__ = [
     "MatmulPrediction",
     "TrainMeasurement",
     "build_model",
-    "cublas_workspace_bytes",
     "measure_matmul",
     "measure_tflops",
     "measure_train",

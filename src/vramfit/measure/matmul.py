@@ -15,11 +15,11 @@ the op, so they add to the peak, not to what stays.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from vramfit.errors import VramfitError
+from vramfit.estimate.overhead import cublas_workspace_bytes
 from vramfit.measure.backend import Backend, CudaBackend, import_torch
 
 MIB = 2**20
@@ -42,56 +42,6 @@ NOTEBOOK_CELLS: list[tuple[str, tuple[int, int, int], int | None]] = [
     ("amp-bf16", (1024, 2048, 1024), None),
     ("amp-bf16", (512, 1024, 512), 32),
 ]
-
-_CONFIG_RE = re.compile(r":([0-9]+):([0-9]+)")
-
-
-def _version_tuple(torch_version: str) -> tuple[int, int]:
-    match = re.match(r"(\d+)\.(\d+)", torch_version)
-    if not match:
-        raise VramfitError(f"cannot read torch version {torch_version!r}", field="torch")
-    return int(match.group(1)), int(match.group(2))
-
-
-def parse_workspace_config(config: str) -> int | None:
-    """Bytes that ``CUBLAS_WORKSPACE_CONFIG`` asks for: the sum of SIZE KiB x COUNT over every
-    ``:SIZE:COUNT`` pair (``:4096:8`` -> 32 MiB). None when nothing parses (PyTorch then
-    warns and uses its default)."""
-    pairs = _CONFIG_RE.findall(config)
-    if not pairs:
-        return None
-    return sum(int(size) * 1024 * int(count) for size, count in pairs)
-
-
-def cublas_workspace_bytes(
-    torch_version: str, compute_capability: tuple[int, int], config: str | None = None
-) -> int:
-    """The cuBLAS workspace PyTorch allocates through its caching allocator per (handle, stream).
-
-    Source: aten/src/ATen/cuda/CublasHandlePool.cpp, ``parseChosenWorkspaceSize`` (read by
-    ``getChosenWorkspaceSize``): ``CUBLAS_WORKSPACE_CONFIG`` (``config`` here) if set and
-    parseable, else ``:4096:2:16:8`` = 2 x 4 MiB + 8 x 16 KiB = 8.125 MiB, or 32 MiB
-    (``4096 * 8 * 1024``) on Hopper (sm90, since PyTorch 2.0, PR #89027) and, since PyTorch
-    2.11 (PR #175344), Blackwell (sm100/sm110/sm120). Allocating it from the caching allocator
-    began with PR #83461 (PyTorch 1.13, default 4 MiB then); before that it was cuBLAS's own,
-    outside ``memory_allocated``. Measured: 8.125 MiB on a T4 (the seed notebook), 32 MiB on an
-    H200 with torch 2.11.
-    """
-    version = _version_tuple(torch_version)
-    if version < (1, 13):
-        return 0
-    major = compute_capability[0]
-    if version < (2, 0):
-        default = 4096 * 1024
-    elif major == 9 or (version >= (2, 11) and major in (10, 11, 12)):
-        default = 4096 * 8 * 1024
-    else:
-        default = 4096 * 1024 * 2 + 16 * 1024 * 8
-    if config is not None:
-        parsed = parse_workspace_config(config)
-        if parsed is not None:
-            return parsed
-    return default
 
 
 @dataclass(frozen=True)
