@@ -1,16 +1,9 @@
-"""Tensors autograd saves for backward, per transformer block, and the block's transients.
+"""Block shapes and the small per-block tensors the training and inference programs share.
 
-Each term names a tensor the reference block (``vramfit.measure.models``, which follows
-Hugging Face's GPT-2 / Llama modeling code) keeps alive between its forward and its
-backward, in the dtype that tensor really has. The layout follows Korthikanti et al.
-2022 ("Reducing Activation Recomputation in Large Transformer Models", arXiv 2205.05198,
-section 4.1: ``s*b*h*(34 + 5*a*s/h)`` bytes per 16-bit GPT layer with dropout); we drop the
-dropout masks (no dropout), count SwiGLU's three projections, GQA K/V widened by
-``repeat_kv``, fp32 norms and residuals under autocast, one 16-bit copy of the normed input
-per projection under autocast (autocast does not cache casts of activations), and flash
-attention's O(s) softmax statistics instead of the s x s probabilities (Dao et al. 2022).
-Checked tensor by tensor against the forward-end memory of small models on an H200
-(benchmarks/data/h200-run1/saved.json).
+``shape_of`` gives the sizes one transformer block works with; ``norm_stats``,
+``attention_stats`` and ``rope_tables`` give the statistics and tables that norms, attention
+kernels and RoPE keep. What a block saves and frees, op by op, is written in
+``vramfit.estimate.training`` and ``vramfit.estimate.inference``.
 """
 
 from __future__ import annotations
