@@ -23,27 +23,50 @@ import yaml
 ACTIONS = {"alloc": "a", "free_completed": "f", "segment_alloc": "s", "segment_free": "S"}
 
 
-def _worker(case: dict) -> dict:
+def _where(frames: list[dict]) -> str:
+    """The innermost frames of vramfit's reference model (or torch's Python code) that made
+    an event: ``file:line name`` joined by " < ", innermost first."""
+    keep = [
+        f"{Path(f['filename']).name}:{f['line']} {f['name']}"
+        for f in frames
+        if "vramfit" in f["filename"] or "torch/" in f["filename"]
+    ]
+    return " < ".join(keep[:4])
+
+
+def _worker(case: dict, frames: bool) -> dict:
     import torch
 
     from vramfit.config import RunSpec
     from vramfit.measure.train import measure_train
 
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000, context=None, stacks="python")
+    torch.cuda.memory._record_memory_history(
+        max_entries=2_000_000, context="all" if frames else None, stacks="python"
+    )
     run = RunSpec.model_validate({"model": case["model"], "workload": case.get("workload", {})})
     result = measure_train(run, steps=int(case.get("steps", 3)))
     snapshot = torch.cuda.memory._snapshot()
-    events = [
-        [ACTIONS[e["action"]], e["addr"], e["size"]]
-        for e in snapshot["device_traces"][0]
-        if e["action"] in ACTIONS
-    ]
-    return {
+    events, places, index = [], [], {}
+    for e in snapshot["device_traces"][0]:
+        if e["action"] not in ACTIONS:
+            continue
+        event = [ACTIONS[e["action"]], e["addr"], e["size"]]
+        if frames:  # a 4th field: index into "places", where the event came from
+            where = _where(e.get("frames", []))
+            if where not in index:
+                index[where] = len(places)
+                places.append(where)
+            event.append(index[where])
+        events.append(event)
+    out = {
         "name": case["name"],
         "events": events,
         "reserved_peak_bytes": result.reserved_peak_bytes,
         "peak_allocated_bytes": result.peak_allocated_bytes,
     }
+    if frames:
+        out["places"] = places
+    return out
 
 
 def main() -> None:
@@ -52,9 +75,12 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--worker", action="store_true")
+    parser.add_argument(
+        "--frames", action="store_true", help="label each event with the source line behind it"
+    )
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(_worker(json.loads(sys.stdin.read()))))
+        print(json.dumps(_worker(json.loads(sys.stdin.read()), args.frames)))
         return
     cases = [
         c for c in yaml.safe_load(args.cases.read_text()) if not args.only or c["name"] in args.only
@@ -62,7 +88,7 @@ def main() -> None:
     traces = []
     for case in cases:
         out = subprocess.run(
-            [sys.executable, __file__, "--worker"],
+            [sys.executable, __file__, "--worker", *(["--frames"] if args.frames else [])],
             input=json.dumps(case),
             capture_output=True,
             text=True,

@@ -1,6 +1,6 @@
 """The caching-allocator model, checked on real allocator traces recorded on an H200.
 
-benchmarks/data/h200-traces/traces.json holds, for six training and inference runs, every
+benchmarks/data/h200-traces/traces*.json* hold, for 16 training and inference runs, every
 alloc / free / segment event PyTorch 2.11's allocator recorded (benchmarks/trace.py).
 Replaying the same requests (with the segment addresses the driver chose) through vramfit's
 model must give exactly the reserved and peak allocated bytes the real allocator reported.
@@ -8,6 +8,7 @@ model must give exactly the reserved and peak allocated bytes the real allocator
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -19,7 +20,13 @@ TRACES = Path(__file__).parents[2] / "benchmarks" / "data" / "h200-traces"
 
 
 def _traces() -> list[dict]:
-    return [t for path in sorted(TRACES.glob("traces*.json")) for t in json.loads(path.read_text())]
+    return [
+        t
+        for path in sorted(TRACES.glob("traces*.json*"))
+        for t in json.loads(
+            gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text()
+        )
+    ]
 
 
 @pytest.mark.parametrize("trace", _traces(), ids=lambda t: t["name"])
@@ -65,3 +72,18 @@ def test_freed_blocks_are_reused_and_merged() -> None:
     alloc.malloc(4, 10 << 20)  # best fit: split the smallest block that fits
     assert alloc.reserved == 120 << 20
     assert alloc.allocated == 10 << 20
+
+
+def test_equal_free_blocks_go_to_the_newest_segment() -> None:
+    # the driver hands out new segments below the earlier ones (in the recorded traces,
+    # most new segments sit at a lower address), and the allocator takes the lowest
+    # address among equal free blocks: so the newest segment's block is reused first
+    alloc = CachingAllocator()
+    alloc.malloc(1, 30 << 20)
+    alloc.malloc(2, 30 << 20)
+    older, newer = alloc._live[1].segment, alloc._live[2].segment
+    alloc.free(1)
+    alloc.free(2)
+    alloc.malloc(3, 12 << 20)
+    assert alloc._live[3].segment == newer != older
+    assert alloc.reserved == 60 << 20
