@@ -83,7 +83,7 @@ class CachingAllocator:
     def malloc(self, handle: int, size: int, segment_address: int | None = None) -> None:
         """Allocate ``size`` bytes under ``handle`` (freed later with ``free(handle)``).
 
-        A new segment goes above every earlier one (our model of cudaMalloc's addresses),
+        A new segment goes below every earlier one (our model of cudaMalloc's addresses),
         unless ``segment_address`` says where the driver put it (replaying a real trace).
         """
         size = round_size(size)
@@ -94,8 +94,9 @@ class CachingAllocator:
             block = pool.pop(i)[2]
         else:
             seg = segment_size(size)
-            # a new segment's address: above every earlier one (a model of cudaMalloc)
-            base = self.reserved if segment_address is None else segment_address
+            # a new segment's address: below every earlier one, as cudaMalloc placed most
+            # new segments in the recorded traces (it decides which equal free block is taken)
+            base = (1 << 62) - self.reserved - seg if segment_address is None else segment_address
             block = _Block(segment=base, offset=0, size=seg, small=small)
             self.reserved += seg
         remaining = block.size - size
