@@ -12,9 +12,15 @@ from __future__ import annotations
 import math
 
 from vramfit.config import Arch, Attention, Mlp, ModelSpec, Positions, Workload
-from vramfit.estimate.activations import FP32, INT64, attention_stats, norm_stats, shape_of
+from vramfit.estimate.activations import FP32, INT64, norm_stats, shape_of
 from vramfit.estimate.dtypes import dtypes_for, kv_bytes
-from vramfit.estimate.params import count_params, param_tensors
+from vramfit.estimate.params import (
+    ParamShape,
+    count_params,
+    param_tensors,
+    projection_shapes,
+    tied_copy_bytes,
+)
 from vramfit.estimate.timeline import Tape, Timeline
 
 
@@ -38,150 +44,294 @@ def kv_cache_bytes(spec: ModelSpec, workload: Workload) -> int:
 
 
 def build_inference_timeline(spec: ModelSpec, workload: Workload, workspace_bytes: int) -> Timeline:
-    """Allocations of a prefill (and, with ``gen_tokens``, decode) pass, op by op.
+    """Allocations of a prefill (and, with ``gen_tokens``, the last decode step), op by op.
 
     Under ``torch.inference_mode`` every tensor dies at its last use, so each block's
     intermediates come and go; the caching allocator keeps their segments, which is why the
-    device holds more than the largest working set (measured: benchmarks/data/h200-traces).
+    device holds more than the largest working set. The ops, their order and what each one
+    allocates follow allocator traces of the reference model recorded with source lines
+    (benchmarks/data/h200-traces/frames.json.gz, ``benchmarks/trace.py --frames``).
     """
     spec = spec.resolved()
     counts = count_params(spec)
     scale = (spec.params or counts.total) / counts.total
     dt = dtypes_for(workload.precision)
-    sh = shape_of(spec, workload)
-    n, h, c, r = sh.tokens, sh.hidden, dt.compute, dt.residual
     tensors = param_tensors(spec)
     t = Tape(phase="prefill")
-    act = "activations"
 
-    t.op("start")
+    t.op("build")
     t.persist(
         "weights", "weights", [round(e * scale * dt.weight) for e in tensors.all(spec.layers)]
     )
-    t.persist("input ids", "activations", [n * INT64])
+    t.temp("lm_head copy before tying", "weights", tied_copy_bytes(spec, scale, dt.weight))
+    t.op("start")
+    t.persist("input ids", "activations", [workload.batch * workload.seq * INT64])
     if workload.gen_tokens:
         per_tensor = kv_cache_bytes(spec, workload) // (2 * spec.layers)
         t.persist("KV cache", "kv_cache", [per_tensor] * (2 * spec.layers))
-    t.persist("cuBLAS workspace", "cublas_workspace", [workspace_bytes])
 
-    def weight_cast(name: str, shapes: list[tuple[int, ...]]) -> None:
-        # under inference_mode autocast keeps no cast cache: a 16-bit copy per use
+    pass_ = _Pass(t, spec, workload, scale, workspace_bytes)
+    logits = pass_.forward(seq=workload.seq, cached=0)
+    if workload.gen_tokens:
+        # the last generated token attends to the longest cache: the largest decode step
+        t.phase = "decode"
+        t.op("next token")
+        t.free(logits)
+        logits = pass_.forward(seq=1, cached=workload.seq + workload.gen_tokens - 1)
+    t.op("end")
+    t.free(logits)
+    return t.finish()
+
+
+class _Pass:
+    """One forward pass of the reference model under ``inference_mode``, op by op."""
+
+    def __init__(
+        self, t: Tape, spec: ModelSpec, workload: Workload, scale: float, workspace: int
+    ) -> None:
+        self.t, self.spec, self.w, self.scale = t, spec, workload, scale
+        self.workspace = workspace  # cuBLAS allocates it in the first matmul
+        self.dt = dtypes_for(workload.precision)
+        self.sh = shape_of(spec, workload)
+        self.kv_elem = kv_bytes(workload)
+
+    def linear(
+        self, name: str, shapes: list[ParamShape], n_in: int, out: int, fp32_input: bool
+    ) -> int | None:
+        """A projection: under autocast, 16-bit copies of its bias, weight and (fp32) input,
+        made right to left as the C++ wrapper evaluates its arguments, then the output; the
+        copies die when it returns (inference_mode keeps no cast cache)."""
+        t, dt = self.t, self.dt
+        t.op(name)
+        casts = []
         if dt.autocast:
-            t.temp(
-                f"{name} 16-bit weights",
-                "autocast_weight_copies",
-                sum(round(math.prod(s) * scale * dt.compute) for s in shapes),
-            )
+            casts = [
+                t.new(
+                    f"{name} 16-bit weights",
+                    "autocast_weight_copies",
+                    round(math.prod(shape) * self.scale * dt.compute),
+                )
+                for shape in reversed(shapes)
+            ]
+            if fp32_input:
+                casts.append(t.new(f"{name} 16-bit input", _ACT, n_in * dt.compute))
+        key = t.new(name, _ACT, out)
+        if self.workspace:
+            t.persist("cuBLAS workspace", "cublas_workspace", [self.workspace])
+            self.workspace = 0
+        t.free(*casts)
+        return key
 
-    def project(name: str, x: int | None, width: int, shapes: list[tuple[int, ...]]) -> int | None:
-        cast = t.new(f"{name} 16-bit input", act, n * h * c) if dt.autocast else None
-        weight_cast(name, shapes)
-        out = t.new(name, act, n * width * c)
-        t.free(cast)
+    def norm(self, name: str, tokens: int) -> int | None:
+        """LayerNorm / RMSNorm: the output (the residual's dtype) and per-row fp32 statistics
+        that die with the op."""
+        t = self.t
+        t.op(name)
+        out = t.new(name, _ACT, tokens * self.sh.hidden * self.dt.residual)
+        for size in norm_stats(tokens, self.spec.norm):
+            t.temp(f"{name} statistics", _ACT, size)
         return out
 
-    fused = spec.arch is Arch.gpt2
-    widened = sh.kv_heads < sh.heads
-    gated = spec.mlp is Mlp.swiglu
-    norm_width = FP32 if dt.autocast else c
-    t.op("embeddings")
-    x = t.new("embedding output", act, n * h * r)
-    block = tensors.block_linear
-    for i in range(spec.layers):
-        t.op(f"block {i} attention")
-        normed = t.new(f"block {i} norm 1", act, n * h * norm_width)
-        for size in norm_stats(n, spec.norm):
-            t.temp(f"block {i} norm 1 statistics", act, size)
-        if fused:
-            qkv = project(f"block {i} q/k/v", normed, sh.q_width + 2 * sh.kv_width, list(block[:2]))
-            q = k = v = qkv
-        else:
-            q = project(f"block {i} q", normed, sh.q_width, [block[0]])
-            k = project(f"block {i} k", normed, sh.kv_width, [block[1]])
-            v = project(f"block {i} v", normed, sh.kv_width, [block[2]])
-        t.free(normed)
-        if spec.positions is Positions.rope and not fused:
-            t.op(f"block {i} rotary embedding")
-            t.temp(f"block {i} rotary temporary", act, 2 * n * sh.q_width * c)
-            q_rot = t.new(f"block {i} rotated q", act, n * sh.q_width * c)
-            k_rot = t.new(f"block {i} rotated k", act, n * sh.kv_width * c)
-            t.free(q, k)
-            q, k = q_rot, k_rot
-        t.op(f"block {i} attention core")
-        wide = []
-        if widened:
-            wide = [t.new(f"block {i} widened {name}", act, n * sh.q_width * c) for name in "kv"]
-        if workload.attention is Attention.eager:
-            # scores, then the masked copy (the core's local ``scores`` until it returns), then
-            # softmax (fp32 under autocast; see Dtypes.softmax_upcast), then its copy back to
-            # 16 bits
-            scores = t.new(f"block {i} scores", act, sh.scores * c)
-            t.op(f"block {i} masked scores")
-            masked = t.new(f"block {i} masked scores", act, sh.scores * c)
-            t.free(scores)
-            t.op(f"block {i} softmax")
-            upcast = (
-                t.new(f"block {i} fp32 scores", act, sh.scores * FP32)
-                if dt.softmax_upcast
-                else None
-            )
-            probs = t.new(f"block {i} softmax", act, sh.scores * dt.softmax)
-            t.free(upcast)
-            if dt.autocast:
-                t.op(f"block {i} 16-bit softmax")
-                probs16 = t.new(f"block {i} 16-bit softmax", act, sh.scores * c)
-                t.free(probs)
-                probs = probs16
-            t.op(f"block {i} probs @ v")
-            pv = t.new(f"block {i} probs @ v", act, n * sh.q_width * c)
-            t.free(probs)
-            t.op(f"block {i} attention output")
-            t.free(pv, masked)
-        else:
-            t.temp(f"block {i} logsumexp", act, attention_stats(sh, workload)[0])
-        out = t.new(f"block {i} attention output", act, n * sh.q_width * c)
-        t.free(*wide)  # locals of the attention core
-        t.op(f"block {i} output projection")
-        proj = project(f"block {i} o", out, h, [block[-1 - (3 if gated else 2)]])
-        t.free(out, q, k, v)  # q, k, v are the attention module's locals until it returns
-        t.op(f"block {i} residual 1")
-        x_mid = t.new(f"block {i} residual 1", act, n * h * r)
-        t.free(proj, x)
+    def rope(self, name: str, x: int | None, size: int) -> int | None:
+        """HF ``apply_rotary_pos_emb`` on a (b, heads, s, hd) tensor of ``size`` bytes:
+        x * cos + rotate_half(x) * sin, rotate_half = cat(-x2, x1)."""
+        t = self.t
+        t.op(f"{name} * cos")
+        x_cos = t.new(f"{name} * cos", _ACT, size)
+        t.op(f"{name} rotate_half")
+        neg = t.new(f"{name} -x2", _ACT, size // 2)
+        half = t.new(f"{name} rotate_half", _ACT, size)
+        t.free(neg)
+        t.op(f"{name} rotate_half * sin")
+        rot_sin = t.new(f"{name} rotate_half * sin", _ACT, size)
+        t.free(half)
+        t.op(f"{name} rotated")
+        out = t.new(f"{name} rotated", _ACT, size)
+        t.free(x_cos, rot_sin, x)
+        return out
 
-        t.op(f"block {i} MLP")
-        normed = t.new(f"block {i} norm 2", act, n * h * norm_width)
-        f = n * sh.active_ffn * c
-        first = project(f"block {i} MLP up", normed, sh.active_ffn, [])
-        t.op(f"block {i} MLP activation")
-        activated = t.new(f"block {i} MLP activation", act, f)
-        t.free(first)
-        if gated:
-            up = project(f"block {i} MLP gate", normed, sh.active_ffn, [])
-            t.op(f"block {i} MLP gate * up")
-            product = t.new(f"block {i} MLP gate * up", act, f)
-            t.free(activated, up)
-            activated = product
+    def forward(self, seq: int, cached: int) -> int | None:
+        """The whole model on ``seq`` new tokens after ``cached`` cached ones; returns the
+        last position's logits."""
+        t, spec, dt, sh, w = self.t, self.spec, self.dt, self.sh, self.w
+        b, h, c, r = w.batch, sh.hidden, dt.compute, dt.residual
+        n = b * seq
+        keys = cached + seq  # positions attention sees
+        q_size, kv_size = n * sh.q_width * c, n * sh.kv_width * c
+        fused = spec.arch is Arch.gpt2
+        widened = sh.kv_heads < sh.heads
+        rope = spec.positions is Positions.rope
+
+        t.op("embeddings")
+        if spec.positions is Positions.learned:
+            tokens = t.new("token embeddings", _ACT, n * h * r)
+            t.op("position embeddings")
+            positions = t.new("position embeddings", _ACT, seq * h * r)
+            t.op("embeddings sum")
+            x = t.new("embedding output", _ACT, n * h * r)
+            t.free(tokens, positions)
+        else:
+            x = t.new("embedding output", _ACT, n * h * r)
+        tables = [
+            t.new("RoPE table", _ACT, seq * (spec.head_dim or 0) * c)
+            for _ in range(2 if rope else 0)
+        ]
+        qkv_shapes = projection_shapes(spec, "qkv")
+        per = len(qkv_shapes) // (1 if fused else 3)
+        # MoE: the routed experts' casts are not modelled (each cast lives only in its op)
+        up_shapes = projection_shapes(spec, "up") if spec.experts <= 1 else []
+        half = len(up_shapes) // 2
+        down_shapes = projection_shapes(spec, "down") if spec.experts <= 1 else []
+        for i in range(spec.layers):
+            normed = self.norm(f"block {i} norm 1", n)
+            if fused:
+                qkv = self.linear(
+                    f"block {i} q/k/v",
+                    qkv_shapes,
+                    n * h,
+                    n * (sh.q_width + 2 * sh.kv_width) * c,
+                    True,
+                )
+                q = k = v = None  # views of qkv
+                views = [qkv]
+            else:
+                q = self.linear(f"block {i} q", qkv_shapes[:per], n * h, q_size, True)
+                k = self.linear(f"block {i} k", qkv_shapes[per : 2 * per], n * h, kv_size, True)
+                v = self.linear(f"block {i} v", qkv_shapes[2 * per :], n * h, kv_size, True)
+                if rope:
+                    q = self.rope(f"block {i} q", q, q_size)
+                    k = self.rope(f"block {i} k", k, kv_size)
+                views = [q, k, v]
+            # the new K/V are copied into the static cache; decode reads the cache back,
+            # converted to the compute dtype when it is stored in another
+            k_seen = v_seen = None
+            seen = b * keys * sh.kv_width * c
+            if cached and self.kv_elem != c:
+                t.op(f"block {i} cached K/V to compute dtype")
+                k_seen = t.new(f"block {i} cached k", _ACT, seen)
+                v_seen = t.new(f"block {i} cached v", _ACT, seen)
+                t.free(k, v)  # rebound to the converted cache
+                views = [q, qkv] if fused else [q]
+                views += [k_seen, v_seen]
+            wide: list[int | None] = []
+            if widened:  # repeat_kv: (b, kv_heads, t, hd) -> (b, heads, t, hd) copies
+                t.op(f"block {i} repeat_kv")
+                wide = [
+                    t.new(f"block {i} widened {x_}", _ACT, b * keys * sh.q_width * c) for x_ in "kv"
+                ]
+            # one decode token's q and the cache's K/V slices fold into bmm batches as views;
+            # the prompt's (b, s, heads, hd) q/k/v do not (repeat_kv's output does)
+            out = self.core(i, seq, keys, kv_copied=seq > 1 and not widened)
+            t.free(*wide)
+            o = self.linear(
+                f"block {i} o", projection_shapes(spec, "o"), n * sh.q_width, n * h * c, False
+            )
+            t.free(out, *views, q, k, v, normed)
+            t.op(f"block {i} residual 1")
+            x_mid = t.new(f"block {i} residual 1", _ACT, n * h * r)
+            t.free(o)
+
+            normed = self.norm(f"block {i} norm 2", n)
+            f = n * sh.active_ffn * c
+            if spec.mlp is Mlp.swiglu:
+                gate = self.linear(f"block {i} MLP gate", up_shapes[:half], n * h, f, True)
+                t.op(f"block {i} SiLU")
+                act = t.new(f"block {i} SiLU", _ACT, f)
+                t.free(gate)
+                up = self.linear(f"block {i} MLP up", up_shapes[half:], n * h, f, True)
+                t.op(f"block {i} gate * up")
+                hidden = t.new(f"block {i} gate * up", _ACT, f)
+                t.free(act, up)
+            else:
+                fc = self.linear(f"block {i} MLP fc", up_shapes, n * h, f, True)
+                t.op(f"block {i} GELU")
+                hidden = t.new(f"block {i} GELU", _ACT, f)
+                t.free(fc)
+            down = self.linear(f"block {i} MLP down", down_shapes, f // c, n * h * c, False)
+            t.free(hidden, normed)
+            t.op(f"block {i} residual 2")
+            x_out = t.new(f"block {i} output", _ACT, n * h * r)
+            t.free(down, x_mid, x)
+            x = x_out
+        normed = self.norm("final norm", n)
+        t.free(x, *tables)
+        logits = self._lm_head(b)  # the last position only, as HF ``generate`` computes it
         t.free(normed)
-        t.op(f"block {i} MLP down projection")
-        down = project(f"block {i} MLP down", activated, h, [])
-        t.free(activated)
-        t.op(f"block {i} residual 2")
-        x = t.new(f"block {i} output", act, n * h * r)
-        t.free(down, x_mid)
-    t.op("final norm and logits")
-    normed = t.new("final norm", act, n * h * norm_width)
-    t.free(x)
-    weight_cast("lm_head", [tensors.lm_head])
-    t.free(normed, t.new("logits", "logits", sh.batch * sh.vocab * c))  # last position only
-    if workload.gen_tokens:
-        t.phase = "decode"
-        t.op("last token")
-        total = workload.seq + workload.gen_tokens
-        if widened:  # repeat_kv widens one layer's whole cache for every new token
-            t.temp("widened KV cache", act, 2 * sh.batch * sh.q_width * total * c)
-        if kv_bytes(workload) != c:  # a cache in another dtype is converted for attention
-            t.temp("converted KV cache", act, 2 * sh.batch * sh.kv_width * total * c)
-        if workload.attention is Attention.eager:
-            t.temp("decode scores", act, 2 * sh.batch * sh.heads * total * dt.softmax)
-        t.temp("decode logits", "logits", sh.batch * sh.vocab * c)
-    return t.finish()
+        return logits
+
+    def _lm_head(self, b: int) -> int | None:
+        t, dt, sh = self.t, self.dt, self.sh
+        t.op("lm_head")
+        casts = []
+        if dt.autocast:
+            casts = [
+                t.new(
+                    "lm_head 16-bit weight",
+                    "autocast_weight_copies",
+                    round(sh.vocab * sh.hidden * self.scale * dt.compute),
+                ),
+                t.new("lm_head 16-bit input", _ACT, b * sh.hidden * dt.compute),
+            ]
+        logits = t.new("logits", "logits", b * sh.vocab * dt.compute)
+        t.free(*casts)
+        return logits
+
+    def core(self, i: int, seq: int, keys: int, kv_copied: bool) -> int | None:
+        """softmax(q k^T * scale) v; returns the output as o_proj reads it."""
+        t, dt, sh, w = self.t, self.dt, self.sh, self.w
+        b, c = w.batch, dt.compute
+        n = b * seq
+        if w.attention is not Attention.eager:
+            # SDPA's fused kernels read the strided q/k/v and return (b, s, heads, hd)
+            # memory, which o_proj reads as is; without autograd they keep no statistics
+            t.op(f"block {i} attention")
+            return t.new(f"block {i} attention output", _ACT, n * sh.q_width * c)
+        scores = b * sh.heads * seq * keys
+        # matmul folds (b, heads) into one batch dimension: the projections' (b, s, heads, hd)
+        # memory is copied to (b, heads, s, hd) first (repeat_kv's output is already)
+        t.op(f"block {i} q @ k^T")
+        copies = []
+        if seq > 1:
+            copies.append(t.new(f"block {i} contiguous q", _ACT, n * sh.q_width * c))
+        if kv_copied:
+            copies.append(t.new(f"block {i} contiguous k", _ACT, b * keys * sh.kv_width * c))
+        product = t.new(f"block {i} q @ k^T", _ACT, scores * c)
+        t.free(*copies)
+        t.op(f"block {i} scaled scores")
+        scaled = t.new(f"block {i} scaled scores", _ACT, scores * c)
+        t.free(product)
+        if seq > 1:  # causal mask; a decode token attends to every cached position
+            t.op(f"block {i} masked scores")
+            masked = t.new(f"block {i} masked scores", _ACT, scores * c)
+            t.free(scaled)
+            scaled = masked
+        t.op(f"block {i} softmax")
+        # softmax is fp32 under autocast, bf16 input copied to fp32 first (Dtypes)
+        upcast = t.new(f"block {i} fp32 scores", _ACT, scores * FP32) if dt.softmax_upcast else None
+        probs = t.new(f"block {i} softmax", _ACT, scores * dt.softmax)
+        t.free(upcast)
+        if dt.softmax != c:
+            t.op(f"block {i} probabilities to compute dtype")
+            probs16 = t.new(f"block {i} 16-bit probabilities", _ACT, scores * c)
+            t.free(probs)
+            probs = probs16
+        t.op(f"block {i} probs @ v")
+        v_copy = (
+            t.new(f"block {i} contiguous v", _ACT, b * keys * sh.kv_width * c)
+            if kv_copied
+            else None
+        )
+        pv = t.new(f"block {i} probs @ v", _ACT, n * sh.q_width * c)
+        t.free(v_copy)
+        t.op(f"block {i} attention returns")
+        t.free(probs, scaled)  # the core's locals
+        if seq == 1:
+            return pv
+        # (b, heads, s, hd) -> (b, s, heads * hd) for o_proj: a copy
+        t.op(f"block {i} attention output")
+        out = t.new(f"block {i} attention output", _ACT, n * sh.q_width * c)
+        t.free(pv)
+        return out
+
+
+_ACT = "activations"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from vramfit.config import Mlp, ModelSpec, Norm, Positions
+from vramfit.config import Arch, Mlp, ModelSpec, Norm, Positions
 
 
 @dataclass(frozen=True)
@@ -171,3 +171,54 @@ def param_tensors(spec: ModelSpec) -> ParamTensors:
         head=tuple(head),
         lm_head=(spec.vocab, h),
     )
+
+
+def tied_copy_bytes(spec: ModelSpec, scale: float, weight_bytes: int) -> int:
+    """Bytes of the lm_head copy that a tied model materialises once, then frees.
+
+    A model built on the meta device and materialised with ``Module.to_empty`` (as FSDP's
+    deferred init and ``vramfit measure`` do) gets a fresh tensor per module parameter, so
+    the tied lm_head receives its own storage after every other weight; re-tying it to the
+    embedding frees that storage, but its segment stays cached (allocator traces of tied
+    models, benchmarks/data/h200-traces: the second embedding-sized segment).
+    """
+    spec = spec.resolved()
+    return round((spec.vocab or 0) * spec.hidden * scale * weight_bytes) if spec.tied else 0
+
+
+def projection_shapes(spec: ModelSpec, kind: str) -> list[ParamShape]:
+    """Parameter shapes of one block's projections of ``kind``, weight then bias of each:
+    ``qkv`` (GPT-2's fused c_attn, or q, k, v), ``o``, ``up`` (gate and up, or GPT-2's fc,
+    plus every expert's and the router's for MoE) and ``down``."""
+    spec = spec.resolved()
+    assert spec.heads and spec.kv_heads and spec.head_dim and spec.ffn
+    h = spec.hidden
+    q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    bias = bool(spec.bias)
+    if kind == "qkv":
+        qkv_bias = bias or bool(spec.qkv_bias)
+        widths = [q + 2 * kv] if spec.arch is Arch.gpt2 else [q, kv, kv]
+        return [s for wd in widths for s in [(wd, h)] + ([(wd,)] if qkv_bias else [])]
+    if kind == "o":
+        return [(h, q)] + ([(h,)] if bias else [])
+    per = 2 if spec.mlp is Mlp.swiglu else 1
+
+    def ups(ffn: int, count: int) -> list[ParamShape]:
+        return [s for _ in range(count * per) for s in [(ffn, h)] + ([(ffn,)] if bias else [])]
+
+    def downs(ffn: int, count: int) -> list[ParamShape]:
+        return [s for _ in range(count) for s in [(h, ffn)] + ([(h,)] if bias else [])]
+
+    if spec.experts > 1:
+        assert spec.expert_ffn and spec.shared_expert_ffn
+        if kind == "up":  # every expert's, and the router
+            return (
+                [(spec.experts, h)]
+                + ups(spec.expert_ffn, spec.experts)
+                + ups(spec.shared_expert_ffn, spec.shared_experts)
+                + ([(1, h)] if spec.shared_expert_gate else [])
+            )
+        return downs(spec.expert_ffn, spec.experts) + downs(
+            spec.shared_expert_ffn, spec.shared_experts
+        )
+    return ups(spec.ffn, 1) if kind == "up" else downs(spec.ffn, 1)

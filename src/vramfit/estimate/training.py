@@ -48,7 +48,13 @@ from vramfit.estimate.activations import (
     shape_of,
 )
 from vramfit.estimate.dtypes import Dtypes, dtypes_for
-from vramfit.estimate.params import ParamShape, count_params, param_tensors
+from vramfit.estimate.params import (
+    ParamShape,
+    count_params,
+    param_tensors,
+    projection_shapes,
+    tied_copy_bytes,
+)
 from vramfit.estimate.timeline import Tape, Timeline
 
 # 8-bit Adam keeps two uint8 states plus one fp32 absmax per 2048-value block (Dettmers et al.
@@ -152,44 +158,7 @@ class _Step:
         return [round(math.prod(s) * self.scale * per_element) for s in shapes]
 
     def linear_shapes(self, kind: str) -> list[ParamShape]:
-        """Parameter shapes of one block's projections: qkv, o, up (gate/up or fc), down."""
-        h, sh, spec = self.sh.hidden, self.sh, self.spec
-        bias = [1] if self.bias else []
-        qkv_bias = bool(spec.bias or spec.qkv_bias)
-        if kind == "qkv":
-            widths = (
-                [sh.q_width + 2 * sh.kv_width]
-                if self.fused_qkv
-                else [sh.q_width, sh.kv_width, sh.kv_width]
-            )
-            return [s for wd in widths for s in [(wd, h)] + ([(wd,)] if qkv_bias else [])]
-        if kind == "o":
-            return [(h, sh.q_width)] + [(h,)] * len(bias)
-        if kind == "up":  # gate and up (GELU: fc), and the router: every expert trains
-            per = 2 if self.gated else 1
-
-            def ups(ffn: int, count: int) -> list[ParamShape]:
-                return [s for _ in range(count * per) for s in [(ffn, h)] + [(ffn,)] * len(bias)]
-
-            if spec.experts > 1:
-                assert spec.expert_ffn and spec.shared_expert_ffn
-                return (
-                    [(spec.experts, h)]
-                    + ups(spec.expert_ffn, spec.experts)
-                    + ups(spec.shared_expert_ffn, spec.shared_experts)
-                    + ([(1, h)] if spec.shared_expert_gate else [])
-                )
-            return ups(sh.ffn, 1)
-
-        def downs(ffn: int, count: int) -> list[ParamShape]:
-            return [s for _ in range(count) for s in [(h, ffn)] + [(h,)] * len(bias)]
-
-        if spec.experts > 1:
-            assert spec.expert_ffn and spec.shared_expert_ffn
-            return downs(spec.expert_ffn, spec.experts) + downs(
-                spec.shared_expert_ffn, spec.shared_experts
-            )
-        return downs(sh.ffn, 1)
+        return projection_shapes(self.spec, kind)
 
     def norm_shapes(self) -> list[ParamShape]:
         h = self.sh.hidden
@@ -548,8 +517,13 @@ class _Step:
         shapes = self.tensors.all_shapes(layers)
         optimizer = Optimizer(self.w.optimizer)
 
-        t.op("start")
+        t.op("build")
         t.persist("weights", "weights", self.params(shapes, dt.weight))
+        if self.first:
+            t.temp(
+                "lm_head copy before tying", "weights", tied_copy_bytes(spec, self.scale, dt.weight)
+            )
+        t.op("start")
         t.persist("input ids and targets", "activations", [n * INT64, n * INT64])
         if not self.first:
             t.persist(
