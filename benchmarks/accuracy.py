@@ -7,6 +7,11 @@ the same GPU, and prints per case the predicted and measured ``peak_allocated_by
 and the median and max absolute error of each:
 
     python benchmarks/accuracy.py benchmarks/data/h200-run1/train.jsonl [more.jsonl ...]
+
+``--predict CASES.yaml`` prints only the predictions for a cases file on the H200, to be
+committed before those cases are measured (a blind validation):
+
+    python benchmarks/accuracy.py --predict benchmarks/validation3.yaml
 """
 
 from __future__ import annotations
@@ -37,9 +42,12 @@ def load(paths: list[Path]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("files", nargs="*", type=Path)
     parser.add_argument("--phases", action="store_true", help="also print per-phase peaks")
+    parser.add_argument("--predict", type=Path, help="a cases file: print predictions only")
     args = parser.parse_args(argv)
+    if args.predict:
+        return predict(args.predict)
     errors: dict[str, list[float]] = {"peak_allocated_bytes": [], "total_bytes": []}
     header = f"{'peak alloc GiB (pred/meas)':>28s} {'err':>7s} {'total GiB (pred/meas)':>24s}"
     print(f"{'case':58s} {header} {'err':>7s}")
@@ -70,6 +78,20 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{key}: {len(values)} cases, median |error| {statistics.median(absolute):.1f}%, "
             f"max |error| {max(absolute):.1f}%"
+        )
+    return 0
+
+
+def predict(cases_file: Path) -> int:
+    import yaml
+
+    gpu = find_gpu("H200")
+    hardware = Hardware(name=gpu.name, memory_bytes=gpu.memory_bytes, compute_capability=(9, 0))
+    for case in yaml.safe_load(cases_file.read_text()):
+        est = estimate(RunSpec(model=case["model"], workload=case.get("workload", {})), hardware)
+        print(
+            f"{case['name'][:58]:58s} peak {est.peak_allocated_bytes / GIB:8.2f} "
+            f"total {est.total_bytes / GIB:8.2f}"
         )
     return 0
 
