@@ -126,6 +126,7 @@ class _Saved:
     mlp_weights: int | None = None
     mlp: list[int | None] = field(default_factory=list)  # intermediates
     down_weight: int | None = None
+    copies: list[int | None] = field(default_factory=list)  # eager: bmm's contiguous q/k/v
 
 
 class _Step:
@@ -235,36 +236,54 @@ class _Step:
                 t.free(*narrow)  # Llama's narrow K/V die; GPT-2's are views of c_attn's output
         t.op(f"block {i} attention")
         if self.eager:
-            # scores, then the masked copy (the core's local ``scores`` until it returns), then
-            # softmax (fp32 under autocast; see Dtypes.softmax_upcast), which saves its output
-            # (Korthikanti's 5as/h term)
-            scores = t.new(f"block {i} scores", "activations", sh.scores * c)
+            # as the allocator traces show (benchmarks/data/h200-traces/frames2.json.gz):
+            # matmul folds (b, heads) into one batch dimension, so q, and k and v unless
+            # repeat_kv made them, are first copied to (b, heads, s, hd) memory and bmm saves
+            # the copies; then q @ k^T, its scaled and masked copies, softmax (fp32 under
+            # autocast; see Dtypes.softmax_upcast), which saves its output (Korthikanti's
+            # 5as/h term), and the copy of P @ V that o_proj reads
+            part = "attention"
+            t.op(f"block {i} q @ k^T")
+            copies = [t.new(f"block {i} contiguous q", "activations", n * sh.q_width * c, part)]
+            if not self.widened:
+                copies.append(
+                    t.new(f"block {i} contiguous k", "activations", n * sh.kv_width * c, part)
+                )
+            product = t.new(f"block {i} q @ k^T", "activations", sh.scores * c)
+            t.op(f"block {i} scaled scores")
+            scaled = t.new(f"block {i} scaled scores", "activations", sh.scores * c)
+            t.free(product)
             t.op(f"block {i} masked scores")
             masked = t.new(f"block {i} masked scores", "activations", sh.scores * c)
-            t.free(scores)
+            t.free(scaled)
             t.op(f"block {i} softmax")
             upcast = None
             if dt.softmax_upcast:
                 upcast = t.new(f"block {i} fp32 scores", "activations", sh.scores * FP32)
-            probs = [
-                t.new(f"block {i} softmax", "activations", sh.scores * dt.softmax, part="attention")
-            ]
+            probs = [t.new(f"block {i} softmax", "activations", sh.scores * dt.softmax, part)]
             t.free(upcast)
             if dt.autocast:
-                probs.append(
-                    t.new(
-                        f"block {i} 16-bit softmax", "activations", sh.scores * c, part="attention"
-                    )
+                probs.append(t.new(f"block {i} 16-bit softmax", "activations", sh.scores * c, part))
+            t.op(f"block {i} probs @ v")
+            if not self.widened:
+                copies.append(
+                    t.new(f"block {i} contiguous v", "activations", n * sh.kv_width * c, part)
                 )
-            t.op(f"block {i} attention output")
-            t.temp(f"block {i} probs @ v", "activations", n * sh.q_width * c)
+            pv = t.new(f"block {i} probs @ v", "activations", n * sh.q_width * c)
+            t.op(f"block {i} attention returns")
             t.free(masked)
+            t.op(f"block {i} attention output")
+            s.copies = copies if keep else []
+            if not keep:
+                t.free(*copies)
         else:
             lse = attention_stats(sh, self.w)[0]
             probs = [t.new(f"block {i} logsumexp", "activations", lse, part="attention")]
         out = t.new(
             f"block {i} attention output", "activations", n * sh.q_width * c, part="attention"
         )
+        if self.eager:
+            t.free(pv)
         s.core = probs
         if not keep:
             t.free(*probs)
@@ -326,6 +345,8 @@ class _Step:
         t.op(f"block {i} output projection")
         s.o_weight = self.weight_copies(f"block {i} o weights", "o")
         proj = t.new(f"block {i} attention projection", "activations", n * h * c)
+        if s.copies:  # bmm saved its copies: the projections' own outputs die with the module
+            t.free(s.qkv[0], *([] if self.widened else s.qkv[1:]))
         t.op(f"block {i} residual 1")
         s.x_mid = t.new(f"block {i} residual 1", "activations", n * h * r, part="norm")
         t.free(proj)
@@ -448,13 +469,22 @@ class _Step:
             t.op(f"block {i} attention P @ V backward")
             g_probs = t.new(f"block {i} probabilities gradient", grad, sh.scores * c)
             dv = t.new(f"block {i} v gradient", grad, n * kv_seen * c)
-            t.free(g_o, s.core[-1])
+            # the 16-bit copy that multiplied V; without autocast that is the softmax output
+            # itself, which softmax's backward still needs
+            t.free(g_o, s.core[-1] if dt.autocast else None)
             t.op(f"block {i} softmax backward")
-            if dt.autocast:
-                t.temp(f"block {i} fp32 probabilities gradient", grad, sh.scores * FP32)
+            # a temporary and the gradient (fp32 under autocast, where softmax ran in fp32)
+            t.temp(f"block {i} softmax backward temporary", grad, sh.scores * dt.softmax)
             g_soft = t.new(f"block {i} scores gradient", grad, sh.scores * dt.softmax)
             t.free(g_probs, *s.core)
             t.op(f"block {i} Q @ K backward")
+            if not dt.autocast:
+                # masked_fill's backward, then the scaling's (allocator trace of an fp32
+                # eager run, benchmarks/data/h200-traces/frames2.json.gz)
+                g_masked = t.new(f"block {i} masked scores gradient", grad, sh.scores * c)
+                t.free(g_soft)
+                t.op(f"block {i} scaling backward")
+                g_soft = g_masked
             g_scores = t.new(f"block {i} scaled scores gradient", grad, sh.scores * c)
             t.free(g_soft)
             dq = t.new(f"block {i} q gradient", grad, n * sh.q_width * c)
@@ -469,7 +499,8 @@ class _Step:
             dk = t.new(f"block {i} k gradient", grad, n * kv_seen * c)
             dv = t.new(f"block {i} v gradient", grad, n * kv_seen * c)
             t.free(g_o, *s.core, s.attn_out)
-        t.free(*s.qkv, *s.narrow_kv)  # saved by attention (and, selective, by the checkpoint)
+        # saved by attention (and, selective, by the checkpoint)
+        t.free(*s.qkv, *s.narrow_kv, *s.copies)
         if self.widened:
             t.op(f"block {i} repeat_kv backward")
             dk_n = t.new(f"block {i} narrow k gradient", grad, n * sh.kv_width * c)
