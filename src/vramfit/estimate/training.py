@@ -188,6 +188,16 @@ class _Step:
             )
         for size in self.params(shapes, self.dt.weight):
             t.new(f"{name} gradient", "gradients", size)
+        if cast:  # a projection: its bias gradient is a column sum over every token
+            for shape in shapes:
+                if len(shape) == 1:
+                    # the reduction stages fp32 partial sums, 4096 rows per output column
+                    # (measured: the allocator traces in benchmarks/data/h200-traces)
+                    t.temp(
+                        f"{name} bias gradient reduction",
+                        "activation_grads",
+                        shape[0] * 4096 * FP32,
+                    )
 
     def norm_forward(self, name: str, x_keep: bool) -> tuple[int | None, list[int | None]]:
         """A norm: its output (fp32 under autocast) and saved statistics."""
