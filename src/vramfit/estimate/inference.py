@@ -83,6 +83,9 @@ def build_inference_timeline(spec: ModelSpec, workload: Workload, workspace_byte
     return t.finish()
 
 
+_ACT = "activations"
+
+
 class _Pass:
     """One forward pass of the reference model under ``inference_mode``, op by op."""
 
@@ -96,7 +99,13 @@ class _Pass:
         self.kv_elem = kv_bytes(workload)
 
     def linear(
-        self, name: str, shapes: list[ParamShape], n_in: int, out: int, fp32_input: bool
+        self,
+        name: str,
+        shapes: list[ParamShape],
+        n_in: int,
+        out: int,
+        fp32_input: bool,
+        component: str = _ACT,
     ) -> int | None:
         """A projection: under autocast, 16-bit copies of its bias, weight and (fp32) input,
         made right to left as the C++ wrapper evaluates its arguments, then the output; the
@@ -115,7 +124,7 @@ class _Pass:
             ]
             if fp32_input:
                 casts.append(t.new(f"{name} 16-bit input", _ACT, n_in * dt.compute))
-        key = t.new(name, _ACT, out)
+        key = t.new(name, component, out)
         if self.workspace:
             t.persist("cuBLAS workspace", "cublas_workspace", [self.workspace])
             self.workspace = 0
@@ -255,25 +264,11 @@ class _Pass:
             x = x_out
         normed = self.norm("final norm", n)
         t.free(x, *tables)
-        logits = self._lm_head(b)  # the last position only, as HF ``generate`` computes it
+        # the last position only, as HF ``generate`` computes it
+        logits = self.linear(
+            "lm_head", [(sh.vocab, h)], b * h, b * sh.vocab * c, True, component="logits"
+        )
         t.free(normed)
-        return logits
-
-    def _lm_head(self, b: int) -> int | None:
-        t, dt, sh = self.t, self.dt, self.sh
-        t.op("lm_head")
-        casts = []
-        if dt.autocast:
-            casts = [
-                t.new(
-                    "lm_head 16-bit weight",
-                    "autocast_weight_copies",
-                    round(sh.vocab * sh.hidden * self.scale * dt.compute),
-                ),
-                t.new("lm_head 16-bit input", _ACT, b * sh.hidden * dt.compute),
-            ]
-        logits = t.new("logits", "logits", b * sh.vocab * dt.compute)
-        t.free(*casts)
         return logits
 
     def core(self, i: int, seq: int, keys: int, kv_copied: bool) -> int | None:
@@ -332,6 +327,3 @@ class _Pass:
         out = t.new(f"block {i} attention output", _ACT, n * sh.q_width * c)
         t.free(pv)
         return out
-
-
-_ACT = "activations"
