@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from vramfit.config import Arch, Attention, Mlp, ModelSpec, Positions, Workload
-from vramfit.estimate.activations import FP32, INT64, norm_stats, shape_of
+from vramfit.estimate.activations import FP32, INT64, attention_stats, norm_stats, shape_of
 from vramfit.estimate.dtypes import dtypes_for, kv_bytes
 from vramfit.estimate.params import (
     ParamShape,
@@ -87,13 +87,34 @@ _ACT = "activations"
 
 
 class _Pass:
-    """One forward pass of the reference model under ``inference_mode``, op by op."""
+    """One forward pass of the reference model that saves nothing for backward, op by op.
+
+    Under ``inference_mode`` (``training=False``) every tensor dies at its last use and
+    autocast keeps no cast cache. The same program is the forward of a block under
+    non-reentrant activation checkpointing (``training=True``): grad mode is on, so the
+    kernels compute what backward would need (flash attention's logsumexp) and autocast
+    caches its 16-bit weight copies until the forward ends (they are listed in ``kept``),
+    but the checkpoint's hooks drop every saved tensor, so intermediates die as in
+    inference (the labelled trace of a full-checkpoint run in
+    benchmarks/data/h200-traces/frames2.json.gz shows the same order).
+    """
 
     def __init__(
-        self, t: Tape, spec: ModelSpec, workload: Workload, scale: float, workspace: int
+        self,
+        t: Tape,
+        spec: ModelSpec,
+        workload: Workload,
+        scale: float,
+        workspace: int,
+        *,
+        training: bool = False,
+        workspace_name: str = "cuBLAS workspace",
     ) -> None:
         self.t, self.spec, self.w, self.scale = t, spec, workload, scale
         self.workspace = workspace  # cuBLAS allocates it in the first matmul
+        self.workspace_name = workspace_name
+        self.training = training
+        self.kept: list[int | None] = []  # autocast's cached weight copies (training)
         self.dt = dtypes_for(workload.precision)
         self.sh = shape_of(spec, workload)
         self.kv_elem = kv_bytes(workload)
@@ -109,10 +130,11 @@ class _Pass:
     ) -> int | None:
         """A projection: under autocast, 16-bit copies of its bias, weight and (fp32) input,
         made right to left as the C++ wrapper evaluates its arguments, then the output; the
-        copies die when it returns (inference_mode keeps no cast cache)."""
+        copies die when it returns (inference_mode keeps no cast cache; with grad mode on,
+        autocast caches the parameters' copies: ``kept``)."""
         t, dt = self.t, self.dt
         t.op(name)
-        casts = []
+        casts: list[int | None] = []
         if dt.autocast:
             casts = [
                 t.new(
@@ -122,11 +144,14 @@ class _Pass:
                 )
                 for shape in reversed(shapes)
             ]
+            if self.training:
+                self.kept += casts
+                casts = []
             if fp32_input:
                 casts.append(t.new(f"{name} 16-bit input", _ACT, n_in * dt.compute))
         key = t.new(name, component, out)
         if self.workspace:
-            t.persist("cuBLAS workspace", "cublas_workspace", [self.workspace])
+            t.persist(self.workspace_name, "cublas_workspace", [self.workspace])
             self.workspace = 0
         t.free(*casts)
         return key
@@ -165,10 +190,6 @@ class _Pass:
         t, spec, dt, sh, w = self.t, self.spec, self.dt, self.sh, self.w
         b, h, c, r = w.batch, sh.hidden, dt.compute, dt.residual
         n = b * seq
-        keys = cached + seq  # positions attention sees
-        q_size, kv_size = n * sh.q_width * c, n * sh.kv_width * c
-        fused = spec.arch is Arch.gpt2
-        widened = sh.kv_heads < sh.heads
         rope = spec.positions is Positions.rope
 
         t.op("embeddings")
@@ -185,83 +206,8 @@ class _Pass:
             t.new("RoPE table", _ACT, seq * (spec.head_dim or 0) * c)
             for _ in range(2 if rope else 0)
         ]
-        qkv_shapes = projection_shapes(spec, "qkv")
-        per = len(qkv_shapes) // (1 if fused else 3)
-        # MoE: the routed experts' casts are not modelled (each cast lives only in its op)
-        up_shapes = projection_shapes(spec, "up") if spec.experts <= 1 else []
-        half = len(up_shapes) // 2
-        down_shapes = projection_shapes(spec, "down") if spec.experts <= 1 else []
         for i in range(spec.layers):
-            normed = self.norm(f"block {i} norm 1", n)
-            if fused:
-                qkv = self.linear(
-                    f"block {i} q/k/v",
-                    qkv_shapes,
-                    n * h,
-                    n * (sh.q_width + 2 * sh.kv_width) * c,
-                    True,
-                )
-                q = k = v = None  # views of qkv
-                views = [qkv]
-            else:
-                q = self.linear(f"block {i} q", qkv_shapes[:per], n * h, q_size, True)
-                k = self.linear(f"block {i} k", qkv_shapes[per : 2 * per], n * h, kv_size, True)
-                v = self.linear(f"block {i} v", qkv_shapes[2 * per :], n * h, kv_size, True)
-                if rope:
-                    q = self.rope(f"block {i} q", q, q_size)
-                    k = self.rope(f"block {i} k", k, kv_size)
-                views = [q, k, v]
-            # the new K/V are copied into the static cache; decode reads the cache back,
-            # converted to the compute dtype when it is stored in another
-            k_seen = v_seen = None
-            seen = b * keys * sh.kv_width * c
-            if cached and self.kv_elem != c:
-                t.op(f"block {i} cached K/V to compute dtype")
-                k_seen = t.new(f"block {i} cached k", _ACT, seen)
-                v_seen = t.new(f"block {i} cached v", _ACT, seen)
-                t.free(k, v)  # rebound to the converted cache
-                views = [q, qkv] if fused else [q]
-                views += [k_seen, v_seen]
-            wide: list[int | None] = []
-            if widened:  # repeat_kv: (b, kv_heads, t, hd) -> (b, heads, t, hd) copies
-                t.op(f"block {i} repeat_kv")
-                wide = [
-                    t.new(f"block {i} widened {x_}", _ACT, b * keys * sh.q_width * c) for x_ in "kv"
-                ]
-            # one decode token's q and the cache's K/V slices fold into bmm batches as views;
-            # the prompt's (b, s, heads, hd) q/k/v do not (repeat_kv's output does)
-            out = self.core(i, seq, keys, kv_copied=seq > 1 and not widened)
-            t.free(*wide)
-            o = self.linear(
-                f"block {i} o", projection_shapes(spec, "o"), n * sh.q_width, n * h * c, False
-            )
-            t.free(out, *views, q, k, v, normed)
-            t.op(f"block {i} residual 1")
-            x_mid = t.new(f"block {i} residual 1", _ACT, n * h * r)
-            t.free(o)
-
-            normed = self.norm(f"block {i} norm 2", n)
-            f = n * sh.active_ffn * c
-            if spec.mlp is Mlp.swiglu:
-                gate = self.linear(f"block {i} MLP gate", up_shapes[:half], n * h, f, True)
-                t.op(f"block {i} SiLU")
-                act = t.new(f"block {i} SiLU", _ACT, f)
-                t.free(gate)
-                up = self.linear(f"block {i} MLP up", up_shapes[half:], n * h, f, True)
-                t.op(f"block {i} gate * up")
-                hidden = t.new(f"block {i} gate * up", _ACT, f)
-                t.free(act, up)
-            else:
-                fc = self.linear(f"block {i} MLP fc", up_shapes, n * h, f, True)
-                t.op(f"block {i} GELU")
-                hidden = t.new(f"block {i} GELU", _ACT, f)
-                t.free(fc)
-            down = self.linear(f"block {i} MLP down", down_shapes, f // c, n * h * c, False)
-            t.free(hidden, normed)
-            t.op(f"block {i} residual 2")
-            x_out = t.new(f"block {i} output", _ACT, n * h * r)
-            t.free(down, x_mid, x)
-            x = x_out
+            x = self.block(i, x, seq, cached)
         normed = self.norm("final norm", n)
         t.free(x, *tables)
         # the last position only, as HF ``generate`` computes it
@@ -271,6 +217,96 @@ class _Pass:
         t.free(normed)
         return logits
 
+    def block(
+        self, i: int, x: int | None, seq: int, cached: int, keep_input: bool = False
+    ) -> int | None:
+        """Block ``i`` on ``seq`` new tokens after ``cached`` cached ones; returns its output.
+        ``keep_input``: the block input outlives it (a checkpoint keeps it for backward)."""
+        t, spec, dt, sh, w = self.t, self.spec, self.dt, self.sh, self.w
+        b, h, c, r = w.batch, sh.hidden, dt.compute, dt.residual
+        n = b * seq
+        keys = cached + seq  # positions attention sees
+        q_size, kv_size = n * sh.q_width * c, n * sh.kv_width * c
+        fused = spec.arch is Arch.gpt2
+        widened = sh.kv_heads < sh.heads
+        rope = spec.positions is Positions.rope
+        qkv_shapes = projection_shapes(spec, "qkv")
+        per = len(qkv_shapes) // (1 if fused else 3)
+        # MoE: the routed experts' casts are not modelled (each cast lives only in its op)
+        up_shapes = projection_shapes(spec, "up") if spec.experts <= 1 else []
+        half = len(up_shapes) // 2
+        down_shapes = projection_shapes(spec, "down") if spec.experts <= 1 else []
+        normed = self.norm(f"block {i} norm 1", n)
+        if fused:
+            qkv = self.linear(
+                f"block {i} q/k/v",
+                qkv_shapes,
+                n * h,
+                n * (sh.q_width + 2 * sh.kv_width) * c,
+                True,
+            )
+            q = k = v = None  # views of qkv
+            views = [qkv]
+        else:
+            q = self.linear(f"block {i} q", qkv_shapes[:per], n * h, q_size, True)
+            k = self.linear(f"block {i} k", qkv_shapes[per : 2 * per], n * h, kv_size, True)
+            v = self.linear(f"block {i} v", qkv_shapes[2 * per :], n * h, kv_size, True)
+            if rope:
+                q = self.rope(f"block {i} q", q, q_size)
+                k = self.rope(f"block {i} k", k, kv_size)
+            views = [q, k, v]
+        # the new K/V are copied into the static cache; decode reads the cache back,
+        # converted to the compute dtype when it is stored in another
+        k_seen = v_seen = None
+        seen = b * keys * sh.kv_width * c
+        if cached and self.kv_elem != c:
+            t.op(f"block {i} cached K/V to compute dtype")
+            k_seen = t.new(f"block {i} cached k", _ACT, seen)
+            v_seen = t.new(f"block {i} cached v", _ACT, seen)
+            t.free(k, v)  # rebound to the converted cache
+            views = [q, qkv] if fused else [q]
+            views += [k_seen, v_seen]
+        wide: list[int | None] = []
+        if widened:  # repeat_kv: (b, kv_heads, t, hd) -> (b, heads, t, hd) copies
+            t.op(f"block {i} repeat_kv")
+            wide = [
+                t.new(f"block {i} widened {x_}", _ACT, b * keys * sh.q_width * c) for x_ in "kv"
+            ]
+        # one decode token's q and the cache's K/V slices fold into bmm batches as views;
+        # the prompt's (b, s, heads, hd) q/k/v do not (repeat_kv's output does)
+        out = self.core(i, seq, keys, kv_copied=seq > 1 and not widened)
+        t.free(*wide)
+        o = self.linear(
+            f"block {i} o", projection_shapes(spec, "o"), n * sh.q_width, n * h * c, False
+        )
+        t.free(out, *views, q, k, v, normed)
+        t.op(f"block {i} residual 1")
+        x_mid = t.new(f"block {i} residual 1", _ACT, n * h * r)
+        t.free(o)
+
+        normed = self.norm(f"block {i} norm 2", n)
+        f = n * sh.active_ffn * c
+        if spec.mlp is Mlp.swiglu:
+            gate = self.linear(f"block {i} MLP gate", up_shapes[:half], n * h, f, True)
+            t.op(f"block {i} SiLU")
+            act = t.new(f"block {i} SiLU", _ACT, f)
+            t.free(gate)
+            up = self.linear(f"block {i} MLP up", up_shapes[half:], n * h, f, True)
+            t.op(f"block {i} gate * up")
+            hidden = t.new(f"block {i} gate * up", _ACT, f)
+            t.free(act, up)
+        else:
+            fc = self.linear(f"block {i} MLP fc", up_shapes, n * h, f, True)
+            t.op(f"block {i} GELU")
+            hidden = t.new(f"block {i} GELU", _ACT, f)
+            t.free(fc)
+        down = self.linear(f"block {i} MLP down", down_shapes, f // c, n * h * c, False)
+        t.free(hidden, normed)
+        t.op(f"block {i} residual 2")
+        x_out = t.new(f"block {i} output", _ACT, n * h * r)
+        t.free(down, x_mid, None if keep_input else x)
+        return x_out
+
     def core(self, i: int, seq: int, keys: int, kv_copied: bool) -> int | None:
         """softmax(q k^T * scale) v; returns the output as o_proj reads it."""
         t, dt, sh, w = self.t, self.dt, self.sh, self.w
@@ -278,9 +314,15 @@ class _Pass:
         n = b * seq
         if w.attention is not Attention.eager:
             # SDPA's fused kernels read the strided q/k/v and return (b, s, heads, hd)
-            # memory, which o_proj reads as is; without autograd they keep no statistics
+            # memory, which o_proj reads as is; with grad mode on they also return the
+            # logsumexp that backward would need, which the checkpoint drops
             t.op(f"block {i} attention")
-            return t.new(f"block {i} attention output", _ACT, n * sh.q_width * c)
+            lse = None
+            if self.training:
+                lse = t.new(f"block {i} logsumexp", _ACT, attention_stats(sh, w)[0])
+            out = t.new(f"block {i} attention output", _ACT, n * sh.q_width * c)
+            t.free(lse)
+            return out
         scores = b * sh.heads * seq * keys
         # matmul folds (b, heads) into one batch dimension: the projections' (b, s, heads, hd)
         # memory is copied to (b, heads, s, hd) first (repeat_kv's output is already)

@@ -48,6 +48,7 @@ from vramfit.estimate.activations import (
     shape_of,
 )
 from vramfit.estimate.dtypes import Dtypes, dtypes_for
+from vramfit.estimate.inference import _Pass
 from vramfit.estimate.params import (
     ParamShape,
     count_params,
@@ -153,6 +154,17 @@ class _Step:
         self.selective = workload.checkpointing is Checkpointing.selective
         self.full = workload.checkpointing is Checkpointing.full
         self.bias = bool(spec.bias)
+        # what a checkpoint runs without saving: a block (full) or attention's core (selective)
+        self.unsaved = _Pass(
+            self.tape,
+            spec,
+            workload,
+            self.scale,
+            workspace_bytes if first_step and self.full else 0,
+            training=True,
+            workspace_name="cuBLAS workspace (forward)",
+        )
+        self.ws_forward_made = self.full
 
     # sizes ---------------------------------------------------------------------------------
     def params(self, shapes: Sequence[ParamShape], per_element: int) -> list[int]:
@@ -176,9 +188,20 @@ class _Step:
             sum(self.params(self.linear_shapes(kind), self.dt.compute)),
         )
 
-    def param_grads(self, name: str, shapes: list[ParamShape], cast: bool) -> None:
+    def param_grads(
+        self,
+        name: str,
+        shapes: list[ParamShape],
+        cast: bool,
+        saved: Sequence[int | None] = (),
+    ) -> None:
         """Parameter gradients, live until the next zero_grad; under autocast a 16-bit
-        gradient is made first and cast to the fp32 parameter's dtype."""
+        gradient is made first and cast to the fp32 parameter's dtype.
+
+        ``cast``: a projection, whose node frees what it ``saved`` (its input, autocast's
+        weight copy) once the input and weight gradients exist; its bias gradient, a column
+        sum over every token, comes after (the broadcast bias's reduction runs after the
+        node; allocator trace of an fp32 GPT-2 run, benchmarks/data/h200-traces/frames2)."""
         t = self.tape
         if cast and self.dt.autocast:
             t.temp(
@@ -186,20 +209,19 @@ class _Step:
                 "activation_grads",
                 sum(self.params(shapes, self.dt.compute)),
             )
-        for size in self.params(shapes, self.dt.weight):
+        vectors = [shape for shape in shapes if cast and len(shape) == 1]
+        for size in self.params([x for x in shapes if x not in vectors], self.dt.weight):
             t.new(f"{name} gradient", "gradients", size)
-        if cast:  # a projection: its bias gradient is a column sum over every token
-            for shape in shapes:
-                if len(shape) == 1:
-                    # the reduction stages fp32 partial sums, 4096 rows per output column
-                    # (measured: the allocator traces in benchmarks/data/h200-traces)
-                    t.temp(
-                        f"{name} bias gradient reduction",
-                        "activation_grads",
-                        shape[0] * 4096 * FP32,
-                    )
+        t.free(*saved)
+        if vectors:
+            t.op(f"{name} bias gradient")
+        for shape in vectors:
+            t.new(f"{name} bias gradient", "gradients", self.params([shape], self.dt.weight)[0])
+            # the reduction stages fp32 partial sums, 4096 rows per output column
+            # (measured: the allocator traces in benchmarks/data/h200-traces)
+            t.temp(f"{name} bias gradient reduction", "activation_grads", shape[0] * 4096 * FP32)
 
-    def norm_forward(self, name: str, x_keep: bool) -> tuple[int | None, list[int | None]]:
+    def norm_forward(self, name: str) -> tuple[int | None, list[int | None]]:
         """A norm: its output (fp32 under autocast) and saved statistics."""
         n, h, dt, t = self.sh.tokens, self.sh.hidden, self.dt, self.tape
         out = t.new(
@@ -212,28 +234,40 @@ class _Step:
             t.new(f"{name} statistics", "activations", s, part="norm")
             for s in norm_stats(n, self.spec.norm)
         ]
-        if not x_keep:
-            t.free(*stats)
         return out, stats
 
-    def casts(
-        self, name: str, count: int, norm_out: int | None, keep: bool, part: str
-    ) -> list[int | None]:
+    def casts(self, name: str, count: int, norm_out: int | None, part: str) -> list[int | None]:
         """Under autocast each projection casts its own 16-bit copy of the fp32 input."""
         t, size = self.tape, self.sh.tokens * self.sh.hidden * self.dt.compute
         if not self.dt.autocast:
             return [norm_out]
         keys = [t.new(f"{name} 16-bit input", "activations", size, part=part) for _ in range(count)]
         t.free(norm_out)
-        if not keep:
-            t.free(*keys)
         return keys
 
-    def core_forward(self, i: int, s: _Saved, keep: bool, narrow: list[int | None]) -> int | None:
-        """repeat_kv + attention: saves the widened K/V and the softmax statistics or
-        probabilities when ``keep``; returns the attention output."""
+    def core_forward(
+        self, i: int, s: _Saved, narrow: list[int | None], recompute: bool = False
+    ) -> int | None:
+        """repeat_kv + attention, saving the widened K/V and the softmax statistics or
+        probabilities; returns the attention output.
+
+        Under selective checkpointing the forward runs the core without saving (``_Pass``)
+        and backward runs it again (``recompute``), keeping what it saves; non-reentrant
+        checkpointing stops that rerun as soon as the last saved tensor exists
+        (torch.utils.checkpoint ``_StopRecomputationError``): eager attention stops inside
+        P @ V, whose inputs are saved before it computes, so it returns nothing."""
         t, sh, dt = self.tape, self.sh, self.dt
         n, c = sh.tokens, dt.compute
+        if self.selective and not recompute:
+            wide = []
+            if self.widened:
+                t.op(f"block {i} repeat_kv")
+                wide = [
+                    t.new(f"block {i} widened {x}", "activations", n * sh.q_width * c) for x in "kv"
+                ]
+            out = self.unsaved.core(i, sh.seq, sh.seq, kv_copied=not self.widened)
+            t.free(*wide)
+            return out
         s.qkv = list(s.qkv)
         if self.widened:
             t.op(f"block {i} repeat_kv")
@@ -279,44 +313,45 @@ class _Step:
                 copies.append(
                     t.new(f"block {i} contiguous v", "activations", n * sh.kv_width * c, part)
                 )
+            s.copies, s.core = copies, probs
+            if recompute:
+                t.free(masked)  # the rerun stops here; its unsaved locals die
+                return None
             pv = t.new(f"block {i} probs @ v", "activations", n * sh.q_width * c)
             t.op(f"block {i} attention returns")
             t.free(masked)
             t.op(f"block {i} attention output")
-            s.copies = copies if keep else []
-            if not keep:
-                t.free(*copies)
-        else:
-            lse = attention_stats(sh, self.w)[0]
-            probs = [t.new(f"block {i} logsumexp", "activations", lse, part="attention")]
+            out = t.new(f"block {i} attention output", "activations", n * sh.q_width * c, part=part)
+            t.free(pv)
+            return out
+        lse = attention_stats(sh, self.w)[0]
+        s.core = [t.new(f"block {i} logsumexp", "activations", lse, part="attention")]
         out = t.new(
             f"block {i} attention output", "activations", n * sh.q_width * c, part="attention"
         )
-        if self.eager:
-            t.free(pv)
-        s.core = probs
-        if not keep:
-            t.free(*probs)
-            if self.widened:
-                t.free(*s.qkv[1:])
+        if recompute:  # flash saves its output for its backward: the rerun keeps it
+            s.core.append(out)
+            return None
         return out
 
-    def forward_block(self, i: int, x_in: int | None, keep: bool) -> tuple[int | None, _Saved]:
-        """One block's forward; ``keep=False`` runs it under full checkpointing (nothing but
-        the block input outlives it). Returns the block output and what backward needs."""
+    def forward_block(
+        self, i: int, x_in: int | None, recompute: bool = False
+    ) -> tuple[int | None, _Saved]:
+        """One block's forward, keeping what autograd saves. Returns the block output and
+        what backward needs. ``recompute``: full checkpointing's rerun in backward, which
+        stops when the MLP's down projection has saved its input (see ``core_forward``):
+        no output is made."""
         t, sh, dt = self.tape, self.sh, self.dt
         n, h, c, r = sh.tokens, sh.hidden, dt.compute, dt.residual
         s = _Saved(x_in=x_in)
 
         t.op(f"block {i} norm 1")
-        out, s.norm1 = self.norm_forward(f"block {i} norm 1", keep)
+        out, s.norm1 = self.norm_forward(f"block {i} norm 1")
         t.op(f"block {i} q/k/v projections")
         if self.first and i == 0 and not self.ws_forward_made:
             t.persist("cuBLAS workspace (forward)", "cublas_workspace", [self.workspace])
             self.ws_forward_made = True
-        s.qkv_inputs = self.casts(
-            f"block {i} q/k/v", 1 if self.fused_qkv else 3, out, keep, "attention"
-        )
+        s.qkv_inputs = self.casts(f"block {i} q/k/v", 1 if self.fused_qkv else 3, out, "attention")
         s.qkv_weights = self.weight_copies(f"block {i} q/k/v weights", "qkv")
         if self.fused_qkv:
             qkv = t.new(
@@ -346,12 +381,8 @@ class _Step:
                 q, k = q_rot, k_rot
             s.qkv = [q, k, v]
             narrow = [k, v]
-        if not keep:
-            t.free(*s.qkv_inputs)
         s.narrow_kv = narrow
-        s.attn_out = self.core_forward(i, s, keep and not self.selective, narrow)
-        if not keep:
-            t.free(*s.qkv)
+        s.attn_out = self.core_forward(i, s, narrow)
         t.op(f"block {i} output projection")
         s.o_weight = self.weight_copies(f"block {i} o weights", "o")
         proj = t.new(f"block {i} attention projection", "activations", n * h * c)
@@ -360,13 +391,11 @@ class _Step:
         t.op(f"block {i} residual 1")
         s.x_mid = t.new(f"block {i} residual 1", "activations", n * h * r, part="norm")
         t.free(proj)
-        if not keep:
-            t.free(s.attn_out)
 
         t.op(f"block {i} norm 2")
-        out, s.norm2 = self.norm_forward(f"block {i} norm 2", keep)
+        out, s.norm2 = self.norm_forward(f"block {i} norm 2")
         t.op(f"block {i} MLP up projection")
-        s.mlp_inputs = self.casts(f"block {i} MLP", 2 if self.gated else 1, out, keep, "mlp")
+        s.mlp_inputs = self.casts(f"block {i} MLP", 2 if self.gated else 1, out, "mlp")
         s.mlp_weights = self.weight_copies(f"block {i} MLP up weights", "up")
         f = n * sh.active_ffn * c
         if self.spec.experts > 1:
@@ -389,19 +418,15 @@ class _Step:
             up = t.new(f"block {i} MLP up", "activations", f, part="mlp")
             prod = t.new(f"block {i} MLP gate * up", "activations", f, part="mlp")
             s.mlp += [up, prod]
-        if not keep:
-            t.free(*s.mlp_inputs, *s.mlp[:-1])
         t.op(f"block {i} MLP down projection")
         s.down_weight = self.weight_copies(f"block {i} MLP down weights", "down")
+        if recompute:
+            return None, s
         down = t.new(f"block {i} MLP projection", "activations", n * h * c)
         t.op(f"block {i} residual 2")
         x_out = t.new(f"block {i} output", "activations", n * h * r, part="norm")
         t.free(down)
-        if not keep:
-            t.free(s.mlp[-1], s.x_mid)
         return x_out, s
-
-    ws_forward_made = False
 
     def to_fp32_buffer(self, name: str, grad: int | None, buffer: int | None) -> int | None:
         """Under autocast a projection's input gradient is cast back to fp32 (the backward of
@@ -428,8 +453,13 @@ class _Step:
         t.op(f"block {i} MLP down backward")
         g16 = t.new(f"block {i} 16-bit output gradient", grad, n * h * c) if dt.autocast else None
         g_act = t.new(f"block {i} MLP activation gradient", grad, f)
-        self.param_grads(f"block {i} MLP down", self.linear_shapes("down"), cast=True)
-        t.free(g16, s.mlp[-1], s.down_weight)
+        self.param_grads(
+            f"block {i} MLP down",
+            self.linear_shapes("down"),
+            cast=True,
+            saved=[s.mlp[-1], s.down_weight],
+        )
+        t.free(g16)
         if self.gated:
             gate, act, up, _ = s.mlp
             t.op(f"block {i} MLP gate * up backward")
@@ -438,16 +468,26 @@ class _Step:
             t.free(g_act, act, up)
             t.op(f"block {i} MLP up backward")
             gx = t.new(f"block {i} up input gradient", grad, n * h * c)
-            self.param_grads(f"block {i} MLP up", up_shapes[half:], cast=True)
-            t.free(g_up, s.mlp_inputs[1] if dt.autocast else None)
+            self.param_grads(
+                f"block {i} MLP up",
+                up_shapes[half:],
+                cast=True,
+                saved=[s.mlp_inputs[1] if dt.autocast else None],
+            )
+            t.free(g_up)
             buffer = self.to_fp32_buffer(f"block {i} MLP up", gx, None)
             t.op(f"block {i} MLP activation backward")
             g_gate = t.new(f"block {i} gate gradient", grad, f)
             t.free(g_silu, gate)
             t.op(f"block {i} MLP gate backward")
             gx = t.new(f"block {i} gate input gradient", grad, n * h * c)
-            self.param_grads(f"block {i} MLP gate", up_shapes[:half], cast=True)
-            t.free(g_gate, *s.mlp_inputs, s.mlp_weights)
+            self.param_grads(
+                f"block {i} MLP gate",
+                up_shapes[:half],
+                cast=True,
+                saved=[*s.mlp_inputs, s.mlp_weights],
+            )
+            t.free(g_gate)
             buffer = self.to_fp32_buffer(f"block {i} MLP gate", gx, buffer)
         else:
             first = s.mlp[0]
@@ -456,8 +496,10 @@ class _Step:
             t.free(g_act, first)
             t.op(f"block {i} MLP up backward")
             gx = t.new(f"block {i} MLP input gradient", grad, n * h * c)
-            self.param_grads(f"block {i} MLP up", up_shapes, cast=True)
-            t.free(g_fc, *s.mlp_inputs, s.mlp_weights)
+            self.param_grads(
+                f"block {i} MLP up", up_shapes, cast=True, saved=[*s.mlp_inputs, s.mlp_weights]
+            )
+            t.free(g_fc)
             buffer = self.to_fp32_buffer(f"block {i} MLP", gx, None)
         t.op(f"block {i} norm 2 backward")
         g_norm = t.new(f"block {i} norm 2 input gradient", grad, n * h * r)
@@ -469,38 +511,77 @@ class _Step:
             t.new(f"block {i} 16-bit attention gradient", grad, n * h * c) if dt.autocast else None
         )
         g_o = t.new(f"block {i} attention output gradient", grad, n * sh.q_width * c)
-        self.param_grads(f"block {i} output projection", self.linear_shapes("o"), cast=True)
-        t.free(g16, s.o_weight)
-        if self.selective:  # the checkpointed core runs again, keeping what it saves
-            t.op(f"block {i} attention recompute")
-            t.free(self.core_forward(i, s, True, s.narrow_kv))
+        # o_proj saved its input: eager attention's output copy (flash's output is also
+        # saved by flash's backward, which frees it)
+        self.param_grads(
+            f"block {i} output projection",
+            self.linear_shapes("o"),
+            cast=True,
+            saved=[s.o_weight, s.attn_out if self.eager else None],
+        )
+        t.free(g16)
         kv_seen = sh.q_width if self.widened else sh.kv_width
         if self.eager:
+            # The order follows the allocator traces of eager runs (fp32 GPT-2 in
+            # benchmarks/data/h200-traces/frames2.json.gz; AMP bf16 GPT-2 in traces.json).
+            # P @ V's backward folds the gradient's (b, heads) dimensions into one: o_proj's
+            # (b, s, heads, hd) input gradient is copied to (b, heads, s, hd) memory first
+            t.op(f"block {i} attention gradient to heads")
+            g_heads = t.new(f"block {i} attention gradient, heads first", grad, n * sh.q_width * c)
+            t.free(g_o)
+            if self.selective:  # the checkpointed core runs again when P @ V's node needs it
+                t.op(f"block {i} attention recompute")
+                self.core_forward(i, s, s.narrow_kv, recompute=True)
             t.op(f"block {i} attention P @ V backward")
-            g_probs = t.new(f"block {i} probabilities gradient", grad, sh.scores * c)
             dv = t.new(f"block {i} v gradient", grad, n * kv_seen * c)
-            # the 16-bit copy that multiplied V; without autocast that is the softmax output
-            # itself, which softmax's backward still needs
-            t.free(g_o, s.core[-1] if dt.autocast else None)
+            g = t.new(f"block {i} probabilities gradient", grad, sh.scores * c)
+            # bmm's saved inputs die with its node: V as it multiplied (a copy, or
+            # repeat_kv's output) and under autocast the 16-bit probabilities; without
+            # autocast those are the softmax output, which softmax's backward still needs
+            v_seen = s.qkv[2] if self.widened else s.copies[-1]
+            t.free(g_heads, v_seen, s.core[-1] if dt.autocast else None)
+            if dt.autocast:  # the backward of the probabilities' cast to 16 bits
+                t.op(f"block {i} probabilities gradient to fp32")
+                g32 = t.new(f"block {i} fp32 probabilities gradient", grad, sh.scores * FP32)
+                t.free(g)
+                g = g32
             t.op(f"block {i} softmax backward")
-            # a temporary and the gradient (fp32 under autocast, where softmax ran in fp32)
+            # a temporary of the output's size, then the input's gradient in the input's
+            # dtype: fp32 where softmax upcast its input (bf16), else the compute dtype
             t.temp(f"block {i} softmax backward temporary", grad, sh.scores * dt.softmax)
-            g_soft = t.new(f"block {i} scores gradient", grad, sh.scores * dt.softmax)
-            t.free(g_probs, *s.core)
-            t.op(f"block {i} Q @ K backward")
-            if not dt.autocast:
-                # masked_fill's backward, then the scaling's (allocator trace of an fp32
-                # eager run, benchmarks/data/h200-traces/frames2.json.gz)
-                g_masked = t.new(f"block {i} masked scores gradient", grad, sh.scores * c)
+            in_bytes = FP32 if dt.softmax_upcast else c
+            g_soft = t.new(f"block {i} scores gradient", grad, sh.scores * in_bytes)
+            t.free(g, *s.core)
+            if in_bytes != c:  # the backward of softmax's input upcast
+                t.op(f"block {i} scores gradient to compute dtype")
+                g16 = t.new(f"block {i} 16-bit scores gradient", grad, sh.scores * c)
                 t.free(g_soft)
-                t.op(f"block {i} scaling backward")
-                g_soft = g_masked
-            g_scores = t.new(f"block {i} scaled scores gradient", grad, sh.scores * c)
+                g_soft = g16
+            t.op(f"block {i} masked scores backward")
+            g_masked = t.new(f"block {i} masked scores gradient", grad, sh.scores * c)
             t.free(g_soft)
+            t.op(f"block {i} scaling backward")
+            g_scores = t.new(f"block {i} scaled scores gradient", grad, sh.scores * c)
+            t.free(g_masked)
+            t.op(f"block {i} Q @ K backward")
             dq = t.new(f"block {i} q gradient", grad, n * sh.q_width * c)
             dk = t.new(f"block {i} k gradient", grad, n * kv_seen * c)
-            t.free(g_scores, s.attn_out)
+            # bmm's saved q and k (copies, or repeat_kv's K) die with its node
+            t.free(g_scores, *s.copies[:2], s.qkv[1] if self.widened else None)
+            if self.fused_qkv:
+                # c_attn's split takes the gradients in (b, s, heads, hd) memory: q's and
+                # v's are copied there, k's transposes cancel into a view (fp32 GPT-2 trace)
+                t.op(f"block {i} q gradient to tokens first")
+                dq_t = t.new(f"block {i} q gradient, tokens first", grad, n * sh.q_width * c)
+                t.free(dq)
+                t.op(f"block {i} v gradient to tokens first")
+                dv_t = t.new(f"block {i} v gradient, tokens first", grad, n * kv_seen * c)
+                t.free(dv)
+                dq, dv = dq_t, dv_t
         else:
+            if self.selective:  # the checkpointed core runs again when flash's node needs it
+                t.op(f"block {i} attention recompute")
+                self.core_forward(i, s, s.narrow_kv, recompute=True)
             t.op(f"block {i} attention backward")
             # flash backward accumulates dq in fp32 and keeps softmax row sums (Dao 2023, FA2)
             t.temp(f"block {i} fp32 dq accumulator", grad, n * sh.q_width * FP32)
@@ -530,8 +611,10 @@ class _Step:
             d_qkv = t.new(f"block {i} q/k/v gradient", grad, n * (sh.q_width + 2 * sh.kv_width) * c)
             t.free(dq, dk, dv)
             gx = t.new(f"block {i} q/k/v input gradient", grad, n * h * c)
-            self.param_grads(f"block {i} q/k/v", qkv_shapes, cast=True)
-            t.free(d_qkv, *s.qkv_inputs, s.qkv_weights)
+            self.param_grads(
+                f"block {i} q/k/v", qkv_shapes, cast=True, saved=[*s.qkv_inputs, s.qkv_weights]
+            )
+            t.free(d_qkv)
             buffer = self.to_fp32_buffer(f"block {i} q/k/v", gx, None)
         else:
             buffer = None
@@ -542,6 +625,7 @@ class _Step:
                     f"block {i} {name} projection",
                     qkv_shapes[(2 - j) * per : (3 - j) * per],
                     cast=True,
+                    saved=[s.qkv_inputs[2 - j] if dt.autocast else None],
                 )
                 t.free(dx)
                 buffer = self.to_fp32_buffer(f"block {i} {name}", gx, buffer)
@@ -583,13 +667,17 @@ class _Step:
 
         saved: list[_Saved] = []
         for i in range(layers):
-            x, s = self.forward_block(i, x, keep=not self.full)
-            saved.append(s)
+            if self.full:  # the checkpoint keeps the block input only
+                saved.append(_Saved(x_in=x))
+                x = self.unsaved.block(i, x, sh.seq, 0, keep_input=True)
+            else:
+                x, s = self.forward_block(i, x)
+                saved.append(s)
 
         t.op("final norm")
-        norm_out, norm_stats_keys = self.norm_forward("final norm", True)
+        norm_out, norm_stats_keys = self.norm_forward("final norm")
         t.op("lm_head")
-        head_in = self.casts("lm_head", 1, norm_out, True, "")
+        head_in = self.casts("lm_head", 1, norm_out, "")
         head_weight = None
         if dt.autocast:
             head_weight = t.new(
@@ -602,16 +690,9 @@ class _Step:
         upcast = t.new("fp32 logits", "logits", n * v * FP32) if c != FP32 else None
         log_probs = t.new("log_softmax output", "logits", n * v * FP32)
         t.free(upcast, logits)
-        if self.full:
-            # autocast caches every weight's 16-bit copy until its context exits, at the end of
-            # the forward, even when checkpointing drops what the blocks saved
-            t.free(
-                *(
-                    k
-                    for s in saved
-                    for k in (s.qkv_weights, s.o_weight, s.mlp_weights, s.down_weight)
-                )
-            )
+        # autocast caches every weight's 16-bit copy until its context exits, at the end of
+        # the forward, even when checkpointing drops what the blocks saved
+        t.free(*self.unsaved.kept)
 
         t.phase = "backward"
         t.op("loss backward")
@@ -655,8 +736,7 @@ class _Step:
             s = saved[i]
             if self.full:  # the checkpointed block runs again, keeping what it saves
                 t.op(f"block {i} recompute")
-                x_out, s = self.forward_block(i, s.x_in, keep=True)
-                t.free(x_out)
+                _, s = self.forward_block(i, s.x_in, recompute=True)
             self.backward_block(i, g, s)
         t.op("embeddings backward")
         t.free(*rope)
