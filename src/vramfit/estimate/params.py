@@ -164,9 +164,15 @@ def param_tensors(spec: ModelSpec) -> ParamTensors:
     if spec.positions is Positions.learned:
         embeddings.append((spec.max_positions or 0, h))
     head = list(norm) + ([] if spec.tied else [(spec.vocab, h)])
+    # model.parameters() order, which is the order optimizers create their state in:
+    # norm_1, attention, norm_2, MLP for the pre-norm block (measure.models.Block)
+    if spec.norms_per_layer == 2:
+        block = norm + attn + norm + ffn_part
+    else:
+        block = norm * spec.norms_per_layer + attn + ffn_part
     return ParamTensors(
         embeddings=tuple(embeddings),
-        block=tuple(norm * spec.norms_per_layer + attn + ffn_part),
+        block=tuple(block),
         block_linear=tuple(attn + ffn_part),
         head=tuple(head),
         lm_head=(spec.vocab, h),
