@@ -166,7 +166,7 @@ class _Pass:
             t.temp(f"{name} statistics", _ACT, size)
         return out
 
-    def rope(self, name: str, x: int | None, size: int) -> int | None:
+    def rope(self, name: str, x: int | None, size: int, part: str = "") -> int | None:
         """HF ``apply_rotary_pos_emb`` on a (b, heads, s, hd) tensor of ``size`` bytes:
         x * cos + rotate_half(x) * sin, rotate_half = cat(-x2, x1)."""
         t = self.t
@@ -180,7 +180,7 @@ class _Pass:
         rot_sin = t.new(f"{name} rotate_half * sin", _ACT, size)
         t.free(half)
         t.op(f"{name} rotated")
-        out = t.new(f"{name} rotated", _ACT, size)
+        out = t.new(f"{name} rotated", _ACT, size, part=part)
         t.free(x_cos, rot_sin, x)
         return out
 

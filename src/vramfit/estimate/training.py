@@ -113,20 +113,20 @@ class _Saved:
     """Keys of one block's saved tensors, freed by the backward ops that use them."""
 
     x_in: int | None = None
-    norm1: list[int | None] = field(default_factory=list)  # stats (+ output when not cast)
-    qkv_inputs: list[int | None] = field(default_factory=list)
-    qkv_weights: int | None = None
+    norm1: list[int | None] = field(default_factory=list)  # statistics
+    norm1_out: int | None = None  # saved by q/k/v when they read it uncast
+    qkv_saved: list[list[int | None]] = field(default_factory=list)  # per projection
     qkv: list[int | None] = field(default_factory=list)  # q, k, v as attention sees them
     narrow_kv: list[int | None] = field(default_factory=list)  # un-widened k, v (selective)
     core: list[int | None] = field(default_factory=list)  # lse / probabilities
     attn_out: int | None = None
-    o_weight: int | None = None
+    o_saved: list[int | None] = field(default_factory=list)
     x_mid: int | None = None
     norm2: list[int | None] = field(default_factory=list)
-    mlp_inputs: list[int | None] = field(default_factory=list)
-    mlp_weights: int | None = None
+    norm2_out: int | None = None
+    mlp_saved: list[list[int | None]] = field(default_factory=list)  # gate, up (or fc)
     mlp: list[int | None] = field(default_factory=list)  # intermediates
-    down_weight: int | None = None
+    down_saved: list[int | None] = field(default_factory=list)
     copies: list[int | None] = field(default_factory=list)  # eager: bmm's contiguous q/k/v
 
 
@@ -165,6 +165,7 @@ class _Step:
             workspace_name="cuBLAS workspace (forward)",
         )
         self.ws_forward_made = self.full
+        self.bias_copies: list[int | None] = []  # autocast's cached bias copies: not saved
 
     # sizes ---------------------------------------------------------------------------------
     def params(self, shapes: Sequence[ParamShape], per_element: int) -> list[int]:
@@ -178,48 +179,114 @@ class _Step:
         return [(h,), (h,)] if self.spec.norm.value == "layernorm" else [(h,)]
 
     # pieces ---------------------------------------------------------------------------------
-    def weight_copies(self, name: str, kind: str) -> int | None:
-        """Autocast's cached 16-bit copy of a projection's weights, saved for its backward."""
-        if not self.dt.autocast:
-            return None
-        return self.tape.new(
-            name,
-            "autocast_weight_copies",
-            sum(self.params(self.linear_shapes(kind), self.dt.compute)),
-        )
-
-    def param_grads(
+    def project(
         self,
         name: str,
         shapes: list[ParamShape],
-        cast: bool,
-        saved: Sequence[int | None] = (),
-    ) -> None:
-        """Parameter gradients, live until the next zero_grad; under autocast a 16-bit
-        gradient is made first and cast to the fp32 parameter's dtype.
+        in_bytes: int,
+        out_bytes: int,
+        cast_input: bool,
+        part: str = "",
+        output: bool = True,
+    ) -> tuple[int | None, list[int | None]]:
+        """A projection's forward (nn.Linear): under autocast, 16-bit copies of its bias and
+        weight (cached by autocast until the forward ends; the weight's is saved for
+        backward) and of an fp32 input (``cast_input``), made right to left as the C++
+        wrapper evaluates its arguments, then the output (labelled trace of an AMP run:
+        benchmarks/data/h200-traces/frames.json.gz). Returns the output and what backward
+        frees: the weight and input copies (an uncast input is the caller's to free)."""
+        t, dt = self.tape, self.dt
+        saved: list[int | None] = []
+        if dt.autocast:
+            for shape in reversed(shapes):
+                vector = len(shape) == 1
+                key = t.new(
+                    f"{name} 16-bit {'bias' if vector else 'weight'}",
+                    "autocast_weight_copies",
+                    self.params([shape], dt.compute)[0],
+                )
+                (self.bias_copies if vector else saved).append(key)
+            if cast_input:
+                saved.append(t.new(f"{name} 16-bit input", "activations", in_bytes, part=part))
+        out = t.new(name, "activations", out_bytes, part=part) if output else None
+        return out, saved
 
-        ``cast``: a projection, whose node frees what it ``saved`` (its input, autocast's
-        weight copy) once the input and weight gradients exist; its bias gradient, a column
-        sum over every token, comes after (the broadcast bias's reduction runs after the
-        node; allocator trace of an fp32 GPT-2 run, benchmarks/data/h200-traces/frames2)."""
-        t = self.tape
-        if cast and self.dt.autocast:
-            t.temp(
-                f"{name} 16-bit weight gradient",
-                "activation_grads",
-                sum(self.params(shapes, self.dt.compute)),
-            )
-        vectors = [shape for shape in shapes if cast and len(shape) == 1]
-        for size in self.params([x for x in shapes if x not in vectors], self.dt.weight):
-            t.new(f"{name} gradient", "gradients", size)
+    def project_backward(
+        self,
+        name: str,
+        shapes: list[ParamShape],
+        in_bytes: int,
+        saved: Sequence[int | None],
+        g_out: int | None,
+        fp32_input: bool = False,
+        buffer: int | None = None,
+    ) -> int | None:
+        """A projection's backward; returns its input's gradient (in ``buffer`` when one is
+        given: later gradients accumulate in place into the first).
+
+        As the allocator traces show (fp32 GPT-2, benchmarks/data/h200-traces/frames2.json.gz;
+        AMP Qwen2.5, traces2.json): addmm (a biased projection) makes the input's gradient,
+        then the weight's; mm (unbiased) the weight's first. The node then frees what it
+        saved and, when nothing else reads it, its incoming gradient ``g_out``; a bias
+        gradient, a column sum over every token, comes after the node (the broadcast's
+        reduction). Under autocast the 16-bit input gradient is then cast to fp32 when the
+        input was fp32 (``fp32_input``), and last the 16-bit weight gradient is cast to the
+        fp32 parameter's dtype."""
+        t, dt = self.tape, self.dt
+        grad = "activation_grads"
+        vectors = [x for x in shapes if len(x) == 1]
+        matrices = [x for x in shapes if len(x) != 1]
+        # under autocast the first gradients are 16-bit temporaries, else the gradients
+        w_dtype, w_component = (dt.compute, grad) if dt.autocast else (dt.weight, "gradients")
+        prefix = "16-bit " if dt.autocast else ""
+
+        def weight_grads() -> list[int | None]:
+            return [
+                t.new(f"{name} {prefix}weight gradient", w_component, size)
+                for size in self.params(matrices, w_dtype)
+            ]
+
+        if vectors:
+            gx = t.new(f"{name} input gradient", grad, in_bytes)
+            firsts = weight_grads()
+        else:
+            firsts = weight_grads()
+            gx = t.new(f"{name} input gradient", grad, in_bytes)
         t.free(*saved)
         if vectors:
             t.op(f"{name} bias gradient")
-        for shape in vectors:
-            t.new(f"{name} bias gradient", "gradients", self.params([shape], self.dt.weight)[0])
-            # the reduction stages fp32 partial sums, 4096 rows per output column
-            # (measured: the allocator traces in benchmarks/data/h200-traces)
-            t.temp(f"{name} bias gradient reduction", "activation_grads", shape[0] * 4096 * FP32)
+            for shape in vectors:
+                firsts.append(
+                    t.new(
+                        f"{name} {prefix}bias gradient",
+                        w_component,
+                        self.params([shape], w_dtype)[0],
+                    )
+                )
+                # the reduction stages fp32 partial sums, 4096 rows per output column
+                # (measured: the allocator traces in benchmarks/data/h200-traces)
+                t.temp(f"{name} bias gradient reduction", grad, shape[0] * 4096 * FP32)
+        t.free(g_out)
+        if dt.autocast and fp32_input:
+            t.op(f"{name} input gradient to fp32")
+            g32 = t.new(f"{name} fp32 input gradient", grad, in_bytes * FP32 // dt.compute)
+            t.free(gx)
+            gx = g32
+        if buffer is not None:
+            t.free(gx)  # accumulated in place into the first gradient to arrive
+            gx = buffer
+        if dt.autocast:
+            t.op(f"{name} fp32 weight gradient")
+            for size in self.params(matrices + vectors, dt.weight):
+                t.new(f"{name} gradient", "gradients", size)
+            t.free(*firsts)
+        return gx
+
+    def param_grads(self, name: str, shapes: list[ParamShape]) -> None:
+        """Gradients of parameters that are not projections (norms, embeddings, a tied or
+        fp32 lm_head), live until the next zero_grad."""
+        for size in self.params(shapes, self.dt.weight):
+            self.tape.new(f"{name} gradient", "gradients", size)
 
     def norm_forward(self, name: str) -> tuple[int | None, list[int | None]]:
         """A norm: its output (fp32 under autocast) and saved statistics."""
@@ -339,90 +406,113 @@ class _Step:
     ) -> tuple[int | None, _Saved]:
         """One block's forward, keeping what autograd saves. Returns the block output and
         what backward needs. ``recompute``: full checkpointing's rerun in backward, which
-        stops when the MLP's down projection has saved its input (see ``core_forward``):
+        stops when the MLP's down projection has saved its inputs (see ``core_forward``):
         no output is made."""
         t, sh, dt = self.tape, self.sh, self.dt
         n, h, c, r = sh.tokens, sh.hidden, dt.compute, dt.residual
+        autocast = dt.autocast
         s = _Saved(x_in=x_in)
 
         t.op(f"block {i} norm 1")
-        out, s.norm1 = self.norm_forward(f"block {i} norm 1")
-        t.op(f"block {i} q/k/v projections")
+        normed, s.norm1 = self.norm_forward(f"block {i} norm 1")
         if self.first and i == 0 and not self.ws_forward_made:
+            t.op(f"block {i} first matmul")
             t.persist("cuBLAS workspace (forward)", "cublas_workspace", [self.workspace])
             self.ws_forward_made = True
-        s.qkv_inputs = self.casts(f"block {i} q/k/v", 1 if self.fused_qkv else 3, out, "attention")
-        s.qkv_weights = self.weight_copies(f"block {i} q/k/v weights", "qkv")
+        qkv_shapes = self.linear_shapes("qkv")
         if self.fused_qkv:
-            qkv = t.new(
+            t.op(f"block {i} q/k/v projection")
+            qkv, saved = self.project(
                 f"block {i} q/k/v",
-                "activations",
+                qkv_shapes,
+                n * h * c,
                 n * (sh.q_width + 2 * sh.kv_width) * c,
-                part="attention",
+                autocast,
+                "attention",
             )
-            s.qkv = [qkv]
+            s.qkv, s.qkv_saved = [qkv], [saved]
             narrow: list[int | None] = []
         else:
-            q = t.new(f"block {i} q", "activations", n * sh.q_width * c, part="attention")
-            k = t.new(f"block {i} k", "activations", n * sh.kv_width * c, part="attention")
-            v = t.new(f"block {i} v", "activations", n * sh.kv_width * c, part="attention")
-            if self.rope:
-                t.op(f"block {i} rotary embedding")
-                t.temp(f"block {i} rotate_half(q)", "activations", n * sh.q_width * c)
-                t.temp(f"block {i} q * cos", "activations", n * sh.q_width * c)
-                q_rot = t.new(
-                    f"block {i} rotated q", "activations", n * sh.q_width * c, part="attention"
+            per = len(qkv_shapes) // 3
+            keys = []
+            for j, (name, width) in enumerate(
+                (("q", sh.q_width), ("k", sh.kv_width), ("v", sh.kv_width))
+            ):
+                t.op(f"block {i} {name} projection")
+                key, saved = self.project(
+                    f"block {i} {name}",
+                    qkv_shapes[j * per : (j + 1) * per],
+                    n * h * c,
+                    n * width * c,
+                    autocast,
+                    "attention",
                 )
-                t.temp(f"block {i} rotate_half(k)", "activations", n * sh.kv_width * c)
-                k_rot = t.new(
-                    f"block {i} rotated k", "activations", n * sh.kv_width * c, part="attention"
-                )
-                t.free(q, k)
-                q, k = q_rot, k_rot
+                keys.append(key)
+                s.qkv_saved.append(saved)
+            q, k, v = keys
+            if self.rope:  # HF apply_rotary_pos_emb; nothing of it is saved
+                q = self.unsaved.rope(f"block {i} q", q, n * sh.q_width * c, "attention")
+                k = self.unsaved.rope(f"block {i} k", k, n * sh.kv_width * c, "attention")
             s.qkv = [q, k, v]
             narrow = [k, v]
         s.narrow_kv = narrow
         s.attn_out = self.core_forward(i, s, narrow)
         t.op(f"block {i} output projection")
-        s.o_weight = self.weight_copies(f"block {i} o weights", "o")
-        proj = t.new(f"block {i} attention projection", "activations", n * h * c)
+        proj, s.o_saved = self.project(
+            f"block {i} output projection", self.linear_shapes("o"), 0, n * h * c, False
+        )
         if s.copies:  # bmm saved its copies: the projections' own outputs die with the module
             t.free(s.qkv[0], *([] if self.widened else s.qkv[1:]))
+        if autocast:  # the fp32 norm output dies when attention returns; its casts are saved
+            t.free(normed)
+        else:
+            s.norm1_out = normed
         t.op(f"block {i} residual 1")
         s.x_mid = t.new(f"block {i} residual 1", "activations", n * h * r, part="norm")
         t.free(proj)
 
         t.op(f"block {i} norm 2")
-        out, s.norm2 = self.norm_forward(f"block {i} norm 2")
-        t.op(f"block {i} MLP up projection")
-        s.mlp_inputs = self.casts(f"block {i} MLP", 2 if self.gated else 1, out, "mlp")
-        s.mlp_weights = self.weight_copies(f"block {i} MLP up weights", "up")
+        normed, s.norm2 = self.norm_forward(f"block {i} norm 2")
+        s.norm2_out = None if autocast else normed
+        up_shapes = self.linear_shapes("up")
+        half = len(up_shapes) // 2
         f = n * sh.active_ffn * c
+        router = None
         if self.spec.experts > 1:
             # router logits, their fp32 softmax and the top-k weights and indices
-            e, k = self.spec.experts, self.spec.experts_per_token
-            s.mlp_inputs.append(
-                t.new(
-                    f"block {i} router",
-                    "activations",
-                    n * e * (c + FP32) + n * k * (FP32 + INT64),
-                    part="mlp",
-                )
+            e, k_ = self.spec.experts, self.spec.experts_per_token
+            t.op(f"block {i} router")
+            router = t.new(
+                f"block {i} router",
+                "activations",
+                n * e * (c + FP32) + n * k_ * (FP32 + INT64),
+                part="mlp",
             )
-        first = t.new(f"block {i} MLP hidden", "activations", f, part="mlp")
-        t.op(f"block {i} MLP activation")
-        act = t.new(f"block {i} MLP activation", "activations", f, part="mlp")
-        s.mlp = [first, act]
+        parts = ((up_shapes[:half], "MLP gate"), (up_shapes[half:], "MLP up"))
+        if not self.gated:
+            parts = ((up_shapes, "MLP up"),)
+        s.mlp = []
+        for shapes, name in parts:
+            t.op(f"block {i} {name} projection")
+            key, saved = self.project(f"block {i} {name}", shapes, n * h * c, f, autocast, "mlp")
+            s.mlp_saved.append(saved)
+            s.mlp.append(key)
+            if name != "MLP up" or not self.gated:
+                t.op(f"block {i} MLP activation")
+                s.mlp.append(t.new(f"block {i} MLP activation", "activations", f, part="mlp"))
         if self.gated:
             t.op(f"block {i} MLP gate * up")
-            up = t.new(f"block {i} MLP up", "activations", f, part="mlp")
-            prod = t.new(f"block {i} MLP gate * up", "activations", f, part="mlp")
-            s.mlp += [up, prod]
+            s.mlp.append(t.new(f"block {i} MLP gate * up", "activations", f, part="mlp"))
+        s.mlp_saved[-1].append(router)
         t.op(f"block {i} MLP down projection")
-        s.down_weight = self.weight_copies(f"block {i} MLP down weights", "down")
+        down, s.down_saved = self.project(
+            f"block {i} MLP down", self.linear_shapes("down"), 0, n * h * c, False, output=False
+        )
+        if autocast:  # the fp32 norm output dies when the MLP returns (or the rerun stops)
+            t.free(normed)
         if recompute:
             return None, s
-        down = t.new(f"block {i} MLP projection", "activations", n * h * c)
+        down = t.new(f"block {i} MLP down", "activations", n * h * c)
         t.op(f"block {i} residual 2")
         x_out = t.new(f"block {i} output", "activations", n * h * r, part="norm")
         t.free(down)
@@ -449,17 +539,18 @@ class _Step:
         grad = "activation_grads"
         up_shapes = self.linear_shapes("up")
         half = len(up_shapes) // 2
+        autocast = dt.autocast
 
         t.op(f"block {i} MLP down backward")
-        g16 = t.new(f"block {i} 16-bit output gradient", grad, n * h * c) if dt.autocast else None
-        g_act = t.new(f"block {i} MLP activation gradient", grad, f)
-        self.param_grads(
+        # the residual add's backward casts the fp32 gradient to the 16-bit branch's dtype
+        g16 = t.new(f"block {i} 16-bit output gradient", grad, n * h * c) if autocast else None
+        g_act = self.project_backward(
             f"block {i} MLP down",
             self.linear_shapes("down"),
-            cast=True,
-            saved=[s.mlp[-1], s.down_weight],
+            f,
+            saved=[*s.down_saved, s.mlp[-1]],
+            g_out=g16,
         )
-        t.free(g16)
         if self.gated:
             gate, act, up, _ = s.mlp
             t.op(f"block {i} MLP gate * up backward")
@@ -467,59 +558,57 @@ class _Step:
             g_up = t.new(f"block {i} up gradient", grad, f)
             t.free(g_act, act, up)
             t.op(f"block {i} MLP up backward")
-            gx = t.new(f"block {i} up input gradient", grad, n * h * c)
-            self.param_grads(
+            buffer = self.project_backward(
                 f"block {i} MLP up",
                 up_shapes[half:],
-                cast=True,
-                saved=[s.mlp_inputs[1] if dt.autocast else None],
+                n * h * c,
+                saved=s.mlp_saved[1],
+                g_out=g_up,
+                fp32_input=autocast,
             )
-            t.free(g_up)
-            buffer = self.to_fp32_buffer(f"block {i} MLP up", gx, None)
             t.op(f"block {i} MLP activation backward")
             g_gate = t.new(f"block {i} gate gradient", grad, f)
             t.free(g_silu, gate)
             t.op(f"block {i} MLP gate backward")
-            gx = t.new(f"block {i} gate input gradient", grad, n * h * c)
-            self.param_grads(
+            buffer = self.project_backward(
                 f"block {i} MLP gate",
                 up_shapes[:half],
-                cast=True,
-                saved=[*s.mlp_inputs, s.mlp_weights],
+                n * h * c,
+                saved=[*s.mlp_saved[0], s.norm2_out],
+                g_out=g_gate,
+                fp32_input=autocast,
+                buffer=buffer,
             )
-            t.free(g_gate)
-            buffer = self.to_fp32_buffer(f"block {i} MLP gate", gx, buffer)
         else:
             first = s.mlp[0]
             t.op(f"block {i} MLP activation backward")
             g_fc = t.new(f"block {i} MLP hidden gradient", grad, f)
             t.free(g_act, first)
             t.op(f"block {i} MLP up backward")
-            gx = t.new(f"block {i} MLP input gradient", grad, n * h * c)
-            self.param_grads(
-                f"block {i} MLP up", up_shapes, cast=True, saved=[*s.mlp_inputs, s.mlp_weights]
+            buffer = self.project_backward(
+                f"block {i} MLP up",
+                up_shapes,
+                n * h * c,
+                saved=[*s.mlp_saved[0], s.norm2_out],
+                g_out=g_fc,
+                fp32_input=autocast,
             )
-            t.free(g_fc)
-            buffer = self.to_fp32_buffer(f"block {i} MLP", gx, None)
         t.op(f"block {i} norm 2 backward")
         g_norm = t.new(f"block {i} norm 2 input gradient", grad, n * h * r)
-        self.param_grads(f"block {i} norm 2", self.norm_shapes(), cast=False)
+        self.param_grads(f"block {i} norm 2", self.norm_shapes())
         t.free(buffer, s.x_mid, *s.norm2, g_norm)  # accumulated in place into g
 
         t.op(f"block {i} output projection backward")
-        g16 = (
-            t.new(f"block {i} 16-bit attention gradient", grad, n * h * c) if dt.autocast else None
-        )
-        g_o = t.new(f"block {i} attention output gradient", grad, n * sh.q_width * c)
+        g16 = t.new(f"block {i} 16-bit attention gradient", grad, n * h * c) if autocast else None
         # o_proj saved its input: eager attention's output copy (flash's output is also
         # saved by flash's backward, which frees it)
-        self.param_grads(
+        g_o = self.project_backward(
             f"block {i} output projection",
             self.linear_shapes("o"),
-            cast=True,
-            saved=[s.o_weight, s.attn_out if self.eager else None],
+            n * sh.q_width * c,
+            saved=[*s.o_saved, s.attn_out if self.eager else None],
+            g_out=g16,
         )
-        t.free(g16)
         kv_seen = sh.q_width if self.widened else sh.kv_width
         if self.eager:
             # The order follows the allocator traces of eager runs (fp32 GPT-2 in
@@ -605,34 +694,38 @@ class _Step:
             dk_r = t.new(f"block {i} unrotated k gradient", grad, n * sh.kv_width * c)
             t.free(dq, dk)
             dq, dk = dq_r, dk_r
-        t.op(f"block {i} q/k/v projections backward")
         qkv_shapes = self.linear_shapes("qkv")
         if self.fused_qkv:
+            t.op(f"block {i} q/k/v split backward")
             d_qkv = t.new(f"block {i} q/k/v gradient", grad, n * (sh.q_width + 2 * sh.kv_width) * c)
             t.free(dq, dk, dv)
-            gx = t.new(f"block {i} q/k/v input gradient", grad, n * h * c)
-            self.param_grads(
-                f"block {i} q/k/v", qkv_shapes, cast=True, saved=[*s.qkv_inputs, s.qkv_weights]
+            t.op(f"block {i} q/k/v projection backward")
+            buffer = self.project_backward(
+                f"block {i} q/k/v",
+                qkv_shapes,
+                n * h * c,
+                saved=[*s.qkv_saved[0], s.norm1_out],
+                g_out=d_qkv,
+                fp32_input=autocast,
             )
-            t.free(d_qkv)
-            buffer = self.to_fp32_buffer(f"block {i} q/k/v", gx, None)
         else:
             buffer = None
             per = len(qkv_shapes) // 3
-            for j, (dx, name) in enumerate(((dv, "v"), (dk, "k"), (dq, "q"))):
-                gx = t.new(f"block {i} {name} input gradient", grad, n * h * c)
-                self.param_grads(
+            for j, (dx, name) in ((2, (dv, "v")), (1, (dk, "k")), (0, (dq, "q"))):
+                t.op(f"block {i} {name} projection backward")
+                buffer = self.project_backward(
                     f"block {i} {name} projection",
-                    qkv_shapes[(2 - j) * per : (3 - j) * per],
-                    cast=True,
-                    saved=[s.qkv_inputs[2 - j] if dt.autocast else None],
+                    qkv_shapes[j * per : (j + 1) * per],
+                    n * h * c,
+                    # the uncast norm output is saved by all three: q's backward is the last
+                    saved=[*s.qkv_saved[j], s.norm1_out if name == "q" else None],
+                    g_out=dx,
+                    fp32_input=autocast,
+                    buffer=buffer,
                 )
-                t.free(dx)
-                buffer = self.to_fp32_buffer(f"block {i} {name}", gx, buffer)
-            t.free(*s.qkv_inputs, s.qkv_weights)
         t.op(f"block {i} norm 1 backward")
         g_norm = t.new(f"block {i} norm 1 input gradient", grad, n * h * r)
-        self.param_grads(f"block {i} norm 1", self.norm_shapes(), cast=False)
+        self.param_grads(f"block {i} norm 1", self.norm_shapes())
         t.free(buffer, s.x_in, *s.norm1, g_norm)  # accumulated in place into g
 
     def build(self) -> Timeline:
@@ -692,7 +785,7 @@ class _Step:
         t.free(upcast, logits)
         # autocast caches every weight's 16-bit copy until its context exits, at the end of
         # the forward, even when checkpointing drops what the blocks saved
-        t.free(*self.unsaved.kept)
+        t.free(*self.unsaved.kept, *self.bias_copies)
 
         t.phase = "backward"
         t.op("loss backward")
@@ -718,7 +811,7 @@ class _Step:
                 sum(self.params(head_matrix, c)),
             )
         else:
-            self.param_grads("lm_head", head_matrix, cast=False)  # the embedding's, when tied
+            self.param_grads("lm_head", head_matrix)  # the embedding's, when tied
         if self.first:
             t.persist("cuBLAS workspace (backward)", "cublas_workspace", [self.workspace])
         gx = t.new("lm_head input gradient", "activation_grads", n * h * c)
@@ -726,10 +819,10 @@ class _Step:
         t.op("final norm backward")
         gx = self.to_fp32_buffer("final norm", gx, None)
         if dt.autocast:
-            self.param_grads("lm_head", head_matrix, cast=False)
+            self.param_grads("lm_head", head_matrix)
             t.free(wgrad16)
         g = t.new("residual stream gradient", "activation_grads", n * h * r)
-        self.param_grads("final norm", self.norm_shapes(), cast=False)
+        self.param_grads("final norm", self.norm_shapes())
         t.free(gx, *norm_stats_keys, x)
 
         for i in reversed(range(layers)):
@@ -737,6 +830,7 @@ class _Step:
             if self.full:  # the checkpointed block runs again, keeping what it saves
                 t.op(f"block {i} recompute")
                 _, s = self.forward_block(i, s.x_in, recompute=True)
+                t.free(*self.bias_copies)  # the rerun's autocast context exits
             self.backward_block(i, g, s)
         t.op("embeddings backward")
         t.free(*rope)
@@ -744,8 +838,8 @@ class _Step:
         if spec.tied:  # computed, then accumulated into the gradient lm_head made
             t.temp("embedding gradient", "activation_grads", sum(self.params(embed, dt.weight)))
         else:
-            self.param_grads("embedding", embed, cast=False)
-        self.param_grads("positions", list(self.tensors.embeddings[1:]), cast=False)
+            self.param_grads("embedding", embed)
+        self.param_grads("positions", list(self.tensors.embeddings[1:]))
         t.free(g, saved[0].x_in)
 
         t.phase = "optimizer"
