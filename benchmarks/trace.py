@@ -34,14 +34,32 @@ def _where(frames: list[dict]) -> str:
     return " < ".join(keep[:4])
 
 
-def _worker(case: dict, frames: bool) -> dict:
+def _where_cpp(frames: list[dict]) -> str:
+    """For a C++ stack (``--cpp``): the autograd node and the ATen ops that made the request,
+    innermost first, then the reference model's Python lines. Backward runs on autograd's
+    own thread, which has no Python frames; this names its requests too."""
+    names = [f["name"] for f in frames]
+    node = next((n.split("(")[0].split("::")[-1] for n in names if "Backward" in n), "")
+    ops = []
+    for n in names:
+        if n.startswith("at::_ops::"):
+            op = n.split("(")[0].removeprefix("at::_ops::").split("::")[0]
+            if op not in ops:
+                ops.append(op)
+    python = _where([f for f in frames if f["filename"].endswith(".py")])
+    return " < ".join(x for x in (node, " < ".join(ops[:3]), python) if x)
+
+
+def _worker(case: dict, frames: bool, cpp: bool = False) -> dict:
     import torch
 
     from vramfit.config import RunSpec
     from vramfit.measure.train import measure_train
 
     torch.cuda.memory._record_memory_history(
-        max_entries=2_000_000, context="all" if frames else None, stacks="python"
+        max_entries=2_000_000,
+        context="all" if frames or cpp else None,
+        stacks="all" if cpp else "python",
     )
     run = RunSpec.model_validate({"model": case["model"], "workload": case.get("workload", {})})
     result = measure_train(run, steps=int(case.get("steps", 3)))
@@ -51,8 +69,8 @@ def _worker(case: dict, frames: bool) -> dict:
         if e["action"] not in ACTIONS:
             continue
         event = [ACTIONS[e["action"]], e["addr"], e["size"]]
-        if frames:  # a 4th field: index into "places", where the event came from
-            where = _where(e.get("frames", []))
+        if frames or cpp:  # a 4th field: index into "places", where the event came from
+            where = (_where_cpp if cpp else _where)(e.get("frames", []))
             if where not in index:
                 index[where] = len(places)
                 places.append(where)
@@ -64,7 +82,7 @@ def _worker(case: dict, frames: bool) -> dict:
         "reserved_peak_bytes": result.reserved_peak_bytes,
         "peak_allocated_bytes": result.peak_allocated_bytes,
     }
-    if frames:
+    if frames or cpp:
         out["places"] = places
     return out
 
@@ -78,9 +96,14 @@ def main() -> None:
     parser.add_argument(
         "--frames", action="store_true", help="label each event with the source line behind it"
     )
+    parser.add_argument(
+        "--cpp",
+        action="store_true",
+        help="label each allocation with its autograd node and ATen ops (C++ stacks; slow)",
+    )
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(_worker(json.loads(sys.stdin.read()), args.frames)))
+        print(json.dumps(_worker(json.loads(sys.stdin.read()), args.frames, args.cpp)))
         return
     cases = [
         c for c in yaml.safe_load(args.cases.read_text()) if not args.only or c["name"] in args.only
@@ -88,7 +111,13 @@ def main() -> None:
     traces = []
     for case in cases:
         out = subprocess.run(
-            [sys.executable, __file__, "--worker", *(["--frames"] if args.frames else [])],
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                *(["--frames"] if args.frames else []),
+                *(["--cpp"] if args.cpp else []),
+            ],
             input=json.dumps(case),
             capture_output=True,
             text=True,

@@ -1,7 +1,8 @@
 """The caching-allocator model, checked on real allocator traces recorded on an H200.
 
-benchmarks/data/h200-traces/traces*.json* hold, for 16 training and inference runs, every
-alloc / free / segment event PyTorch 2.11's allocator recorded (benchmarks/trace.py).
+benchmarks/data/h200-traces/*.json* hold, for 34 training and inference runs, every
+alloc / free / segment event PyTorch 2.11's allocator recorded (benchmarks/trace.py; the
+frames* and cpp-frames* files add a label to each event, ignored here).
 Replaying the same requests (with the segment addresses the driver chose) through vramfit's
 model must give exactly the reserved and peak allocated bytes the real allocator reported.
 """
@@ -22,7 +23,7 @@ TRACES = Path(__file__).parents[2] / "benchmarks" / "data" / "h200-traces"
 def _traces() -> list[dict]:
     return [
         t
-        for path in sorted(TRACES.glob("traces*.json*"))
+        for path in sorted(TRACES.glob("*.json*"))
         for t in json.loads(
             gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text()
         )
@@ -33,7 +34,7 @@ def _traces() -> list[dict]:
 def test_replaying_a_real_trace_reproduces_reserved_and_peak(trace: dict) -> None:
     alloc = CachingAllocator()
     segment = None  # where the driver put the segment the next request creates
-    for action, addr, size in trace["events"]:
+    for action, addr, size, *_ in trace["events"]:
         if action == "s":
             segment = addr
         elif action == "a":
