@@ -10,10 +10,12 @@ shares each K/V head among ``heads / kv_heads`` query heads: Ainslie et al. 2023
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from vramfit.config import Arch, Attention, Mlp, ModelSpec, Positions, Workload
 from vramfit.estimate.activations import FP32, INT64, attention_stats, norm_stats, shape_of
 from vramfit.estimate.dtypes import dtypes_for, kv_bytes
+from vramfit.estimate.overhead import CUBLASLT_WORKSPACE_BYTES
 from vramfit.estimate.params import (
     ParamShape,
     count_params,
@@ -112,6 +114,7 @@ class _Pass:
     ) -> None:
         self.t, self.spec, self.w, self.scale = t, spec, workload, scale
         self.workspace = workspace  # cuBLAS allocates it in the first matmul
+        self.lt_workspace = CUBLASLT_WORKSPACE_BYTES if workspace else 0  # first biased one
         self.workspace_name = workspace_name
         self.training = training
         self.kept: list[int | None] = []  # autocast's cached weight copies (training)
@@ -153,6 +156,10 @@ class _Pass:
         if self.workspace:
             t.persist(self.workspace_name, "cublas_workspace", [self.workspace])
             self.workspace = 0
+        if self.lt_workspace and any(len(shape) == 1 for shape in shapes):
+            name = self.workspace_name.replace("cuBLAS", "cuBLASLt")
+            t.persist(name, "cublas_workspace", [self.lt_workspace])
+            self.lt_workspace = 0
         t.free(*casts)
         return key
 
@@ -206,6 +213,9 @@ class _Pass:
             t.new("RoPE table", _ACT, seq * (spec.head_dim or 0) * c)
             for _ in range(2 if rope else 0)
         ]
+        if w.attention is Attention.eager and not cached:  # the prompt's causal mask (bool)
+            t.temp("causal mask ones", _ACT, seq * seq)
+            tables.append(t.new("causal mask", _ACT, seq * seq))
         for i in range(spec.layers):
             x = self.block(i, x, seq, cached)
         normed = self.norm("final norm", n)
@@ -274,8 +284,7 @@ class _Pass:
             ]
         # one decode token's q and the cache's K/V slices fold into bmm batches as views;
         # the prompt's (b, s, heads, hd) q/k/v do not (repeat_kv's output does)
-        out = self.core(i, seq, keys, kv_copied=seq > 1 and not widened)
-        t.free(*wide)
+        out = self.core(i, seq, keys, kv_copied=seq > 1 and not widened, wide=wide)
         o = self.linear(
             f"block {i} o", projection_shapes(spec, "o"), n * sh.q_width, n * h * c, False
         )
@@ -307,8 +316,11 @@ class _Pass:
         t.free(down, x_mid, None if keep_input else x)
         return x_out
 
-    def core(self, i: int, seq: int, keys: int, kv_copied: bool) -> int | None:
-        """softmax(q k^T * scale) v; returns the output as o_proj reads it."""
+    def core(
+        self, i: int, seq: int, keys: int, kv_copied: bool, wide: Sequence[int | None] = ()
+    ) -> int | None:
+        """softmax(q k^T * scale) v; returns the output as o_proj reads it. ``wide``:
+        repeat_kv's K/V, made inside the core, die with its other locals."""
         t, dt, sh, w = self.t, self.dt, self.sh, self.w
         b, c = w.batch, dt.compute
         n = b * seq
@@ -321,7 +333,7 @@ class _Pass:
             if self.training:
                 lse = t.new(f"block {i} logsumexp", _ACT, attention_stats(sh, w)[0])
             out = t.new(f"block {i} attention output", _ACT, n * sh.q_width * c)
-            t.free(lse)
+            t.free(lse, *wide)
             return out
         scores = b * sh.heads * seq * keys
         # matmul folds (b, heads) into one batch dimension: the projections' (b, s, heads, hd)
@@ -361,7 +373,7 @@ class _Pass:
         pv = t.new(f"block {i} probs @ v", _ACT, n * sh.q_width * c)
         t.free(v_copy)
         t.op(f"block {i} attention returns")
-        t.free(probs, scaled)  # the core's locals
+        t.free(probs, scaled, *wide)  # the core's locals
         if seq == 1:
             return pv
         # (b, heads, s, hd) -> (b, s, heads * hd) for o_proj: a copy

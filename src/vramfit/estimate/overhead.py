@@ -75,6 +75,13 @@ def cublas_workspace_bytes(
     return default
 
 
+# cuBLASLt, which runs a projection with a bias (addmm's fused epilogue), takes its own workspace
+# per thread from the caching allocator on its first call: 1 MiB (aten/src/ATen/cuda/CUDABlas.cpp,
+# ``CUBLASLT_WORKSPACE_SIZE`` default 1024 KiB; measured: the labelled H200 allocator traces in
+# benchmarks/data/h200-traces/cpp-frames.json.gz).
+CUBLASLT_WORKSPACE_BYTES = 1 * MIB
+
+
 # Device memory outside PyTorch's allocator, measured on an H200 with torch 2.11
 # (benchmarks/data/h200-run1: device used minus max_memory_reserved, stable to +-8 MiB over
 # 28 runs): the CUDA context right after initialisation (527 MiB), then the kernel images

@@ -49,6 +49,7 @@ from vramfit.estimate.activations import (
 )
 from vramfit.estimate.dtypes import Dtypes, dtypes_for
 from vramfit.estimate.inference import _Pass
+from vramfit.estimate.overhead import CUBLASLT_WORKSPACE_BYTES
 from vramfit.estimate.params import (
     ParamShape,
     count_params,
@@ -164,7 +165,15 @@ class _Step:
             training=True,
             workspace_name="cuBLAS workspace (forward)",
         )
-        self.ws_forward_made = self.full
+        self.thread = "forward"  # the autograd engine runs backward on its own thread
+        self.mask: int | None = None  # eager attention's causal mask
+        self.rope_tables: list[int | None] = []  # cos, sin
+        self.weight_grads: list[int | None] = []  # the last projection's weight gradients
+        # workspaces made so far (the first step makes them; the full checkpoint's forward
+        # is the no-save pass, which makes the forward thread's)
+        self.workspaces_made: set[str] = (
+            {"cuBLAS workspace (forward)", "cuBLASLt workspace (forward)"} if self.full else set()
+        )
         self.bias_copies: list[int | None] = []  # autocast's cached bias copies: not saved
 
     # sizes ---------------------------------------------------------------------------------
@@ -187,6 +196,7 @@ class _Step:
         out_bytes: int,
         cast_input: bool,
         part: str = "",
+        component: str = "activations",
         output: bool = True,
     ) -> tuple[int | None, list[int | None]]:
         """A projection's forward (nn.Linear): under autocast, 16-bit copies of its bias and
@@ -208,8 +218,24 @@ class _Step:
                 (self.bias_copies if vector else saved).append(key)
             if cast_input:
                 saved.append(t.new(f"{name} 16-bit input", "activations", in_bytes, part=part))
-        out = t.new(name, "activations", out_bytes, part=part) if output else None
+        out = t.new(name, component, out_bytes, part=part) if output else None
+        if output:
+            self.workspaces(biased=any(len(shape) == 1 for shape in shapes))
         return out, saved
+
+    def workspaces(self, biased: bool) -> None:
+        """A matmul's workspaces, made by the first one on each thread (first step only):
+        cuBLAS's, and cuBLASLt's for a projection with a bias (addmm's fused epilogue);
+        as the labelled traces show, after the matmul's output."""
+        if not self.first:
+            return
+        for name, size, needed in (
+            (f"cuBLAS workspace ({self.thread})", self.workspace, True),
+            (f"cuBLASLt workspace ({self.thread})", CUBLASLT_WORKSPACE_BYTES, biased),
+        ):
+            if needed and name not in self.workspaces_made:
+                self.tape.persist(name, "cublas_workspace", [size])
+                self.workspaces_made.add(name)
 
     def project_backward(
         self,
@@ -225,13 +251,14 @@ class _Step:
         given: later gradients accumulate in place into the first).
 
         As the allocator traces show (fp32 GPT-2, benchmarks/data/h200-traces/frames2.json.gz;
-        AMP Qwen2.5, traces2.json): addmm (a biased projection) makes the input's gradient,
-        then the weight's; mm (unbiased) the weight's first. The node then frees what it
-        saved and, when nothing else reads it, its incoming gradient ``g_out``; a bias
-        gradient, a column sum over every token, comes after the node (the broadcast's
-        reduction). Under autocast the 16-bit input gradient is then cast to fp32 when the
-        input was fp32 (``fp32_input``), and last the 16-bit weight gradient is cast to the
-        fp32 parameter's dtype."""
+        AMP Qwen2.5, traces2.json; AMP GPT-2 labelled down to the autograd node,
+        cpp-frames.json.gz): addmm (a biased projection) makes the input's gradient, then
+        the weight's; mm (unbiased) the weight's first. A bias gradient is a column sum over
+        every token, made before the node frees what it saved (a fully checkpointed block
+        frees them first). Then the node frees its saved tensors and, when nothing else
+        reads it, its incoming gradient ``g_out``. Under autocast the 16-bit input gradient
+        is then cast to fp32 when the input was fp32 (``fp32_input``), and last each
+        16-bit parameter gradient is cast to its fp32 parameter's dtype."""
         t, dt = self.tape, self.dt
         grad = "activation_grads"
         vectors = [x for x in shapes if len(x) == 1]
@@ -241,10 +268,13 @@ class _Step:
         prefix = "16-bit " if dt.autocast else ""
 
         def weight_grads() -> list[int | None]:
-            return [
+            keys = [
                 t.new(f"{name} {prefix}weight gradient", w_component, size)
                 for size in self.params(matrices, w_dtype)
             ]
+            self.workspaces(biased=False)  # backward's matmuls are plain mm
+            self.weight_grads = keys
+            return keys
 
         if vectors:
             gx = t.new(f"{name} input gradient", grad, in_bytes)
@@ -252,21 +282,23 @@ class _Step:
         else:
             firsts = weight_grads()
             gx = t.new(f"{name} input gradient", grad, in_bytes)
-        t.free(*saved)
-        if vectors:
+        if vectors and self.full:
+            # a checkpointed block's saved tensors are the checkpoint's, handed to the node
+            # when it unpacks them: they die with its locals, before the bias reduction
+            # (fp32 GPT-2 and AMP Qwen2.5 full-checkpoint traces; without checkpointing the
+            # node releases them after it, AMP GPT-2 trace: cpp-frames.json.gz)
+            t.free(*saved)
             t.op(f"{name} bias gradient")
-            for shape in vectors:
-                firsts.append(
-                    t.new(
-                        f"{name} {prefix}bias gradient",
-                        w_component,
-                        self.params([shape], w_dtype)[0],
-                    )
+        for shape in vectors:
+            firsts.append(
+                t.new(
+                    f"{name} {prefix}bias gradient", w_component, self.params([shape], w_dtype)[0]
                 )
-                # the reduction stages fp32 partial sums, 4096 rows per output column
-                # (measured: the allocator traces in benchmarks/data/h200-traces)
-                t.temp(f"{name} bias gradient reduction", grad, shape[0] * 4096 * FP32)
-        t.free(g_out)
+            )
+            # the reduction stages fp32 partial sums, 4096 rows per output column
+            # (measured: the allocator traces in benchmarks/data/h200-traces)
+            t.temp(f"{name} bias gradient reduction", grad, shape[0] * 4096 * FP32)
+        t.free(*saved, g_out)
         if dt.autocast and fp32_input:
             t.op(f"{name} input gradient to fp32")
             g32 = t.new(f"{name} fp32 input gradient", grad, in_bytes * FP32 // dt.compute)
@@ -275,12 +307,30 @@ class _Step:
         if buffer is not None:
             t.free(gx)  # accumulated in place into the first gradient to arrive
             gx = buffer
-        if dt.autocast:
-            t.op(f"{name} fp32 weight gradient")
-            for size in self.params(matrices + vectors, dt.weight):
-                t.new(f"{name} gradient", "gradients", size)
-            t.free(*firsts)
+        if dt.autocast:  # each 16-bit gradient cast to its fp32 parameter's dtype in turn
+            self.weight_grads = []
+            for first, size in zip(firsts, self.params(matrices + vectors, dt.weight), strict=True):
+                t.op(f"{name} fp32 gradient")
+                self.weight_grads.append(t.new(f"{name} gradient", "gradients", size))
+                t.free(first)
         return gx
+
+    def rope_backward(
+        self, name: str, g: int | None, size: int, tables: Sequence[int | None] = ()
+    ) -> int | None:
+        """The backward of ``x * cos + rotate_half(x) * sin`` for a gradient ``g`` of ``size``
+        bytes: g * sin, the negated half and their concatenation (rotate_half's backward),
+        then g * cos, accumulated in place into it (labelled trace, cpp-frames.json.gz)."""
+        t, grad = self.tape, "activation_grads"
+        t.op(f"{name} rotary backward")
+        g_sin = t.new(f"{name} gradient * sin", grad, size)
+        neg = t.new(f"{name} rotate_half gradient, negated half", grad, size // 2)
+        out = t.new(f"{name} unrotated gradient", grad, size)
+        t.free(g_sin, neg, *tables[1:])  # (cos, sin): sin's last use
+        t.op(f"{name} rotary backward, cos")
+        t.temp(f"{name} gradient * cos", grad, size)
+        t.free(g, *tables[:1])
+        return out
 
     def param_grads(self, name: str, shapes: list[ParamShape]) -> None:
         """Gradients of parameters that are not projections (norms, embeddings, a tied or
@@ -303,15 +353,6 @@ class _Step:
         ]
         return out, stats
 
-    def casts(self, name: str, count: int, norm_out: int | None, part: str) -> list[int | None]:
-        """Under autocast each projection casts its own 16-bit copy of the fp32 input."""
-        t, size = self.tape, self.sh.tokens * self.sh.hidden * self.dt.compute
-        if not self.dt.autocast:
-            return [norm_out]
-        keys = [t.new(f"{name} 16-bit input", "activations", size, part=part) for _ in range(count)]
-        t.free(norm_out)
-        return keys
-
     def core_forward(
         self, i: int, s: _Saved, narrow: list[int | None], recompute: bool = False
     ) -> int | None:
@@ -332,9 +373,7 @@ class _Step:
                 wide = [
                     t.new(f"block {i} widened {x}", "activations", n * sh.q_width * c) for x in "kv"
                 ]
-            out = self.unsaved.core(i, sh.seq, sh.seq, kv_copied=not self.widened)
-            t.free(*wide)
-            return out
+            return self.unsaved.core(i, sh.seq, sh.seq, kv_copied=not self.widened, wide=wide)
         s.qkv = list(s.qkv)
         if self.widened:
             t.op(f"block {i} repeat_kv")
@@ -373,7 +412,8 @@ class _Step:
                 upcast = t.new(f"block {i} fp32 scores", "activations", sh.scores * FP32)
             probs = [t.new(f"block {i} softmax", "activations", sh.scores * dt.softmax, part)]
             t.free(upcast)
-            if dt.autocast:
+            if dt.autocast:  # .to(v.dtype), after softmax's fp32 input copy has died
+                t.op(f"block {i} probabilities to compute dtype")
                 probs.append(t.new(f"block {i} 16-bit softmax", "activations", sh.scores * c, part))
             t.op(f"block {i} probs @ v")
             if not self.widened:
@@ -415,10 +455,6 @@ class _Step:
 
         t.op(f"block {i} norm 1")
         normed, s.norm1 = self.norm_forward(f"block {i} norm 1")
-        if self.first and i == 0 and not self.ws_forward_made:
-            t.op(f"block {i} first matmul")
-            t.persist("cuBLAS workspace (forward)", "cublas_workspace", [self.workspace])
-            self.ws_forward_made = True
         qkv_shapes = self.linear_shapes("qkv")
         if self.fused_qkv:
             t.op(f"block {i} q/k/v projection")
@@ -517,19 +553,6 @@ class _Step:
         x_out = t.new(f"block {i} output", "activations", n * h * r, part="norm")
         t.free(down)
         return x_out, s
-
-    def to_fp32_buffer(self, name: str, grad: int | None, buffer: int | None) -> int | None:
-        """Under autocast a projection's input gradient is cast back to fp32 (the backward of
-        autocast's cast) and accumulated in place into the norm output's gradient buffer."""
-        t, size = self.tape, self.sh.tokens * self.sh.hidden * FP32
-        if self.dt.autocast:
-            cast = t.new(f"{name} fp32 input gradient", "activation_grads", size)
-            t.free(grad)
-            grad = cast
-        if buffer is None:
-            return grad
-        t.free(grad)  # accumulated in place into the first gradient to arrive
-        return buffer
 
     def backward_block(self, i: int, g: int | None, s: _Saved) -> None:
         """One block's backward: ``g`` is the residual-stream gradient, accumulated in place."""
@@ -648,7 +671,9 @@ class _Step:
                 g_soft = g16
             t.op(f"block {i} masked scores backward")
             g_masked = t.new(f"block {i} masked scores gradient", grad, sh.scores * c)
-            t.free(g_soft)
+            # block 0's is the mask's last use (a selective checkpoint holds it to the end
+            # of the core's backward)
+            t.free(g_soft, self.mask if i == 0 and not self.selective else None)
             t.op(f"block {i} scaling backward")
             g_scores = t.new(f"block {i} scaled scores gradient", grad, sh.scores * c)
             t.free(g_masked)
@@ -657,43 +682,69 @@ class _Step:
             dk = t.new(f"block {i} k gradient", grad, n * kv_seen * c)
             # bmm's saved q and k (copies, or repeat_kv's K) die with its node
             t.free(g_scores, *s.copies[:2], s.qkv[1] if self.widened else None)
-            if self.fused_qkv:
-                # c_attn's split takes the gradients in (b, s, heads, hd) memory: q's and
-                # v's are copied there, k's transposes cancel into a view (fp32 GPT-2 trace)
-                t.op(f"block {i} q gradient to tokens first")
-                dq_t = t.new(f"block {i} q gradient, tokens first", grad, n * sh.q_width * c)
-                t.free(dq)
-                t.op(f"block {i} v gradient to tokens first")
-                dv_t = t.new(f"block {i} v gradient, tokens first", grad, n * kv_seen * c)
-                t.free(dv)
-                dq, dv = dq_t, dv_t
+            if i == 0 and self.selective:
+                t.free(self.mask)
         else:
             if self.selective:  # the checkpointed core runs again when flash's node needs it
                 t.op(f"block {i} attention recompute")
                 self.core_forward(i, s, s.narrow_kv, recompute=True)
             t.op(f"block {i} attention backward")
-            # flash backward accumulates dq in fp32 and keeps softmax row sums (Dao 2023, FA2)
-            t.temp(f"block {i} fp32 dq accumulator", grad, n * sh.q_width * FP32)
-            t.temp(f"block {i} softmax row sums", grad, sh.batch * sh.heads * sh.seq * FP32)
             dq = t.new(f"block {i} q gradient", grad, n * sh.q_width * c)
             dk = t.new(f"block {i} k gradient", grad, n * kv_seen * c)
             dv = t.new(f"block {i} v gradient", grad, n * kv_seen * c)
+            # then the kernel's scratch (labelled traces, cpp-frames.json.gz): the fused
+            # kernels (cuDNN / flash, 16-bit) one workspace for the fp32 dq accumulator and
+            # the softmax row sums (Dao 2023, FA2); memory-efficient attention (fp32) first
+            # grad * out, its row sums and their copy, then the fp32 dq accumulator with
+            # b * heads * s / 4 bytes more (measured: frames3/frames4.json.gz)
+            rows = sh.batch * sh.heads * sh.seq * FP32
+            if c == FP32:
+                t.temp(f"block {i} attention backward grad * out", grad, n * sh.q_width * FP32)
+                t.temp(f"block {i} attention backward row sums", grad, rows)
+                sums = t.new(f"block {i} attention backward row sums copy", grad, rows)
+                t.op(f"block {i} attention backward accumulator")
+                t.temp(f"block {i} fp32 dq accumulator", grad, n * sh.q_width * FP32 + rows // 16)
+                t.free(sums)
+            else:
+                t.temp(
+                    f"block {i} attention backward workspace", grad, n * sh.q_width * FP32 + rows
+                )
             t.free(g_o, *s.core, s.attn_out)
         # saved by attention (and, selective, by the checkpoint)
         t.free(*s.qkv, *s.narrow_kv, *s.copies)
-        if self.widened:
-            t.op(f"block {i} repeat_kv backward")
-            dk_n = t.new(f"block {i} narrow k gradient", grad, n * sh.kv_width * c)
-            dv_n = t.new(f"block {i} narrow v gradient", grad, n * sh.kv_width * c)
-            t.free(dk, dv)
-            dk, dv = dk_n, dv_n
+        if self.widened:  # repeat_kv's backward sums each group: k, then v
+            for name in "kv":
+                t.op(f"block {i} repeat_kv {name} backward")
+                narrow = t.new(f"block {i} narrow {name} gradient", grad, n * sh.kv_width * c)
+                if name == "k":
+                    t.free(dk)
+                    dk = narrow
+                else:
+                    t.free(dv)
+                    dv = narrow
         if self.rope and not self.fused_qkv:
-            t.op(f"block {i} rotary backward")
-            t.temp(f"block {i} rotary temporary", grad, n * sh.q_width * c)
-            dq_r = t.new(f"block {i} unrotated q gradient", grad, n * sh.q_width * c)
-            dk_r = t.new(f"block {i} unrotated k gradient", grad, n * sh.kv_width * c)
-            t.free(dq, dk)
-            dq, dk = dq_r, dk_r
+            dk = self.rope_backward(f"block {i} k", dk, n * sh.kv_width * c)
+            # the cos and sin tables die with block 0's last rotary backward
+            last = self.rope_tables if i == 0 else []
+            dq = self.rope_backward(f"block {i} q", dq, n * sh.q_width * c, last)
+        # the projections read (b, s, heads * hd) memory: a gradient laid out otherwise is
+        # copied (reshape's backward): bmm's and cat's outputs are (b, heads, s, hd), and so
+        # is repeat_kv's sum; flash returns (b, s, heads, hd), and a bmm gradient of K^T
+        # transposed twice is a view (labelled traces, cpp-frames.json.gz)
+        copied = {
+            "v": self.eager or self.widened,
+            "k": (self.rope and not self.fused_qkv) or self.widened,
+            "q": self.eager or (self.rope and not self.fused_qkv),
+        }
+        grads = {"q": dq, "k": dk, "v": dv}
+        for name in "vkq":
+            if copied[name]:
+                t.op(f"block {i} {name} gradient to tokens first")
+                width = sh.q_width if name == "q" else sh.kv_width
+                key = t.new(f"block {i} {name} gradient, tokens first", grad, n * width * c)
+                t.free(grads[name])
+                grads[name] = key
+        dq, dk, dv = grads["q"], grads["k"], grads["v"]
         qkv_shapes = self.linear_shapes("qkv")
         if self.fused_qkv:
             t.op(f"block {i} q/k/v split backward")
@@ -749,14 +800,33 @@ class _Step:
                 "optimizer_state",
                 optimizer_state_tensors(optimizer, self.scaled_shapes(shapes), dt.weight),
             )
-            # one cuBLAS workspace per handle: the forward thread's and the autograd engine's
+            # one cuBLAS workspace per handle: the forward thread's and the autograd engine's,
+            # and cuBLASLt's where a biased projection runs (backward: full recompute)
             t.persist("cuBLAS workspace (forward)", "cublas_workspace", [self.workspace])
             t.persist("cuBLAS workspace (backward)", "cublas_workspace", [self.workspace])
-        rope = [t.new("RoPE tables", "activations", size) for size in rope_tables(spec, self.w)]
+            if self.bias or self.spec.qkv_bias:
+                lt = [CUBLASLT_WORKSPACE_BYTES]
+                t.persist("cuBLASLt workspace (forward)", "cublas_workspace", lt)
+                if self.full:
+                    t.persist("cuBLASLt workspace (backward)", "cublas_workspace", lt)
         t.op("embeddings")
-        x = t.new("embedding output", "activations", n * h * r, part="norm")
-        if spec.positions is Positions.learned:
-            t.temp("token embeddings", "activations", n * h * r)
+        if spec.positions is Positions.learned:  # token and position embeddings, then the sum
+            tokens = t.new("token embeddings", "activations", n * h * r)
+            positions = t.new("position embeddings", "activations", sh.seq * h * r)
+            t.op("embeddings sum")
+            x = t.new("embedding output", "activations", n * h * r, part="norm")
+            t.free(tokens, positions)
+        else:
+            x = t.new("embedding output", "activations", n * h * r, part="norm")
+
+        # then the RoPE tables and eager attention's causal mask (a bool s x s matrix,
+        # triu of a ones matrix), which every block's masked_fill keeps for backward
+        t.op("RoPE tables and mask")
+        rope = [t.new("RoPE tables", "activations", size) for size in rope_tables(spec, self.w)]
+        self.rope_tables = rope
+        if self.eager:
+            t.temp("causal mask ones", "activations", sh.seq * sh.seq)
+            self.mask = t.new("causal mask", "activations", sh.seq * sh.seq)
 
         saved: list[_Saved] = []
         for i in range(layers):
@@ -770,24 +840,20 @@ class _Step:
         t.op("final norm")
         norm_out, norm_stats_keys = self.norm_forward("final norm")
         t.op("lm_head")
-        head_in = self.casts("lm_head", 1, norm_out, "")
-        head_weight = None
-        if dt.autocast:
-            head_weight = t.new(
-                "lm_head 16-bit weight",
-                "autocast_weight_copies",
-                round(math.prod(self.tensors.lm_head) * self.scale * c),
-            )
-        logits = t.new("logits", "logits", n * v * c)
+        logits, head_saved = self.project(
+            "lm_head", [self.tensors.lm_head], n * h * c, n * v * c, dt.autocast, "", "logits"
+        )
         t.op("cross-entropy")
         upcast = t.new("fp32 logits", "logits", n * v * FP32) if c != FP32 else None
         log_probs = t.new("log_softmax output", "logits", n * v * FP32)
-        t.free(upcast, logits)
+        # the logits and, under autocast, the fp32 norm output die when the model returns
+        t.free(upcast, logits, norm_out if dt.autocast else None)
         # autocast caches every weight's 16-bit copy until its context exits, at the end of
         # the forward, even when checkpointing drops what the blocks saved
         t.free(*self.unsaved.kept, *self.bias_copies)
 
         t.phase = "backward"
+        self.thread = "backward"
         t.op("loss backward")
         g_nll = t.new("loss gradient", "logits", n * v * FP32)
         t.op("log_softmax backward")
@@ -798,29 +864,18 @@ class _Step:
             g16 = t.new("16-bit logits gradient", "logits", n * v * c)
             t.free(g_logits)
             g_logits = g16
-        # lm_head backward in the order the allocator trace shows (benchmarks/data/h200-traces):
-        # the 16-bit weight gradient, the backward thread's cuBLAS workspace (first step), the
-        # input gradient; later the casts back to fp32 of the input and weight gradients
+        # lm_head: a projection like the others (the embedding's gradient when tied)
         t.op("lm_head backward")
-        head_matrix = [self.tensors.lm_head]
-        wgrad16 = None
-        if dt.autocast:
-            wgrad16 = t.new(
-                "lm_head 16-bit weight gradient",
-                "activation_grads",
-                sum(self.params(head_matrix, c)),
-            )
-        else:
-            self.param_grads("lm_head", head_matrix)  # the embedding's, when tied
-        if self.first:
-            t.persist("cuBLAS workspace (backward)", "cublas_workspace", [self.workspace])
-        gx = t.new("lm_head input gradient", "activation_grads", n * h * c)
-        t.free(g_logits, *head_in, head_weight)
+        gx = self.project_backward(
+            "lm_head",
+            [self.tensors.lm_head],
+            n * h * c,
+            saved=[*head_saved, None if dt.autocast else norm_out],
+            g_out=g_logits,
+            fp32_input=dt.autocast,
+        )
+        head_grads = self.weight_grads
         t.op("final norm backward")
-        gx = self.to_fp32_buffer("final norm", gx, None)
-        if dt.autocast:
-            self.param_grads("lm_head", head_matrix)
-            t.free(wgrad16)
         g = t.new("residual stream gradient", "activation_grads", n * h * r)
         self.param_grads("final norm", self.norm_shapes())
         t.free(gx, *norm_stats_keys, x)
@@ -834,12 +889,30 @@ class _Step:
             self.backward_block(i, g, s)
         t.op("embeddings backward")
         t.free(*rope)
+        if spec.positions is Positions.learned:
+            # positions first (the later node): the gradient summed over the batch, then
+            # the embedding's dense gradient (labelled trace: cpp-frames.json.gz)
+            summed = t.new(
+                "position gradient summed over the batch", "activation_grads", sh.seq * h * r
+            )
+            self.param_grads("positions", list(self.tensors.embeddings[1:]))
+            t.free(summed)
+            t.op("token embeddings backward")
         embed = [self.tensors.embeddings[0]]
-        if spec.tied:  # computed, then accumulated into the gradient lm_head made
-            t.temp("embedding gradient", "activation_grads", sum(self.params(embed, dt.weight)))
+        if spec.tied:
+            # the shared weight's two gradients meet in its node's input buffer. Under
+            # autocast lm_head's (the fp32 cast) takes the embedding's in place; else it is
+            # a transposed view of a matmul's output, and the sum is a new tensor (measured:
+            # the fp32 Llama 3.2 3B trace, benchmarks/data/h200-traces/frames4.json.gz)
+            size = sum(self.params(embed, dt.weight))
+            dense = t.new("embedding gradient", "activation_grads", size)
+            if not dt.autocast:
+                t.op("tied weight gradients summed")
+                t.new("embedding + lm_head gradient", "gradients", size)
+                t.free(*head_grads)
+            t.free(dense)
         else:
             self.param_grads("embedding", embed)
-        self.param_grads("positions", list(self.tensors.embeddings[1:]))
         t.free(g, saved[0].x_in)
 
         t.phase = "optimizer"
