@@ -688,6 +688,11 @@ class FakeGpu:
     def compute_capability(self) -> tuple[int, int]:
         return (9, 0)
 
+    def multiprocessors(self) -> Any:
+        from vramfit.estimate.kernels import H200
+
+        return H200
+
     def empty_cache(self) -> None:
         pass
 

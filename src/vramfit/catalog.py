@@ -41,6 +41,10 @@ class Gpu(BaseModel):
     aliases: list[str] = Field(description="other names it answers to")
     vendor: str = Field(min_length=1)
     architecture: str = Field(min_length=1)
+    multiprocessors: int | None = Field(default=None, gt=0, description="SM count")
+    threads_per_multiprocessor: int | None = Field(
+        default=None, gt=0, description="max resident threads per SM"
+    )
     memory_bytes: int = Field(gt=0, description="total device memory")
     memory_label: str = Field(min_length=1, description="the marketing string, e.g. '80 GB HBM3'")
     memory_note: str | None = Field(description="where memory_bytes comes from")

@@ -124,12 +124,17 @@ def _hardware(gpu_name: str | None) -> Hardware | None:
         return None
     from vramfit.catalog import find_gpu
     from vramfit.estimate.core import Hardware
+    from vramfit.estimate.kernels import Multiprocessors
 
     gpu = find_gpu(gpu_name)
+    mp = None
+    if gpu.multiprocessors and gpu.threads_per_multiprocessor:
+        mp = Multiprocessors(gpu.multiprocessors, gpu.threads_per_multiprocessor)
     return Hardware(
         name=gpu.name,
         memory_bytes=gpu.memory_bytes,
         compute_capability=COMPUTE_CAPABILITY.get(gpu.architecture),
+        multiprocessors=mp,
     )
 
 
@@ -884,6 +889,7 @@ def _measure_train(run: RunSpec, steps: int, as_json: bool) -> None:
         name=measured.device_name,
         memory_bytes=measured.device_total_bytes,
         compute_capability=backend.compute_capability(),
+        multiprocessors=backend.multiprocessors(),
     )
     comparison = train_comparison(run_estimate(run, hardware), measured)
     if as_json:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from vramfit.config import Attention, Mode, Precision, RunSpec
 from vramfit.estimate.inference import build_inference_timeline, kv_cache_bytes
+from vramfit.estimate.kernels import H200, Multiprocessors
 from vramfit.estimate.overhead import cublas_workspace_bytes, cuda_context_bytes
 from vramfit.estimate.params import ParamCounts, count_params
 from vramfit.estimate.timeline import replay
@@ -37,6 +38,7 @@ class Hardware:
     memory_bytes: int
     compute_capability: tuple[int, int] | None = None
     context_bytes: int | None = None  # measured context + kernels; None: the H200 figure
+    multiprocessors: Multiprocessors | None = None  # None: the H200's
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,8 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
     training = workload.mode is Mode.train
     block_bytes: dict[str, int] = {}
     if training:
-        first, steady, block_bytes = build_training_steps(spec, workload, workspace)
+        mp = hardware.multiprocessors if hardware and hardware.multiprocessors else H200
+        first, steady, block_bytes = build_training_steps(spec, workload, workspace, mp)
         steps = [first, steady, steady]
     else:
         steady = build_inference_timeline(spec, workload, workspace)

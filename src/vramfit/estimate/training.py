@@ -49,6 +49,7 @@ from vramfit.estimate.activations import (
 )
 from vramfit.estimate.dtypes import Dtypes, dtypes_for
 from vramfit.estimate.inference import _Pass
+from vramfit.estimate.kernels import H200, Multiprocessors, column_sum_scratch_bytes
 from vramfit.estimate.overhead import CUBLASLT_WORKSPACE_BYTES
 from vramfit.estimate.params import (
     ParamShape,
@@ -58,6 +59,12 @@ from vramfit.estimate.params import (
     tied_copy_bytes,
 )
 from vramfit.estimate.timeline import Tape, Timeline
+
+# embedding_dense_backward (aten/src/ATen/native/cuda/Embedding.cu): up to 3072 indices it
+# scatters directly; beyond, it sorts them and sums in partial segments of up to 10 rows
+# (NROWS_PER_THREAD in EmbeddingBackwardKernel.cu).
+EMBEDDING_DIRECT_MAX_INDICES = 3072
+EMBEDDING_ROWS_PER_SEGMENT = 10
 
 # 8-bit Adam keeps two uint8 states plus one fp32 absmax per 2048-value block (Dettmers et al.
 # 2022, "8-bit Optimizers via Block-wise Quantization", section 2); tensors under 4096 values
@@ -135,7 +142,12 @@ class _Step:
     """One training step of the reference model, written as the ops PyTorch runs."""
 
     def __init__(
-        self, spec: ModelSpec, workload: Workload, workspace_bytes: int, first_step: bool
+        self,
+        spec: ModelSpec,
+        workload: Workload,
+        workspace_bytes: int,
+        first_step: bool,
+        mp: Multiprocessors = H200,
     ) -> None:
         self.spec = spec = spec.resolved()
         self.w = workload
@@ -145,6 +157,7 @@ class _Step:
         counts = count_params(spec)
         self.scale = (spec.params or counts.total) / counts.total  # a declared --params
         self.workspace = workspace_bytes
+        self.mp = mp
         self.first = first_step
         self.tape = Tape()
         self.fused_qkv = spec.arch is Arch.gpt2
@@ -295,9 +308,9 @@ class _Step:
                     f"{name} {prefix}bias gradient", w_component, self.params([shape], w_dtype)[0]
                 )
             )
-            # the reduction stages fp32 partial sums, 4096 rows per output column
-            # (measured: the allocator traces in benchmarks/data/h200-traces)
-            t.temp(f"{name} bias gradient reduction", grad, shape[0] * 4096 * FP32)
+            # the column sum's staging buffer (vramfit.estimate.kernels)
+            scratch = column_sum_scratch_bytes(self.sh.tokens, shape[0], self.mp)
+            t.temp(f"{name} bias gradient reduction", grad, scratch)
         t.free(*saved, g_out)
         if dt.autocast and fp32_input:
             t.op(f"{name} input gradient to fp32")
@@ -671,9 +684,10 @@ class _Step:
                 g_soft = g16
             t.op(f"block {i} masked scores backward")
             g_masked = t.new(f"block {i} masked scores gradient", grad, sh.scores * c)
-            # block 0's is the mask's last use (a selective checkpoint holds it to the end
-            # of the core's backward)
-            t.free(g_soft, self.mask if i == 0 and not self.selective else None)
+            # block 0's is the mask's last use (a checkpoint holds it to the end of the
+            # checkpointed region's backward: the core's, or the whole block's)
+            last_use = i == 0 and not (self.selective or self.full)
+            t.free(g_soft, self.mask if last_use else None)
             t.op(f"block {i} scaling backward")
             g_scores = t.new(f"block {i} scaled scores gradient", grad, sh.scores * c)
             t.free(g_masked)
@@ -725,7 +739,7 @@ class _Step:
         if self.rope and not self.fused_qkv:
             dk = self.rope_backward(f"block {i} k", dk, n * sh.kv_width * c)
             # the cos and sin tables die with block 0's last rotary backward
-            last = self.rope_tables if i == 0 else []
+            last = self.rope_tables if i == 0 and not self.full else []
             dq = self.rope_backward(f"block {i} q", dq, n * sh.q_width * c, last)
         # the projections read (b, s, heads * hd) memory: a gradient laid out otherwise is
         # copied (reshape's backward): bmm's and cat's outputs are (b, heads, s, hd), and so
@@ -778,6 +792,8 @@ class _Step:
         g_norm = t.new(f"block {i} norm 1 input gradient", grad, n * h * r)
         self.param_grads(f"block {i} norm 1", self.norm_shapes())
         t.free(buffer, s.x_in, *s.norm1, g_norm)  # accumulated in place into g
+        if i == 0 and self.full:  # inputs of every checkpointed block, held to the last
+            t.free(self.mask, *self.rope_tables)
 
     def build(self) -> Timeline:
         t, sh, dt, spec = self.tape, self.sh, self.dt, self.spec
@@ -899,21 +915,27 @@ class _Step:
             t.free(summed)
             t.op("token embeddings backward")
         embed = [self.tensors.embeddings[0]]
+        size = sum(self.params(embed, dt.weight))
+        dense = t.new(
+            "embedding gradient", "gradients" if not spec.tied else "activation_grads", size
+        )
+        if n > EMBEDDING_DIRECT_MAX_INDICES:
+            # past 3072 indices embedding_dense_backward sorts them and sums each row's
+            # gradients in fp32 partial segments, sized for the most there can be
+            # (n + n // 10), before scattering them (measured: 4096 tokens -> 4505 segments)
+            partials = n + n // EMBEDDING_ROWS_PER_SEGMENT
+            t.temp("embedding gradient partial sums", "activation_grads", partials * h * FP32)
+        t.free(g, saved[0].x_in)
         if spec.tied:
             # the shared weight's two gradients meet in its node's input buffer. Under
             # autocast lm_head's (the fp32 cast) takes the embedding's in place; else it is
             # a transposed view of a matmul's output, and the sum is a new tensor (measured:
             # the fp32 Llama 3.2 3B trace, benchmarks/data/h200-traces/frames4.json.gz)
-            size = sum(self.params(embed, dt.weight))
-            dense = t.new("embedding gradient", "activation_grads", size)
             if not dt.autocast:
                 t.op("tied weight gradients summed")
                 t.new("embedding + lm_head gradient", "gradients", size)
                 t.free(*head_grads)
             t.free(dense)
-        else:
-            self.param_grads("embedding", embed)
-        t.free(g, saved[0].x_in)
 
         t.phase = "optimizer"
         t.op("optimizer step")
@@ -958,12 +980,13 @@ class _Step:
 
 
 def build_training_steps(
-    spec: ModelSpec, workload: Workload, workspace_bytes: int
+    spec: ModelSpec, workload: Workload, workspace_bytes: int, mp: Multiprocessors = H200
 ) -> tuple[Timeline, Timeline, dict[str, int]]:
     """The first training step, a steady-state step (see the module docstring), and what one
     block keeps between its forward and its backward, by part (norm, attention, MLP; a full
-    checkpoint keeps only the block input)."""
-    first = _Step(spec, workload, workspace_bytes, True).build()
-    step = _Step(spec, workload, workspace_bytes, False)
+    checkpoint keeps only the block input). ``mp``: the GPU's multiprocessors, which size
+    the reductions' scratch."""
+    first = _Step(spec, workload, workspace_bytes, True, mp).build()
+    step = _Step(spec, workload, workspace_bytes, False, mp)
     steady = step.build()
     return first, steady, step.block_activation_bytes()

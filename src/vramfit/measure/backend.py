@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from vramfit.errors import VramfitError
+from vramfit.estimate.kernels import Multiprocessors
 
 
 class Backend(Protocol):
@@ -39,6 +40,10 @@ class Backend(Protocol):
     def empty_cache(self) -> None: ...
 
     def compute_capability(self) -> tuple[int, int]: ...
+
+    def multiprocessors(self) -> Multiprocessors | None:
+        """The SM count and threads per SM (None where there are none: the CPU)."""
+        ...
 
 
 def import_torch() -> Any:
@@ -98,6 +103,12 @@ class CudaBackend:
         major, minor = self._cuda.get_device_capability(self.index)
         return int(major), int(minor)
 
+    def multiprocessors(self) -> Multiprocessors:
+        props = self._cuda.get_device_properties(self.index)
+        return Multiprocessors(
+            int(props.multi_processor_count), int(props.max_threads_per_multi_processor)
+        )
+
 
 class CpuBackend:
     """Runs the code path on the CPU and measures nothing: every counter reads 0."""
@@ -133,3 +144,6 @@ class CpuBackend:
 
     def compute_capability(self) -> tuple[int, int]:
         return 0, 0
+
+    def multiprocessors(self) -> Multiprocessors | None:
+        return None

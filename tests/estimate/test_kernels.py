@@ -1,0 +1,42 @@
+"""Kernel scratch sizes, checked against requests recorded on an H200.
+
+Each expected figure is a caching-allocator request read from the allocator traces in
+benchmarks/data/h200-traces (cpp-frames.json.gz names it ``structured_sum_out`` under
+the bias's ExpandBackward; frames*.json.gz and traces*.json hold the others).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from vramfit.estimate.kernels import H200, Multiprocessors, column_sum_scratch_bytes
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "recorded"),
+    [
+        (2048, 768, 12_582_912),  # GPT-2 124M, batch 4 x 512: c_proj and o_proj biases
+        (2048, 3072, 50_331_648),  # its c_fc
+        (2048, 2304, 37_748_736),  # its c_attn
+        (2048, 128, 2_097_152),  # Qwen2.5-0.5B, batch 2 x 1024: a k/v bias
+        (2048, 5120, 83_886_080),  # GPT-2 774M, batch 2 x 1024: c_fc
+        (4096, 1280, 41_943_040),  # GPT-2 774M, batch 8 x 512: c_proj
+        (4096, 5120, 138_936_320),  # its c_fc: 53 blocks per output, not 64
+        (4096, 3840, 125_829_120),  # its c_attn
+        (8192, 2304, 139_198_464),  # GPT-2 124M, batch 8 x 1024: c_attn, 118 blocks
+    ],
+)
+def test_bias_gradient_reduction_scratch_matches_the_recorded_request(
+    rows: int, cols: int, recorded: int
+) -> None:
+    assert column_sum_scratch_bytes(rows, cols, H200) == recorded
+
+
+def test_a_short_reduction_needs_no_scratch() -> None:
+    # 512 rows split over 4 warps leave 128 values per thread: one block per output
+    assert column_sum_scratch_bytes(512, 4096, H200) == 0
+
+
+def test_fewer_multiprocessors_split_a_wide_reduction_less() -> None:
+    t4 = Multiprocessors(count=40, max_threads=1024)  # Turing: 40 SMs, 1024 threads each
+    assert 0 < column_sum_scratch_bytes(4096, 5120, t4) < column_sum_scratch_bytes(4096, 5120, H200)
