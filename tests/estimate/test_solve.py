@@ -46,3 +46,26 @@ def test_solve_seq_is_exact() -> None:
     assert best > 0 and est is not None
     bigger = run.model_copy(update={"workload": run.workload.model_copy(update={"seq": best + 1})})
     assert estimate(bigger, H100).total_bytes > H100.memory_bytes
+
+
+def test_suggesting_flash_attention_keeps_the_workload_a_valid_model() -> None:
+    import warnings
+
+    run = RunSpec(
+        model=ModelSpec(arch="gpt2", layers=12, hidden=768),
+        workload=Workload(batch=8, seq=1024, attention="eager"),
+    )
+    t4 = Hardware(name="T4", memory_bytes=16106127360, compute_capability=(7, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pydantic warns when serialising a mistyped field
+        tips = suggestions(run, t4)
+        flash = next(tip for tip in tips if tip.change == "--attention flash")
+        changed = run.model_copy(
+            update={"workload": run.workload.model_copy(update={"attention": "flash"})}
+        )
+        assert (
+            flash.total_bytes
+            == estimate(
+                RunSpec.model_validate(changed.model_dump(mode="json", warnings=False)), t4
+            ).total_bytes
+        )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from vramfit.config import Checkpointing, Mode, Optimizer, Precision, RunSpec
+from vramfit.config import Attention, Checkpointing, Mode, Optimizer, Precision, RunSpec
 from vramfit.estimate.core import Estimate, Hardware, estimate
 
 SolveField = Literal["batch", "seq"]
@@ -91,8 +91,8 @@ def _single_changes(
             candidates.append(("--precision bf16", _with(run, precision=Precision.bf16)))
     elif w.precision in (Precision.fp32, Precision.amp_bf16, Precision.amp_fp16):
         candidates.append(("--precision bf16", _with(run, precision=Precision.bf16)))
-    if w.attention.value == "eager":
-        candidates.append(("--attention flash", _with(run, attention="flash")))
+    if w.attention is Attention.eager:
+        candidates.append(("--attention flash", _with(run, attention=Attention.flash)))
     if w.batch > 1:
         candidates.append(
             (f"--batch {max(1, w.batch // 2)}", _with(run, batch=max(1, w.batch // 2)))
