@@ -7,7 +7,15 @@ each saved tensor once the node that saved it has run and creates activation gra
 and parameter gradients. The order matters, not only the sizes: PyTorch's caching
 allocator (``vramfit.estimate.allocator``) places each request in the blocks freed before
 it, so the same tensors in another order fragment memory differently. The order follows
-allocator traces recorded on an H200 (benchmarks/data/h200-traces).
+allocator traces recorded on an H200 (benchmarks/data/h200-traces), labelled with the source
+line of each request and, for the backward, with the autograd node and ATen op; replayed,
+the program reproduces those traces' peak allocated bytes and, for most, their reserved
+bytes exactly (tests/estimate/test_traces.py).
+
+Activation checkpointing is PyTorch's non-reentrant ``torch.utils.checkpoint``: the
+checkpointed region (a whole block, or attention's core when selective) runs first without
+saving (the program it shares with inference, ``_Pass``), and backward reruns it, stopping
+as soon as its last saved tensor exists.
 
 What is saved follows Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
 Transformer Models", arXiv 2205.05198, section 4.1: ``s*b*h*(34 + 5*a*s/h)`` bytes per 16-bit
