@@ -1,9 +1,9 @@
 """Block shapes and the small per-block tensors the training and inference programs share.
 
-``shape_of`` gives the sizes one transformer block works with; ``norm_stats``,
-``attention_stats`` and ``rope_tables`` give the statistics and tables that norms, attention
-kernels and RoPE keep. What a block saves and frees, op by op, is written in
-``vramfit.estimate.training`` and ``vramfit.estimate.inference``.
+``shape_of`` gives the sizes one transformer block works with; ``norm_stats`` and
+``attention_stats`` give the statistics that norms and attention kernels keep. What a block
+saves and frees, op by op, is written in ``vramfit.estimate.training`` and
+``vramfit.estimate.inference``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from vramfit.config import (
     Attention,
     ModelSpec,
     Norm,
-    Positions,
     Precision,
     Workload,
 )
@@ -108,12 +107,3 @@ def attention_stats(sh: Shape, workload: Workload) -> list[int]:
     if dt.autocast:
         saved.append(sh.scores * dt.compute)
     return saved
-
-
-def rope_tables(spec: ModelSpec, workload: Workload) -> list[int]:
-    """RoPE cos and sin tables, (s, head_dim) each in the compute dtype, shared by all blocks."""
-    spec = spec.resolved()
-    if spec.positions is not Positions.rope:
-        return []
-    assert spec.head_dim
-    return [workload.seq * spec.head_dim * dtypes_for(workload.precision).compute] * 2

@@ -173,6 +173,30 @@ class _Pass:
             t.temp(f"{name} statistics", _ACT, size)
         return out
 
+    def rope_tables(self, seq: int) -> list[int | None]:
+        """The cos and sin tables of ``seq`` positions, as the reference model's ``_rope``
+        computes them (HF LlamaRotaryEmbedding): the positions, their outer product with the
+        inverse frequencies, that doubled, then cos and sin in fp32, each cast to the compute
+        dtype (labelled trace, cpp-frames.json.gz). Returns [cos, sin]."""
+        t, c = self.t, self.dt.compute
+        hd = self.spec.head_dim or 0
+        t.op("RoPE angles")
+        temps = [
+            t.new("RoPE positions", _ACT, seq * FP32),
+            t.new("RoPE frequencies", _ACT, seq * hd // 2 * FP32),
+            t.new("RoPE angles", _ACT, seq * hd * FP32),
+        ]
+        tables = []
+        for name in ("cos", "sin"):
+            t.op(f"RoPE {name}")
+            table = t.new(f"RoPE {name}", _ACT, seq * hd * FP32)
+            if c != FP32:
+                t.free(table)
+                table = t.new(f"RoPE {name} in the compute dtype", _ACT, seq * hd * c)
+            tables.append(table)
+        t.free(*temps)
+        return tables
+
     def rope(self, name: str, x: int | None, size: int, part: str = "") -> int | None:
         """HF ``apply_rotary_pos_emb`` on a (b, heads, s, hd) tensor of ``size`` bytes:
         x * cos + rotate_half(x) * sin, rotate_half = cat(-x2, x1)."""
@@ -209,10 +233,7 @@ class _Pass:
             t.free(tokens, positions)
         else:
             x = t.new("embedding output", _ACT, n * h * r)
-        tables = [
-            t.new("RoPE table", _ACT, seq * (spec.head_dim or 0) * c)
-            for _ in range(2 if rope else 0)
-        ]
+        tables = self.rope_tables(seq) if rope else []
         if w.attention is Attention.eager and not cached:  # the prompt's causal mask (bool)
             t.temp("causal mask ones", _ACT, seq * seq)
             tables.append(t.new("causal mask", _ACT, seq * seq))

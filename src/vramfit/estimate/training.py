@@ -52,7 +52,6 @@ from vramfit.estimate.activations import (
     Shape,
     attention_stats,
     norm_stats,
-    rope_tables,
     shape_of,
 )
 from vramfit.estimate.dtypes import Dtypes, dtypes_for
@@ -190,6 +189,7 @@ class _Step:
         self.mask: int | None = None  # eager attention's causal mask
         self.rope_tables: list[int | None] = []  # cos, sin
         self.weight_grads: list[int | None] = []  # the last projection's weight gradients
+        self.sums: set[int | None] = set()  # input-gradient sums autograd made out of place
         # workspaces made so far (the first step makes them; the full checkpoint's forward
         # is the no-save pass, which makes the forward thread's)
         self.workspaces_made: set[str] = (
@@ -325,9 +325,18 @@ class _Step:
             g32 = t.new(f"{name} fp32 input gradient", grad, in_bytes * FP32 // dt.compute)
             t.free(gx)
             gx = g32
-        if buffer is not None:
+        if buffer is not None and (dt.autocast or buffer in self.sums):
             t.free(gx)  # accumulated in place into the first gradient to arrive
             gx = buffer
+        elif buffer is not None:
+            # without autocast the first gradient is a view of a matmul's output, which
+            # autograd cannot add into: the sum is a new tensor (the labelled fp32 Llama
+            # trace, cpp-frames.json.gz); a third gradient is added into that sum
+            t.op(f"{name} input gradients summed")
+            total = t.new(f"{name} summed input gradient", grad, in_bytes)
+            t.free(buffer, gx)
+            self.sums.add(total)
+            gx = total
         if dt.autocast:  # each 16-bit gradient cast to its fp32 parameter's dtype in turn
             self.weight_grads = []
             for first, size in zip(firsts, self.params(matrices + vectors, dt.weight), strict=True):
@@ -679,11 +688,12 @@ class _Step:
                 t.free(g)
                 g = g32
             t.op(f"block {i} softmax backward")
-            # a temporary of the output's size, then the input's gradient in the input's
-            # dtype: fp32 where softmax upcast its input (bf16), else the compute dtype
-            t.temp(f"block {i} softmax backward temporary", grad, sh.scores * dt.softmax)
+            # the input's gradient, in the input's dtype (fp32 where softmax upcast its bf16
+            # input, else the compute dtype), then grad * output, a temporary of the
+            # output's size (_softmax_backward_data; labelled trace, cpp-frames.json.gz)
             in_bytes = FP32 if dt.softmax_upcast else c
             g_soft = t.new(f"block {i} scores gradient", grad, sh.scores * in_bytes)
+            t.temp(f"block {i} softmax backward temporary", grad, sh.scores * dt.softmax)
             t.free(g, *s.core)
             if in_bytes != c:  # the backward of softmax's input upcast
                 t.op(f"block {i} scores gradient to compute dtype")
@@ -700,8 +710,9 @@ class _Step:
             g_scores = t.new(f"block {i} scaled scores gradient", grad, sh.scores * c)
             t.free(g_masked)
             t.op(f"block {i} Q @ K backward")
-            dq = t.new(f"block {i} q gradient", grad, n * sh.q_width * c)
+            # bmm's backward makes its second operand's gradient first (as for P @ V)
             dk = t.new(f"block {i} k gradient", grad, n * kv_seen * c)
+            dq = t.new(f"block {i} q gradient", grad, n * sh.q_width * c)
             # bmm's saved q and k (copies, or repeat_kv's K) die with its node
             t.free(g_scores, *s.copies[:2], s.qkv[1] if self.widened else None)
             if i == 0 and self.selective:
@@ -846,7 +857,7 @@ class _Step:
         # then the RoPE tables and eager attention's causal mask (a bool s x s matrix,
         # triu of a ones matrix), which every block's masked_fill keeps for backward
         t.op("RoPE tables and mask")
-        rope = [t.new("RoPE tables", "activations", size) for size in rope_tables(spec, self.w)]
+        rope = self.unsaved.rope_tables(sh.seq) if self.rope else []
         self.rope_tables = rope
         if self.eager:
             t.temp("causal mask ones", "activations", sh.seq * sh.seq)
