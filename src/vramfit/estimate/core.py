@@ -38,7 +38,9 @@ class Hardware:
     memory_bytes: int
     compute_capability: tuple[int, int] | None = None
     context_bytes: int | None = None  # measured context + kernels; None: the H200 figure
-    multiprocessors: Multiprocessors | None = None  # None: the H200's
+    # None: the H200's, the GPU every kernel figure was measured on (the cuBLAS workspace,
+    # in contrast, follows compute_capability: pre-Hopper's when that is None)
+    multiprocessors: Multiprocessors | None = None
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
     training = workload.mode is Mode.train
     block_bytes: dict[str, int] = {}
     if training:
-        mp = hardware.multiprocessors if hardware and hardware.multiprocessors else H200
+        mp = (hardware and hardware.multiprocessors) or H200
         first, steady, block_bytes = build_training_steps(spec, workload, workspace, mp)
         steps = [first, steady, steady]
     else:

@@ -72,7 +72,7 @@ def build_inference_timeline(spec: ModelSpec, workload: Workload, workspace_byte
         per_tensor = kv_cache_bytes(spec, workload) // (2 * spec.layers)
         t.persist("KV cache", "kv_cache", [per_tensor] * (2 * spec.layers))
 
-    pass_ = _Pass(t, spec, workload, scale, workspace_bytes)
+    pass_ = ForwardPass(t, spec, workload, scale, workspace_bytes)
     logits = pass_.forward(seq=workload.seq, cached=0)
     if workload.gen_tokens:
         # the last generated token attends to the longest cache: the largest decode step
@@ -86,9 +86,10 @@ def build_inference_timeline(spec: ModelSpec, workload: Workload, workspace_byte
 
 
 _ACT = "activations"
+_CAST = "autocast_weight_copies"
 
 
-class _Pass:
+class ForwardPass:
     """One forward pass of the reference model that saves nothing for backward, op by op.
 
     Under ``inference_mode`` (``training=False``) every tensor dies at its last use and
@@ -110,12 +111,15 @@ class _Pass:
         workspace: int,
         *,
         training: bool = False,
-        workspace_name: str = "cuBLAS workspace",
+        thread: str = "",
     ) -> None:
         self.t, self.spec, self.w, self.scale = t, spec, workload, scale
-        self.workspace = workspace  # cuBLAS allocates it in the first matmul
-        self.lt_workspace = CUBLASLT_WORKSPACE_BYTES if workspace else 0  # first biased one
-        self.workspace_name = workspace_name
+        # cuBLAS allocates its workspace in the first matmul, cuBLASLt its own in the first
+        # biased one (0: this pass runs where both exist already); ``thread`` names them
+        self.workspace = workspace
+        self.lt_workspace = CUBLASLT_WORKSPACE_BYTES if workspace else 0
+        suffix = f" ({thread})" if thread else ""
+        self.workspace_names = (f"cuBLAS workspace{suffix}", f"cuBLASLt workspace{suffix}")
         self.training = training
         self.kept: list[int | None] = []  # autocast's cached weight copies (training)
         self.dt = dtypes_for(workload.precision)
@@ -154,11 +158,10 @@ class _Pass:
                 casts.append(t.new(f"{name} 16-bit input", _ACT, n_in * dt.compute))
         key = t.new(name, component, out)
         if self.workspace:
-            t.persist(self.workspace_name, "cublas_workspace", [self.workspace])
+            t.persist(self.workspace_names[0], "cublas_workspace", [self.workspace])
             self.workspace = 0
         if self.lt_workspace and any(len(shape) == 1 for shape in shapes):
-            name = self.workspace_name.replace("cuBLAS", "cuBLASLt")
-            t.persist(name, "cublas_workspace", [self.lt_workspace])
+            t.persist(self.workspace_names[1], "cublas_workspace", [self.lt_workspace])
             self.lt_workspace = 0
         t.free(*casts)
         return key
@@ -263,7 +266,8 @@ class _Pass:
         rope = spec.positions is Positions.rope
         qkv_shapes = projection_shapes(spec, "qkv")
         per = len(qkv_shapes) // (1 if fused else 3)
-        # MoE: the routed experts' casts are not modelled (each cast lives only in its op)
+        # MoE: the routed experts' casts are not modelled one by one (without grad mode each
+        # lives only in its op); with it, autocast keeps them all until the forward ends
         up_shapes = projection_shapes(spec, "up") if spec.experts <= 1 else []
         half = len(up_shapes) // 2
         down_shapes = projection_shapes(spec, "down") if spec.experts <= 1 else []
@@ -278,6 +282,9 @@ class _Pass:
             )
             q = k = v = None  # views of qkv
             views = [qkv]
+            if rope:  # Pythia: RoPE on the q and k views makes new tensors
+                q = self.rope(f"block {i} q", None, q_size)
+                k = self.rope(f"block {i} k", None, kv_size)
         else:
             q = self.linear(f"block {i} q", qkv_shapes[:per], n * h, q_size, True)
             k = self.linear(f"block {i} k", qkv_shapes[per : 2 * per], n * h, kv_size, True)
@@ -316,6 +323,11 @@ class _Pass:
 
         normed = self.norm(f"block {i} norm 2", n)
         f = n * sh.active_ffn * c
+        if spec.experts > 1 and self.training and dt.autocast:
+            t.op(f"block {i} experts' 16-bit weights")
+            for shape in projection_shapes(spec, "up") + projection_shapes(spec, "down"):
+                copy = round(math.prod(shape) * self.scale * dt.compute)
+                self.kept.append(t.new(f"block {i} expert 16-bit weights", _CAST, copy))
         if spec.mlp is Mlp.swiglu:
             gate = self.linear(f"block {i} MLP gate", up_shapes[:half], n * h, f, True)
             t.op(f"block {i} SiLU")

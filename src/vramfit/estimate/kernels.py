@@ -25,7 +25,7 @@ class Multiprocessors:
 # The GPU every "measured" figure comes from (torch.cuda.get_device_properties on an H200).
 H200 = Multiprocessors(count=132, max_threads=2048)
 
-_MAX_NUM_THREADS = 512  # mnt_wrapper<T>::MAX_NUM_THREADS for float accumulation
+_MAX_NUM_THREADS = 512  # mnt_wrapper<T>::MAX_NUM_THREADS (512 for all but complex double)
 _MIN_VALUES_PER_THREAD = 16
 _MAX_VALUES_PER_THREAD = 256
 _WARP = 32

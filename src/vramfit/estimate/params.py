@@ -148,7 +148,7 @@ def param_tensors(spec: ModelSpec) -> ParamTensors:
             return linear(h, ffn, bias) + linear(ffn, h, bias)
         return linear(h, ffn, bias) + linear(h, ffn, bias) + linear(ffn, h, bias)
 
-    if spec.arch.value == "gpt2":  # one fused c_attn projection
+    if spec.arch is Arch.gpt2:  # one fused c_attn projection
         attn = linear(h, q + 2 * kv, qkv_bias)
     else:
         attn = linear(h, q, qkv_bias) + linear(h, kv, qkv_bias) + linear(h, kv, qkv_bias)

@@ -14,7 +14,7 @@ bytes exactly (tests/estimate/test_traces.py).
 
 Activation checkpointing is PyTorch's non-reentrant ``torch.utils.checkpoint``: the
 checkpointed region (a whole block, or attention's core when selective) runs first without
-saving (the program it shares with inference, ``_Pass``), and backward reruns it, stopping
+saving (the program it shares with inference, ``ForwardPass``), and backward reruns it, stopping
 as soon as its last saved tensor exists.
 
 What is saved follows Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
@@ -42,6 +42,7 @@ from vramfit.config import (
     Checkpointing,
     Mlp,
     ModelSpec,
+    Norm,
     Optimizer,
     Positions,
     Workload,
@@ -55,7 +56,7 @@ from vramfit.estimate.activations import (
     shape_of,
 )
 from vramfit.estimate.dtypes import Dtypes, dtypes_for
-from vramfit.estimate.inference import _Pass
+from vramfit.estimate.inference import ForwardPass
 from vramfit.estimate.kernels import H200, Multiprocessors, column_sum_scratch_bytes
 from vramfit.estimate.overhead import CUBLASLT_WORKSPACE_BYTES
 from vramfit.estimate.params import (
@@ -143,6 +144,7 @@ class _Saved:
     mlp: list[int | None] = field(default_factory=list)  # intermediates
     down_saved: list[int | None] = field(default_factory=list)
     copies: list[int | None] = field(default_factory=list)  # eager: bmm's contiguous q/k/v
+    extra: list[int | None] = field(default_factory=list)  # fused q/k/v under RoPE: c_attn's
 
 
 class _Step:
@@ -176,20 +178,21 @@ class _Step:
         self.full = workload.checkpointing is Checkpointing.full
         self.bias = bool(spec.bias)
         # what a checkpoint runs without saving: a block (full) or attention's core (selective)
-        self.unsaved = _Pass(
+        self.unsaved = ForwardPass(
             self.tape,
             spec,
             workload,
             self.scale,
             workspace_bytes if first_step and self.full else 0,
             training=True,
-            workspace_name="cuBLAS workspace (forward)",
+            thread="forward",
         )
         self.thread = "forward"  # the autograd engine runs backward on its own thread
         self.mask: int | None = None  # eager attention's causal mask
         self.rope_tables: list[int | None] = []  # cos, sin
         self.weight_grads: list[int | None] = []  # the last projection's weight gradients
         self.sums: set[int | None] = set()  # input-gradient sums autograd made out of place
+        self.block0_input: int | None = None
         # workspaces made so far (the first step makes them; the full checkpoint's forward
         # is the no-save pass, which makes the forward thread's)
         self.workspaces_made: set[str] = (
@@ -206,7 +209,7 @@ class _Step:
 
     def norm_shapes(self) -> list[ParamShape]:
         h = self.sh.hidden
-        return [(h,), (h,)] if self.spec.norm.value == "layernorm" else [(h,)]
+        return [(h,), (h,)] if self.spec.norm is Norm.layernorm else [(h,)]
 
     # pieces ---------------------------------------------------------------------------------
     def project(
@@ -362,9 +365,21 @@ class _Step:
         t.free(g, *tables[:1])
         return out
 
+    def embedding_partial_sums(self, name: str, indices: int) -> None:
+        """Past 3072 indices embedding_dense_backward sorts them and sums each row's
+        gradients in fp32 partial segments, sized for the most there can be (n + n // 10),
+        before scattering them (measured: 4096 tokens -> 4505 segments)."""
+        if indices > EMBEDDING_DIRECT_MAX_INDICES:
+            partials = indices + indices // EMBEDDING_ROWS_PER_SEGMENT
+            self.tape.temp(
+                f"{name} gradient partial sums",
+                "activation_grads",
+                partials * self.sh.hidden * FP32,
+            )
+
     def param_grads(self, name: str, shapes: list[ParamShape]) -> None:
-        """Gradients of parameters that are not projections (norms, embeddings, a tied or
-        fp32 lm_head), live until the next zero_grad."""
+        """Gradients of parameters that are not projections (norms, position embeddings),
+        live until the next zero_grad."""
         for size in self.params(shapes, self.dt.weight):
             self.tape.new(f"{name} gradient", "gradients", size)
 
@@ -387,13 +402,14 @@ class _Step:
         self, i: int, s: _Saved, narrow: list[int | None], recompute: bool = False
     ) -> int | None:
         """repeat_kv + attention, saving the widened K/V and the softmax statistics or
-        probabilities; returns the attention output.
+        probabilities; returns the attention output (nothing when ``recompute``).
 
-        Under selective checkpointing the forward runs the core without saving (``_Pass``)
-        and backward runs it again (``recompute``), keeping what it saves; non-reentrant
-        checkpointing stops that rerun as soon as the last saved tensor exists
+        Under selective checkpointing the forward runs the core without saving
+        (``ForwardPass``) and backward runs it again (``recompute``), keeping what it saves;
+        non-reentrant checkpointing stops that rerun as soon as the last saved tensor exists
         (torch.utils.checkpoint ``_StopRecomputationError``): eager attention stops inside
-        P @ V, whose inputs are saved before it computes, so it returns nothing."""
+        P @ V, whose inputs are saved before it computes; flash attention saves its own
+        output, which stays in ``s.core``."""
         t, sh, dt = self.tape, self.sh, self.dt
         n, c = sh.tokens, dt.compute
         if self.selective and not recompute:
@@ -498,6 +514,10 @@ class _Step:
             )
             s.qkv, s.qkv_saved = [qkv], [saved]
             narrow: list[int | None] = []
+            if self.rope:  # Pythia: RoPE on the q and k views makes new tensors
+                q = self.unsaved.rope(f"block {i} q", None, n * sh.q_width * c, "attention")
+                k = self.unsaved.rope(f"block {i} k", None, n * sh.kv_width * c, "attention")
+                s.qkv, s.extra, narrow = [q, k, qkv], [qkv], [k]
         else:
             per = len(qkv_shapes) // 3
             keys = []
@@ -528,7 +548,7 @@ class _Step:
             f"block {i} output projection", self.linear_shapes("o"), 0, n * h * c, False
         )
         if s.copies:  # bmm saved its copies: the projections' own outputs die with the module
-            t.free(s.qkv[0], *([] if self.widened else s.qkv[1:]))
+            t.free(s.qkv[0], *([] if self.widened else s.qkv[1:]), *s.extra)
         if autocast:  # the fp32 norm output dies when attention returns; its casts are saved
             t.free(normed)
         else:
@@ -572,13 +592,17 @@ class _Step:
         s.mlp_saved[-1].append(router)
         t.op(f"block {i} MLP down projection")
         down, s.down_saved = self.project(
-            f"block {i} MLP down", self.linear_shapes("down"), 0, n * h * c, False, output=False
+            f"block {i} MLP down",
+            self.linear_shapes("down"),
+            0,
+            n * h * c,
+            False,
+            output=not recompute,  # the rerun stops once down_proj has saved its inputs
         )
         if autocast:  # the fp32 norm output dies when the MLP returns (or the rerun stops)
             t.free(normed)
         if recompute:
             return None, s
-        down = t.new(f"block {i} MLP down", "activations", n * h * c)
         t.op(f"block {i} residual 2")
         x_out = t.new(f"block {i} output", "activations", n * h * r, part="norm")
         t.free(down)
@@ -744,7 +768,7 @@ class _Step:
                 )
             t.free(g_o, *s.core, s.attn_out)
         # saved by attention (and, selective, by the checkpoint)
-        t.free(*s.qkv, *s.narrow_kv, *s.copies)
+        t.free(*s.qkv, *s.narrow_kv, *s.copies, *s.extra)
         if self.widened:  # repeat_kv's backward sums each group: k, then v
             for name in "kv":
                 t.op(f"block {i} repeat_kv {name} backward")
@@ -755,7 +779,7 @@ class _Step:
                 else:
                     t.free(dv)
                     dv = narrow
-        if self.rope and not self.fused_qkv:
+        if self.rope:
             dk = self.rope_backward(f"block {i} k", dk, n * sh.kv_width * c)
             # the cos and sin tables die with block 0's last rotary backward
             last = self.rope_tables if i == 0 and not self.full else []
@@ -766,8 +790,8 @@ class _Step:
         # transposed twice is a view (labelled traces, cpp-frames.json.gz)
         copied = {
             "v": self.eager or self.widened,
-            "k": (self.rope and not self.fused_qkv) or self.widened,
-            "q": self.eager or (self.rope and not self.fused_qkv),
+            "k": self.rope or self.widened,
+            "q": self.eager or self.rope,
         }
         grads = {"q": dq, "k": dk, "v": dv}
         for name in "vkq":
@@ -795,7 +819,7 @@ class _Step:
         else:
             buffer = None
             per = len(qkv_shapes) // 3
-            for j, (dx, name) in ((2, (dv, "v")), (1, (dk, "k")), (0, (dq, "q"))):
+            for j, name, dx in ((2, "v", dv), (1, "k", dk), (0, "q", dq)):
                 t.op(f"block {i} {name} projection backward")
                 buffer = self.project_backward(
                     f"block {i} {name} projection",
@@ -863,6 +887,7 @@ class _Step:
             t.temp("causal mask ones", "activations", sh.seq * sh.seq)
             self.mask = t.new("causal mask", "activations", sh.seq * sh.seq)
 
+        self.block0_input = x
         saved: list[_Saved] = []
         for i in range(layers):
             if self.full:  # the checkpoint keeps the block input only
@@ -876,7 +901,12 @@ class _Step:
         norm_out, norm_stats_keys = self.norm_forward("final norm")
         t.op("lm_head")
         logits, head_saved = self.project(
-            "lm_head", [self.tensors.lm_head], n * h * c, n * v * c, dt.autocast, "", "logits"
+            "lm_head",
+            [self.tensors.lm_head],
+            n * h * c,
+            n * v * c,
+            cast_input=dt.autocast,
+            component="logits",
         )
         t.op("cross-entropy")
         upcast = t.new("fp32 logits", "logits", n * v * FP32) if c != FP32 else None
@@ -923,7 +953,6 @@ class _Step:
                 t.free(*self.bias_copies)  # the rerun's autocast context exits
             self.backward_block(i, g, s)
         t.op("embeddings backward")
-        t.free(*rope)
         if spec.positions is Positions.learned:
             # positions first (the later node): the gradient summed over the batch, then
             # the embedding's dense gradient (labelled trace: cpp-frames.json.gz)
@@ -931,6 +960,7 @@ class _Step:
                 "position gradient summed over the batch", "activation_grads", sh.seq * h * r
             )
             self.param_grads("positions", list(self.tensors.embeddings[1:]))
+            self.embedding_partial_sums("positions", sh.seq)
             t.free(summed)
             t.op("token embeddings backward")
         embed = [self.tensors.embeddings[0]]
@@ -938,13 +968,8 @@ class _Step:
         dense = t.new(
             "embedding gradient", "gradients" if not spec.tied else "activation_grads", size
         )
-        if n > EMBEDDING_DIRECT_MAX_INDICES:
-            # past 3072 indices embedding_dense_backward sorts them and sums each row's
-            # gradients in fp32 partial segments, sized for the most there can be
-            # (n + n // 10), before scattering them (measured: 4096 tokens -> 4505 segments)
-            partials = n + n // EMBEDDING_ROWS_PER_SEGMENT
-            t.temp("embedding gradient partial sums", "activation_grads", partials * h * FP32)
-        t.free(g, saved[0].x_in)
+        self.embedding_partial_sums("embedding", n)
+        t.free(g)
         if spec.tied:
             # the shared weight's two gradients meet in its node's input buffer. Under
             # autocast lm_head's (the fp32 cast) takes the embedding's in place; else it is
@@ -983,7 +1008,11 @@ class _Step:
         return [(max(1, round(s[0] * self.scale)), *s[1:]) for s in shapes]
 
     def block_activation_bytes(self) -> dict[str, int]:
-        """Bytes block 0 keeps from its forward to its backward, by part."""
+        """Bytes block 0 keeps from its forward to its backward, by part: what its forward
+        made and backward still needs (its output counts, as the next block's input). Under
+        full checkpointing a block keeps only its input."""
+        if self.full:
+            return {"norm": sum(self.tape.records[self.block0_input].sizes)}
         forward_end = max(
             i for i, (phase, _) in enumerate(self.tape.timeline.points) if phase == "forward"
         )
@@ -992,6 +1021,7 @@ class _Step:
             if (
                 record.part
                 and record.name.startswith("block 0 ")
+                and record.start <= forward_end
                 and (record.end is None or record.end > forward_end)
             ):
                 parts[record.part] = parts.get(record.part, 0) + sum(record.sizes)
