@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from vramfit.config import Arch, Attention, Mlp, ModelSpec, Positions, Workload
 from vramfit.estimate.activations import FP32, INT64, attention_stats, norm_stats, shape_of
-from vramfit.estimate.dtypes import dtypes_for, kv_bytes
+from vramfit.estimate.dtypes import Dtypes, dtypes_for, kv_bytes
 from vramfit.estimate.overhead import CUBLASLT_WORKSPACE_BYTES
 from vramfit.estimate.params import (
     ParamShape,
@@ -72,7 +72,7 @@ def build_inference_timeline(spec: ModelSpec, workload: Workload, workspace_byte
         per_tensor = kv_cache_bytes(spec, workload) // (2 * spec.layers)
         t.persist("KV cache", "kv_cache", [per_tensor] * (2 * spec.layers))
 
-    pass_ = ForwardPass(t, spec, workload, scale, workspace_bytes)
+    pass_ = ForwardPass(t, spec, workload, scale, Workspaces(t, workspace_bytes))
     logits = pass_.forward(seq=workload.seq, cached=0)
     if workload.gen_tokens:
         # the last generated token attends to the longest cache: the largest decode step
@@ -87,6 +87,67 @@ def build_inference_timeline(spec: ModelSpec, workload: Workload, workspace_byte
 
 _ACT = "activations"
 _CAST = "autocast_weight_copies"
+
+
+class Workspaces:
+    """The matmul libraries' workspaces, which the first matmul on each thread takes from the
+    caching allocator after its output (labelled traces, benchmarks/data/h200-traces):
+    cuBLAS's, and cuBLASLt's own 1 MiB at the first projection with a bias (addmm's fused
+    epilogue). A step that starts with them already made (``active=False``) makes none."""
+
+    def __init__(self, t: Tape, cublas_bytes: int, active: bool = True) -> None:
+        self.t, self.cublas_bytes, self.active = t, cublas_bytes, active
+        self.made: set[str] = set()
+
+    def matmul(self, thread: str, biased: bool) -> None:
+        """A matmul on ``thread`` ("" for the only one), of a projection with a bias or not."""
+        if not self.active:
+            return
+        suffix = f" ({thread})" if thread else ""
+        for name, size, needed in (
+            (f"cuBLAS workspace{suffix}", self.cublas_bytes, True),
+            (f"cuBLASLt workspace{suffix}", CUBLASLT_WORKSPACE_BYTES, biased),
+        ):
+            if needed and name not in self.made:
+                self.t.persist(name, "cublas_workspace", [size])
+                self.made.add(name)
+
+
+def projection_forward(
+    t: Tape,
+    dt: Dtypes,
+    name: str,
+    shapes: list[ParamShape],
+    scale: float,
+    in_bytes: int,
+    out_bytes: int,
+    cast_input: bool,
+    *,
+    part: str = "",
+    component: str = _ACT,
+    output: bool = True,
+) -> tuple[list[int | None], list[int | None], int | None, int | None]:
+    """nn.Linear's forward: under autocast, 16-bit copies of its bias and weight, then of an
+    fp32 input (``cast_input``, ``in_bytes`` once copied), made right to left as the C++
+    wrapper evaluates its arguments, then the output (labelled trace of an AMP run:
+    benchmarks/data/h200-traces/frames.json.gz). Returns the bias copies, the weight
+    copies, the input copy and the output; what outlives the op is the caller's choice."""
+    biases: list[int | None] = []
+    weights: list[int | None] = []
+    copy = None
+    if dt.autocast:
+        for shape in reversed(shapes):
+            vector = len(shape) == 1
+            key = t.new(
+                f"{name} 16-bit {'bias' if vector else 'weight'}",
+                _CAST,
+                round(math.prod(shape) * scale * dt.compute),
+            )
+            (biases if vector else weights).append(key)
+        if cast_input:
+            copy = t.new(f"{name} 16-bit input", _ACT, in_bytes, part=part)
+    out = t.new(name, component, out_bytes, part=part) if output else None
+    return biases, weights, copy, out
 
 
 class ForwardPass:
@@ -108,18 +169,13 @@ class ForwardPass:
         spec: ModelSpec,
         workload: Workload,
         scale: float,
-        workspace: int,
+        workspaces: Workspaces,
         *,
         training: bool = False,
         thread: str = "",
     ) -> None:
         self.t, self.spec, self.w, self.scale = t, spec, workload, scale
-        # cuBLAS allocates its workspace in the first matmul, cuBLASLt its own in the first
-        # biased one (0: this pass runs where both exist already); ``thread`` names them
-        self.workspace = workspace
-        self.lt_workspace = CUBLASLT_WORKSPACE_BYTES if workspace else 0
-        suffix = f" ({thread})" if thread else ""
-        self.workspace_names = (f"cuBLAS workspace{suffix}", f"cuBLASLt workspace{suffix}")
+        self.workspaces, self.thread = workspaces, thread
         self.training = training
         self.kept: list[int | None] = []  # autocast's cached weight copies (training)
         self.dt = dtypes_for(workload.precision)
@@ -141,29 +197,15 @@ class ForwardPass:
         autocast caches the parameters' copies: ``kept``)."""
         t, dt = self.t, self.dt
         t.op(name)
-        casts: list[int | None] = []
-        if dt.autocast:
-            casts = [
-                t.new(
-                    f"{name} 16-bit weights",
-                    "autocast_weight_copies",
-                    round(math.prod(shape) * self.scale * dt.compute),
-                )
-                for shape in reversed(shapes)
-            ]
-            if self.training:
-                self.kept += casts
-                casts = []
-            if fp32_input:
-                casts.append(t.new(f"{name} 16-bit input", _ACT, n_in * dt.compute))
-        key = t.new(name, component, out)
-        if self.workspace:
-            t.persist(self.workspace_names[0], "cublas_workspace", [self.workspace])
-            self.workspace = 0
-        if self.lt_workspace and any(len(shape) == 1 for shape in shapes):
-            t.persist(self.workspace_names[1], "cublas_workspace", [self.lt_workspace])
-            self.lt_workspace = 0
-        t.free(*casts)
+        biases, weights, copy, key = projection_forward(
+            t, dt, name, shapes, self.scale, n_in * dt.compute, out, fp32_input, component=component
+        )
+        self.workspaces.matmul(self.thread, biased=any(len(shape) == 1 for shape in shapes))
+        if self.training:
+            self.kept += biases + weights
+            t.free(copy)
+        else:
+            t.free(*biases, *weights, copy)
         return key
 
     def norm(self, name: str, tokens: int) -> int | None:

@@ -56,9 +56,8 @@ from vramfit.estimate.activations import (
     shape_of,
 )
 from vramfit.estimate.dtypes import Dtypes, dtypes_for
-from vramfit.estimate.inference import ForwardPass
+from vramfit.estimate.inference import ForwardPass, Workspaces, projection_forward
 from vramfit.estimate.kernels import H200, Multiprocessors, column_sum_scratch_bytes
-from vramfit.estimate.overhead import CUBLASLT_WORKSPACE_BYTES
 from vramfit.estimate.params import (
     ParamShape,
     count_params,
@@ -176,16 +175,11 @@ class _Step:
         self.eager = workload.attention is Attention.eager
         self.selective = workload.checkpointing is Checkpointing.selective
         self.full = workload.checkpointing is Checkpointing.full
-        self.bias = bool(spec.bias)
         # what a checkpoint runs without saving: a block (full) or attention's core (selective)
+        # the first step makes the workspaces; a steady one has them from its start
+        self.ws = Workspaces(self.tape, workspace_bytes, active=first_step)
         self.unsaved = ForwardPass(
-            self.tape,
-            spec,
-            workload,
-            self.scale,
-            workspace_bytes if first_step and self.full else 0,
-            training=True,
-            thread="forward",
+            self.tape, spec, workload, self.scale, self.ws, training=True, thread="forward"
         )
         self.thread = "forward"  # the autograd engine runs backward on its own thread
         self.mask: int | None = None  # eager attention's causal mask
@@ -193,11 +187,6 @@ class _Step:
         self.weight_grads: list[int | None] = []  # the last projection's weight gradients
         self.sums: set[int | None] = set()  # input-gradient sums autograd made out of place
         self.block0_input: int | None = None
-        # workspaces made so far (the first step makes them; the full checkpoint's forward
-        # is the no-save pass, which makes the forward thread's)
-        self.workspaces_made: set[str] = (
-            {"cuBLAS workspace (forward)", "cuBLASLt workspace (forward)"} if self.full else set()
-        )
         self.bias_copies: list[int | None] = []  # autocast's cached bias copies: not saved
 
     # sizes ---------------------------------------------------------------------------------
@@ -223,43 +212,27 @@ class _Step:
         component: str = "activations",
         output: bool = True,
     ) -> tuple[int | None, list[int | None]]:
-        """A projection's forward (nn.Linear): under autocast, 16-bit copies of its bias and
-        weight (cached by autocast until the forward ends; the weight's is saved for
-        backward) and of an fp32 input (``cast_input``), made right to left as the C++
-        wrapper evaluates its arguments, then the output (labelled trace of an AMP run:
-        benchmarks/data/h200-traces/frames.json.gz). Returns the output and what backward
-        frees: the weight and input copies (an uncast input is the caller's to free)."""
-        t, dt = self.tape, self.dt
-        saved: list[int | None] = []
-        if dt.autocast:
-            for shape in reversed(shapes):
-                vector = len(shape) == 1
-                key = t.new(
-                    f"{name} 16-bit {'bias' if vector else 'weight'}",
-                    "autocast_weight_copies",
-                    self.params([shape], dt.compute)[0],
-                )
-                (self.bias_copies if vector else saved).append(key)
-            if cast_input:
-                saved.append(t.new(f"{name} 16-bit input", "activations", in_bytes, part=part))
-        out = t.new(name, component, out_bytes, part=part) if output else None
+        """A projection's forward (``projection_forward``), its matmul's workspaces, and
+        what backward frees: the weight copy and the input copy (an uncast input is the
+        caller's to free). Autocast's bias copy is not saved: it dies when the forward ends
+        (``bias_copies``)."""
+        biases, weights, copy, out = projection_forward(
+            self.tape,
+            self.dt,
+            name,
+            shapes,
+            self.scale,
+            in_bytes,
+            out_bytes,
+            cast_input,
+            part=part,
+            component=component,
+            output=output,
+        )
+        self.bias_copies += biases
         if output:
-            self.workspaces(biased=any(len(shape) == 1 for shape in shapes))
-        return out, saved
-
-    def workspaces(self, biased: bool) -> None:
-        """A matmul's workspaces, made by the first one on each thread (first step only):
-        cuBLAS's, and cuBLASLt's for a projection with a bias (addmm's fused epilogue);
-        as the labelled traces show, after the matmul's output."""
-        if not self.first:
-            return
-        for name, size, needed in (
-            (f"cuBLAS workspace ({self.thread})", self.workspace, True),
-            (f"cuBLASLt workspace ({self.thread})", CUBLASLT_WORKSPACE_BYTES, biased),
-        ):
-            if needed and name not in self.workspaces_made:
-                self.tape.persist(name, "cublas_workspace", [size])
-                self.workspaces_made.add(name)
+            self.ws.matmul(self.thread, biased=any(len(shape) == 1 for shape in shapes))
+        return out, [*weights, copy]
 
     def project_backward(
         self,
@@ -296,7 +269,7 @@ class _Step:
                 t.new(f"{name} {prefix}weight gradient", w_component, size)
                 for size in self.params(matrices, w_dtype)
             ]
-            self.workspaces(biased=False)  # backward's matmuls are plain mm
+            self.ws.matmul(self.thread, biased=False)  # backward's matmuls are plain mm
             self.weight_grads = keys
             return keys
 
@@ -859,15 +832,12 @@ class _Step:
                 "optimizer_state",
                 optimizer_state_tensors(optimizer, self.scaled_shapes(shapes), dt.weight),
             )
-            # one cuBLAS workspace per handle: the forward thread's and the autograd engine's,
-            # and cuBLASLt's where a biased projection runs (backward: full recompute)
-            t.persist("cuBLAS workspace (forward)", "cublas_workspace", [self.workspace])
-            t.persist("cuBLAS workspace (backward)", "cublas_workspace", [self.workspace])
-            if self.bias or self.spec.qkv_bias:
-                lt = [CUBLASLT_WORKSPACE_BYTES]
-                t.persist("cuBLASLt workspace (forward)", "cublas_workspace", lt)
-                if self.full:
-                    t.persist("cuBLASLt workspace (backward)", "cublas_workspace", lt)
+            # the workspaces the first step made: the forward thread's and the autograd
+            # engine's, cuBLASLt's where a biased projection runs (backward: full recompute)
+            made = Workspaces(t, self.workspace)
+            biased = bool(self.spec.bias or self.spec.qkv_bias)
+            made.matmul("forward", biased)
+            made.matmul("backward", biased and self.full)
         t.op("embeddings")
         if spec.positions is Positions.learned:  # token and position embeddings, then the sum
             tokens = t.new("token embeddings", "activations", n * h * r)
