@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FP32 = 4
+from vramfit.estimate.activations import FP32
 
 
 @dataclass(frozen=True)
