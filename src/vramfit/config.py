@@ -60,8 +60,10 @@ class Precision(str, Enum):
 
 
 class Optimizer(str, Enum):
-    adamw = "adamw"  # torch.optim.AdamW, foreach implementation (PyTorch's default on CUDA)
+    adamw = "adamw"  # torch.optim.AdamW() on CUDA: the foreach implementation
+    adamw_foreach = "adamw-foreach"  # the same, named for what torch picks
     adamw_fused = "adamw-fused"  # torch.optim.AdamW(fused=True)
+    adamw_forloop = "adamw-forloop"  # torch.optim.AdamW(fused=False) or foreach=False
     sgd = "sgd"
     sgd_momentum = "sgd-momentum"
     adam_8bit = "adam-8bit"  # bitsandbytes-style block-wise 8-bit states
@@ -78,6 +80,44 @@ class Checkpointing(str, Enum):
     none = "none"
     selective = "selective"  # recompute the attention core only (Korthikanti et al. 2022)
     full = "full"  # keep each block's input, recompute the block in backward
+
+
+class Impl(str, Enum):
+    """Which implementation's code runs the model (``vramfit.estimate.profiles``)."""
+
+    hf = "hf"  # Hugging Face transformers 5.x modeling code
+    reference = "reference"  # vramfit's own reference loop (vramfit.measure.models)
+
+
+class ModelType(str, Enum):
+    """The Hugging Face ``model_type`` whose modeling code the hf profile follows."""
+
+    gpt2 = "gpt2"
+    llama = "llama"
+    mistral = "mistral"
+    qwen2 = "qwen2"
+    gemma = "gemma"
+    gemma2 = "gemma2"
+    phi3 = "phi3"
+    gpt_neox = "gpt_neox"
+    falcon = "falcon"
+    mixtral = "mixtral"
+    qwen2_moe = "qwen2_moe"
+
+
+class Loop(str, Enum):
+    """What the training loop around the model keeps alive (hf profile)."""
+
+    trainer = "trainer"  # transformers.Trainer: outputs dropped before backward, use_cache off
+    drops = "drops"  # loss = model(**batch).loss: the outputs die after the forward
+    keeps_logits = "keeps-logits"  # outputs = model(**batch) held through backward and step
+
+
+class Logits(str, Enum):
+    """Which positions' logits an inference forward computes (hf profile)."""
+
+    all = "all"  # an evaluation / scoring forward: model(input_ids) keeps every position
+    last = "last"  # generate()'s prefill: logits_to_keep=1
 
 
 class KvDtype(str, Enum):
@@ -139,6 +179,18 @@ class ModelSpec(_Strict):
     params: int | None = Field(
         default=None, ge=1, description="declared parameter count; overrides the derived one"
     )
+    model_type: ModelType | None = Field(
+        default=None, description="Hugging Face model_type (default: gpt2 or llama by arch)"
+    )
+    resid_dropout: float | None = Field(
+        default=None, ge=0, lt=1, description="dropout on each block's two branch outputs"
+    )
+    embd_dropout: float | None = Field(
+        default=None, ge=0, lt=1, description="dropout on the embedding output"
+    )
+    attention_dropout: float | None = Field(
+        default=None, ge=0, lt=1, description="dropout on the attention probabilities"
+    )
 
     @model_validator(mode="after")
     def _shapes_agree(self) -> ModelSpec:
@@ -173,6 +225,14 @@ class ModelSpec(_Strict):
             values["expert_ffn"] = values["ffn"]
         if values["shared_expert_ffn"] is None:
             values["shared_expert_ffn"] = values["expert_ffn"]
+        if values["model_type"] is None:
+            values["model_type"] = ModelType.gpt2 if self.arch is Arch.gpt2 else ModelType.llama
+        # transformers' config defaults: GPT2Config resid_pdrop = embd_pdrop = attn_pdrop = 0.1;
+        # the Llama-derived configs have attention_dropout 0.0 and no other dropout
+        default_p = 0.1 if ModelType(values["model_type"]) is ModelType.gpt2 else 0.0
+        for key in ("resid_dropout", "embd_dropout", "attention_dropout"):
+            if values[key] is None:
+                values[key] = default_p
         return ModelSpec.model_validate(values)
 
 
@@ -219,15 +279,30 @@ class Workload(_Strict):
     checkpointing: Checkpointing = Checkpointing.none
     gen_tokens: int = Field(default=0, ge=0, le=100_000_000, description="tokens generated (infer)")
     kv_dtype: KvDtype | None = Field(default=None, description="KV cache dtype (infer)")
+    impl: Impl = Field(default=Impl.hf, description="the implementation that runs the model")
+    loop: Loop = Field(default=Loop.trainer, description="what the training loop keeps (hf)")
+    logits: Logits | None = Field(
+        default=None, description="inference logits: all positions or the last (hf)"
+    )
+    clip_grad: bool | None = Field(
+        default=None, description="clip_grad_norm_ before the step (default: on with the Trainer)"
+    )
 
     @model_validator(mode="before")
     @classmethod
-    def _inference_defaults_to_bf16(cls, data: Any) -> Any:
-        """Inference is served in 16 bits: without a precision, infer means bf16 weights,
-        not amp's fp32 weights (which only training needs, as master weights)."""
-        if isinstance(data, dict) and str(data.get("mode", "")).endswith("infer"):
-            if data.get("precision") is None:
-                data = {**data, "precision": Precision.bf16}
+    def _defaults_follow_the_run(cls, data: Any) -> Any:
+        """Inference is served in 16 bits: without a precision, infer means bf16 weights, not
+        amp's fp32 weights (which only training needs, as master weights). Without an
+        optimizer, the Trainer's default (``adamw_torch_fused`` on torch >= 2.8,
+        transformers/training_args.py) or, for a plain loop, ``torch.optim.AdamW()``."""
+        if not isinstance(data, dict):
+            return data
+        if str(data.get("mode", "")).endswith("infer") and data.get("precision") is None:
+            data = {**data, "precision": Precision.bf16}
+        if data.get("optimizer") is None:
+            impl, loop = str(data.get("impl") or "hf"), str(data.get("loop") or "trainer")
+            trainer = impl.endswith("hf") and loop.endswith("trainer")
+            data = {**data, "optimizer": Optimizer.adamw_fused if trainer else Optimizer.adamw}
         return data
 
     @model_validator(mode="after")
@@ -236,7 +311,23 @@ class Workload(_Strict):
             raise ValueError("gen_tokens only applies with mode infer (--mode infer)")
         if self.mode is Mode.train and self.kv_dtype is not None:
             raise ValueError("kv_dtype only applies with mode infer (--mode infer)")
+        if self.mode is Mode.train and self.logits is not None:
+            raise ValueError("logits only applies with mode infer (--mode infer)")
+        if self.impl is Impl.hf and self.checkpointing is Checkpointing.selective:
+            raise ValueError(
+                "transformers checkpoints whole decoder layers: use checkpointing full "
+                "(or impl reference for selective)"
+            )
         return self
+
+    @property
+    def trainer(self) -> bool:
+        """The Hugging Face Trainer runs the step."""
+        return self.impl is Impl.hf and self.loop is Loop.trainer
+
+    @property
+    def clips(self) -> bool:
+        return self.trainer if self.clip_grad is None else self.clip_grad
 
 
 class RunSpec(_Strict):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vramfit.config import Attention, Mode, Precision, RunSpec
+from vramfit.config import Attention, Impl, Mode, Precision, RunSpec
 from vramfit.estimate.inference import build_inference_timeline, kv_cache_bytes
 from vramfit.estimate.kernels import H200, Multiprocessors
 from vramfit.estimate.overhead import cublas_workspace_bytes, cuda_context_bytes
 from vramfit.estimate.params import ParamCounts, count_params
+from vramfit.estimate.profiles.hf import hf_unsupported
+from vramfit.estimate.schedule import hf_inference, hf_training_steps
 from vramfit.estimate.timeline import replay
 from vramfit.estimate.training import build_training_steps
 
@@ -91,12 +93,21 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
     workspace = cublas_workspace_bytes(None, cc)
     training = workload.mode is Mode.train
     block_bytes: dict[str, int] = {}
+    mp = (hardware and hardware.multiprocessors) or H200
+    hf_impl = workload.impl is Impl.hf
+    notes = []
+    unsupported = hf_unsupported(spec) if hf_impl else None
+    if unsupported:
+        notes.append(f"{unsupported}: estimated with the reference implementation")
+        hf_impl = False
     if training:
-        mp = (hardware and hardware.multiprocessors) or H200
-        first, steady, block_bytes = build_training_steps(spec, workload, workspace, mp)
+        build = hf_training_steps if hf_impl else build_training_steps
+        first, steady, block_bytes = build(spec, workload, workspace, mp)
         steps = [first, steady, steady]
     else:
-        steady = build_inference_timeline(spec, workload, workspace)
+        steady = (hf_inference if hf_impl else build_inference_timeline)(
+            spec, workload, workspace
+        )
         steps = [steady]
     rep = replay(steps)
 
@@ -121,7 +132,6 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
     breakdown["cuda_context"] = context
     breakdown = {k: v for k, v in breakdown.items() if v}
 
-    notes = []
     if spec.params and abs(spec.params - counts.total) > 0.01 * counts.total:
         notes.append(
             f"--params {spec.params:,} differs from the {counts.total:,} that the architecture "

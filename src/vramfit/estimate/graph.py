@@ -1,0 +1,617 @@
+"""An autograd-level simulation of one step: a graph of ops, replayed as PyTorch runs it.
+
+An implementation profile (``vramfit.estimate.profiles``) describes the model's forward as a
+graph of ops, each an autograd node of ``vramfit.estimate.ops`` that states what its forward
+allocates, what autograd saves, and what its backward allocates. Nothing here knows about
+transformers; the schedules below are generic:
+
+- ``forward`` with grad mode on: each tensor lives until its last forward use or until the
+  last node that saved it has run its backward, whichever is later (autograd's
+  ``SavedVariable`` holds a reference; ``release_variables`` drops it after the node ran).
+- inside a checkpointed region (``torch.utils.checkpoint``, non-reentrant), nothing is saved:
+  the checkpoint keeps the region's inputs; backward reruns the region, saving, as soon as a
+  node of it needs a saved tensor, and stops once the last tensor the region saves exists
+  (``_StopRecomputationError`` in torch/utils/checkpoint.py).
+- ``backward`` follows torch/csrc/autograd/engine.cpp on one device: nodes run in reverse
+  creation order (the ready queue orders by sequence number); per node: the backward
+  formula allocates the input gradients (``ops``), the incoming gradients die when it
+  returns, ``validate_outputs`` reduces a broadcast gradient to its input's shape
+  (``sum_to``) and casts it to the input's dtype, then the node releases its saved tensors,
+  and each gradient is added to its input's buffer: in place when the buffer holds the only
+  reference to a non-view tensor, else as a new sum (``InputBuffer::accumulate``). A leaf's
+  ``AccumulateGrad`` steals a fresh gradient and clones any other.
+- no grad mode (inference, evaluation): nothing is saved, every tensor dies at its last use.
+
+The result is a ``Tape`` (``vramfit.estimate.timeline``): the same allocations and frees that
+``replay`` feeds through the caching-allocator model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from vramfit.estimate.kernels import H200, Multiprocessors, column_sum_scratch_bytes
+from vramfit.estimate.timeline import Tape
+
+if TYPE_CHECKING:
+    from vramfit.estimate.inference import Workspaces
+
+
+class DType(str, Enum):
+    """Element types of the simulated tensors."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    int64 = "int64"
+    int32 = "int32"
+    uint8 = "uint8"
+    int8 = "int8"
+    bool = "bool"
+
+    @property
+    def size(self) -> int:
+        return _SIZES[self]
+
+    @property
+    def floating(self) -> bool:
+        return self in (DType.fp32, DType.fp16, DType.bf16)
+
+
+_SIZES = {
+    DType.fp32: 4,
+    DType.fp16: 2,
+    DType.bf16: 2,
+    DType.int64: 8,
+    DType.int32: 4,
+    DType.uint8: 1,
+    DType.int8: 1,
+    DType.bool: 1,
+}
+
+
+class Component(str, Enum):
+    """What a tensor is, for the breakdown (PyTorch's mem_tracker names its kinds likewise)."""
+
+    weights = "weights"
+    autocast_weight_copies = "autocast_weight_copies"
+    gradients = "gradients"
+    optimizer_state = "optimizer_state"
+    optimizer_temp = "optimizer_temp"
+    activations = "activations"
+    activation_grads = "activation_grads"
+    logits = "logits"
+    kv_cache = "kv_cache"
+    cublas_workspace = "cublas_workspace"
+
+
+@dataclass(eq=False)
+class Tensor:
+    """A tensor of the forward graph. A view shares its ``base``'s storage."""
+
+    name: str
+    numel: int
+    dtype: DType
+    requires_grad: bool = False
+    component: Component = Component.activations
+    base: Tensor | None = None
+    contiguous: bool = True
+    leaf: bool = False  # a parameter (or other leaf) that lives outside the step
+    part: str = ""  # for saved activations: norm / attention / mlp
+    producer: Node | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.size
+
+    @property
+    def root(self) -> Tensor:
+        t = self
+        while t.base is not None:
+            t = t.base
+        return t
+
+
+@dataclass(eq=False)
+class _GradStorage:
+    key: int | None
+    refs: int = 1
+
+
+@dataclass(eq=False)
+class Grad:
+    """A gradient during backward: one holder's reference to a gradient storage."""
+
+    storage: _GradStorage
+    numel: int
+    dtype: DType
+    view: bool = False  # a view of another tensor: autograd cannot add into it in place
+    same_layout: bool = True  # strided like the forward tensor it is the gradient of
+
+
+class Backward:
+    """What a backward formula sees: the incoming gradients, and calls to make its outputs."""
+
+    def __init__(self, sim: _Sim, node: Node, grads_out: list[Grad | None]) -> None:
+        self.sim, self.node, self.grads_out = sim, node, grads_out
+        self.results: list[tuple[int, Grad]] = []
+
+    def needs(self, i: int) -> bool:
+        """Whether input ``i`` gets a gradient (it requires grad)."""
+        return self.node.inputs[i].requires_grad
+
+    def out(self, j: int = 0) -> Grad | None:
+        return self.grads_out[j]
+
+    def new(
+        self,
+        i: int,
+        numel: int | None = None,
+        dtype: DType | None = None,
+        *,
+        view: bool = False,
+        same_layout: bool | None = None,
+        name: str = "",
+    ) -> Grad | None:
+        """Allocate input ``i``'s gradient (by default its input's size and dtype). ``view``:
+        the formula returns a view of what it computed (a reshape of a matmul's output)."""
+        if not self.needs(i):
+            return None
+        x = self.node.inputs[i]
+        numel = x.numel if numel is None else numel
+        dtype = x.dtype if dtype is None else dtype
+        label = name or f"{self.node.name} grad of {x.name}"
+        key = self.sim.tape.new(label, Component.activation_grads, numel * dtype.size)
+        layout = x.contiguous if same_layout is None else same_layout
+        g = Grad(_GradStorage(key), numel, dtype, view=view, same_layout=layout)
+        self.results.append((i, g))
+        return g
+
+    def alias(
+        self, i: int, g: Grad | None, *, view: bool = False, same_layout: bool | None = None
+    ) -> None:
+        """Input ``i``'s gradient is ``g`` itself (AddBackward passes its gradient to both
+        inputs; validate_outputs reduces it where the input was broadcast) or, with ``view``,
+        a view of it shaped like the input (a reshape, a slice): no allocation."""
+        if g is None or not self.needs(i):
+            return
+        g.storage.refs += 1
+        layout = g.same_layout if same_layout is None else same_layout
+        numel = self.node.inputs[i].numel if view else g.numel
+        self.results.append((i, Grad(g.storage, numel, g.dtype, view or g.view, layout)))
+
+    def temp(self, name: str, nbytes: int) -> None:
+        """Scratch the backward kernel allocates and frees within the node."""
+        self.sim.tape.temp(f"{self.node.name} {name}", Component.activation_grads, nbytes)
+
+    def temp_alloc(self, name: str, nbytes: int) -> int | None:
+        """Scratch that lives until ``free``."""
+        return self.sim.tape.new(f"{self.node.name} {name}", Component.activation_grads, nbytes)
+
+    def free(self, key: int | None) -> None:
+        self.sim.tape.free(key)
+
+    def step(self, name: str) -> None:
+        """A new point within the node (a kernel boundary): what was freed before it can be
+        reused by what is allocated after it."""
+        self.sim.tape.op(f"{self.node.name} {name}")
+
+
+BackwardRule = Callable[[Backward], None]
+
+
+@dataclass(eq=False)
+class Node:
+    """One autograd node (or an op that records none) of the forward graph."""
+
+    name: str
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    saved: list[Tensor] = field(default_factory=list)
+    backward: BackwardRule | None = None
+    hidden: list[Tensor] = field(default_factory=list)  # outputs only autograd sees
+    scratch: list[tuple[str, int]] = field(default_factory=list)  # forward temporaries
+    region: int | None = None  # checkpointed region
+    cast_cache: bool = False  # autocast's cached cast of a parameter: lives to autocast's exit
+    saves_after_outputs: bool = False  # the last save is an output (recompute stops after it)
+    new_point: bool = True
+    matmul: bool | None = None  # a cuBLAS matmul (True: with a bias epilogue, cuBLASLt)
+
+    @property
+    def requires_grad(self) -> bool:
+        return any(x.requires_grad for x in self.inputs)
+
+
+class Graph:
+    """The forward graph a profile builds, op by op."""
+
+    def __init__(self, *, grad: bool) -> None:
+        self.grad = grad  # grad mode: autograd records nodes and saves tensors
+        self.nodes: list[Node] = []
+        self.leaves: list[Tensor] = []
+        self.inputs: list[Tensor] = []
+        self._region: int | None = None
+        self._regions = 0
+        self.held: list[tuple[Tensor, str]] = []  # tensors a caller keeps: (tensor, until)
+        self.loss: Tensor | None = None
+
+    def leaf(
+        self,
+        name: str,
+        numel: int,
+        dtype: DType,
+        *,
+        requires_grad: bool,
+        component: Component = Component.weights,
+    ) -> Tensor:
+        """A tensor that exists before the step (a parameter, or the input ids)."""
+        t = Tensor(name, numel, dtype, requires_grad and self.grad, component, leaf=True)
+        self.leaves.append(t)
+        return t
+
+    def node(
+        self,
+        name: str,
+        inputs: Sequence[Tensor],
+        outputs: Sequence[Tensor],
+        *,
+        saved: Sequence[Tensor] = (),
+        backward: BackwardRule | None = None,
+        hidden: Sequence[Tensor] = (),
+        scratch: Sequence[tuple[str, int]] = (),
+        cast_cache: bool = False,
+        saves_after_outputs: bool = False,
+        new_point: bool = True,
+    ) -> Node:
+        """Record an op. Its outputs require grad when any input does (and grad mode is on)."""
+        grad = self.grad and backward is not None and any(x.requires_grad for x in inputs)
+        n = Node(
+            name,
+            list(inputs),
+            list(outputs),
+            list(saved) if grad else [],
+            backward if grad else None,
+            list(hidden),
+            list(scratch),
+            self._region,
+            cast_cache and self.grad,
+            saves_after_outputs,
+            new_point,
+        )
+        for out in (*outputs, *hidden):
+            out.producer = n
+            out.requires_grad = grad and out.dtype.floating and out not in hidden
+        self.nodes.append(n)
+        return n
+
+    def checkpoint_begin(self) -> None:
+        """Ops from here to ``checkpoint_end`` form one checkpointed region."""
+        if self.grad:
+            self._region = self._regions
+            self._regions += 1
+
+    def checkpoint_end(self) -> None:
+        self._region = None
+
+    def hold(self, tensor: Tensor, until: str) -> None:
+        """The caller keeps ``tensor``: until ``"forward"`` ends, ``"backward"`` ends or the
+        ``"step"`` ends (a training loop that keeps the model's outputs)."""
+        self.held.append((tensor, until))
+
+
+@dataclass
+class _Storage:
+    key: int | None
+    refs: int = 0
+    persistent: bool = False
+
+
+class _Sim:
+    """Replays a Graph onto a Tape: storages with reference counts, as Python and autograd
+    hold them."""
+
+    def __init__(self, graph: Graph, tape: Tape, mp: Multiprocessors) -> None:
+        self.g, self.tape, self.mp = graph, tape, mp
+        self.storage: dict[int, _Storage] = {}
+        self.saved_refs: dict[int, list[Tensor]] = {}  # node id -> tensors it holds
+        self.leaf_grads: dict[int, Grad] = {}  # leaf id -> its .grad
+        self.leaf_pending: dict[int, int] = {}  # leaf id -> gradients still to arrive
+        self.buffers: dict[int, Grad] = {}  # tensor id -> its accumulated gradient
+        self.cast_cache: list[Tensor] = []
+        self.region_inputs: dict[int, list[Tensor]] = {}
+        self.workspaces: Workspaces | None = None
+        for leaf in graph.leaves:
+            self.storage[id(leaf)] = _Storage(None, refs=1, persistent=True)
+
+    def matmul(self, thread: str, biased: bool) -> None:
+        """A matmul ran on ``thread``: the first one there makes cuBLAS's workspaces."""
+        if self.workspaces is not None:
+            self.workspaces.matmul(thread, biased)
+
+    def st(self, t: Tensor) -> _Storage:
+        return self.storage[id(t.root)]
+
+    def make(self, t: Tensor) -> None:
+        """Allocate ``t`` (a view allocates nothing)."""
+        if t.base is None:
+            key = self.tape.new(t.name, t.component, t.nbytes, part=t.part)
+            self.storage[id(t)] = _Storage(key)
+
+    def ref(self, t: Tensor) -> None:
+        self.st(t).refs += 1
+
+    def unref(self, t: Tensor) -> None:
+        s = self.st(t)
+        s.refs -= 1
+        self.free_if_unused(t)
+
+    def free_if_unused(self, t: Tensor) -> None:
+        s = self.st(t)
+        if s.refs <= 0 and not s.persistent and s.key is not None:
+            self.tape.free(s.key)
+            s.key = None
+
+    def unref_grad(self, g: Grad) -> None:
+        g.storage.refs -= 1
+        if g.storage.refs <= 0 and g.storage.key is not None:
+            self.tape.free(g.storage.key)
+            g.storage.key = None
+
+    def new_grad(self, name: str, numel: int, dtype: DType, component: Component) -> Grad:
+        key = self.tape.new(name, component, numel * dtype.size)
+        return Grad(_GradStorage(key), numel, dtype)
+
+
+def _last_uses(nodes: Sequence[Node]) -> dict[int, int]:
+    last: dict[int, int] = {}
+    for i, n in enumerate(nodes):
+        for x in n.inputs:
+            last[id(x)] = i
+    return last
+
+
+def run_forward(
+    graph: Graph,
+    tape: Tape,
+    *,
+    mp: Multiprocessors = H200,
+    workspaces: Workspaces | None = None,
+) -> _Sim:
+    """Replay the forward of ``graph`` onto ``tape`` (in the tape's current phase), keeping
+    what autograd saves. Returns the state that ``end_forward`` and ``run_backward`` take."""
+    sim = _Sim(graph, tape, mp)
+    sim.workspaces = workspaces
+    nodes = graph.nodes
+    last = _last_uses(nodes)
+    held = {id(t) for t, _ in graph.held}
+    produced_in: dict[int, int | None] = {}
+    for n in nodes:
+        if n.region is not None:
+            inputs = sim.region_inputs.setdefault(n.region, [])
+            for x in n.inputs:
+                if not x.leaf and produced_in.get(id(x)) != n.region and x not in inputs:
+                    inputs.append(x)
+        for out in (*n.outputs, *n.hidden):
+            produced_in[id(out)] = n.region
+    entered: set[int] = set()
+    for i, n in enumerate(nodes):
+        if n.new_point:
+            tape.op(n.name)
+        if n.region is not None and n.region not in entered:
+            entered.add(n.region)
+            for x in sim.region_inputs[n.region]:
+                sim.ref(x)  # the checkpoint keeps its inputs for the recompute
+        for name, nbytes in n.scratch:
+            tape.temp(f"{n.name} {name}", Component.activations, nbytes)
+        for out in (*n.outputs, *n.hidden):
+            sim.make(out)
+            if id(out) in last or id(out) in held:
+                sim.ref(out)  # Python holds it until its last use (or the caller keeps it)
+        if n.matmul is not None:
+            sim.matmul("forward", n.matmul)
+        if n.backward is not None and n.region is None:
+            for s in n.saved:
+                sim.ref(s)
+            sim.saved_refs[id(n)] = list(n.saved)
+        if n.cast_cache:
+            for out in n.outputs:
+                sim.ref(out)
+                sim.cast_cache.append(out)
+        for out in (*n.outputs, *n.hidden):
+            sim.free_if_unused(out)
+        for x in {id(x): x for x in n.inputs}.values():
+            if last[id(x)] == i and not x.leaf and id(x) not in held:
+                sim.unref(x)
+    return sim
+
+
+def end_forward(sim: _Sim) -> None:
+    """Autocast's context exits: its cached weight casts die; so do tensors held to here."""
+    for t in sim.cast_cache:
+        sim.unref(t)
+    sim.cast_cache = []
+    release_held(sim, "forward")
+
+
+def release_held(sim: _Sim, until: str) -> None:
+    """The caller drops what it kept ``until`` this point."""
+    for t, u in sim.g.held:
+        if u == until:
+            sim.unref(t)
+
+
+def run_backward(sim: _Sim, loss: Tensor) -> None:
+    """Replay backward from ``loss`` (see the module docstring)."""
+    tape = sim.tape
+    nodes = [n for n in sim.g.nodes if n.backward is not None]
+    for n in nodes:  # AccumulateGrad waits for one gradient per edge into its leaf
+        for x in n.inputs:
+            if x.leaf and x.requires_grad:
+                sim.leaf_pending[id(x)] = sim.leaf_pending.get(id(x), 0) + 1
+    tape.op("loss backward")
+    sim.buffers[id(loss)] = sim.new_grad(
+        "loss gradient", loss.numel, loss.dtype, Component.activation_grads
+    )
+    recomputed: set[int] = set()
+    region_first: dict[int, Node] = {}
+    for n in nodes:
+        if n.region is not None:
+            region_first.setdefault(n.region, n)
+    skipped: list[Node] = []
+    for n in reversed(nodes):
+        grads_out = [sim.buffers.pop(id(o), None) for o in n.outputs]
+        if all(g is None for g in grads_out):
+            skipped.append(n)
+            continue
+        if n.region is not None and n.region not in recomputed and n.saved:
+            recomputed.add(n.region)
+            _recompute(sim, n.region)
+        tape.op(f"{n.name} backward")
+        bw = Backward(sim, n, grads_out)
+        assert n.backward is not None
+        n.backward(bw)
+        if n.region is not None:  # unpacked from the recompute: they die with apply's locals
+            _drop_saved(sim, n)
+        results = [(i, _validate(sim, n, i, g)) for i, g in bw.results]
+        for g in bw.grads_out:  # the incoming gradients die as call_function returns
+            if g is not None:
+                sim.unref_grad(g)
+        _drop_saved(sim, n)  # then release_variables
+        for i, g in results:
+            _accumulate(sim, n.inputs[i], g)
+        if n.region is not None and region_first[n.region] is n:
+            for x in sim.region_inputs[n.region]:
+                sim.unref(x)  # the checkpoint's frame lets its inputs go
+    for n in skipped:  # the graph is freed
+        _drop_saved(sim, n)
+    release_held(sim, "backward")
+
+
+def _drop_saved(sim: _Sim, n: Node) -> None:
+    for s in sim.saved_refs.pop(id(n), []):
+        sim.unref(s)
+
+
+def _validate(sim: _Sim, n: Node, i: int, g: Grad) -> Grad:
+    """``validate_outputs``: reduce a broadcast gradient to its input's shape, then cast it to
+    the input's dtype (torch/csrc/autograd/engine.cpp)."""
+    x = n.inputs[i]
+    tape = sim.tape
+    if g.numel != x.numel:
+        rows = g.numel // max(1, x.numel)
+        tape.op(f"{n.name} backward: sum to {x.name}")
+        reduced = sim.new_grad(
+            f"{n.name} grad of {x.name}", x.numel, g.dtype, Component.activation_grads
+        )
+        tape.temp(
+            f"{n.name} grad of {x.name} reduction",
+            Component.activation_grads,
+            column_sum_scratch_bytes(rows, x.numel, sim.mp),
+        )
+        sim.unref_grad(g)
+        g = reduced
+    if g.dtype != x.dtype:
+        tape.op(f"{n.name} backward: grad of {x.name} to {x.dtype.value}")
+        cast = sim.new_grad(
+            f"{n.name} grad of {x.name} ({x.dtype.value})",
+            x.numel,
+            x.dtype,
+            Component.activation_grads,
+        )
+        sim.unref_grad(g)
+        g = cast
+    return g
+
+
+def _in_place_ok(g: Grad) -> bool:
+    return not g.view and g.storage.refs == 1 and g.storage.key is not None
+
+
+def _accumulate(sim: _Sim, x: Tensor, g: Grad) -> None:
+    """Add ``g`` to ``x``'s gradient buffer (``InputBuffer::accumulate``: in place into a
+    buffer that holds the only reference to a non-view tensor, else into ``g`` on the same
+    terms, else a new sum); a leaf's buffer goes to ``AccumulateGrad`` once every gradient
+    into it has arrived."""
+    old = sim.buffers.get(id(x))
+    if old is None:
+        sim.buffers[id(x)] = g
+    elif _in_place_ok(old):
+        sim.unref_grad(g)
+    elif _in_place_ok(g):
+        sim.unref_grad(old)
+        sim.buffers[id(x)] = g
+    else:
+        sim.tape.op(f"gradients of {x.name} summed")
+        total = sim.new_grad(
+            f"summed gradient of {x.name}", x.numel, g.dtype, Component.activation_grads
+        )
+        sim.unref_grad(old)
+        sim.unref_grad(g)
+        sim.buffers[id(x)] = total
+    if x.leaf:
+        sim.leaf_pending[id(x)] -= 1
+        if sim.leaf_pending[id(x)] == 0:
+            _accumulate_grad(sim, x, sim.buffers.pop(id(x)))
+
+
+def _accumulate_grad(sim: _Sim, leaf: Tensor, g: Grad) -> None:
+    """``AccumulateGrad``: a fresh gradient (the only reference to a non-view tensor laid out
+    like the parameter) becomes ``.grad``; any other is cloned
+    (torch/csrc/autograd/functions/accumulate_grad.h)."""
+    tape = sim.tape
+    if g.storage.refs == 1 and g.storage.key is not None and g.same_layout:
+        record = tape.records[g.storage.key]  # type: ignore[index]
+        record.component = Component.gradients
+        record.name = f"{leaf.name} gradient"
+        sim.leaf_grads[id(leaf)] = g
+        return
+    tape.op(f"{leaf.name} gradient clone")
+    grad = sim.new_grad(f"{leaf.name} gradient", leaf.numel, leaf.dtype, Component.gradients)
+    sim.unref_grad(g)
+    sim.leaf_grads[id(leaf)] = grad
+
+
+def _recompute(sim: _Sim, region: int) -> None:
+    """Rerun a checkpointed region, saving, up to the last tensor it saves: the inputs of
+    that node, or its outputs where it saves them (non-reentrant checkpoint)."""
+    tape = sim.tape
+    nodes = [n for n in sim.g.nodes if n.region == region]
+    saving = [k for k, n in enumerate(nodes) if n.backward is not None and n.saved]
+    stop = saving[-1]
+    outputs_of = {id(o) for o in (*nodes[stop].outputs, *nodes[stop].hidden)}
+    after = any(id(s) in outputs_of for s in nodes[stop].saved)
+    last = _last_uses(nodes[: stop + 1])
+    local: dict[int, Tensor] = {}
+    for k, n in enumerate(nodes[: stop + 1]):
+        tape.op(f"{n.name} (recompute)")
+        for name, nbytes in n.scratch:
+            tape.temp(f"{n.name} {name}", Component.activations, nbytes)
+        if k < stop or after:
+            for out in (*n.outputs, *n.hidden):
+                sim.make(out)
+                sim.ref(out)
+                local[id(out)] = out
+            if n.cast_cache:
+                for out in n.outputs:
+                    sim.ref(out)
+                    sim.cast_cache.append(out)
+            if n.matmul is not None:
+                sim.matmul("backward", n.matmul)
+        if n.backward is not None:
+            for s in n.saved:
+                sim.ref(s)
+            sim.saved_refs[id(n)] = list(n.saved)
+        for out in (*n.outputs, *n.hidden):
+            if id(out) in local and id(out) not in last:
+                sim.unref(local.pop(id(out)))
+        for x in {id(x): x for x in n.inputs}.values():
+            if last.get(id(x)) == k and id(x) in local:
+                sim.unref(local.pop(id(x)))
+    for x in local.values():  # the rerun stops: its locals die
+        sim.unref(x)
+    for t in sim.cast_cache:  # and so does its autocast context
+        sim.unref(t)
+    sim.cast_cache = []

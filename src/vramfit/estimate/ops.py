@@ -1,0 +1,470 @@
+"""The op library: what each ATen op allocates, what autograd saves, what its backward makes.
+
+Each method records one op of ``vramfit.estimate.graph`` and returns its output tensor(s).
+What an op saves and what its backward allocates follow PyTorch's
+``tools/autograd/derivatives.yaml`` formulas (torch 2.11) and the CUDA op traces of real
+Hugging Face models (benchmarks/data/h200-hf-ops, ``benchmarks/hf_ops.py``): e.g. ``mul``
+saves the *other* operand for each input's gradient and computes the second input's gradient
+first; ``pow`` saves its input and its backward holds ``x.pow(e - 1)`` and ``e * that`` while it
+multiplies; a slice's backward is a full-size zero tensor; ``mm`` makes the weight's gradient
+first and ``addmm`` the input's.
+
+Autocast (``torch.autocast``, aten/src/ATen/autocast_mode.cpp) is part of the op library, not
+of the models: matmuls and attention run in the autocast dtype (parameters' casts are cached
+until autocast exits, activations' are not), ops on the fp32 list (pow, rsqrt, softmax,
+log_softmax, layer_norm, nll_loss) run in fp32, and everything else promotes (fp32 wins).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from vramfit.estimate.graph import Backward, Component, DType, Graph, Tensor
+from vramfit.estimate.kernels import H200, Multiprocessors
+
+# embedding_dense_backward (aten/src/ATen/native/cuda/Embedding.cu): up to 3072 indices it
+# scatters directly; beyond, it sorts them and sums in partial segments of up to 10 rows.
+EMBEDDING_DIRECT_MAX_INDICES = 3072
+EMBEDDING_ROWS_PER_SEGMENT = 10
+MEM_EFF_LSE_PAD = 32  # memory-efficient attention pads its logsumexp to 32 queries
+
+
+def promote(*dtypes: DType) -> DType:
+    """Type promotion among the float dtypes a model mixes: fp32 wins over 16-bit."""
+    floats = [d for d in dtypes if d.floating]
+    if DType.fp32 in floats:
+        return DType.fp32
+    return floats[0] if floats else dtypes[0]
+
+
+class Ops:
+    """Records ops into ``graph``. ``autocast``: the autocast dtype, or None."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        autocast: DType | None,
+        *,
+        mp: Multiprocessors = H200,
+    ) -> None:
+        self.g = graph
+        self.autocast = autocast
+        self.mp = mp
+        self.prefix = ""
+
+    # tensors ------------------------------------------------------------------------------
+    def _t(
+        self,
+        name: str,
+        numel: int,
+        dtype: DType,
+        *,
+        part: str = "",
+        component: Component = Component.activations,
+        base: Tensor | None = None,
+    ) -> Tensor:
+        return Tensor(
+            f"{self.prefix}{name}", numel, dtype, component=component, base=base, part=part
+        )
+
+    def view(self, x: Tensor, name: str = "", *, copy_backward: bool = False) -> Tensor:
+        """A view (reshape, transpose, split): no memory. ``copy_backward``: its gradient
+        arrives laid out otherwise and the backward reshape copies it (``clone`` in
+        ViewBackward0; the h200-hf-ops traces)."""
+        out = self._t(name or f"{x.name} view", x.numel, x.dtype, base=x, part=x.part)
+
+        def backward(bw: Backward) -> None:
+            g = bw.out()
+            if copy_backward:
+                bw.new(0, dtype=g.dtype if g else None)
+            else:
+                bw.alias(0, g, view=True)
+
+        self.g.node(f"{self.prefix}view", [x], [out], backward=backward, new_point=False)
+        return out
+
+    def copy(self, name: str, x: Tensor, *, part: str = "") -> Tensor:
+        """``clone`` / ``.contiguous()`` of a strided tensor: a new tensor; CloneBackward0
+        passes the gradient through."""
+        out = self._t(name, x.numel, x.dtype, part=part)
+        self.g.node(
+            f"{self.prefix}{name}", [x], [out], backward=lambda bw: bw.alias(0, bw.out())
+        )
+        return out
+
+    def keep(self, *tensors: Tensor) -> None:
+        """The model's Python code still holds these (a local variable): they live to here."""
+        self.g.node(f"{self.prefix}(held)", list(tensors), [], new_point=False)
+
+    # casts --------------------------------------------------------------------------------
+    def cast(self, x: Tensor, dtype: DType, name: str = "", *, part: str = "") -> Tensor:
+        """``x.to(dtype)`` (``_to_copy``): a new tensor unless already ``dtype``. A parameter's
+        cast made by autocast is cached until autocast exits (``cached_cast``)."""
+        if x.dtype is dtype:
+            return x
+        component = Component.autocast_weight_copies if x.leaf else Component.activations
+        out = self._t(name or f"{x.name} to {dtype.value}", x.numel, dtype, part=part,
+                      component=component)
+        self.g.node(
+            f"{self.prefix}{out.name}",
+            [x],
+            [out],
+            backward=lambda bw: bw.new(0),  # ToCopyBackward0: grad.to(x.dtype)
+            cast_cache=x.leaf and self.autocast is not None,
+        )
+        return out
+
+    def _autocast_low(self, x: Tensor, part: str = "") -> Tensor:
+        return self.cast(x, self.autocast, part=part) if self.autocast and x.dtype.floating else x
+
+    def _autocast_fp32(self, x: Tensor) -> Tensor:
+        return self.cast(x, DType.fp32) if self.autocast else x
+
+    # matmuls ------------------------------------------------------------------------------
+    def linear(
+        self,
+        name: str,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        out_features: int,
+        *,
+        part: str = "",
+        conv1d: bool = False,
+        component: Component = Component.activations,
+    ) -> Tensor:
+        """``F.linear`` (mm, or addmm with a bias) or GPT-2's ``Conv1D`` (addmm). Under
+        autocast the bias, weight and input are cast first (traces: linear casts the weight
+        then the input; Conv1D's addmm the weight, input, bias). Saves the (cast) input and
+        weight. Backward: mm makes the weight's gradient first, addmm the input's; the
+        input's gradient is a view of the matmul output (reshaped to 3-D)."""
+        tokens = x.numel * 1  # placeholder for readability below
+        del tokens
+        in_features = weight.numel // out_features
+        n = x.numel // in_features
+        if self.autocast:
+            if conv1d:
+                w = self._autocast_low(weight)
+                xi = self._autocast_low(x, part)
+                b = self._autocast_low(bias) if bias is not None else None
+            else:
+                b = self._autocast_low(bias) if bias is not None else None
+                w = self._autocast_low(weight)
+                xi = self._autocast_low(x, part)
+        else:
+            w, xi, b = weight, x, bias
+        dtype = promote(xi.dtype, w.dtype)
+        out = self._t(name, n * out_features, dtype, part=part, component=component)
+        inputs = [xi, w] + ([b] if b is not None else [])
+        biased = b is not None
+        sim_ws = self.g
+
+        def backward(bw: Backward) -> None:
+            g = bw.out()
+            gdt = g.dtype if g else dtype
+            if biased:
+                bw.new(0, dtype=gdt, view=True)
+                bw.new(1, dtype=gdt)
+                bw.sim.matmul("backward", False)
+                bw.alias(2, g)  # maybe_multiply(grad, beta): reduced by validate_outputs
+            else:
+                bw.new(1, dtype=gdt)
+                bw.sim.matmul("backward", False)
+                bw.new(0, dtype=gdt, view=True)
+
+        del sim_ws
+        node = self.g.node(
+            f"{self.prefix}{name}", inputs, [out], saved=[xi, w], backward=backward
+        )
+        node.matmul = biased
+        return out
+
+    def bmm(self, name: str, a: Tensor, b: Tensor, numel: int, *, part: str = "") -> Tensor:
+        """A batched matmul (``torch.matmul`` of 4-D tensors folds to bmm), autocast to 16
+        bits. Saves both operands; backward makes the second operand's gradient first."""
+        a, b = self._autocast_low(a, part), self._autocast_low(b, part)
+        dtype = promote(a.dtype, b.dtype)
+        out = self._t(name, numel, dtype, part=part)
+
+        def backward(bw: Backward) -> None:
+            bw.new(1)
+            bw.sim.matmul("backward", False)
+            bw.new(0)
+
+        node = self.g.node(f"{self.prefix}{name}", [a, b], [out], saved=[a, b], backward=backward)
+        node.matmul = False
+        return out
+
+    # elementwise --------------------------------------------------------------------------
+    def unary(
+        self,
+        name: str,
+        x: Tensor,
+        *,
+        saves: str = "none",
+        fp32: bool = False,
+        dtype: DType | None = None,
+        part: str = "",
+        temps: int = 0,
+    ) -> Tensor:
+        """An elementwise op. ``saves``: "input", "output" or "none" (silu/gelu save their
+        input, tanh its result, neg and scalar multiplies nothing). ``fp32``: on autocast's
+        fp32 list. ``temps``: full-size temporaries its backward holds while it computes."""
+        if fp32:
+            x = self._autocast_fp32(x)
+        out = self._t(name, x.numel, dtype or x.dtype, part=part)
+        saved = {"input": [x], "output": [out], "none": []}[saves]
+
+        def backward(bw: Backward) -> None:
+            keys = [bw.temp_alloc("temporary", x.numel * (dtype or x.dtype).size)
+                    for _ in range(temps)]
+            g = bw.out()
+            bw.new(0, dtype=promote(g.dtype, x.dtype) if g else None)
+            for key in keys:
+                bw.free(key)
+
+        self.g.node(f"{self.prefix}{name}", [x], [out], saved=saved, backward=backward)
+        return out
+
+    def scalar(self, name: str, x: Tensor, *, part: str = "") -> Tensor:
+        """``x * c`` or ``x + c`` (c a Python number): saves nothing; ``+ c`` passes the
+        gradient through, ``* c`` makes a new one."""
+        return self.unary(name, x, part=part)
+
+    def add_scalar(self, name: str, x: Tensor, *, part: str = "") -> Tensor:
+        out = self._t(name, x.numel, x.dtype, part=part)
+        self.g.node(
+            f"{self.prefix}{name}", [x], [out], backward=lambda bw: bw.alias(0, bw.out())
+        )
+        return out
+
+    def pow(self, name: str, x: Tensor, *, part: str = "") -> Tensor:
+        """``x.pow(e)`` (fp32 list): saves x; backward holds ``x.pow(e-1)`` and ``e * that``
+        until the product with the gradient exists (PowBackward0, pow_backward)."""
+        x = self._autocast_fp32(x)
+        out = self._t(name, x.numel, x.dtype, part=part)
+
+        def backward(bw: Backward) -> None:
+            t1 = bw.temp_alloc("x.pow(e - 1)", x.nbytes)
+            t2 = bw.temp_alloc("e * x.pow(e - 1)", x.nbytes)
+            bw.new(0)
+            bw.free(t1)
+            bw.free(t2)
+
+        self.g.node(f"{self.prefix}{name}", [x], [out], saved=[x], backward=backward)
+        return out
+
+    def binary(
+        self, name: str, a: Tensor, b: Tensor, op: str, *, part: str = ""
+    ) -> Tensor:
+        """``a * b`` or ``a + b`` with broadcasting and type promotion. mul saves the other
+        operand for each input that needs a gradient and computes the second input's
+        gradient first; add saves nothing and hands its gradient to both (validate_outputs
+        reduces a broadcast input's and casts a 16-bit input's)."""
+        dtype = promote(a.dtype, b.dtype)
+        out = self._t(name, max(a.numel, b.numel), dtype, part=part)
+        if op == "add":
+            def backward(bw: Backward) -> None:
+                g = bw.out()
+                bw.alias(0, g)
+                bw.alias(1, g)
+
+            self.g.node(f"{self.prefix}{name}", [a, b], [out], backward=backward)
+            return out
+        saved = ([b] if a.requires_grad else []) + ([a] if b.requires_grad else [])
+
+        def backward_mul(bw: Backward) -> None:
+            g = bw.out()
+            gd = g.dtype if g else dtype
+            bw.new(1, numel=out.numel, dtype=promote(gd, a.dtype))
+            bw.new(0, numel=out.numel, dtype=promote(gd, b.dtype))
+
+        self.g.node(f"{self.prefix}{name}", [a, b], [out], saved=saved, backward=backward_mul)
+        return out
+
+    def mean(self, name: str, x: Tensor, rows: int) -> Tensor:
+        """``x.mean(-1, keepdim=True)``: one value per row; backward expands and divides:
+        a full-size gradient (MeanBackward1)."""
+        out = self._t(name, rows, x.dtype)
+        self.g.node(f"{self.prefix}{name}", [x], [out], backward=lambda bw: bw.new(0))
+        return out
+
+    def small(self, name: str, x: Tensor, *, saves: str = "output") -> Tensor:
+        """An elementwise op on a per-row tensor (rsqrt of the variance): tiny."""
+        return self.unary(name, x, saves=saves, fp32=True)
+
+    def cat(self, name: str, parts: Sequence[Tensor], *, part: str = "") -> Tensor:
+        """``torch.cat``: a new tensor in the promoted dtype; backward slices the gradient
+        (views), cast back where an input was 16-bit."""
+        dtype = promote(*(p.dtype for p in parts))
+        out = self._t(name, sum(p.numel for p in parts), dtype, part=part)
+
+        def backward(bw: Backward) -> None:
+            g = bw.out()
+            for i in range(len(parts)):
+                bw.alias(i, g, view=True)
+
+        self.g.node(f"{self.prefix}{name}", list(parts), [out], backward=backward)
+        return out
+
+    def slice(self, x: Tensor, numel: int, name: str = "") -> Tensor:
+        """``x[..., a:b]``: a view; its backward is ``slice_backward``, a full-size zero tensor
+        with the gradient copied in."""
+        out = self._t(name or f"{x.name} slice", numel, x.dtype, base=x)
+        self.g.node(
+            f"{self.prefix}{out.name}",
+            [x],
+            [out],
+            backward=lambda bw: bw.new(0, dtype=bw.out().dtype if bw.out() else None),
+            new_point=False,
+        )
+        return out
+
+    def dropout(self, name: str, x: Tensor, p: float, *, part: str = "") -> Tensor:
+        """``F.dropout`` in training: ``native_dropout`` returns the output and a bool mask,
+        which it saves (p = 0 returns the input itself)."""
+        if p <= 0:
+            return x
+        out = self._t(name, x.numel, x.dtype, part=part)
+        mask = self._t(f"{name} mask", x.numel, DType.bool, part=part)
+        self.g.node(
+            f"{self.prefix}{name}",
+            [x],
+            [out],
+            saved=[mask],
+            hidden=[mask],
+            backward=lambda bw: bw.new(0),
+        )
+        return out
+
+    # norms --------------------------------------------------------------------------------
+    def layer_norm(self, name: str, x: Tensor, w: Tensor, b: Tensor, rows: int) -> Tensor:
+        """``native_layer_norm`` (fp32 list): the output and per-row fp32 mean and rstd, which
+        it saves with its input and parameters; backward makes the input's, weight's and
+        bias's gradients."""
+        x = self._autocast_fp32(x)
+        out = self._t(name, x.numel, x.dtype, part="norm")
+        mean = self._t(f"{name} mean", rows, DType.fp32, part="norm")
+        rstd = self._t(f"{name} rstd", rows, DType.fp32, part="norm")
+
+        def backward(bw: Backward) -> None:
+            bw.new(0)
+            bw.new(1)
+            bw.new(2)
+
+        self.g.node(
+            f"{self.prefix}{name}",
+            [x, w, b],
+            [out],
+            saved=[x, w, b, mean, rstd],
+            hidden=[mean, rstd],
+            backward=backward,
+        )
+        return out
+
+    def embedding(self, name: str, weight: Tensor, ids: Tensor, n: int, hidden: int) -> Tensor:
+        """``F.embedding``: rows of the table; backward is ``embedding_dense_backward``, a
+        table-sized gradient (past 3072 indices, after sorting them and summing partial
+        segments: measured on an H200, benchmarks/data/h200-traces)."""
+        out = self._t(name, n * hidden, weight.dtype, part="norm")
+        mp = self.mp
+        del mp
+
+        def backward(bw: Backward) -> None:
+            g = bw.out()
+            bw.new(0, dtype=g.dtype if g else None)
+            if n > EMBEDDING_DIRECT_MAX_INDICES:
+                partials = n + n // EMBEDDING_ROWS_PER_SEGMENT
+                bw.temp("partial sums", partials * hidden * DType.fp32.size)
+
+        self.g.node(f"{self.prefix}{name}", [weight, ids], [out], saved=[ids], backward=backward)
+        return out
+
+    # attention ----------------------------------------------------------------------------
+    def sdpa(
+        self,
+        name: str,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        batch: int,
+        heads: int,
+        seq: int,
+        kernel: str,
+        dropout: bool = False,
+    ) -> Tensor:
+        """``F.scaled_dot_product_attention`` through a fused kernel (``kernel``: "cudnn",
+        "flash" or "efficient"): the output (laid out tokens first) and the softmax
+        statistics, saved with q, k, v; backward makes dq, dk, dv like their inputs and the
+        kernel's scratch. Autocast casts q, k and v to 16 bits first."""
+        q, k, v = (self._autocast_low(t, "attention") for t in (q, k, v))
+        out = self._t(name, q.numel, q.dtype, part="attention")
+        rows = batch * heads * seq
+        if kernel == "efficient":
+            rows = batch * heads * -(-seq // MEM_EFF_LSE_PAD) * MEM_EFF_LSE_PAD
+        stats = self._t(f"{name} logsumexp", rows, DType.fp32, part="attention")
+        # the statistics and RNG state exist only for a backward (compute_log_sumexp)
+        hidden = [stats] if self.g.grad else []
+        rng: list[Tensor] = []
+        if self.g.grad and (kernel in ("cudnn", "efficient") or dropout):
+            rng = [self._t(f"{name} rng state", 2, DType.int64)]
+            hidden += rng
+
+        def backward(bw: Backward) -> None:
+            bw.new(0)
+            bw.new(1)
+            bw.new(2)
+            if kernel == "efficient":  # fp32: grad * out, row sums, their copy, dq accumulator
+                full = q.numel * DType.fp32.size
+                bw.temp("grad * out", full)
+                r = stats.numel * DType.fp32.size
+                bw.temp("row sums", batch * heads * seq * DType.fp32.size)
+                del r
+            elif kernel == "flash":  # the fp32 dq accumulator and softmax row sums (FA2)
+                bw.temp("workspace", q.numel * DType.fp32.size + batch * heads * seq * 4)
+
+        self.g.node(
+            f"{self.prefix}{name}",
+            [q, k, v],
+            [out],
+            saved=[q, k, v, out, stats, *rng],
+            hidden=hidden,
+            backward=backward,
+        )
+        return out
+
+    def softmax(self, name: str, x: Tensor, *, dtype: DType | None = None) -> Tensor:
+        """``softmax(x, dim=-1[, dtype])`` (fp32 list under autocast): saves its output;
+        backward makes the input's gradient and a temporary of the output's size."""
+        if self.autocast or dtype is DType.fp32:
+            x = self.cast(x, DType.fp32)
+        out = self._t(name, x.numel, x.dtype, part="attention")
+
+        def backward(bw: Backward) -> None:
+            bw.new(0)
+            bw.temp("grad * output", out.nbytes)
+
+        self.g.node(f"{self.prefix}{name}", [x], [out], saved=[out], backward=backward)
+        return out
+
+    # loss ---------------------------------------------------------------------------------
+    def cross_entropy(self, logits: Tensor, targets: Tensor, rows: int) -> Tensor:
+        """``F.cross_entropy``: ``log_softmax`` (saves its fp32 output) then ``nll_loss``
+        (saves the targets and the total weight). Backward: the nll gradient (a zeroed
+        logits-sized tensor) then log_softmax's."""
+        x = self._autocast_fp32(logits)
+        logp = self._t("log_softmax", x.numel, x.dtype, component=Component.logits)
+        self.g.node(
+            "log_softmax", [x], [logp], saved=[logp], backward=lambda bw: bw.new(0)
+        )
+        loss = self._t("loss", 1, DType.fp32, component=Component.logits)
+        self.g.node(
+            "nll_loss",
+            [logp, targets],
+            [loss],
+            saved=[targets],
+            backward=lambda bw: bw.new(0),
+        )
+        del rows
+        return loss

@@ -1,0 +1,567 @@
+"""Hugging Face transformers (5.x) causal LMs as graphs of ops.
+
+Each function below follows the modeling file of its ``model_type`` in transformers 5.17
+(``transformers/models/<type>/modeling_<type>.py``) line by line at the level of ATen ops, as
+the CUDA op traces of the real models show them (benchmarks/data/h200-hf-ops, recorded with
+``benchmarks/hf_ops.py`` on an H200): what a CPU or textbook model misses is there, e.g.
+
+- Llama's ``RMSNorm`` is Python (pow, mean, rsqrt, two multiplies): it saves the normalised
+  input besides its output; ``LlamaRotaryEmbedding`` returns cos/sin in the hidden states'
+  dtype, fp32 under autocast, so the rotated q and k are fp32 and SDPA casts them back;
+- GPT-2's ``gelu_new`` is eight elementwise ops, four of whose outputs autograd saves, fp32 from
+  ``pow`` on under autocast; its config has dropout 0.1 on the embeddings, the attention
+  probabilities and both residual branches (bool masks, saved);
+- outside the Trainer ``use_cache`` defaults to True even in training: a ``DynamicCache``
+  ``cat``-copies every layer's K and V (in fp32 under autocast, as the cache's empty start
+  tensor promotes them), and SDPA reads the copies;
+- the loss (``loss/loss_utils.py::ForCausalLMLoss``) upcasts the logits to fp32 first;
+- SDPA on an H200 with torch 2.11 runs cuDNN attention for 16-bit inputs without a mask,
+  memory-efficient attention for fp32, and its math fallback (s x s scores) for fp32 with
+  grouped K/V (``enable_gqa`` rules out the efficient kernel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vramfit.config import (
+    Arch,
+    Attention,
+    Checkpointing,
+    Loop,
+    Mlp,
+    ModelSpec,
+    ModelType,
+    Positions,
+    Precision,
+    Workload,
+)
+from vramfit.estimate.graph import Component, DType, Graph, Tensor
+from vramfit.estimate.ops import Ops
+
+WEIGHT_DTYPE = {
+    Precision.fp32: DType.fp32,
+    Precision.amp_bf16: DType.fp32,
+    Precision.amp_fp16: DType.fp32,
+    Precision.bf16: DType.bf16,
+    Precision.fp16: DType.fp16,
+}
+AUTOCAST_DTYPE = {Precision.amp_bf16: DType.bf16, Precision.amp_fp16: DType.fp16}
+
+
+@dataclass(frozen=True)
+class Block:
+    """A fully resolved description of one HF model: every choice the ops depend on."""
+
+    model_type: ModelType
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    tied: bool
+    learned_positions: int  # GPT-2's position table rows (0: rotary)
+    qkv_bias: bool
+    bias: bool  # every linear and norm has a bias (GPT-2)
+    layernorm: bool  # LayerNorm (GPT-2) or RMSNorm
+    mlp: str  # "gelu_new" (GPT-2), "swiglu" (Llama), "geglu" (Gemma)
+    fused_qkv: bool  # one projection makes q, k, v (GPT-2 c_attn, Phi-3 qkv_proj)
+    fused_gate_up: bool  # Phi-3 gate_up_proj
+    conv1d: bool  # GPT-2's Conv1D (addmm, weight stored in x out)
+    norms_per_layer: int
+    gemma_norm: bool  # Gemma's RMSNorm: x * (1 + weight), computed in fp32
+    embed_scale: bool  # Gemma multiplies the embeddings by sqrt(hidden)
+    final_softcap: bool  # Gemma-2 caps the logits: tanh(logits / c) * c
+    resid_dropout: float
+    embd_dropout: float
+    attention_dropout: float
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def resolve(spec: ModelSpec) -> Block:
+    """The block description of ``spec`` (resolved first)."""
+    spec = spec.resolved()
+    mt = ModelType(spec.model_type)
+    assert spec.heads and spec.kv_heads and spec.head_dim and spec.ffn and spec.vocab
+    gemma = mt in (ModelType.gemma, ModelType.gemma2)
+    mlp = "gelu_new" if spec.mlp is Mlp.gelu else ("geglu" if gemma else "swiglu")
+    return Block(
+        model_type=mt,
+        layers=spec.layers,
+        hidden=spec.hidden,
+        heads=spec.heads,
+        kv_heads=spec.kv_heads,
+        head_dim=spec.head_dim,
+        ffn=spec.ffn,
+        vocab=spec.vocab,
+        tied=bool(spec.tied),
+        learned_positions=(spec.max_positions or 0)
+        if spec.positions is Positions.learned
+        else 0,
+        qkv_bias=bool(spec.bias or spec.qkv_bias),
+        bias=bool(spec.bias),
+        layernorm=spec.arch is Arch.gpt2,
+        mlp=mlp,
+        fused_qkv=spec.arch is Arch.gpt2 or mt is ModelType.phi3,
+        fused_gate_up=mt is ModelType.phi3,
+        conv1d=mt is ModelType.gpt2,
+        norms_per_layer=spec.norms_per_layer,
+        gemma_norm=gemma,
+        embed_scale=gemma,
+        final_softcap=mt is ModelType.gemma2,
+        resid_dropout=spec.resid_dropout or 0.0,
+        embd_dropout=spec.embd_dropout or 0.0,
+        attention_dropout=spec.attention_dropout or 0.0,
+    )
+
+
+def hf_unsupported(spec: ModelSpec) -> str | None:
+    """Why the hf profile cannot describe ``spec``, or None when it can."""
+    spec = spec.resolved()
+    mt = ModelType(spec.model_type)
+    if spec.experts > 1:
+        return "the hf profile does not describe mixture-of-experts models yet"
+    if mt in (ModelType.gpt_neox, ModelType.falcon, ModelType.mixtral, ModelType.qwen2_moe):
+        return f"the hf profile does not describe {mt.value} yet"
+    if spec.arch is Arch.gpt2 and mt is not ModelType.gpt2:
+        return f"the hf profile does not describe {mt.value} with a GPT-2 block"
+    if mt is ModelType.gpt2 and spec.kv_heads != spec.heads:
+        return "GPT-2 has no grouped K/V heads in transformers"
+    if spec.positions is Positions.rope and mt is ModelType.gpt2:
+        return "the hf profile does not describe GPT-2 with rotary positions"
+    return None
+
+
+def param_shapes(b: Block) -> list[tuple[str, int]]:
+    """Every parameter as ``model.parameters()`` yields it: (name, elements)."""
+    h, q, kv, f = b.hidden, b.q_width, b.kv_width, b.ffn
+    out: list[tuple[str, int]] = []
+
+    def linear(name: str, n_in: int, n_out: int, bias: bool) -> None:
+        out.append((f"{name}.weight", n_in * n_out))
+        if bias:
+            out.append((f"{name}.bias", n_out))
+
+    def norm(name: str) -> None:
+        out.append((f"{name}.weight", h))
+        if b.layernorm:
+            out.append((f"{name}.bias", h))
+
+    if b.model_type is ModelType.gpt2:
+        out.append(("transformer.wte.weight", b.vocab * h))
+        out.append(("transformer.wpe.weight", b.learned_positions * h))
+        for i in range(b.layers):
+            p = f"transformer.h.{i}"
+            norm(f"{p}.ln_1")
+            linear(f"{p}.attn.c_attn", h, q + 2 * kv, b.qkv_bias)
+            linear(f"{p}.attn.c_proj", q, h, b.bias)
+            norm(f"{p}.ln_2")
+            linear(f"{p}.mlp.c_fc", h, f, b.bias)
+            linear(f"{p}.mlp.c_proj", f, h, b.bias)
+        norm("transformer.ln_f")
+    else:
+        out.append(("model.embed_tokens.weight", b.vocab * h))
+        for i in range(b.layers):
+            p = f"model.layers.{i}"
+            if b.fused_qkv:
+                linear(f"{p}.self_attn.qkv_proj", h, q + 2 * kv, b.qkv_bias)
+            else:
+                for name, width in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+                    linear(f"{p}.self_attn.{name}", h, width, b.qkv_bias)
+            linear(f"{p}.self_attn.o_proj", q, h, b.bias)
+            if b.fused_gate_up:
+                linear(f"{p}.mlp.gate_up_proj", h, 2 * f, b.bias)
+            else:
+                linear(f"{p}.mlp.gate_proj", h, f, b.bias)
+                linear(f"{p}.mlp.up_proj", h, f, b.bias)
+            linear(f"{p}.mlp.down_proj", f, h, b.bias)
+            names = ["input_layernorm", "post_attention_layernorm"]
+            if b.norms_per_layer == 4:
+                names += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+            for name in names:
+                norm(f"{p}.{name}")
+        norm("model.norm")
+    if not b.tied:
+        out.append(("lm_head.weight", b.vocab * h))
+    return out
+
+
+def attention_kernel(b: Block, w: Workload, compute: DType, seq: int) -> str:
+    """Which SDPA kernel runs (H200, torch 2.11; the h200-hf-ops traces): cuDNN for 16-bit
+    inputs, memory-efficient attention for fp32, the math fallback for fp32 with grouped K/V
+    (``enable_gqa``, which the efficient kernel does not take); eager is HF's own code."""
+    if w.attention is Attention.eager:
+        return "eager"
+    if compute is DType.fp32:
+        return "math" if b.kv_heads < b.heads else "efficient"
+    del seq
+    return "cudnn"
+
+
+class Model:
+    """Builds the graph of one forward of ``b`` (training: with the loss)."""
+
+    def __init__(
+        self,
+        b: Block,
+        w: Workload,
+        g: Graph,
+        *,
+        batch: int,
+        seq: int,
+        cached: int = 0,
+        use_cache: bool,
+        all_logits: bool,
+    ) -> None:
+        self.b, self.w, self.g = b, w, g
+        self.batch, self.seq, self.cached = batch, seq, cached
+        self.use_cache = use_cache
+        self.all_logits = all_logits
+        self.weight = WEIGHT_DTYPE[w.precision]
+        self.ops = Ops(g, AUTOCAST_DTYPE.get(w.precision))
+        self.training = g.grad
+        self.checkpoint = g.grad and w.checkpointing is Checkpointing.full
+        self.params: dict[str, Tensor] = {}
+        for name, numel in param_shapes(b):
+            self.params[name] = g.leaf(name, numel, self.weight, requires_grad=True)
+        if b.tied:
+            key = "transformer.wte.weight" if b.model_type is ModelType.gpt2 else (
+                "model.embed_tokens.weight"
+            )
+            self.params["lm_head.weight"] = self.params[key]
+        self.cache: list[Tensor] = []  # the DynamicCache's K/V tensors
+        self.past: list[tuple[Tensor, Tensor]] = []  # a decode step's cached K/V (inputs)
+
+    @property
+    def n(self) -> int:
+        return self.batch * self.seq
+
+    def p(self, name: str) -> Tensor:
+        return self.params[name]
+
+    # pieces -------------------------------------------------------------------------------
+    def rms_norm(self, prefix: str, x: Tensor) -> Tensor:
+        """LlamaRMSNorm / GemmaRMSNorm (Python): x.to(fp32), pow(2).mean, rsqrt, x * rsqrt,
+        then weight * that (Llama, in the input dtype) or that * (1 + weight) (Gemma, fp32,
+        then cast back)."""
+        o, n = self.ops, self.n
+        x32 = o.cast(x, DType.fp32, f"{prefix} fp32 input")
+        sq = o.pow(f"{prefix} x^2", x32, part="norm")
+        var = o.mean(f"{prefix} variance", sq, n)
+        var = o.add_scalar(f"{prefix} variance + eps", var)
+        rstd = o.small(f"{prefix} rsqrt", var)
+        normed = o.binary(f"{prefix} x * rsqrt", x32, rstd, "mul", part="norm")
+        w = self.p(f"{prefix}.weight")
+        if self.b.gemma_norm:
+            w1 = o.add_scalar(f"{prefix} 1 + weight", o.cast(w, DType.fp32))
+            out = o.binary(f"{prefix} output", normed, w1, "mul", part="norm")
+            return o.cast(out, x.dtype, f"{prefix} output in input dtype", part="norm")
+        normed = o.cast(normed, x.dtype, f"{prefix} normed in input dtype", part="norm")
+        return o.binary(f"{prefix} output", w, normed, "mul", part="norm")
+
+    def norm(self, prefix: str, x: Tensor) -> Tensor:
+        if self.b.layernorm:
+            return self.ops.layer_norm(
+                prefix, x, self.p(f"{prefix}.weight"), self.p(f"{prefix}.bias"), self.n
+            )
+        return self.rms_norm(prefix, x)
+
+    def linear(self, name: str, x: Tensor, width: int, bias: bool, part: str = "") -> Tensor:
+        return self.ops.linear(
+            name,
+            x,
+            self.p(f"{name}.weight"),
+            self.p(f"{name}.bias") if bias else None,
+            width,
+            part=part,
+            conv1d=self.b.conv1d,
+        )
+
+    def rope(self, name: str, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """apply_rotary_pos_emb: x * cos + rotate_half(x) * sin, rotate_half = cat(-x2, x1).
+        mul saves cos / sin (not x); the halves are slices, whose backward is full size."""
+        o = self.ops
+        x_cos = o.binary(f"{name} * cos", x, cos, "mul")
+        x2 = o.slice(x, x.numel // 2, f"{name} second half")
+        x1 = o.slice(x, x.numel // 2, f"{name} first half")
+        neg = o.unary(f"{name} -x2", x2)
+        rot = o.cat(f"{name} rotate_half", [neg, x1])
+        rot_sin = o.binary(f"{name} rotate_half * sin", rot, sin, "mul")
+        return o.binary(f"{name} rotated", x_cos, rot_sin, "add", part="attention")
+
+    def attention(self, i: int, prefix: str, x: Tensor, cos: Tensor | None, sin: Tensor | None,
+                  mask: Tensor | None) -> Tensor:
+        b, o, n = self.b, self.ops, self.n
+        fused_name = "attn.c_attn" if b.model_type is ModelType.gpt2 else "self_attn.qkv_proj"
+        if b.fused_qkv:
+            qkv = self.linear(f"{prefix}.{fused_name}", x, b.q_width + 2 * b.kv_width,
+                              b.qkv_bias, "attention")
+            q = o.view(qkv, f"{prefix} q", copy_backward=cos is not None)
+            k = o.view(qkv, f"{prefix} k", copy_backward=cos is not None)
+            v = o.view(qkv, f"{prefix} v")
+            for t_, width in ((q, b.q_width), (k, b.kv_width), (v, b.kv_width)):
+                t_.numel = n * width
+        else:
+            q = self.linear(f"{prefix}.self_attn.q_proj", x, b.q_width, b.qkv_bias, "attention")
+            k = self.linear(f"{prefix}.self_attn.k_proj", x, b.kv_width, b.qkv_bias, "attention")
+            v = self.linear(f"{prefix}.self_attn.v_proj", x, b.kv_width, b.qkv_bias, "attention")
+            # view + transpose: the gradients come back heads first and are copied (clone in
+            # ViewBackward0) for q and k (rotated) and for v when the cache or eager copied it
+            copied_v = self.use_cache or self.w.attention is Attention.eager
+            q = o.view(q, f"{prefix} q heads", copy_backward=cos is not None)
+            k = o.view(k, f"{prefix} k heads", copy_backward=cos is not None)
+            v = o.view(v, f"{prefix} v heads", copy_backward=copied_v)
+        if cos is not None and sin is not None:
+            q = self.rope(f"{prefix} q", q, cos, sin)
+            k = self.rope(f"{prefix} k", k, cos, sin)
+            if b.model_type is ModelType.phi3:
+                # Phi-3's apply_rotary_pos_emb rotates the first rotary_dim features and
+                # cat()s the rest back on, even when there is no rest: a heads-first copy
+                q = o.cat(f"{prefix} q with pass-through", [q])
+                k = o.cat(f"{prefix} k with pass-through", [k])
+        keys = self.seq + self.cached
+        if self.use_cache:
+            # DynamicLayer.update: cat(keys, new) along the sequence; its first keys are an
+            # empty tensor in the key states' dtype, which promotes the values' cat
+            k_dtype = k.dtype
+            if self.cached:
+                pk, pv = self.past[i]
+                k = o.cat(f"{prefix} cached keys", [pk, k])
+                v = o.cat(f"{prefix} cached values", [pv, v])
+            else:
+                k = o.cat(f"{prefix} cached keys", [k])
+                v = o.cat(f"{prefix} cached values", [v])
+                if v.dtype is not k_dtype:
+                    v.dtype = k_dtype if k_dtype is DType.fp32 else v.dtype
+            self.cache += [k, v]
+        compute = AUTOCAST_DTYPE.get(self.w.precision, self.weight)
+        kernel = attention_kernel(b, self.w, compute, self.seq)
+        p_drop = b.attention_dropout if self.training else 0.0
+        if kernel in ("cudnn", "efficient", "flash"):
+            out = o.sdpa(f"{prefix} attention", q, k, v, batch=self.batch, heads=b.heads,
+                         seq=self.seq, kernel=kernel, dropout=p_drop > 0)
+            if b.model_type is ModelType.phi3:
+                # the kernel's output follows q's heads-first layout: transpose(1, 2)
+                # .contiguous() copies it (the h200-hf-ops Phi-3 trace)
+                out = o.copy(f"{prefix} attention output", out, part="attention")
+        else:
+            out = self.eager_core(prefix, q, k, v, keys, mask, math=kernel == "math",
+                                  p_drop=p_drop)
+        name = "attn.c_proj" if b.model_type is ModelType.gpt2 else "self_attn.o_proj"
+        return self.linear(f"{prefix}.{name}", out, b.hidden, b.bias)
+
+    def eager_core(self, prefix: str, q: Tensor, k: Tensor, v: Tensor, keys: int,
+                   mask: Tensor | None, *, math: bool, p_drop: float) -> Tensor:
+        """HF's eager_attention_forward (or SDPA's math fallback): repeat_kv copies, q @ k^T
+        (bmm of contiguous copies), scaling, the additive mask, an fp32 softmax, P @ V, and
+        the output copy back to tokens first."""
+        b, o = self.b, self.ops
+        scores = self.batch * b.heads * self.seq * keys
+        wide = self.batch * b.heads * keys * b.head_dim
+        if b.kv_heads < b.heads:  # repeat_kv: expand + reshape copies
+            k = o.unary(f"{prefix} repeated k", k)
+            v = o.unary(f"{prefix} repeated v", v)
+            k.numel = v.numel = wide
+        if math:
+            k = o.scalar(f"{prefix} k * scale", k)
+        q = o.copy(f"{prefix} contiguous q", o._autocast_low(q, "attention"), part="attention")
+        s = o.bmm(f"{prefix} q @ k^T", q, k, scores)
+        if not math:
+            s = o.scalar(f"{prefix} scaled scores", s)
+        if mask is not None:
+            s = o.binary(f"{prefix} masked scores", s, mask, "add")
+        probs = o.softmax(f"{prefix} softmax", s, dtype=DType.fp32)
+        if b.model_type is ModelType.gpt2:  # .type(value.dtype)
+            probs = o.cast(probs, v.dtype, f"{prefix} probabilities", part="attention")
+        else:  # softmax(..., dtype=float32).to(query.dtype)
+            probs = o.cast(probs, q.dtype if not o.autocast else probs.dtype,
+                           f"{prefix} probabilities", part="attention")
+        probs = o.dropout(f"{prefix} attention dropout", probs, p_drop, part="attention")
+        pv = o.bmm(f"{prefix} probs @ v", probs, v, self.n * b.q_width)
+        # transpose(1, 2).contiguous() / reshape: a copy to tokens first, saved by o_proj
+        return o.unary(f"{prefix} attention output", pv, part="attention")
+
+    def mlp(self, prefix: str, x: Tensor) -> Tensor:
+        b, o, n = self.b, self.ops, self.n
+        if b.mlp == "gelu_new":
+            hdn = self.linear(f"{prefix}.mlp.c_fc", x, b.ffn, b.bias, "mlp")
+            half = o.scalar(f"{prefix} 0.5 * x", hdn, part="mlp")
+            cube = o.pow(f"{prefix} x^3", hdn, part="mlp")
+            t = o.scalar(f"{prefix} 0.044715 * x^3", cube)
+            t = o.binary(f"{prefix} x + 0.044715 * x^3", hdn, t, "add")
+            t = o.scalar(f"{prefix} * sqrt(2 / pi)", t)
+            t = o.unary(f"{prefix} tanh", t, saves="output", part="mlp")
+            t = o.add_scalar(f"{prefix} 1 + tanh", t, part="mlp")
+            # (1 + tanh) is saved by the product: add_scalar's output is the mul's input
+            act = o.binary(f"{prefix} gelu", half, t, "mul", part="mlp")
+            return self.linear(f"{prefix}.mlp.c_proj", act, b.hidden, b.bias)
+        if b.fused_gate_up:
+            gu = self.linear(f"{prefix}.mlp.gate_up_proj", x, 2 * b.ffn, b.bias, "mlp")
+            gate = o.view(gu, f"{prefix} gate")
+            up = o.view(gu, f"{prefix} up")
+            gate.numel = up.numel = n * b.ffn
+            act = o.unary(f"{prefix} act", gate, saves="input", part="mlp")
+            prod = o.binary(f"{prefix} up * act", up, act, "mul", part="mlp")
+        else:
+            gate = self.linear(f"{prefix}.mlp.gate_proj", x, b.ffn, b.bias, "mlp")
+            act = o.unary(f"{prefix} act", gate, saves="input", part="mlp")
+            up = self.linear(f"{prefix}.mlp.up_proj", x, b.ffn, b.bias, "mlp")
+            prod = o.binary(f"{prefix} act * up", act, up, "mul", part="mlp")
+        return self.linear(f"{prefix}.mlp.down_proj", prod, b.hidden, b.bias)
+
+    def block(self, i: int, x: Tensor, cos: Tensor | None, sin: Tensor | None,
+              mask: Tensor | None) -> Tensor:
+        b, o = self.b, self.ops
+        gpt2 = b.model_type is ModelType.gpt2
+        prefix = f"transformer.h.{i}" if gpt2 else f"model.layers.{i}"
+        o.prefix = f"block {i} "
+        if self.checkpoint:
+            self.g.checkpoint_begin()
+        normed = self.norm(f"{prefix}.ln_1" if gpt2 else f"{prefix}.input_layernorm", x)
+        attn = self.attention(i, prefix, normed, cos, sin, mask)
+        o.keep(normed)  # the layer's hidden_states still names it
+        if b.norms_per_layer == 4:
+            attn = self.norm(f"{prefix}.post_attention_layernorm", attn)
+        attn = o.dropout("residual dropout", attn, b.resid_dropout if self.training else 0)
+        x = o.binary("residual 1", attn, x, "add", part="norm") if gpt2 else (
+            o.binary("residual 1", x, attn, "add", part="norm"))
+        if b.norms_per_layer == 4:
+            normed = self.norm(f"{prefix}.pre_feedforward_layernorm", x)
+        else:
+            normed = self.norm(
+                f"{prefix}.ln_2" if gpt2 else f"{prefix}.post_attention_layernorm", x
+            )
+        m = self.mlp(prefix, normed)
+        if b.norms_per_layer == 4:
+            m = self.norm(f"{prefix}.post_feedforward_layernorm", m)
+        m = o.dropout("MLP dropout", m, b.resid_dropout if self.training else 0)
+        out = o.binary("residual 2", x, m, "add", part="norm")
+        o.keep(normed)
+        if self.checkpoint:
+            self.g.checkpoint_end()
+        o.prefix = ""
+        return out
+
+    def forward(self, ids: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The model's forward; returns (logits, loss)."""
+        b, o, g = self.b, self.ops, self.g
+        n, h = self.n, b.hidden
+        gpt2 = b.model_type is ModelType.gpt2
+        emb_name = "transformer.wte.weight" if gpt2 else "model.embed_tokens.weight"
+        x = o.embedding("embeddings", self.p(emb_name), ids, n, h)
+        if gpt2:
+            pos = o.embedding("position embeddings", self.p("transformer.wpe.weight"), ids,
+                              self.seq, h)
+            x = o.binary("embeddings + positions", x, pos, "add", part="norm")
+            x = o.dropout("embedding dropout", x, b.embd_dropout if self.training else 0)
+        if b.embed_scale:
+            x = o.scalar("embeddings * sqrt(hidden)", x, part="norm")
+        cos = sin = None
+        if not gpt2:  # LlamaRotaryEmbedding: fp32 with autocast off, then x.dtype
+            seq = self.seq
+            hd = b.head_dim
+            ang = Tensor("RoPE angles", seq * hd, DType.fp32)
+            g.node("RoPE angles", [], [ang], scratch=[("positions", seq * 4),
+                                                      ("frequencies", seq * hd // 2 * 4)])
+            cos = o.cast(o.unary("RoPE cos", o.unary("cos", ang)), x.dtype, "cos")
+            sin = o.cast(o.unary("RoPE sin", o.unary("sin", ang)), x.dtype, "sin")
+        mask = None
+        compute = AUTOCAST_DTYPE.get(self.w.precision, self.weight)
+        kernel = attention_kernel(b, self.w, compute, self.seq)
+        if kernel == "eager" and self.seq > 1:  # create_causal_mask: (b, 1, s, s) additive
+            keys = self.seq + self.cached
+            mask = Tensor("causal mask", self.batch * self.seq * keys, x.dtype)
+            g.node("causal mask", [], [mask], scratch=[("bool mask", self.batch * self.seq * keys)])
+        elif kernel == "math" and self.seq > 1:  # is_causal needs q_length > 1
+            keys = self.seq + self.cached
+            mask = Tensor("causal mask", self.seq * keys, DType.fp32)
+            g.node("causal mask", [], [mask], scratch=[("bool mask", self.seq * keys)])
+        for i in range(b.layers):
+            x = self.block(i, x, cos, sin, mask)
+        if mask is not None:
+            o.keep(mask)
+        x = self.norm("transformer.ln_f" if gpt2 else "model.norm", x)
+        rows = n if self.all_logits else self.batch
+        if not self.all_logits:
+            x = o.slice(x, self.batch * h, "last position")
+        logits = o.linear("lm_head", x, self.p("lm_head.weight"), None, b.vocab,
+                          component=Component.logits)
+        del rows
+        if b.final_softcap:
+            logits = o.scalar("logits / softcap", logits)
+            logits = o.unary("tanh(logits)", logits, saves="output")
+            logits = o.scalar("logits * softcap", logits)
+        for t_ in (logits,):
+            t_.component = Component.logits
+        if labels is None:
+            return logits, None
+        o.prefix = ""
+        # ForCausalLMLoss: logits.float(), labels padded and shifted, cross-entropy
+        up = o.cast(logits, DType.fp32, "fp32 logits")
+        up.component = Component.logits
+        padded = Tensor("padded labels", self.batch * (self.seq + 1), DType.int64)
+        g.node("pad labels", [labels], [padded])
+        shifted = Tensor("shifted labels", n, DType.int64)
+        g.node("shift labels", [padded], [shifted])
+        loss = o.cross_entropy(up, shifted, n)
+        o.keep(logits)  # the model returns its logits: alive until the outputs are dropped
+        return logits, loss
+
+
+def cache_dtype(b: Block, w: Workload) -> DType:
+    """The DynamicCache's dtype: the key states'. Under autocast a rotary model's keys are
+    fp32 (cos/sin are the fp32 hidden states' dtype); GPT-2's are the matmul's 16 bits."""
+    autocast = AUTOCAST_DTYPE.get(w.precision)
+    if autocast is None:
+        return WEIGHT_DTYPE[w.precision]
+    return DType.fp32 if b.learned_positions == 0 else autocast
+
+
+def build(
+    spec: ModelSpec,
+    w: Workload,
+    *,
+    grad: bool,
+    batch: int,
+    seq: int,
+    cached: int = 0,
+    all_logits: bool = True,
+    use_cache: bool | None = None,
+) -> tuple[Graph, Model, Tensor, Tensor | None]:
+    """The graph of one forward of ``spec``: (graph, model, logits, loss or None)."""
+    b = resolve(spec)
+    g = Graph(grad=grad)
+    if use_cache is None:  # the config default (True), which the Trainer turns off
+        use_cache = not (grad and (w.loop is Loop.trainer or w.checkpointing
+                                   is Checkpointing.full))
+    m = Model(b, w, g, batch=batch, seq=seq, cached=cached, use_cache=use_cache,
+              all_logits=all_logits)
+    ids = g.leaf("input ids", batch * seq, DType.int64, requires_grad=False,
+                 component=Component.activations)
+    labels = None
+    if grad:
+        labels = g.leaf("labels", batch * seq, DType.int64, requires_grad=False,
+                        component=Component.activations)
+    if cached:  # the DynamicCache as earlier steps left it: K and V per layer
+        dt = cache_dtype(b, w)
+        past = []
+        for i in range(b.layers):
+            pair = tuple(
+                Tensor(f"block {i} cached {x}", batch * cached * b.kv_width, dt,
+                       component=Component.kv_cache)
+                for x in ("keys", "values")
+            )
+            m.past.append(pair)  # type: ignore[arg-type]
+            past += pair
+        g.node("KV cache so far", [], past)
+    logits, loss = m.forward(ids, labels)
+    return g, m, logits, loss

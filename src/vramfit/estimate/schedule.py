@@ -1,0 +1,207 @@
+"""Generic schedules over a profile's graph: a training step and an inference pass.
+
+A training step is the model built on the device (its parameters in ``parameters()`` order),
+the forward of the profile's graph (``vramfit.estimate.graph``), what the loop drops after it,
+the backward, gradient clipping and the optimizer step. The first step creates the optimizer
+state and the matmul workspaces; a steady step has them from its start, and
+``zero_grad(set_to_none=True)`` has freed the gradients before it (the Trainer calls it after
+each step). Inference is a forward without grad mode, then, with ``gen_tokens``, the last
+decode step against the grown cache.
+"""
+
+from __future__ import annotations
+
+from vramfit.config import Checkpointing, Loop, ModelSpec, Optimizer, Precision, Workload
+from vramfit.estimate.graph import (
+    Component,
+    DType,
+    end_forward,
+    release_held,
+    run_backward,
+    run_forward,
+)
+from vramfit.estimate.inference import Workspaces
+from vramfit.estimate.kernels import H200, Multiprocessors
+from vramfit.estimate.profiles import hf
+from vramfit.estimate.timeline import Tape, Timeline
+from vramfit.estimate.training import optimizer_state_tensors, optimizer_step_temporaries
+
+INT64 = 8
+
+
+def _weights(t: Tape, b: hf.Block, spec: ModelSpec, w: Workload, first: bool) -> list[int]:
+    """Persist the parameters; returns their element counts (declared --params scales them)."""
+    from vramfit.estimate.params import count_params
+
+    counts = count_params(spec)
+    scale = (spec.params or counts.total) / counts.total
+    elements = [round(e * scale) for _, e in hf.param_shapes(b)]
+    size = hf.WEIGHT_DTYPE[w.precision].size
+    t.op("build")
+    t.persist("weights", Component.weights, [e * size for e in elements])
+    if first and b.tied:  # the untied lm_head made at init, freed when tied
+        t.temp("lm_head copy before tying", Component.weights, b.vocab * b.hidden * size)
+    return elements
+
+
+def _state_shapes(elements: list[int]) -> list[tuple[int, ...]]:
+    return [(e,) for e in elements]
+
+
+def _optimizer_state(optimizer: Optimizer, elements: list[int], size: int) -> list[int]:
+    """Persistent state tensors: torch.optim.AdamW's two moments (and, fused, a device
+    ``step`` tensor per parameter: torch/optim/adamw.py ``_init_group``)."""
+    if optimizer in (Optimizer.adamw_foreach, Optimizer.adamw_forloop):
+        optimizer = Optimizer.adamw
+    shapes: list[tuple[int, ...]] = [(e,) for e in elements]
+    out = optimizer_state_tensors(optimizer, shapes, size)
+    if optimizer is Optimizer.adamw_fused:
+        out += [4] * len(elements)
+    return out
+
+
+def _step(t: Tape, w: Workload, elements: list[int], size: int, first: bool) -> None:
+    """Gradient clipping and the optimizer step."""
+    optimizer = w.optimizer
+    t.phase = "optimizer"
+    if w.clips:
+        # clip_grad_norm_: _foreach_norm makes one 0-dim norm per gradient, stacked, then one
+        # total (torch/nn/utils/clip_grad.py); the gradients are scaled in place
+        t.op("clip_grad_norm_")
+        norms = [t.new("gradient norm", Component.optimizer_temp, 4) for _ in elements]
+        t.op("clip_grad_norm_ total")
+        stacked = t.new("stacked norms", Component.optimizer_temp, 4 * len(elements))
+        t.temp("total norm", Component.optimizer_temp, 4)
+        t.free(*norms, stacked)
+    t.op("optimizer step")
+    if first:
+        state = _optimizer_state(optimizer, elements, size)
+        t.persist("optimizer state", Component.optimizer_state, state)
+    if optimizer is Optimizer.adamw_forloop:
+        # _single_tensor_adamw: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps),
+        # one parameter at a time: sqrt's result and the quotient live together
+        for j, e in enumerate(elements):
+            if j:
+                t.op("optimizer step")
+            a = t.new("sqrt(exp_avg_sq)", Component.optimizer_temp, e * size)
+            d = t.new("denominator", Component.optimizer_temp, e * size)
+            t.free(a, d)
+        return
+    base = Optimizer.adamw if optimizer is Optimizer.adamw_foreach else optimizer
+    temporaries = optimizer_step_temporaries(base, elements, size)
+    if base is Optimizer.adafactor:
+        for j, nbytes in enumerate(temporaries):
+            if j:
+                t.op("optimizer step")
+            t.temp("optimizer step temporary", Component.optimizer_temp, nbytes)
+    else:
+        for nbytes in temporaries:
+            t.temp("optimizer step temporary", Component.optimizer_temp, nbytes)
+
+
+def _uses_bias(b: hf.Block) -> bool:
+    return b.qkv_bias or b.bias
+
+
+def hf_training_steps(
+    spec: ModelSpec, w: Workload, workspace_bytes: int, mp: Multiprocessors = H200
+) -> tuple[Timeline, Timeline, dict[str, int]]:
+    """The first and a steady training step of the hf profile, and what block 0 keeps from
+    its forward to its backward, by part."""
+    b = hf.resolve(spec)
+    size = hf.WEIGHT_DTYPE[w.precision].size
+    steps = []
+    block_bytes: dict[str, int] = {}
+    for first in (True, False):
+        t = Tape()
+        elements = _weights(t, b, spec, w, first)
+        t.op("start")
+        t.persist("input ids and labels", Component.activations, [w.batch * w.seq * INT64] * 2)
+        if not first:
+            t.persist(
+                "optimizer state",
+                Component.optimizer_state,
+                _optimizer_state(w.optimizer, elements, size),
+            )
+            made = Workspaces(t, workspace_bytes)
+            made.matmul("forward", _uses_bias(b))
+            made.matmul("backward", _uses_bias(b) and w.checkpointing is Checkpointing.full)
+        graph, model, logits, loss = hf.build(spec, w, grad=True, batch=w.batch, seq=w.seq)
+        assert loss is not None
+        if w.loop is Loop.keeps_logits:
+            graph.hold(logits, "step")
+            for kv in model.cache:
+                graph.hold(kv, "step")
+        elif w.loop is Loop.trainer and w.precision in (Precision.amp_bf16, Precision.amp_fp16):
+            # accelerate's convert_outputs_to_fp32: an fp32 copy of the returned logits, which
+            # dies with the outputs when compute_loss returns
+            up = model.ops.cast(logits, DType.fp32, "accelerate fp32 logits")
+            up.component = Component.logits
+            graph.hold(up, "forward")
+        ws = Workspaces(t, workspace_bytes, active=first)
+        sim = run_forward(graph, t, mp=mp, workspaces=ws)
+        forward_end = len(t.timeline.points) - 1
+        end_forward(sim)
+        t.phase = "backward"
+        run_backward(sim, loss)
+        _step(t, w, elements, size, first)
+        release_held(sim, "step")
+        steps.append(t.finish())
+        if not first:
+            block_bytes = _block_bytes(t, forward_end)
+    return steps[0], steps[1], block_bytes
+
+
+def _block_bytes(t: Tape, forward_end: int) -> dict[str, int]:
+    """Bytes made by block 0's forward and still alive at the forward's end, by part."""
+    parts: dict[str, int] = {}
+    for r in t.records:
+        if r.part and r.name.startswith("block 0 ") and r.start <= forward_end:
+            if r.end is None or r.end > forward_end:
+                parts[r.part] = parts.get(r.part, 0) + sum(r.sizes)
+    return parts
+
+
+def hf_inference(spec: ModelSpec, w: Workload, workspace_bytes: int) -> Timeline:
+    """An evaluation forward (every position's logits) or generate(): a prefill that keeps
+    the last position's logits, then the last decode step against the grown cache."""
+    b = hf.resolve(spec)
+    t = Tape(phase="prefill")
+    _weights(t, b, spec, w, True)
+    t.op("start")
+    t.persist("input ids", Component.activations, [w.batch * w.seq * INT64])
+    all_logits = (w.logits.value == "all") if w.logits is not None else not w.gen_tokens
+    graph, model, logits, _ = hf.build(
+        spec, w, grad=False, batch=w.batch, seq=w.seq, all_logits=all_logits, use_cache=True
+    )
+    graph.hold(logits, "step")
+    cache = list(model.cache)
+    for kv in cache:
+        graph.hold(kv, "step")
+    ws = Workspaces(t, workspace_bytes)
+    sim = run_forward(graph, t, workspaces=ws)
+    end_forward(sim)
+    if w.gen_tokens:
+        # generate: next_token_logits = logits[:, -1, :].to(float32); the outputs are dropped
+        t.op("next token logits")
+        t.temp("fp32 next-token logits", Component.logits, w.batch * b.vocab * 4)
+        release_held(sim, "step")
+        t.phase = "decode"
+        # the last step: the cache has grown to seq + gen_tokens - 1 tokens; each layer's cat
+        # makes the longer K and V, and the shorter ones die as they are replaced
+        cached = w.seq + w.gen_tokens - 1
+        step, m2, logits2, _ = hf.build(
+            spec, w, grad=False, batch=w.batch, seq=1, cached=cached, all_logits=False,
+            use_cache=True,
+        )
+        step.hold(logits2, "step")
+        for kv in m2.cache:
+            step.hold(kv, "step")
+        sim2 = run_forward(step, t, workspaces=ws)
+        end_forward(sim2)
+        t.op("end")
+        release_held(sim2, "step")
+    else:
+        t.op("end")
+        release_held(sim, "step")
+    return t.finish()
