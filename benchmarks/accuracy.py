@@ -29,6 +29,12 @@ from vramfit.estimate.core import Hardware, estimate
 GIB = 2**30
 
 
+def workload_of(case: dict) -> dict:
+    """A case's workload. Cases measured before implementation profiles existed ran
+    vramfit's reference loop: they name no ``impl``."""
+    return {"impl": "reference", **case.get("workload", {})}
+
+
 def load(paths: list[Path]) -> list[dict]:
     rows = []
     for path in paths:
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         hardware = Hardware(
             name=gpu.name, memory_bytes=measured["device_total_bytes"], compute_capability=(9, 0)
         )
-        est = estimate(RunSpec(model=case["model"], workload=case.get("workload", {})), hardware)
+        est = estimate(RunSpec(model=case["model"], workload=workload_of(case)), hardware)
         predicted = {
             "peak_allocated_bytes": est.peak_allocated_bytes,
             "total_bytes": est.total_bytes,

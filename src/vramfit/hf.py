@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from vramfit.config import Arch, Mlp, ModelSpec, Norm, Positions, validation_error
+from vramfit.config import Arch, Mlp, ModelSpec, ModelType, Norm, Positions, validation_error
 from vramfit.errors import VramfitError
 from vramfit.estimate.params import count_params
 
@@ -250,6 +250,30 @@ def _read_config(path: Path) -> _Config:
     return _Config(data, file)
 
 
+def _dropouts(cfg: _Config, model_type: str) -> dict[str, float]:
+    """Dropout probabilities, with transformers' defaults for keys the file omits:
+    GPT2Config resid_pdrop = embd_pdrop = attn_pdrop = 0.1; the Llama-derived configs'
+    attention_dropout 0.0 (Phi-3 also has resid_pdrop and embd_pdrop, 0.0)."""
+    if model_type == "gpt2":
+        keys = {"resid_dropout": "resid_pdrop", "embd_dropout": "embd_pdrop",
+                "attention_dropout": "attn_pdrop"}
+        default = 0.1
+    else:
+        keys = {"attention_dropout": "attention_dropout"}
+        if model_type == "phi3":
+            keys |= {"resid_dropout": "resid_pdrop", "embd_dropout": "embd_pdrop"}
+        default = 0.0
+    out = {}
+    for field, key in keys.items():
+        value = cfg.data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise VramfitError(
+                f"expected a probability in [0, 1), got {value!r}", field=f"{cfg.file}: {key}"
+            )
+        out[field] = float(value)
+    return out
+
+
 def _spec(cfg: _Config, path: Path) -> ModelSpec:
     model_type = cfg.data.get("model_type", _MISSING)
     if model_type is _MISSING:
@@ -261,6 +285,8 @@ def _spec(cfg: _Config, path: Path) -> ModelSpec:
             f"unsupported model_type {model_type!r}; supported: {supported}", field=str(path)
         )
     fields = {key: value for key, value in mapper(cfg).items() if value is not None}
+    fields["model_type"] = ModelType(model_type)
+    fields.update(_dropouts(cfg, model_type))
     try:
         return ModelSpec.model_validate(fields)
     except ValidationError as err:
