@@ -38,7 +38,7 @@ SPECS = {
 
 
 def meta(spec: ModelSpec, workload: Workload | None = None):
-    return build_model(spec, workload or Workload(), "meta", torch.float32)
+    return build_model(spec, workload or Workload(impl="reference"), "meta", torch.float32)
 
 
 @pytest.mark.parametrize(("spec", "published"), PUBLISHED)
@@ -62,15 +62,17 @@ def test_head_dim_sets_projection_widths() -> None:
 
 def test_tied_lm_head_shares_storage_after_materialising() -> None:
     spec = ModelSpec(arch="gpt2", layers=1, hidden=32, heads=4, vocab=64, max_positions=32)
-    model = build_model(spec, Workload(), "cpu", torch.float32)
+    model = build_model(spec, Workload(impl="reference"), "cpu", torch.float32)
     assert model.lm_head.weight is model.embed.weight
-    untied = build_model(spec.model_copy(update={"tied": False}), Workload(), "cpu", torch.float32)
+    untied = build_model(
+        spec.model_copy(update={"tied": False}), Workload(impl="reference"), "cpu", torch.float32
+    )
     assert untied.lm_head.weight.data_ptr() != untied.embed.weight.data_ptr()
 
 
 def test_init_is_gpt2_style() -> None:
     spec = ModelSpec(arch="gpt2", layers=1, hidden=256, vocab=512, max_positions=64)
-    model = build_model(spec, Workload(), "cpu", torch.float32)
+    model = build_model(spec, Workload(impl="reference"), "cpu", torch.float32)
     block = model.blocks[0]
     assert torch.equal(block.norm_1.weight, torch.ones(256))
     assert torch.equal(block.norm_1.bias, torch.zeros(256))
@@ -102,7 +104,9 @@ BATCH, SEQ = 2, 12
 
 
 def loss_and_grads(spec: ModelSpec, attention: str, checkpointing: str):
-    workload = Workload(batch=BATCH, seq=SEQ, attention=attention, checkpointing=checkpointing)
+    workload = Workload(
+        impl="reference", batch=BATCH, seq=SEQ, attention=attention, checkpointing=checkpointing
+    )
     torch.manual_seed(0)
     model = build_model(spec, workload, "cpu", torch.float32)
     generator = torch.Generator().manual_seed(1)
@@ -146,7 +150,9 @@ def test_eager_and_flash_agree(arch: str) -> None:
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_kv_cache_decode_matches_full_forward(arch: str, attention: str) -> None:
     spec = TINY[arch].resolved()
-    workload = Workload(mode="infer", batch=BATCH, seq=SEQ, attention=attention, gen_tokens=3)
+    workload = Workload(
+        impl="reference", mode="infer", batch=BATCH, seq=SEQ, attention=attention, gen_tokens=3
+    )
     model = build_model(spec, workload, "cpu", torch.float32).eval()
     tokens = torch.randint(0, 64, (BATCH, SEQ + 3), generator=torch.Generator().manual_seed(2))
     shape = (BATCH, spec.kv_heads, SEQ + 3, spec.head_dim)
@@ -163,7 +169,7 @@ def test_kv_cache_decode_matches_full_forward(arch: str, attention: str) -> None
 
 def test_half_precision_forward_on_cpu() -> None:
     spec = TINY["llama"]
-    model = build_model(spec, Workload(seq=SEQ), "cpu", torch.bfloat16)
+    model = build_model(spec, Workload(impl="reference", seq=SEQ), "cpu", torch.bfloat16)
     assert model.embed.weight.dtype == torch.bfloat16
     x = torch.randint(0, 64, (BATCH, SEQ))
     loss = model(x, x)

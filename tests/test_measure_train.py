@@ -23,7 +23,7 @@ TINY_GPT2 = ModelSpec(arch="gpt2", layers=2, hidden=32, heads=4, vocab=64, max_p
 
 
 def run_of(spec: ModelSpec = TINY, **workload) -> RunSpec:
-    workload = {"batch": 2, "seq": 8, **workload}
+    workload = {"batch": 2, "seq": 8, "impl": "reference", **workload}
     return RunSpec(model=spec, workload=Workload(**workload))
 
 

@@ -27,7 +27,10 @@ from vramfit.config import (
     Attention,
     Checkpointing,
     Formula,
+    Impl,
     KvDtype,
+    Logits,
+    Loop,
     Mode,
     ModelSpec,
     Optimizer,
@@ -251,7 +254,12 @@ PrecisionOpt = Annotated[
     ),
 ]
 OptimizerOpt = Annotated[
-    Optimizer | None, typer.Option("--optimizer", help="Optimizer (default: adamw).")
+    Optimizer | None,
+    typer.Option(
+        "--optimizer",
+        help="Optimizer; adamw is torch.optim.AdamW's default (foreach) (default: adamw-fused "
+        "with --loop trainer, as the Trainer's adamw_torch_fused; else adamw).",
+    ),
 ]
 AttentionOpt = Annotated[
     Attention | None,
@@ -269,6 +277,49 @@ GenOpt = Annotated[
 KvDtypeOpt = Annotated[
     KvDtype | None,
     typer.Option("--kv-dtype", help="KV cache dtype (default: the compute dtype)."),
+]
+
+ImplOpt = Annotated[
+    Impl | None,
+    typer.Option(
+        "--impl",
+        help="The code that runs the model: hf (Hugging Face transformers, the default) or "
+        "reference (vramfit's own loop).",
+    ),
+]
+LoopOpt = Annotated[
+    Loop | None,
+    typer.Option(
+        "--loop",
+        help="hf training loop: trainer (transformers.Trainer, the default), drops "
+        "(loss = model(...).loss) or keeps-logits (outputs held through the step).",
+    ),
+]
+LogitsOpt = Annotated[
+    Logits | None,
+    typer.Option(
+        "--logits",
+        help="infer: all (an eval / scoring forward) or last (generate; the default with "
+        "--gen-tokens).",
+    ),
+]
+DropoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--dropout", help="Dropout on embeddings, attention and residuals (default: the config's)."
+    ),
+]
+MaxPosOpt = Annotated[
+    int | None,
+    typer.Option("--max-positions", help="Learned position table length (GPT-2: 1024)."),
+]
+ClipOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--clip-grad/--no-clip-grad",
+        help="clip_grad_norm_ before the step (default: on with --loop trainer).",
+        show_default=False,
+    ),
 ]
 
 # The RunSpec options of `estimate` and `measure --train`, by parameter name.
@@ -292,6 +343,12 @@ RUN_OPTIONS = {
     "mode": "--mode",
     "gen_tokens": "--gen-tokens",
     "kv_dtype": "--kv-dtype",
+    "impl": "--impl",
+    "loop": "--loop",
+    "logits": "--logits",
+    "dropout": "--dropout",
+    "max_positions": "--max-positions",
+    "clip_grad": "--clip-grad",
 }
 
 
@@ -311,6 +368,10 @@ def _run_from_options(**o: Any) -> RunSpec:
             "ffn": o["ffn"],
             "vocab": o["vocab"],
             "tied": o["tied"],
+            "max_positions": o["max_positions"],
+            "resid_dropout": o["dropout"],
+            "embd_dropout": o["dropout"],
+            "attention_dropout": o["dropout"],
         },
         workload_overrides={
             "precision": o["precision"],
@@ -320,6 +381,10 @@ def _run_from_options(**o: Any) -> RunSpec:
             "mode": o["mode"],
             "gen_tokens": o["gen_tokens"],
             "kv_dtype": o["kv_dtype"],
+            "impl": o["impl"],
+            "loop": o["loop"],
+            "logits": o["logits"],
+            "clip_grad": o["clip_grad"],
         },
     )
 
@@ -354,6 +419,12 @@ def estimate(
     mode: ModeOpt = None,
     gen_tokens: GenOpt = None,
     kv_dtype: KvDtypeOpt = None,
+    impl: ImplOpt = None,
+    loop: LoopOpt = None,
+    logits: LogitsOpt = None,
+    dropout: DropoutOpt = None,
+    max_positions: MaxPosOpt = None,
+    clip_grad: ClipOpt = None,
     solve: Annotated[
         str | None,
         typer.Option("--solve", help="batch or seq: the largest value that fits --gpu."),
@@ -799,6 +870,12 @@ def measure(
     mode: ModeOpt = None,
     gen_tokens: GenOpt = None,
     kv_dtype: KvDtypeOpt = None,
+    impl: ImplOpt = None,
+    loop: LoopOpt = None,
+    logits: LogitsOpt = None,
+    dropout: DropoutOpt = None,
+    max_positions: MaxPosOpt = None,
+    clip_grad: ClipOpt = None,
     steps: Annotated[
         int | None,
         typer.Option("--steps", min=1, max=1000, help="With --train: training steps (default: 3)."),

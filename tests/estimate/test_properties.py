@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from vramfit.config import ModelSpec, RunSpec, Workload
 from vramfit.estimate.core import Hardware, estimate
+from vramfit.estimate.overhead import CUBLASLT_WORKSPACE_BYTES
 from vramfit.estimate.solve import solve_max
 
 ARCHS = st.sampled_from(["gpt2", "llama"])
@@ -16,38 +17,45 @@ ARCHS = st.sampled_from(["gpt2", "llama"])
 def runs(draw: st.DrawFn) -> RunSpec:
     heads = draw(st.sampled_from([2, 4, 8, 16]))
     kv = draw(st.sampled_from([h for h in (1, 2, 4, 8, 16) if heads % h == 0]))
-    model = ModelSpec(
-        arch=draw(ARCHS),
-        layers=draw(st.integers(1, 48)),
-        hidden=heads * draw(st.sampled_from([32, 64, 128])),
-        heads=heads,
-        kv_heads=kv,
-        vocab=draw(st.integers(100, 200_000)),
-        max_positions=16384,  # GPT-2's learned table, long enough for every drawn context
-    )
+    impl = draw(st.sampled_from(["hf", "reference"]))
+    model = {
+        "arch": draw(ARCHS),
+        "layers": draw(st.integers(1, 12 if impl == "hf" else 48)),
+        "hidden": heads * draw(st.sampled_from([32, 64, 128])),
+        "heads": heads,
+        "kv_heads": kv,
+        "vocab": draw(st.integers(100, 200_000)),
+        "max_positions": 16384,  # GPT-2's learned table, long enough for every drawn context
+    }
     mode = draw(st.sampled_from(["train", "infer"]))
-    workload = Workload(
-        mode=mode,
-        batch=draw(st.integers(1, 64)),
-        seq=draw(st.integers(1, 8192)),
-        precision=draw(st.sampled_from(["fp32", "amp-fp16", "amp-bf16", "bf16", "fp16"])),
-        optimizer=draw(
+    checkpointing = ["none", "full"] + (["selective"] if impl == "reference" else [])
+    workload = {
+        "impl": impl,
+        "loop": draw(st.sampled_from(["trainer", "drops", "keeps-logits"])),
+        "mode": mode,
+        "batch": draw(st.integers(1, 64)),
+        "seq": draw(st.integers(1, 8192)),
+        "precision": draw(st.sampled_from(["fp32", "amp-fp16", "amp-bf16", "bf16", "fp16"])),
+        "optimizer": draw(
             st.sampled_from(
-                ["adamw", "adamw-fused", "sgd", "sgd-momentum", "adam-8bit", "adafactor", "none"]
+                ["adamw", "adamw-fused", "adamw-forloop", "sgd", "sgd-momentum", "adam-8bit",
+                 "adafactor", "none"]
             )
         ),
-        attention=draw(st.sampled_from(["flash", "eager"])),
-        checkpointing=draw(st.sampled_from(["none", "selective", "full"])),
-        gen_tokens=draw(st.integers(0, 2048)) if mode == "infer" else 0,
-    )
-    return RunSpec(model=model, workload=workload)
+        "attention": draw(st.sampled_from(["flash", "eager"])),
+        "checkpointing": draw(st.sampled_from(checkpointing)),
+        "gen_tokens": draw(st.integers(0, 2048)) if mode == "infer" else 0,
+    }
+    return RunSpec.model_validate({"model": model, "workload": workload})
 
 
 def _with(run: RunSpec, **changes: object) -> RunSpec:
-    return run.model_copy(update={"workload": run.workload.model_copy(update=changes)})
+    """``run`` with workload fields changed, validated as any input is (enums, not strings)."""
+    workload = {**run.workload.model_dump(), **changes}
+    return RunSpec.model_validate({"model": run.model.model_dump(), "workload": workload})
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(runs())
 def test_breakdown_sums_to_total(run: RunSpec) -> None:
     est = estimate(run)
@@ -57,7 +65,7 @@ def test_breakdown_sums_to_total(run: RunSpec) -> None:
     assert est.total_bytes > est.peak_allocated_bytes
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(runs(), st.integers(1, 16), st.integers(1, 4096))
 def test_memory_never_shrinks_when_batch_or_seq_grows(
     run: RunSpec, more_b: int, more_s: int
@@ -76,25 +84,39 @@ def test_memory_never_shrinks_when_batch_or_seq_grows(
         assert bigger.total_bytes >= base.tensor_peak_bytes + base.breakdown["cuda_context"]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(runs())
 def test_checkpointing_never_increases_the_peak(run: RunSpec) -> None:
-    none = estimate(_with(run, mode="train", checkpointing="none")).tensor_peak_bytes
-    selective = estimate(_with(run, mode="train", checkpointing="selective")).tensor_peak_bytes
-    full = estimate(_with(run, mode="train", checkpointing="full")).tensor_peak_bytes
-    assert selective <= none
-    assert full <= none
+    """What a block keeps for backward only shrinks with checkpointing; the peak does too once
+    the model has a few blocks (with one block the recompute's temporaries can outweigh
+    what it saved, in PyTorch as here)."""
+    run = _with(run, mode="train", gen_tokens=0, kv_dtype=None, logits=None)
+    kept = sum(estimate(_with(run, checkpointing="none")).block_activation_bytes.values())
+    kept_full = sum(estimate(_with(run, checkpointing="full")).block_activation_bytes.values())
+    assert kept_full <= kept
+    if run.model.layers < 4:
+        return
+    none = estimate(_with(run, checkpointing="none")).tensor_peak_bytes
+    full = estimate(_with(run, checkpointing="full")).tensor_peak_bytes
+    # the recompute runs biased matmuls on autograd's thread: one more cuBLASLt workspace
+    assert full <= none + CUBLASLT_WORKSPACE_BYTES
+    if run.workload.impl.value == "reference":
+        selective = estimate(_with(run, checkpointing="selective")).tensor_peak_bytes
+        assert selective <= none
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(runs())
 def test_flash_never_exceeds_eager(run: RunSpec) -> None:
+    spec, w = run.model.resolved(), run.workload
+    if w.impl.value == "hf" and w.precision.value == "fp32" and spec.kv_heads != spec.heads:
+        return  # SDPA's math fallback (fp32 with grouped K/V) is no fused kernel
     flash = estimate(_with(run, attention="flash")).tensor_peak_bytes
     eager = estimate(_with(run, attention="eager")).tensor_peak_bytes
     assert flash <= eager
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(runs(), st.integers(2, 200))
 def test_solve_batch_is_exact_to_the_integer(run: RunSpec, gib: int) -> None:
     hw = Hardware(name="test", memory_bytes=gib * 2**30)

@@ -23,7 +23,7 @@ def test_every_suggestion_lowers_the_total_and_says_whether_it_fits() -> None:
 
 
 def test_a_combination_is_offered_when_no_single_change_fits() -> None:
-    run = RunSpec(model=LLAMA3_8B, workload=Workload(batch=1, seq=4096))
+    run = RunSpec(model=LLAMA3_8B, workload=Workload(impl="reference", batch=1, seq=4096))
     tips = suggestions(run, H100)
     assert not any(tip.fits for tip in tips[1:])  # no single change is enough here
     combined = tips[0]

@@ -16,7 +16,9 @@ GPT2 = ModelSpec(arch="gpt2", layers=2, hidden=256, heads=4, vocab=1000)
 
 @pytest.mark.parametrize("attention", ["flash", "eager"])
 def test_rotary_positions_are_applied_to_a_fused_projection(attention: str) -> None:
-    step = _Step(PYTHIA, Workload(batch=2, seq=512, attention=attention), 0, False)
+    step = _Step(
+        PYTHIA, Workload(impl="reference", batch=2, seq=512, attention=attention), 0, False
+    )
     step.build()
     names = {record.name for record in step.tape.records}
     assert {"block 0 q rotated", "block 0 k rotated"} <= names  # forward
@@ -32,7 +34,12 @@ def test_a_block_keeps_less_the_more_it_recomputes(attention: str) -> None:
     kept = {}
     for checkpointing in ("none", "selective", "full"):
         workload = Workload(
-            batch=2, seq=512, precision="amp-bf16", attention=attention, checkpointing=checkpointing
+            impl="reference",
+            batch=2,
+            seq=512,
+            precision="amp-bf16",
+            attention=attention,
+            checkpointing=checkpointing,
         )
         kept[checkpointing] = sum(build_training_steps(GPT2, workload, 0)[2].values())
     assert kept["full"] < kept["selective"] <= kept["none"]

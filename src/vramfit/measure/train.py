@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vramfit.config import Mode, Optimizer, Precision, RunSpec, Workload
+from vramfit.config import Impl, Mode, Optimizer, Precision, RunSpec, Workload
 from vramfit.errors import VramfitError
 from vramfit.estimate.params import count_params
 from vramfit.measure.backend import Backend, CudaBackend, import_torch
@@ -134,8 +134,10 @@ def _optimizer_factory(torch: Any, optimizer: Optimizer) -> Callable[[Any], Any]
     """A function params -> optimizer, or None for ``none``. Checked before CUDA starts."""
     if optimizer is Optimizer.none:
         return None
-    if optimizer is Optimizer.adamw:
+    if optimizer in (Optimizer.adamw, Optimizer.adamw_foreach):
         return lambda params: torch.optim.AdamW(params, lr=LR, foreach=True, fused=False)
+    if optimizer is Optimizer.adamw_forloop:
+        return lambda params: torch.optim.AdamW(params, lr=LR, fused=False)
     if optimizer is Optimizer.adamw_fused:
         return lambda params: torch.optim.AdamW(params, lr=LR, fused=True)
     if optimizer is Optimizer.sgd:
@@ -189,7 +191,14 @@ def measure_train(
     torch = import_torch()
     spec = run.model.resolved()
     workload = run.workload
-    check_measurable(spec)
+    if workload.impl is Impl.reference:
+        check_measurable(spec)
+    else:
+        from vramfit.estimate.profiles.hf import hf_unsupported
+
+        reason = hf_unsupported(spec)
+        if reason:
+            raise VramfitError(f"measure --impl hf: {reason}", field="--preset")
     _check_workload(spec, workload)
     if steps < 1:
         raise VramfitError("must be at least 1", field="--steps")
@@ -208,13 +217,29 @@ def measure_train(
     state: dict[str, Any] = {}  # every tensor-owning object, so an OOM can drop them all
     oom = False
     total_bytes = 0
+    @contextlib.contextmanager
+    def phase(step: int, name: str) -> Any:
+        rec.begin(step, name, f"step {step} {name}", steps)
+        yield
+        rec.end()
+
     try:
         torch.manual_seed(0)
         rec.reached = "building the model"
-        state["model"] = build_model(spec, workload, backend.device, _dtype(torch, workload))
+        if workload.impl is Impl.hf:
+            from vramfit.measure.hf import build_hf_model, run_hf
+
+            state["model"] = build_hf_model(spec, workload, backend.device, _dtype(torch, workload))
+        else:
+            state["model"] = build_model(spec, workload, backend.device, _dtype(torch, workload))
         backend.synchronize()
         rec.weights_bytes = backend.memory_allocated()
-        if workload.mode is Mode.train:
+        if workload.impl is Impl.hf:
+            run_hf(
+                torch, state["model"], workload, backend.device, make_optimizer, phase, steps,
+                state,
+            )
+        elif workload.mode is Mode.train:
             _train(torch, state, workload, backend, rec, steps, make_optimizer)
         else:
             _infer(torch, state, spec, workload, backend, rec)

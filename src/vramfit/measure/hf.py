@@ -1,0 +1,320 @@
+"""Measure the real Hugging Face transformers model of a RunSpec: the code users run.
+
+``hf_config`` turns a ``ModelSpec`` into the ``transformers`` config of its ``model_type``;
+``build_hf_model`` builds ``AutoModelForCausalLM.from_config`` on the device in the target
+dtype, as ``from_pretrained`` would place it. The loops are the ones the hf profile models
+(``Workload.loop``): the Trainer itself (``transformers.Trainer`` with ``TrainingArguments``
+mapped from the workload), a plain loop that takes ``.loss`` and drops the outputs, and one
+that keeps ``outputs`` through backward and the optimizer step. Inference is an evaluation
+forward under ``torch.no_grad`` (every position's logits) or ``model.generate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from vramfit.config import (
+    Checkpointing,
+    Loop,
+    Mode,
+    ModelSpec,
+    ModelType,
+    Optimizer,
+    Precision,
+    Workload,
+)
+from vramfit.errors import VramfitError
+
+TRAINER_OPTIM = {
+    Optimizer.adamw: "adamw_torch",
+    Optimizer.adamw_foreach: "adamw_torch",
+    Optimizer.adamw_fused: "adamw_torch_fused",
+    Optimizer.adafactor: "adafactor",
+    Optimizer.sgd: "sgd",
+    Optimizer.adam_8bit: "adamw_bnb_8bit",
+}
+
+
+def import_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise VramfitError(
+            "transformers is not installed; pip install 'vramfit[hf]'", field="--impl"
+        ) from None
+    return transformers
+
+
+def hf_config(spec: ModelSpec, workload: Workload) -> Any:
+    """The transformers config of ``spec``'s model_type with its shapes and dropouts."""
+    transformers = import_transformers()
+    spec = spec.resolved()
+    mt = ModelType(spec.model_type)
+    positions = max(2048, workload.seq + workload.gen_tokens)
+    if mt is ModelType.gpt2:
+        return transformers.GPT2Config(
+            n_layer=spec.layers,
+            n_embd=spec.hidden,
+            n_head=spec.heads,
+            n_inner=spec.ffn,
+            vocab_size=spec.vocab,
+            n_positions=spec.max_positions,
+            resid_pdrop=spec.resid_dropout,
+            embd_pdrop=spec.embd_dropout,
+            attn_pdrop=spec.attention_dropout,
+            tie_word_embeddings=bool(spec.tied),
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    common: dict[str, Any] = {
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.ffn,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "vocab_size": spec.vocab,
+        "max_position_embeddings": positions,
+        "tie_word_embeddings": bool(spec.tied),
+        "attention_dropout": spec.attention_dropout,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "pad_token_id": 0,
+    }
+    if mt is ModelType.llama:
+        return transformers.LlamaConfig(
+            head_dim=spec.head_dim, attention_bias=bool(spec.qkv_bias), **common
+        )
+    if mt is ModelType.mistral:
+        return transformers.MistralConfig(
+            head_dim=spec.head_dim, sliding_window=spec.sliding_window, **common
+        )
+    if mt is ModelType.qwen2:
+        return transformers.Qwen2Config(**common)
+    if mt is ModelType.gemma:
+        return transformers.GemmaConfig(head_dim=spec.head_dim, **common)
+    if mt is ModelType.gemma2:
+        return transformers.Gemma2Config(
+            head_dim=spec.head_dim,
+            sliding_window=spec.sliding_window or 4096,
+            query_pre_attn_scalar=spec.head_dim,
+            **common,
+        )
+    if mt is ModelType.phi3:
+        return transformers.Phi3Config(
+            sliding_window=spec.sliding_window, resid_pdrop=spec.resid_dropout,
+            embd_pdrop=spec.embd_dropout, **common
+        )
+    raise VramfitError(f"measure --impl hf does not build {mt.value}", field="--impl")
+
+
+def build_hf_model(spec: ModelSpec, workload: Workload, device: str, dtype: Any) -> Any:
+    """``AutoModelForCausalLM.from_config`` on ``device``, in ``dtype``, with the workload's
+    attention implementation and gradient checkpointing."""
+    transformers = import_transformers()
+    import torch
+
+    cfg = hf_config(spec, workload)
+    attn = "eager" if workload.attention.value == "eager" else "sdpa"
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(
+            cfg, attn_implementation=attn, dtype=dtype
+        )
+    if workload.mode is Mode.train and workload.checkpointing is Checkpointing.full:
+        model.gradient_checkpointing_enable()  # non-reentrant: transformers' default
+    return model
+
+
+def _amp(torch: Any, workload: Workload, device: str) -> Any:
+    dtype = {Precision.amp_bf16: torch.bfloat16, Precision.amp_fp16: torch.float16}.get(
+        workload.precision
+    )
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def plain_loop(
+    torch: Any,
+    model: Any,
+    workload: Workload,
+    device: str,
+    make_optimizer: Callable[[Any], Any] | None,
+    phase: Callable[[int, str], Any],
+    steps: int,
+    state: dict[str, Any],
+) -> None:
+    """``loss = model(input_ids=x, labels=x).loss`` (or keeping ``outputs``), backward, the
+    optimizer step, ``zero_grad(set_to_none=True)``."""
+    model.train()
+    shape = (workload.batch, workload.seq)
+    vocab = model.config.vocab_size
+    state["x"] = torch.randint(0, vocab, shape, device=device)
+    state["y"] = torch.randint(0, vocab, shape, device=device)
+    optimizer = make_optimizer(model.parameters()) if make_optimizer else None
+    state["optimizer"] = optimizer
+    scaler = torch.amp.GradScaler("cuda") if workload.precision is Precision.amp_fp16 else None
+    keep = workload.loop is Loop.keeps_logits
+    for step in range(1, steps + 1):
+        with phase(step, "forward"):
+            with _amp(torch, workload, device):
+                out = model(input_ids=state["x"], labels=state["y"])
+            loss = out.loss
+            if not keep:
+                del out
+        with phase(step, "backward"):
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            del loss
+        with phase(step, "optimizer"):
+            if optimizer is not None:
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                model.zero_grad(set_to_none=True)
+            if keep:
+                del out
+
+
+def trainer_loop(
+    torch: Any,
+    model: Any,
+    workload: Workload,
+    device: str,
+    phase: Callable[[int, str], Any],
+    steps: int,
+    state: dict[str, Any],
+) -> None:
+    """``transformers.Trainer(...).train()`` for ``steps`` steps on random tokens; phases from
+    its callbacks and a forward hook."""
+    transformers = import_transformers()
+    if workload.optimizer not in TRAINER_OPTIM:
+        raise VramfitError(
+            f"the Trainer has no optim for {workload.optimizer.value}", field="--optimizer"
+        )
+    n = workload.batch * steps
+    ids = torch.randint(0, model.config.vocab_size, (n, workload.seq))
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return n
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            return {"input_ids": ids[i], "labels": ids[i]}
+
+    opened: dict[str, Any] = {}
+    counter = {"step": 0}
+
+    def start(name: str) -> None:
+        stop()
+        ctx = phase(counter["step"], name)
+        ctx.__enter__()
+        opened["ctx"] = ctx
+
+    def stop() -> None:
+        ctx = opened.pop("ctx", None)
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+    class Phases(transformers.TrainerCallback):
+        def on_step_begin(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
+            counter["step"] += 1
+            start("forward")
+
+        def on_pre_optimizer_step(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
+            start("optimizer")
+
+        def on_step_end(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
+            stop()
+
+    def forward_done(module: Any, args: Any, output: Any) -> None:
+        if module.training and "ctx" in opened:
+            start("backward")
+
+    hook = model.register_forward_hook(forward_done)
+    args = transformers.TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=workload.batch,
+        max_steps=steps,
+        bf16=workload.precision is Precision.amp_bf16,
+        fp16=workload.precision is Precision.amp_fp16,
+        optim=TRAINER_OPTIM[workload.optimizer],
+        gradient_checkpointing=workload.checkpointing is Checkpointing.full,
+        max_grad_norm=1.0 if workload.clips else 0.0,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=Tokens(), callbacks=[Phases()]
+    )
+    state["trainer"] = trainer
+    try:
+        trainer.train()
+    finally:
+        stop()
+        hook.remove()
+
+
+def run_hf(
+    torch: Any,
+    model: Any,
+    workload: Workload,
+    device: str,
+    make_optimizer: Callable[[Any], Any] | None,
+    phase: Callable[[int, str], Any],
+    steps: int,
+    state: dict[str, Any],
+) -> None:
+    """Run ``workload`` on the built HF ``model``, recording phases through ``phase``."""
+    if workload.mode is Mode.train:
+        if workload.loop is Loop.trainer:
+            trainer_loop(torch, model, workload, device, phase, steps, state)
+        else:
+            plain_loop(torch, model, workload, device, make_optimizer, phase, steps, state)
+        return
+    model.eval()
+    x = torch.randint(0, model.config.vocab_size, (workload.batch, workload.seq), device=device)
+    state["x"] = x
+    with torch.no_grad(), _amp(torch, workload, device):
+        if workload.gen_tokens:
+            calls = {"n": 0}
+            opened: dict[str, Any] = {}
+
+            def pre(module: Any, args: Any, kwargs: Any) -> None:
+                calls["n"] += 1
+                name = "prefill" if calls["n"] == 1 else "decode"
+                if opened.get("name") != name:
+                    if "ctx" in opened:
+                        opened["ctx"].__exit__(None, None, None)
+                    opened["ctx"] = phase(1, name)
+                    opened["ctx"].__enter__()
+                    opened["name"] = name
+
+            hook = model.register_forward_pre_hook(pre, with_kwargs=True)
+            try:
+                state["out"] = model.generate(
+                    x,
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=workload.gen_tokens,
+                    min_new_tokens=workload.gen_tokens,
+                    do_sample=False,
+                )
+            finally:
+                hook.remove()
+                if "ctx" in opened:
+                    opened["ctx"].__exit__(None, None, None)
+        else:
+            with phase(1, "prefill"):
+                state["out"] = model(input_ids=x)
