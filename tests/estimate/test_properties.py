@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vramfit.config import ModelSpec, RunSpec, Workload
+from vramfit.config import RunSpec
 from vramfit.estimate.core import Hardware, estimate
 from vramfit.estimate.overhead import CUBLASLT_WORKSPACE_BYTES
 from vramfit.estimate.solve import solve_max

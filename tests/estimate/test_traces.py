@@ -64,7 +64,9 @@ CASES = _cases()
 @pytest.mark.parametrize("trace", _traces(), ids=lambda t: t["name"])
 def test_the_step_program_reproduces_a_recorded_run(trace: dict) -> None:
     case = CASES[trace["name"]]
-    run = RunSpec.model_validate({"model": case["model"], "workload": {"impl": "reference", **case.get("workload", {})}})
+    run = RunSpec.model_validate(
+        {"model": case["model"], "workload": {"impl": "reference", **case.get("workload", {})}}
+    )
     workspace = cublas_workspace_bytes(None, (9, 0))  # the H200's
     if run.workload.mode is Mode.train:
         first, steady, _ = build_training_steps(run.model, run.workload, workspace)
