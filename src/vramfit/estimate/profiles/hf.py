@@ -377,6 +377,10 @@ class Model:
         s = o.bmm(f"{prefix} q @ k^T", q, k, scores)
         if not math:
             s = o.scalar(f"{prefix} scaled scores", s)
+        if b.model_type is ModelType.gemma2:  # attn_logit_softcapping: tanh(s / c) * c
+            s = o.scalar(f"{prefix} scores / softcap", s)
+            s = o.unary(f"{prefix} tanh(scores)", s, saves="output", part="attention")
+            s = o.scalar(f"{prefix} scores * softcap", s)
         if mask is not None:
             s = o.binary(f"{prefix} masked scores", s, mask, "add")
         probs = o.softmax(f"{prefix} softmax", s, dtype=DType.fp32)
