@@ -383,7 +383,10 @@ class Model:
             s = o.scalar(f"{prefix} scores * softcap", s)
         if mask is not None:
             s = o.binary(f"{prefix} masked scores", s, mask, "add")
-        probs = o.softmax(f"{prefix} softmax", s, dtype=DType.fp32)
+        # Llama-derived eager code asks for softmax(..., dtype=float32); GPT-2's does not, so
+        # its probabilities stay in the scores' dtype unless autocast upcasts softmax
+        gpt2 = b.model_type is ModelType.gpt2
+        probs = o.softmax(f"{prefix} softmax", s, dtype=None if gpt2 else DType.fp32)
         if b.model_type is ModelType.gpt2:  # .type(value.dtype)
             probs = o.cast(probs, v.dtype, f"{prefix} probabilities", part="attention")
         else:  # softmax(..., dtype=float32).to(query.dtype)
