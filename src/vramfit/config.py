@@ -391,9 +391,12 @@ class Lora(BaseModel):
         description="Hugging Face model_type; None: llama for arch llama, gpt2 for arch gpt2",
     )
 
-    @field_validator("targets")
+    @field_validator("targets", mode="before")
     @classmethod
-    def _targets_not_empty(cls, value: list[str] | str | None) -> list[str] | str | None:
+    def _targets_are_a_list(cls, value: Any) -> Any:
+        # peft reads any other string as a regular expression over module names
+        if isinstance(value, str) and value != ALL_LINEAR:
+            raise ValueError(f"{value!r}: give a list of module names, or 'all-linear'")
         if isinstance(value, list) and not value:
             raise ValueError("give at least one module name, 'all-linear', or leave it out")
         return value
