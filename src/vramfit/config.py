@@ -511,8 +511,8 @@ class FinetuneSpec(_Strict):
     @classmethod
     def _lora_fits_the_model(cls, lora: Lora | None, info: ValidationInfo) -> Lora | None:
         spec = info.data.get("model")
-        if lora is None or spec is None:
-            return lora
+        if lora is None or spec is None or spec.experts > 1:
+            return lora  # a mixture of experts is refused below, naming model.experts
         from vramfit.estimate.finetune import LoraTargetError, lora_target_shapes
 
         try:
@@ -520,3 +520,13 @@ class FinetuneSpec(_Strict):
         except LoraTargetError as exc:
             _field_error(exc.field, exc.reason, exc.value)
         return lora
+
+    @model_validator(mode="after")
+    def _dense_models_only(self) -> FinetuneSpec:
+        if self.model.experts > 1 and (self.lora is not None or self.quant is not None):
+            _field_error(
+                ("model", "experts"),
+                "LoRA and quantization are modelled for dense models only",
+                self.model.experts,
+            )
+        return self

@@ -93,6 +93,16 @@ BAD = [
 ]
 
 
+def test_a_mixture_of_experts_is_refused() -> None:
+    moe = {**LLAMA_3_8B.model_dump(), "experts": 8, "experts_per_token": 2}
+    for extra in ({"lora": {}}, {"quant": {"kind": "nf4"}}):
+        with pytest.raises(ValidationError) as info:
+            FinetuneSpec.model_validate({"model": moe, **extra})
+        assert str(validation_error(info.value)) == (
+            "model.experts: LoRA and quantization are modelled for dense models only"
+        )
+
+
 @pytest.mark.parametrize(("extra", "field", "message"), BAD)
 def test_bad_settings_name_their_field(extra: dict, field: str, message: str) -> None:
     with pytest.raises(ValueError) as info:
