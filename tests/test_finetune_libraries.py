@@ -26,6 +26,7 @@ from vramfit.estimate.finetune import (  # noqa: E402
     StateOptimizer,
     lora_tensors,
     optimizer_state,
+    optimizer_step_temporary_bytes,
     quantized_weight_tensors,
     trainable_and_total,
     weight_storage,
@@ -377,3 +378,74 @@ def test_adapters_are_fp32_on_a_bf16_model() -> None:
         if ".lora_" in n
     }
     assert dtypes == {"A": torch.float32, "B": torch.float32}
+
+
+class _LiveBytes:
+    """Bytes of the tensors that aten ops create while active, alive at once: the peak.
+
+    A TorchDispatchMode sees every op's outputs; an output that shares no storage with an
+    input is a new allocation, freed when the last tensor object on its storage is collected.
+    """
+
+    def __init__(self) -> None:
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        live: dict[int, list[int]] = {}  # storage pointer -> [bytes, tensor objects]
+        self.live, self.now, self.peak = live, 0, 0
+        tracker = self
+
+        def drop(ptr: int) -> None:
+            entry = live[ptr]
+            entry[1] -= 1
+            if entry[1] == 0:
+                tracker.now -= entry[0]
+                del live[ptr]
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+                result = func(*args, **(kwargs or {}))
+                outs = result if isinstance(result, (list, tuple)) else [result]
+                for out in outs:
+                    if not isinstance(out, torch.Tensor):
+                        continue
+                    ptr = out.untyped_storage().data_ptr()
+                    if ptr not in live:
+                        inputs = [a for a in (*args, *(kwargs or {}).values())]
+                        if any(
+                            isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == ptr
+                            for a in inputs
+                        ):
+                            continue  # in place or a view of something older: not new
+                        live[ptr] = [out.untyped_storage().nbytes(), 0]
+                        tracker.now += live[ptr][0]
+                        tracker.peak = max(tracker.peak, tracker.now)
+                    live[ptr][1] += 1
+                    weakref.finalize(out, drop, ptr)
+                return result
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_adafactor_step_temporaries(dtype: str) -> None:
+    """The largest transient of Adafactor.step, measured op by op on the CPU."""
+    from transformers.optimization import Adafactor
+
+    shapes = [(4095,), (64, 1025)]
+    params = [torch.nn.Parameter(torch.randn(s, dtype=getattr(torch, dtype))) for s in shapes]
+    opt = Adafactor(params, lr=1e-3, scale_parameter=False, relative_step=False)
+    for _ in range(2):  # the first step creates the state; the second is measured
+        for p in params:
+            p.grad = torch.randn_like(p)
+        tracker = _LiveBytes()
+        with tracker.mode:
+            opt.step()
+    expected = optimizer_step_temporary_bytes(
+        shapes, StateOptimizer.adafactor, param_bytes=torch.finfo(params[0].dtype).bits // 8
+    )
+    # besides the full-size fp32 tensors: row/column means and factors (64 + 1025 fp32 each,
+    # a few at once) and 0-dim scalars
+    small = 8 * (64 + 1025) * 4
+    assert expected <= tracker.peak <= expected + small
