@@ -449,3 +449,31 @@ def test_adafactor_step_temporaries(dtype: str) -> None:
     # a few at once) and 0-dim scalars
     small = 8 * (64 + 1025) * 4
     assert expected <= tracker.peak <= expected + small
+
+
+GPT2_TINY = {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 101, "n_positions": 32}
+
+
+@pytest.mark.parametrize(
+    "quant", [Quant(kind="nf4", double_quant=True), Quant(kind="int8")], ids=["nf4-dq", "int8"]
+)
+def test_gpt2_conv1d_and_tied_head_quantized(quant: Quant, tmp_path: Path) -> None:
+    """GPT-2's Conv1D layers are quantized from their transposed weight; the tied lm_head
+    (the embedding) is not quantized and is counted once."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.GPT2Config(**GPT2_TINY), dtype=torch.bfloat16
+    )
+    model.save_pretrained(tmp_path)
+    model = peft.prepare_model_for_kbit_training(_load_quantized(tmp_path, quant))
+    lora = Lora(r=4, targets="all-linear")
+    model = _peft(model, 4, "all-linear")
+    real = sum(
+        sum(b for _, b in _state_tensors(p))
+        if type(p).__name__ in ("Params4bit", "Int8Params")
+        else p.numel() * p.element_size()
+        for p in model.parameters()
+    )
+    spec = ModelSpec(arch="gpt2", layers=2, hidden=64, heads=4, vocab=101, max_positions=32)
+    assert weight_storage(spec, lora, quant, prepared_for_kbit=True).total == real
+    assert trainable_and_total(spec, lora, quant) == model.get_nb_trainable_parameters()

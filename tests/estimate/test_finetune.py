@@ -26,6 +26,7 @@ from vramfit.estimate.finetune import (
     optimizer_step_temporary_bytes,
     quantized_weight_tensors,
     trainable_and_total,
+    trainable_shapes,
     weight_storage,
 )
 from vramfit.hf import spec_from_hf_config
@@ -196,6 +197,15 @@ def test_qlora_storage_of_llama_3_8b() -> None:
 
 # bitsandbytes/optim/optimizer.py Optimizer2State.init_state: p.numel() < 4096 -> two fp32
 # states; else uint8 states + fp32 absmax per 256; get_state_buffer pages only numel >= 1e5
+def test_qlora_llama_3_8b_adamw_8bit_state() -> None:
+    """r=8 q,v: 64 adapters' A and B; every A (8 x 4096) and B (4096 x 8 / 1024 x 8) has at
+    least 4096 elements, so all states are 8-bit: 2 B per element + 2 fp32 absmax per 256."""
+    shapes = trainable_shapes(LLAMA_3_8B, Lora())
+    assert len(shapes) == 128 and sum(a * b for a, b in shapes) == 3_407_872
+    state = optimizer_state(shapes, StateOptimizer.bnb_adamw_8bit)
+    assert state.device == 2 * 3_407_872 + 2 * 4 * (3_407_872 // 256) + 2048
+
+
 def test_optimizer_state_worked_by_hand() -> None:
     shapes = [(4096, 4096), (4095,)]
     eight = optimizer_state(shapes, StateOptimizer.bnb_adamw_8bit)

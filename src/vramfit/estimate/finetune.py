@@ -201,6 +201,12 @@ def lora_tensors(spec: ModelSpec, lora: Lora) -> list[tuple[str, int, Shape2, Sh
     ]
 
 
+def trainable_shapes(spec: ModelSpec, lora: Lora) -> list[tuple[int, ...]]:
+    """Shapes of every trainable tensor (lora_A, lora_B of each adapter) in the order the
+    optimizer creates their state: ``model.parameters()`` order, as ``optimizer_state`` wants."""
+    return [shape for _, _, a, b in lora_tensors(spec, lora) for shape in (a, b)]
+
+
 def lora_params(spec: ModelSpec, lora: Lora) -> int:
     """Adapter parameters: r·(in + out) per adapted layer."""
     return sum(math.prod(a) + math.prod(b) for _, _, a, b in lora_tensors(spec, lora))
