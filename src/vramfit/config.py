@@ -432,3 +432,192 @@ def load_yaml(path: Path, model: type[BaseModel]) -> Any:
         return model.model_validate(data)
     except ValidationError as err:
         raise validation_error(err, prefix=f"{path}: ") from None
+
+
+# --- Fine-tuning: LoRA adapters (peft) and bitsandbytes quantization --------------------------
+# Self-contained: the models below only read ModelSpec. What they mean in bytes is computed in
+# vramfit.estimate.finetune (imported lazily in the validators: that module imports this one).
+# The imports stay with the block so that the block is one local edit of this file.
+
+from typing import Literal  # noqa: E402
+
+from pydantic import ValidationInfo, field_validator  # noqa: E402
+from pydantic_core import InitErrorDetails, PydanticCustomError  # noqa: E402
+
+
+class PeftModelType(str, Enum):
+    """A Hugging Face ``model_type``: decides the module names peft matches and its default
+    targets. ``ModelSpec.arch`` alone cannot tell Mistral from Phi-3 (fused qkv_proj)."""
+
+    llama = "llama"
+    mistral = "mistral"
+    qwen2 = "qwen2"
+    gemma = "gemma"
+    gemma2 = "gemma2"
+    phi3 = "phi3"
+    gpt2 = "gpt2"
+
+
+ALL_LINEAR = "all-linear"  # peft's INCLUDE_LINEAR_LAYERS_SHORTHAND (peft/utils/constants.py)
+
+
+class Lora(BaseModel):
+    """A peft ``LoraConfig`` (peft 0.21): defaults are LoraConfig's (peft/tuners/lora/config.py:
+    ``r=8``, ``lora_alpha=8``, ``lora_dropout=0.0``, ``target_modules=None``, ``bias="none"``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    r: int = Field(default=8, ge=1, le=65536, description="adapter rank (LoraConfig.r)")
+    alpha: int = Field(default=8, ge=1, description="LoraConfig.lora_alpha; scales B·A by alpha/r")
+    dropout: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="LoraConfig.lora_dropout on the adapter input"
+    )
+    targets: list[str] | Literal["all-linear"] | None = Field(
+        default=None,
+        description="module names (peft suffix match, e.g. q_proj or mlp.c_proj), 'all-linear' "
+        "(every linear layer but the output layer), or None for peft's default for model_type",
+    )
+    model_type: PeftModelType | None = Field(
+        default=None,
+        description="Hugging Face model_type; None: llama for arch llama, gpt2 for arch gpt2",
+    )
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _targets_are_a_list(cls, value: Any) -> Any:
+        # peft reads any other string as a regular expression over module names
+        if isinstance(value, str) and value != ALL_LINEAR:
+            raise ValueError(f"{value!r}: give a list of module names, or 'all-linear'")
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one module name, 'all-linear', or leave it out")
+        return value
+
+
+class QuantKind(str, Enum):
+    nf4 = "nf4"  # 4-bit NormalFloat (Dettmers et al. 2023, QLoRA)
+    fp4 = "fp4"  # 4-bit float; BitsAndBytesConfig's default bnb_4bit_quant_type
+    int8 = "int8"  # LLM.int8() (Dettmers et al. 2022): int8 rows + one fp32 scale per row
+
+
+class ComputeDtype(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class QuantStorage(str, Enum):
+    """``bnb_4bit_quant_storage``: the dtype the packed 4-bit pairs are stored as."""
+
+    uint8 = "uint8"
+    int8 = "int8"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+QUANT_STORAGE_BYTES: dict[QuantStorage, int] = {
+    QuantStorage.uint8: 1,
+    QuantStorage.int8: 1,
+    QuantStorage.fp16: 2,
+    QuantStorage.bf16: 2,
+    QuantStorage.fp32: 4,
+}
+
+# bitsandbytes.functional.quantize_4bit accepts exactly these block sizes (functional.py:920)
+BNB_4BIT_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Quant(BaseModel):
+    """A transformers ``BitsAndBytesConfig`` (transformers 5.17, bitsandbytes 0.50.2).
+
+    Defaults are BitsAndBytesConfig's: ``bnb_4bit_use_double_quant=False``,
+    ``bnb_4bit_compute_dtype=float32``, ``bnb_4bit_quant_storage=uint8``,
+    ``llm_int8_threshold=6.0``; ``blocksize`` is Params4bit's default 64
+    (bitsandbytes/nn/modules.py), which BitsAndBytesConfig does not expose.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: QuantKind = Field(description="nf4 / fp4 (load_in_4bit) or int8 (load_in_8bit)")
+    double_quant: bool = Field(
+        default=False, description="bnb_4bit_use_double_quant: 8-bit absmax, 4-bit only"
+    )
+    compute_dtype: ComputeDtype = Field(
+        default=ComputeDtype.fp32, description="bnb_4bit_compute_dtype: Linear4bit casts x to it"
+    )
+    blocksize: int = Field(default=64, description="elements per 4-bit absmax (4-bit only)")
+    quant_storage: QuantStorage = Field(
+        default=QuantStorage.uint8, description="bnb_4bit_quant_storage (4-bit only)"
+    )
+    int8_threshold: float = Field(
+        default=6.0, ge=0.0, description="llm_int8_threshold: outlier columns kept in fp16"
+    )
+
+    @model_validator(mode="after")
+    def _four_bit_options(self) -> Quant:
+        if self.blocksize not in BNB_4BIT_BLOCKSIZES:
+            _field_error("blocksize", f"must be one of {list(BNB_4BIT_BLOCKSIZES)}", self.blocksize)
+        if self.kind is QuantKind.int8:
+            four_bit_only = "applies to 4-bit (nf4, fp4) only"
+            if self.double_quant:
+                _field_error("double_quant", four_bit_only, True)
+            if self.blocksize != 64:
+                _field_error("blocksize", four_bit_only, self.blocksize)
+            if self.quant_storage is not QuantStorage.uint8:
+                _field_error("quant_storage", four_bit_only, self.quant_storage.value)
+        return self
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.kind is QuantKind.int8 else 4
+
+
+def _field_error(loc: str | tuple[str, ...], message: str, value: Any) -> None:
+    """Raise a ValidationError (a ValueError) located at ``loc`` inside the model being
+    validated, so the one-line error names the field (``lora.r``), not the whole model."""
+    where = (loc,) if isinstance(loc, str) else loc
+    raise ValidationError.from_exception_data(
+        "finetune",
+        [
+            InitErrorDetails(
+                type=PydanticCustomError("value_error", message), loc=where, input=value
+            )
+        ],
+    )
+
+
+class FinetuneSpec(_Strict):
+    """A model with optional LoRA adapters and optional bitsandbytes quantization.
+
+    Cross-checks against the architecture: every LoRA target names a module the model has,
+    the rank fits every targeted layer (r <= min(in, out)), peft has a default target list for
+    the model_type when ``targets`` is None, and the model_type matches ``model.arch``.
+    """
+
+    model: ModelSpec
+    lora: Lora | None = None
+    quant: Quant | None = None
+
+    @field_validator("lora")
+    @classmethod
+    def _lora_fits_the_model(cls, lora: Lora | None, info: ValidationInfo) -> Lora | None:
+        spec = info.data.get("model")
+        if lora is None or spec is None or spec.experts > 1:
+            return lora  # a mixture of experts is refused below, naming model.experts
+        from vramfit.estimate.finetune import LoraTargetError, lora_target_shapes
+
+        try:
+            lora_target_shapes(spec, lora)
+        except LoraTargetError as exc:
+            _field_error(exc.field, exc.reason, exc.value)
+        return lora
+
+    @model_validator(mode="after")
+    def _dense_models_only(self) -> FinetuneSpec:
+        if self.model.experts > 1 and (self.lora is not None or self.quant is not None):
+            _field_error(
+                ("model", "experts"),
+                "LoRA and quantization are modelled for dense models only",
+                self.model.experts,
+            )
+        return self
