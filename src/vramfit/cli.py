@@ -479,21 +479,27 @@ def _seed(run: RunSpec, hardware: Hardware | None, as_json: bool) -> None:
 def _solve(run: RunSpec, hardware: Hardware, field: str, as_json: bool) -> None:
     from vramfit.estimate.solve import solve_max
 
-    value, est = solve_max(run, hardware, field)  # type: ignore[arg-type]
+    solution = solve_max(run, hardware, field)  # type: ignore[arg-type]
+    est = solution.estimate
     if as_json:
         _print_json(
             {
                 "solve": field,
-                "value": value,
+                "value": solution.value,
                 "gpu": _gpu_json(hardware),
                 "estimate": None if est is None else estimate_json(est),
+                "largest": solution.largest,
+                "limit": solution.limit,
+                "checked_to": solution.checked_to,
+                "bound": solution.bound,
+                "too_big": list(solution.too_big),
             }
         )
     else:
         from vramfit.render import render_solve
 
-        render_solve(_console(), field, value, hardware.name, est)
-    raise typer.Exit(EXIT_FITS if value > 0 else EXIT_DOES_NOT_FIT)
+        render_solve(_console(), solution, hardware.name)
+    raise typer.Exit(EXIT_FITS if solution.value > 0 else EXIT_DOES_NOT_FIT)
 
 
 @app.command()

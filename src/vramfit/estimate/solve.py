@@ -1,7 +1,15 @@
 """Solvers over the pure model: the largest batch or sequence that fits, and what to change.
 
-Bisection works because the estimate never shrinks when batch or sequence grows (a
-property the tests check with hypothesis).
+What is monotone and what is not: the peak allocated bytes never shrink when batch or
+sequence grows (every tensor grows or stays; a property the tests check with hypothesis),
+but the device total need not grow with them. The caching allocator's reserve depends on
+how the blocks happen to fit into its segments, so one more sequence can need less
+memory: measured on an H200, GPT-2 at batch 26 held 32.45 GiB and at batch 27 28.49 GiB,
+as vramfit predicts. So a bisection on the total finds *a* boundary, not necessarily the
+largest value that fits. ``solve_max`` therefore bisects, then checks every value above
+the boundary until the peak allocated bytes plus the CUDA context alone exceed the GPU
+(the total is at least that, and the peak is monotone: no larger value can fit), and
+says when that scan had to stop short.
 """
 
 from __future__ import annotations
@@ -9,39 +17,130 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from vramfit.config import Attention, Checkpointing, Mode, Optimizer, Precision, RunSpec
+from vramfit.config import (
+    Attention,
+    Checkpointing,
+    Mode,
+    Optimizer,
+    Positions,
+    Precision,
+    RunSpec,
+    Workload,
+)
 from vramfit.estimate.core import Estimate, Hardware, estimate
 
 SolveField = Literal["batch", "seq"]
 _LIMIT = {"batch": 10_000_000, "seq": 100_000_000}  # the Workload field bounds
+# values above the bisection's boundary that are estimated one by one before giving up the
+# proof that none of them fits (each costs one estimate)
+SCAN_MAX = 32
 
 
 def _with(run: RunSpec, **changes: object) -> RunSpec:
     return run.model_copy(update={"workload": run.workload.model_copy(update=changes)})
 
 
-def solve_max(run: RunSpec, hardware: Hardware, field: SolveField) -> tuple[int, Estimate | None]:
-    """Largest ``field`` (batch or seq) whose total fits ``hardware``; 0 when even 1 does not.
+@dataclass(frozen=True)
+class Solution:
+    """The largest ``field`` value that fits, and how far that is proven.
 
-    Exponential search for an upper bound, then bisection: O(log n) estimates.
+    ``value``: the largest value found that fits (0: not even 1 fits), ``estimate`` its
+    estimate. ``limit``: the end of the search range (the field's bound, or for ``seq`` the
+    learned position table). Every value above ``bound`` does not fit (its peak allocated
+    bytes plus the CUDA context exceed the GPU, or it is beyond ``limit``). Every value from
+    ``value`` to ``checked_to`` was estimated; when ``checked_to < bound`` the values in
+    between were not, and one of them may fit (``largest`` is False). ``too_big``: values
+    below ``value`` that were estimated and do not fit (the total is not monotone).
+    ``by_positions``: ``limit`` is the learned position table, not the field's bound.
     """
 
-    def fits(value: int) -> bool:
-        return estimate(_with(run, **{field: value}), hardware).total_bytes <= hardware.memory_bytes
+    field: SolveField
+    value: int
+    estimate: Estimate | None
+    limit: int
+    bound: int
+    checked_to: int
+    too_big: tuple[int, ...]
+    by_positions: bool = False
 
-    if not fits(1):
-        return 0, None
-    low, high = 1, 2
-    while high <= _LIMIT[field] and fits(high):
-        low, high = high, high * 2
-    high = min(high, _LIMIT[field] + 1)
-    while high - low > 1:  # invariant: fits(low), not fits(high)
-        mid = (low + high) // 2
-        if fits(mid):
-            low = mid
-        else:
-            high = mid
-    return low, estimate(_with(run, **{field: low}), hardware)
+    @property
+    def largest(self) -> bool:
+        """Whether ``value`` is proven to be the largest that fits within ``limit``."""
+        return self.checked_to >= self.bound
+
+
+def search_limit(run: RunSpec, field: SolveField) -> int:
+    """The largest value the search may try: the field's bound; for ``seq`` with learned
+    positions, the position table less the generated tokens (GPT-2: 1024)."""
+    limit = _LIMIT[field]
+    spec = run.model.resolved()
+    if field == "seq" and spec.positions is Positions.learned and spec.max_positions:
+        limit = min(limit, spec.max_positions - run.workload.gen_tokens)
+    return limit
+
+
+def solve_max(run: RunSpec, hardware: Hardware, field: SolveField) -> Solution:
+    """The largest ``field`` (batch or seq) whose device total fits ``hardware``.
+
+    Exponential search and bisection find a boundary (``low`` fits, ``low + 1`` does not);
+    then every value above it is estimated until the peak allocated bytes plus the CUDA
+    context exceed the GPU, at most ``SCAN_MAX`` of them (see the module docstring).
+    """
+    limit = search_limit(run, field)
+    memory = hardware.memory_bytes
+    seen: dict[int, Estimate] = {}
+
+    def probe(value: int) -> Estimate:
+        if value not in seen:
+            workload = Workload.model_validate({**run.workload.model_dump(), field: value})
+            seen[value] = estimate(RunSpec(model=run.model, workload=workload), hardware)
+        return seen[value]
+
+    def fits(value: int) -> bool:
+        return probe(value).total_bytes <= memory
+
+    def hopeless(value: int) -> bool:
+        """No value from ``value`` on can fit: the total is at least peak + context."""
+        est = probe(value)
+        return est.peak_allocated_bytes + est.breakdown.get("cuda_context", 0) > memory
+
+    low = 0  # the boundary: low fits (or is 0), low + 1 does not
+    if limit >= 1 and fits(1):
+        low, high = 1, 2
+        while high <= limit and fits(high):
+            low, high = high, high * 2
+        high = min(high, limit + 1)
+        while high - low > 1:  # invariant: fits(low), not fits(high) (or beyond the limit)
+            mid = (low + high) // 2
+            if fits(mid):
+                low = mid
+            else:
+                high = mid
+
+    # scan above the boundary until no larger value can fit
+    best, value = low, low + 1
+    while value <= limit and value <= low + SCAN_MAX and not hopeless(value):
+        if fits(value):
+            best = value
+        value += 1
+    checked_to = value - 1
+    if value > limit or hopeless(value):
+        bound = checked_to
+    else:  # the scan stopped short: bisect for the first hopeless value (peak is monotone)
+        lo, hi = value, value + 1
+        while hi <= limit and not hopeless(hi):
+            lo, hi = hi, hi + 2 * (hi - lo)
+        hi = min(hi, limit + 1)
+        while hi - lo > 1:  # invariant: not hopeless(lo), hopeless(hi) (or beyond the limit)
+            mid = (lo + hi) // 2
+            if hopeless(mid):
+                hi = mid
+            else:
+                lo = mid
+        bound = lo
+    too_big = tuple(v for v in sorted(seen) if v < best and seen[v].total_bytes > memory)
+    by_positions = limit < _LIMIT[field]
+    return Solution(field, best, seen.get(best), limit, bound, checked_to, too_big, by_positions)
 
 
 @dataclass(frozen=True)
