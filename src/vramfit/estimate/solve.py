@@ -31,8 +31,8 @@ from vramfit.estimate.core import Estimate, Hardware, estimate
 
 SolveField = Literal["batch", "seq"]
 _LIMIT = {"batch": 10_000_000, "seq": 100_000_000}  # the Workload field bounds
-# values above the bisection's boundary that are estimated one by one before giving up the
-# proof that none of them fits (each costs one estimate)
+# at most this many values between the bisection's boundary and the bound are estimated one
+# by one (each costs an estimate); beyond that the answer is not proven to be the largest
 SCAN_MAX = 32
 
 
@@ -82,9 +82,10 @@ def search_limit(run: RunSpec, field: SolveField) -> int:
 def solve_max(run: RunSpec, hardware: Hardware, field: SolveField) -> Solution:
     """The largest ``field`` (batch or seq) whose device total fits ``hardware``.
 
-    Exponential search and bisection find a boundary (``low`` fits, ``low + 1`` does not);
-    then every value above it is estimated until the peak allocated bytes plus the CUDA
-    context exceed the GPU, at most ``SCAN_MAX`` of them (see the module docstring).
+    Exponential search and bisection find a boundary (``low`` fits, ``low + 1`` does not)
+    and the bound (the values above it have peak allocated bytes plus the CUDA context
+    beyond the GPU); when at most ``SCAN_MAX`` values lie between the two, each is
+    estimated (see the module docstring).
     """
     limit = search_limit(run, field)
     memory = hardware.memory_bytes
@@ -117,27 +118,29 @@ def solve_max(run: RunSpec, hardware: Hardware, field: SolveField) -> Solution:
             else:
                 high = mid
 
-    # scan above the boundary until no larger value can fit
-    best, value = low, low + 1
-    while value <= limit and value <= low + SCAN_MAX and not hopeless(value):
-        if fits(value):
-            best = value
-        value += 1
-    checked_to = value - 1
-    if value > limit or hopeless(value):
-        bound = checked_to
-    else:  # the scan stopped short: bisect for the first hopeless value (peak is monotone)
-        lo, hi = value, value + 1
-        while hi <= limit and not hopeless(hi):
-            lo, hi = hi, hi + 2 * (hi - lo)
-        hi = min(hi, limit + 1)
-        while hi - lo > 1:  # invariant: not hopeless(lo), hopeless(hi) (or beyond the limit)
-            mid = (lo + hi) // 2
-            if hopeless(mid):
-                hi = mid
-            else:
-                lo = mid
-        bound = lo
+    # the bound: the last value below the first whose peak + context alone exceed the GPU
+    # (the peak is monotone, so the bound is found by search; low itself fits)
+    lo, hi = low, low + 1
+    while hi <= limit and not hopeless(hi):
+        lo, hi = hi, hi + 2 * (hi - lo)
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:  # invariant: not hopeless(lo) (or lo is 0), hopeless(hi) or beyond
+        mid = (lo + hi) // 2
+        if hopeless(mid):
+            hi = mid
+        else:
+            lo = mid
+    bound = lo
+    # every value between the boundary and the bound, when there are few enough
+    if bound - low <= SCAN_MAX:
+        for value in range(low + 1, bound + 1):
+            fits(value)
+    best = max((v for v, est in seen.items() if est.total_bytes <= memory), default=0)
+    checked_to = best
+    while checked_to + 1 in seen:
+        checked_to += 1
+    if checked_to < bound and bound - low <= SCAN_MAX:
+        checked_to = bound
     too_big = tuple(v for v in sorted(seen) if v < best and seen[v].total_bytes > memory)
     by_positions = limit < _LIMIT[field]
     return Solution(field, best, seen.get(best), limit, bound, checked_to, too_big, by_positions)
