@@ -108,14 +108,19 @@ class Tape:
         """Create a tensor at the current op; its key, or None for an empty one."""
         if size <= 0:
             return None
-        self.records.append(_Record(name, component, [int(size)], self.now, part=part))
-        return len(self.records) - 1
+        records = self.records
+        now = len(self.timeline.points) - 1
+        records.append(_Record(name, component, [int(size)], now, None, False, part))
+        return len(records) - 1
 
     def free(self, *keys: int | None) -> None:
         """Free tensors after the current op (None keys are ignored)."""
+        records, now = self.records, len(self.timeline.points) - 1
         for key in keys:
-            if key is not None and self.records[key].end is None:
-                self.records[key].end = self.now
+            if key is not None:
+                record = records[key]
+                if record.end is None:
+                    record.end = now
 
     def temp(self, name: str, component: str, size: int) -> None:
         """A tensor created and freed within the current op."""
@@ -130,14 +135,18 @@ class Tape:
     def finish(self) -> Timeline:
         """Close what is still open at the step's end (gradients: the next zero_grad)."""
         last = self.now
+        make = tuple.__new__  # Allocation's fields in order, without its keyword handling
         self.timeline.allocations.extend(
-            Allocation(
-                r.name,
-                r.component,
-                tuple(r.sizes),
-                r.start,
-                last if r.persistent or r.end is None else r.end,
-                r.persistent,
+            make(
+                Allocation,
+                (
+                    r.name,
+                    r.component,
+                    tuple(r.sizes),
+                    r.start,
+                    last if r.persistent or r.end is None else r.end,
+                    r.persistent,
+                ),
             )
             for r in self.records
         )
