@@ -9,7 +9,6 @@ from vramfit.cli import app
 from vramfit.config import ModelSpec, RunSpec, Workload
 from vramfit.estimate.core import Hardware, estimate
 from vramfit.estimate.solve import solve_max, suggestions
-from vramfit.presets import get_preset
 
 LLAMA3_8B = ModelSpec(
     arch="llama", layers=32, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=128256
@@ -78,10 +77,11 @@ def test_suggesting_flash_attention_keeps_the_workload_a_valid_model() -> None:
         )
 
 
+GPT2 = {"arch": "gpt2", "layers": 12, "hidden": 768}  # the gpt2 preset's shape (124M)
+
+
 def _gpt2(batch: int) -> RunSpec:
-    return RunSpec.model_validate(
-        {"model": get_preset("gpt2").model.model_dump(), "workload": {"batch": batch, "seq": 1024}}
-    )
+    return RunSpec.model_validate({"model": GPT2, "workload": {"batch": batch, "seq": 1024}})
 
 
 def test_the_largest_batch_is_found_past_a_smaller_one_that_does_not_fit() -> None:
@@ -111,9 +111,7 @@ def test_solve_seq_stops_at_the_learned_position_table(gen_tokens: int) -> None:
     # GPT-2 has 1024 learned positions: no seq beyond the table (less what is generated)
     # is a valid run, so the search must not try one
     workload = {"seq": 8, "mode": "infer" if gen_tokens else "train", "gen_tokens": gen_tokens}
-    run = RunSpec.model_validate(
-        {"model": get_preset("gpt2").model.model_dump(), "workload": workload}
-    )
+    run = RunSpec.model_validate({"model": GPT2, "workload": workload})
     solution = solve_max(run, T4, "seq")
     assert solution.limit == 1024 - gen_tokens and solution.by_positions
     assert solution.value == 1024 - gen_tokens and solution.largest
@@ -122,7 +120,8 @@ def test_solve_seq_stops_at_the_learned_position_table(gen_tokens: int) -> None:
 def test_cli_solve_seq_with_learned_positions_is_not_a_traceback() -> None:
     result = CliRunner().invoke(
         app,
-        ["estimate", "--preset", "gpt2", "--gpu", "T4", "--solve", "seq"],
+        ["estimate", "--arch", "gpt2", "--layers", "12", "--hidden", "768", "--gpu", "T4"]
+        + ["--solve", "seq"],
         env={"COLUMNS": "100"},
     )
     assert result.exit_code == 0, result.output

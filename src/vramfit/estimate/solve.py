@@ -14,6 +14,7 @@ says when that scan had to stop short.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -97,53 +98,96 @@ def solve_max(run: RunSpec, hardware: Hardware, field: SolveField) -> Solution:
             seen[value] = estimate(RunSpec(model=run.model, workload=workload), hardware)
         return seen[value]
 
-    def fits(value: int) -> bool:
-        return probe(value).total_bytes <= memory
+    def excess(value: int) -> int:  # > 0: does not fit
+        return probe(value).total_bytes - memory
 
-    def hopeless(value: int) -> bool:
-        """No value from ``value`` on can fit: the total is at least peak + context."""
+    def floor_excess(value: int) -> int:  # > 0: no value from here on fits (see hopeless)
         est = probe(value)
-        return est.peak_allocated_bytes + est.breakdown.get("cuda_context", 0) > memory
+        return est.peak_allocated_bytes + est.breakdown.get("cuda_context", 0) - memory
 
-    low = 0  # the boundary: low fits (or is 0), low + 1 does not
-    if limit >= 1 and fits(1):
-        low, high = 1, 2
-        while high <= limit and fits(high):
-            low, high = high, high * 2
-        high = min(high, limit + 1)
-        while high - low > 1:  # invariant: fits(low), not fits(high) (or beyond the limit)
-            mid = (low + high) // 2
-            if fits(mid):
-                low = mid
-            else:
-                high = mid
-
-    # the bound: the last value below the first whose peak + context alone exceed the GPU
-    # (the peak is monotone, so the bound is found by search; low itself fits)
-    lo, hi = low, low + 1
-    while hi <= limit and not hopeless(hi):
-        lo, hi = hi, hi + 2 * (hi - lo)
-    hi = min(hi, limit + 1)
-    while hi - lo > 1:  # invariant: not hopeless(lo) (or lo is 0), hopeless(hi) or beyond
-        mid = (lo + hi) // 2
-        if hopeless(mid):
-            hi = mid
-        else:
-            lo = mid
-    bound = lo
+    # the boundary: low fits (or is 0), low + 1 does not
+    low = 0
+    if limit >= 1 and excess(1) <= 0:
+        low = _crossing(excess, *_bracket(excess, 1, limit))
+    # the bound: the total is at least peak + context, and the peak is monotone, so no value
+    # above the last one whose peak + context fit the GPU can fit (low itself fits)
+    if limit < 1 or floor_excess(1) > 0:
+        bound = 0
+    else:
+        start = max(v for v in seen if floor_excess(v) <= 0)
+        above = [v for v in seen if v > start and floor_excess(v) > 0]
+        lo, hi = (start, min(above)) if above else _bracket(floor_excess, start, limit)
+        bound = _crossing(floor_excess, lo, hi)
     # every value between the boundary and the bound, when there are few enough
     if bound - low <= SCAN_MAX:
         for value in range(low + 1, bound + 1):
-            fits(value)
+            excess(value)
     best = max((v for v, est in seen.items() if est.total_bytes <= memory), default=0)
     checked_to = best
     while checked_to + 1 in seen:
         checked_to += 1
     if checked_to < bound and bound - low <= SCAN_MAX:
         checked_to = bound
+    # the values just below the answer that do not fit, down to one that does (few: the
+    # reserve jumps at a segment boundary and falls back, as measured for GPT-2 above)
+    value = best - 1
+    while 1 <= value and best - value <= SCAN_MAX and excess(value) > 0:
+        value -= 1
     too_big = tuple(v for v in sorted(seen) if v < best and seen[v].total_bytes > memory)
     by_positions = limit < _LIMIT[field]
     return Solution(field, best, seen.get(best), limit, bound, checked_to, too_big, by_positions)
+
+
+def _bracket(g: Callable[[int], int], lo: int, limit: int) -> tuple[int, int]:
+    """From ``g(lo) <= 0``: ``(lo, hi)`` with ``g(lo) <= 0 < g(hi)``, or ``hi = limit + 1``.
+
+    Each step goes 10% past where the last two points extrapolate ``g`` to cross zero (the
+    totals grow about linearly, faster with eager attention), at least 1.5 times as far, and
+    4 times as far while ``g`` does not grow (small values: whole segments, no change).
+    """
+    prev = None
+    while lo < limit:
+        step = 3 * lo
+        if prev is not None and g(lo) > g(prev):
+            slope = (g(lo) - g(prev)) / (lo - prev)
+            step = max(lo // 2 + 1, int(-g(lo) / slope * 1.1) + 1)
+        hi = min(lo + step, limit)
+        if g(hi) > 0:
+            return lo, hi
+        prev, lo = lo, hi
+    return lo, limit + 1
+
+
+def _crossing(g: Callable[[int], int], lo: int, hi: int) -> int:
+    """Given ``g(lo) <= 0 < g(hi)`` (``hi`` may be the limit + 1, never evaluated): the ``v``
+    in ``[lo, hi)`` with ``g(v) <= 0 < g(v + 1)`` that the search reaches.
+
+    Rounds alternate: one tries the integers on both sides of where ``g`` interpolates to
+    zero, the next bisects (so at most twice a bisection's steps). ``g`` need not be
+    monotone (the total is not): the invariant alone makes the answer a boundary.
+    """
+    g_lo = g(lo)
+    g_hi = None  # unknown until evaluated (never at the limit + 1)
+    interpolate = True
+    while hi - lo > 1:
+        if not interpolate:
+            guesses = [(lo + hi) // 2]
+        elif g_hi is None:  # first try the value just below hi
+            guesses = [hi - 1]
+        else:
+            crossing = lo + int((hi - lo) * -g_lo / (g_hi - g_lo))
+            guesses = [crossing, crossing + 1]
+        for guess in guesses:
+            if hi - lo <= 1:
+                break
+            guess = min(max(guess, lo + 1), hi - 1)
+            value = g(guess)
+            if value <= 0:
+                lo, g_lo = guess, value
+            else:
+                hi, g_hi = guess, value
+        interpolate = not interpolate
+    return lo
 
 
 @dataclass(frozen=True)
