@@ -108,7 +108,7 @@ def solve_max(run: RunSpec, hardware: Hardware, field: SolveField) -> Solution:
     # the boundary: low fits (or is 0), low + 1 does not
     low = 0
     if limit >= 1 and excess(1) <= 0:
-        low = _crossing(excess, *_bracket(excess, 1, limit))
+        low = _crossing(excess, *_bracket(excess, 1, limit), limit)
     # the bound: the total is at least peak + context, and the peak is monotone, so no value
     # above the last one whose peak + context fit the GPU can fit (low itself fits)
     if limit < 1 or floor_excess(1) > 0:
@@ -117,7 +117,7 @@ def solve_max(run: RunSpec, hardware: Hardware, field: SolveField) -> Solution:
         start = max(v for v in seen if floor_excess(v) <= 0)
         above = [v for v in seen if v > start and floor_excess(v) > 0]
         lo, hi = (start, min(above)) if above else _bracket(floor_excess, start, limit)
-        bound = _crossing(floor_excess, lo, hi)
+        bound = _crossing(floor_excess, lo, hi, limit)
     # every value between the boundary and the bound, when there are few enough
     if bound - low <= SCAN_MAX:
         for value in range(low + 1, bound + 1):
@@ -158,35 +158,37 @@ def _bracket(g: Callable[[int], int], lo: int, limit: int) -> tuple[int, int]:
     return lo, limit + 1
 
 
-def _crossing(g: Callable[[int], int], lo: int, hi: int) -> int:
-    """Given ``g(lo) <= 0 < g(hi)`` (``hi`` may be the limit + 1, never evaluated): the ``v``
-    in ``[lo, hi)`` with ``g(v) <= 0 < g(v + 1)`` that the search reaches.
+def _crossing(g: Callable[[int], int], lo: int, hi: int, limit: int) -> int:
+    """Given ``g(lo) <= 0 < g(hi)`` (or ``hi = limit + 1``, never evaluated): the ``v`` in
+    ``[lo, hi)`` with ``g(v) <= 0 < g(v + 1)`` that the search reaches.
 
-    Rounds alternate: one tries the integers on both sides of where ``g`` interpolates to
-    zero, the next bisects (so at most twice a bisection's steps). ``g`` need not be
-    monotone (the total is not): the invariant alone makes the answer a boundary.
+    The Illinois variant of regula falsi (Dowell & Jarratt 1971): each step evaluates
+    ``g`` where the bracket interpolates it to zero, halving the weight of an end that stays
+    twice in a row; every step shrinks the bracket by at least one. A few steps when ``g``
+    is close to linear, as the totals are. ``g`` need not be monotone (the total is not):
+    the invariant alone makes the answer a boundary.
     """
-    g_lo = g(lo)
-    g_hi = None  # unknown until evaluated (never at the limit + 1)
-    interpolate = True
+    g_lo: float = g(lo)
+    if hi > limit:  # the limit first: it may fit
+        if g(limit) <= 0:
+            return limit
+        hi = limit
+    g_hi: float = g(hi)
+    kept = 0  # -1: lo moved last time, +1: hi moved last time
     while hi - lo > 1:
-        if not interpolate:
-            guesses = [(lo + hi) // 2]
-        elif g_hi is None:  # first try the value just below hi
-            guesses = [hi - 1]
+        guess = lo + int((hi - lo) * -g_lo / (g_hi - g_lo))
+        guess = min(max(guess, lo + 1), hi - 1)
+        value = g(guess)
+        if value <= 0:
+            lo, g_lo = guess, value
+            if kept == -1:
+                g_hi /= 2
+            kept = -1
         else:
-            crossing = lo + int((hi - lo) * -g_lo / (g_hi - g_lo))
-            guesses = [crossing, crossing + 1]
-        for guess in guesses:
-            if hi - lo <= 1:
-                break
-            guess = min(max(guess, lo + 1), hi - 1)
-            value = g(guess)
-            if value <= 0:
-                lo, g_lo = guess, value
-            else:
-                hi, g_hi = guess, value
-        interpolate = not interpolate
+            hi, g_hi = guess, value
+            if kept == 1:
+                g_lo /= 2
+            kept = 1
     return lo
 
 
