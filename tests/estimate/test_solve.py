@@ -87,7 +87,7 @@ def _gpt2(batch: int) -> RunSpec:
 def test_the_largest_batch_is_found_past_a_smaller_one_that_does_not_fit() -> None:
     # The device total is not monotone in the batch: measured on an H200, GPT-2 (seq 1024,
     # AMP bf16, AdamW) held 32.45 GiB at batch 26 and 28.49 GiB at batch 27, and the model
-    # predicts the same step (benchmarks/data; README "--solve"). On a 29 GiB device a
+    # predicts the same step (README, "--solve"). On a 29 GiB device a
     # bisection stops at 24 (25 and 26 do not fit); 27 does.
     totals = {b: estimate(_gpt2(b)).total_bytes for b in range(24, 29)}
     assert totals[26] > totals[27]  # the non-monotone step the solver must see past
