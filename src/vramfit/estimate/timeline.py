@@ -13,25 +13,28 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from vramfit.estimate.allocator import CachingAllocator
 
 
-class Allocation(NamedTuple):
+@dataclass(slots=True)
+class Allocation:
     """Tensors of ``sizes`` bytes, live from point ``start`` to point ``end`` (inclusive).
 
     ``persistent`` allocations (weights, optimizer state, workspaces) outlive the step: a
-    replay of several steps allocates them once. (A named tuple: a 512-layer step has about
-    fifty thousand of them, and a frozen dataclass costs several times more to make.)
+    replay of several steps allocates them once. ``part``: for saved activations, the part
+    of the block that saved them ("norm", "attention" or "mlp"). A ``Tape`` makes one per
+    tensor as the op runs (``end`` is None until it is freed) and hands the same objects to
+    its ``Timeline``: a 512-layer step has about fifty thousand.
     """
 
     name: str
     component: str
     sizes: tuple[int, ...]
     start: int
-    end: int
+    end: int | None = None
     persistent: bool = False
+    part: str = ""
 
     @property
     def n_bytes(self) -> int:
@@ -75,17 +78,6 @@ class Timeline:
         return dict(parts)
 
 
-@dataclass(slots=True)
-class _Record:
-    name: str
-    component: str
-    sizes: list[int]
-    start: int
-    end: int | None = None
-    persistent: bool = False
-    part: str = ""  # for saved activations: "norm", "attention" or "mlp"
-
-
 @dataclass
 class Tape:
     """Builds a Timeline op by op: a tensor is recorded when created and closed when freed.
@@ -94,7 +86,7 @@ class Tape:
     """
 
     timeline: Timeline = field(default_factory=Timeline)
-    records: list[_Record] = field(default_factory=list)
+    records: list[Allocation] = field(default_factory=list)
     phase: str = "forward"
 
     def op(self, name: str) -> int:
@@ -110,7 +102,7 @@ class Tape:
             return None
         records = self.records
         now = len(self.timeline.points) - 1
-        records.append(_Record(name, component, [int(size)], now, None, False, part))
+        records.append(Allocation(name, component, (int(size),), now, None, False, part))
         return len(records) - 1
 
     def free(self, *keys: int | None) -> None:
@@ -128,28 +120,17 @@ class Tape:
 
     def persist(self, name: str, component: str, sizes: Sequence[int]) -> None:
         """Tensors that outlive the step (weights, optimizer state, workspaces), from now on."""
-        sizes = [int(s) for s in sizes if s > 0]
+        sizes = tuple(int(s) for s in sizes if s > 0)
         if sizes:
-            self.records.append(_Record(name, component, sizes, self.now, persistent=True))
+            self.records.append(Allocation(name, component, sizes, self.now, None, True))
 
     def finish(self) -> Timeline:
         """Close what is still open at the step's end (gradients: the next zero_grad)."""
         last = self.now
-        make = tuple.__new__  # Allocation's fields in order, without its keyword handling
-        self.timeline.allocations.extend(
-            make(
-                Allocation,
-                (
-                    r.name,
-                    r.component,
-                    tuple(r.sizes),
-                    r.start,
-                    last if r.persistent or r.end is None else r.end,
-                    r.persistent,
-                ),
-            )
-            for r in self.records
-        )
+        for record in self.records:
+            if record.persistent or record.end is None:
+                record.end = last
+        self.timeline.allocations.extend(self.records)
         return self.timeline
 
 
