@@ -73,9 +73,12 @@ def main() -> int:
     import vramfit
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    where = Path(vramfit.__file__).resolve().parent
+    if where.is_relative_to(Path.cwd()):
+        where = where.relative_to(Path.cwd())
     lines = [
         f"$ {shlex.join(['python', *sys.argv])}",
-        f"{args.label or 'vramfit'} ({Path(vramfit.__file__).parent}); python "
+        f"{args.label or 'vramfit'} ({where}); python "
         f"{platform.python_version()}, {os.cpu_count()} CPUs; load average {load:.2f} at start",
         "",
         f"{'case':<34} {'runs':>4} {'wall s':>8} {'cpu s':>8}   vramfit estimate ... --json",
