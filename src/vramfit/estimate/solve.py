@@ -83,10 +83,10 @@ def search_limit(run: RunSpec, field: SolveField) -> int:
 def solve_max(run: RunSpec, hardware: Hardware, field: SolveField) -> Solution:
     """The largest ``field`` (batch or seq) whose device total fits ``hardware``.
 
-    Exponential search and bisection find a boundary (``low`` fits, ``low + 1`` does not)
-    and the bound (the values above it have peak allocated bytes plus the CUDA context
-    beyond the GPU); when at most ``SCAN_MAX`` values lie between the two, each is
-    estimated (see the module docstring).
+    A bracketing search from the run's own value and regula falsi find a boundary (``low``
+    fits, ``low + 1`` does not) and the bound (the values above it have peak allocated bytes
+    plus the CUDA context beyond the GPU); when at most ``SCAN_MAX`` values lie between the
+    two, each is estimated (see the module docstring).
     """
     limit = search_limit(run, field)
     memory = hardware.memory_bytes
@@ -105,10 +105,14 @@ def solve_max(run: RunSpec, hardware: Hardware, field: SolveField) -> Solution:
         est = probe(value)
         return est.peak_allocated_bytes + est.breakdown.get("cuda_context", 0) - memory
 
-    # the boundary: low fits (or is 0), low + 1 does not
+    # the boundary: low fits (or is 0), low + 1 does not; the search starts from the run's own
+    # value, which is usually close
     low = 0
-    if limit >= 1 and excess(1) <= 0:
-        low = _crossing(excess, *_bracket(excess, 1, limit), limit)
+    start = min(max(1, getattr(run.workload, field)), limit)
+    if limit >= 1 and excess(start) <= 0:
+        low = _crossing(excess, *_bracket(excess, start, limit), limit)
+    elif limit >= 1 and excess(1) <= 0:
+        low = _crossing(excess, 1, start, limit)
     # the bound: the total is at least peak + context, and the peak is monotone, so no value
     # above the last one whose peak + context fit the GPU can fit (low itself fits)
     if limit < 1 or floor_excess(1) > 0:
