@@ -5,11 +5,11 @@ sequence grows (every tensor grows or stays; a property the tests check with hyp
 but the device total need not grow with them. The caching allocator's reserve depends on
 how the blocks happen to fit into its segments, so one more sequence can need less
 memory: measured on an H200, GPT-2 at batch 26 held 32.45 GiB and at batch 27 28.49 GiB,
-as vramfit predicts. So a bisection on the total finds *a* boundary, not necessarily the
-largest value that fits. ``solve_max`` therefore bisects, then checks every value above
-the boundary until the peak allocated bytes plus the CUDA context alone exceed the GPU
-(the total is at least that, and the peak is monotone: no larger value can fit), and
-says when that scan had to stop short.
+as vramfit predicts. So a search on the total finds *a* boundary (N fits, N + 1 does not),
+not necessarily the largest value that fits. ``solve_max`` also finds the bound past which
+the peak allocated bytes plus the CUDA context alone exceed the GPU (the total is at least
+that, and the peak is monotone: no larger value can fit), estimates every value between
+the two when there are few, and says when there were too many to prove the answer largest.
 """
 
 from __future__ import annotations
