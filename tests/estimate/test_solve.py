@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -127,3 +129,19 @@ def test_cli_solve_seq_with_learned_positions_is_not_a_traceback() -> None:
     assert result.exit_code == 0, result.output
     assert "Largest seq that fits on T4: 1024" in result.output
     assert "learned position table" in result.output
+
+
+def test_cli_solve_json_says_what_is_proven() -> None:
+    argv = ["estimate", "--arch", "gpt2", "--layers", "12", "--hidden", "768", "--gpu", "T4"]
+    result = CliRunner().invoke(app, [*argv, "--solve", "seq", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert {k: doc[k] for k in ("solve", "value", "largest", "limit", "bound", "too_big")} == {
+        "solve": "seq",
+        "value": 1024,
+        "largest": True,
+        "limit": 1024,
+        "bound": 1024,
+        "too_big": [],
+    }
+    assert doc["checked_to"] >= doc["bound"] and doc["estimate"]["workload"]["seq"] == 1024
