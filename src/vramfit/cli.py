@@ -12,6 +12,7 @@ inside ``measure``.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 from pathlib import Path
@@ -550,21 +551,27 @@ def _seed(run: RunSpec, hardware: Hardware | None, as_json: bool) -> None:
 def _solve(run: RunSpec, hardware: Hardware, field: str, as_json: bool) -> None:
     from vramfit.estimate.solve import solve_max
 
-    value, est = solve_max(run, hardware, field)  # type: ignore[arg-type]
+    solution = solve_max(run, hardware, field)  # type: ignore[arg-type]
+    est = solution.estimate
     if as_json:
         _print_json(
             {
                 "solve": field,
-                "value": value,
+                "value": solution.value,
                 "gpu": _gpu_json(hardware),
                 "estimate": None if est is None else estimate_json(est),
+                "largest": solution.largest,
+                "limit": solution.limit,
+                "checked_to": solution.checked_to,
+                "bound": solution.bound,
+                "too_big": list(solution.too_big),
             }
         )
     else:
         from vramfit.render import render_solve
 
-        render_solve(_console(), field, value, hardware.name, est)
-    raise typer.Exit(EXIT_FITS if value > 0 else EXIT_DOES_NOT_FIT)
+        render_solve(_console(), solution, hardware.name)
+    raise typer.Exit(EXIT_FITS if solution.value > 0 else EXIT_DOES_NOT_FIT)
 
 
 @app.command()
@@ -1032,6 +1039,10 @@ def _command() -> Any:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors for bad usage, exit codes as documented."""
+    # pydantic looks for plugins in every installed distribution's entry points when it builds
+    # the first validator (importlib.metadata: ~10 ms at start-up); vramfit's command line
+    # uses none. An explicit setting is kept.
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         code = _command().main(args=args or ["--help"], prog_name="vramfit", standalone_mode=False)

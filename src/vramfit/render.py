@@ -22,7 +22,7 @@ from vramfit.units import GIB, MIB, format_bytes, format_count
 if TYPE_CHECKING:  # `vramfit estimate` pays for importing only what its output needs
     from vramfit.estimate.core import Estimate
     from vramfit.estimate.seed import SeedEstimate
-    from vramfit.estimate.solve import Suggestion
+    from vramfit.estimate.solve import Solution, Suggestion
 
 BAR_WIDTH = 30
 
@@ -152,15 +152,32 @@ def render_seed(console: Console, seed: SeedEstimate, gpu: str | None, memory: i
     _render_verdict(console, round(seed.total_gb * GIB), gpu, memory)
 
 
-def render_solve(console: Console, field: str, value: int, gpu: str, est: Estimate | None) -> None:
+def render_solve(console: Console, solution: Solution, gpu: str) -> None:
+    """The largest value that fits, and what the search could and could not prove."""
+    field, value, est = solution.field, solution.value, solution.estimate
     if value == 0 or est is None:
         console.print(f"[bold red]Nothing fits[/] on {gpu}: even {field} 1 is too big.")
-        return
-    memory = est.hardware.memory_bytes if est.hardware else 0
-    console.print(
-        f"Largest {field} that fits on {gpu}: [bold]{value}[/] "
-        f"({format_bytes(est.total_bytes)} of {format_bytes(memory)})."
-    )
+    else:
+        memory = est.hardware.memory_bytes if est.hardware else 0
+        found = "that fits" if solution.largest else "found that fits"
+        console.print(
+            f"Largest {field} {found} on {gpu}: [bold]{value}[/] "
+            f"({format_bytes(est.total_bytes)} of {format_bytes(memory)})."
+        )
+    if solution.too_big:
+        shown = ", ".join(str(v) for v in solution.too_big[-5:])
+        verb = "does" if len(solution.too_big) == 1 else "do"
+        console.print(
+            f"note: {field} {shown} {verb} not fit: the allocator's reserve is not monotone "
+            f"in {field}"
+        )
+    if not solution.largest:
+        console.print(
+            f"note: {field} {solution.checked_to + 1} to {solution.bound} not checked: "
+            "one of them may fit"
+        )
+    if solution.by_positions and solution.bound == solution.limit:
+        console.print(f"note: {field} stops at {solution.limit}: the learned position table")
 
 
 def render_gpus(console: Console, rows: list[dict[str, Any]], dtypes: Sequence[str]) -> None:

@@ -120,11 +120,15 @@ def test_flash_never_exceeds_eager(run: RunSpec) -> None:
 @given(runs(), st.integers(2, 200))
 def test_solve_batch_is_exact_to_the_integer(run: RunSpec, gib: int) -> None:
     hw = Hardware(name="test", memory_bytes=gib * 2**30)
-    best, est = solve_max(run, hw, "batch")
+    solution = solve_max(run, hw, "batch")
+    best, est = solution.value, solution.estimate
     if best == 0:
         assert estimate(_with(run, batch=1), hw).total_bytes > hw.memory_bytes
         return
     assert est is not None and est.total_bytes <= hw.memory_bytes
     if best == 10_000_000:  # the --batch bound: nothing larger may be asked for
         return
-    assert estimate(_with(run, batch=best + 1), hw).total_bytes > hw.memory_bytes
+    assert solution.checked_to >= best
+    if solution.largest:  # every value above the answer was estimated, or cannot fit
+        assert best + 1 <= solution.checked_to or best + 1 > solution.bound
+        assert estimate(_with(run, batch=best + 1), hw).total_bytes > hw.memory_bytes

@@ -1,7 +1,13 @@
-"""Suggestions: what to change when a run does not fit."""
+"""Suggestions: what to change when a run does not fit; the largest batch or seq that fits."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from vramfit.cli import app
 from vramfit.config import ModelSpec, RunSpec, Workload
 from vramfit.estimate.core import Hardware, estimate
 from vramfit.estimate.solve import solve_max, suggestions
@@ -42,8 +48,10 @@ def test_solve_seq_is_exact() -> None:
         model=LLAMA3_8B,
         workload=Workload(batch=1, seq=1, precision="bf16", optimizer="adamw-fused"),
     )
-    best, est = solve_max(run, H100, "seq")
-    assert best > 0 and est is not None
+    solution = solve_max(run, H100, "seq")
+    best, est = solution.value, solution.estimate
+    assert best > 0 and est is not None and est.total_bytes <= H100.memory_bytes
+    assert solution.checked_to > best  # the value above it was estimated
     bigger = run.model_copy(update={"workload": run.workload.model_copy(update={"seq": best + 1})})
     assert estimate(bigger, H100).total_bytes > H100.memory_bytes
 
@@ -69,3 +77,71 @@ def test_suggesting_flash_attention_keeps_the_workload_a_valid_model() -> None:
                 RunSpec.model_validate(changed.model_dump(mode="json", warnings=False)), t4
             ).total_bytes
         )
+
+
+GPT2 = {"arch": "gpt2", "layers": 12, "hidden": 768}  # the gpt2 preset's shape (124M)
+
+
+def _gpt2(batch: int) -> RunSpec:
+    return RunSpec.model_validate({"model": GPT2, "workload": {"batch": batch, "seq": 1024}})
+
+
+def test_the_largest_batch_is_found_past_a_smaller_one_that_does_not_fit() -> None:
+    # The device total is not monotone in the batch: measured on an H200, GPT-2 (seq 1024,
+    # AMP bf16, AdamW) held 32.45 GiB at batch 26 and 28.49 GiB at batch 27, and the model
+    # predicts the same step (README, "--solve"). On a 29 GiB device a
+    # bisection stops at 24 (25 and 26 do not fit); 27 does.
+    totals = {b: estimate(_gpt2(b)).total_bytes for b in range(24, 29)}
+    assert totals[26] > totals[27]  # the non-monotone step the solver must see past
+    gpu = Hardware(name="29 GiB", memory_bytes=29 << 30, compute_capability=(9, 0))
+    solution = solve_max(_gpt2(1), gpu, "batch")
+    assert solution.value == 27 and solution.largest
+    assert {25, 26} <= set(solution.too_big)
+    # brute force: 27 is the largest batch up to the bound that fits, and above the bound
+    # the peak allocated bytes plus the CUDA context alone exceed the device
+    fitting = [b for b in range(1, solution.bound + 1) if estimate(_gpt2(b), gpu).fits]
+    assert max(fitting) == 27
+    above = estimate(_gpt2(solution.bound + 1), gpu)
+    assert above.peak_allocated_bytes + above.breakdown["cuda_context"] > gpu.memory_bytes
+
+
+T4 = Hardware(name="T4", memory_bytes=16106127360, compute_capability=(7, 5))
+
+
+@pytest.mark.parametrize("gen_tokens", [0, 24])
+def test_solve_seq_stops_at_the_learned_position_table(gen_tokens: int) -> None:
+    # GPT-2 has 1024 learned positions: no seq beyond the table (less what is generated)
+    # is a valid run, so the search must not try one
+    workload = {"seq": 8, "mode": "infer" if gen_tokens else "train", "gen_tokens": gen_tokens}
+    run = RunSpec.model_validate({"model": GPT2, "workload": workload})
+    solution = solve_max(run, T4, "seq")
+    assert solution.limit == 1024 - gen_tokens and solution.by_positions
+    assert solution.value == 1024 - gen_tokens and solution.largest
+
+
+def test_cli_solve_seq_with_learned_positions_is_not_a_traceback() -> None:
+    result = CliRunner().invoke(
+        app,
+        ["estimate", "--arch", "gpt2", "--layers", "12", "--hidden", "768", "--gpu", "T4"]
+        + ["--solve", "seq"],
+        env={"COLUMNS": "100"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "Largest seq that fits on T4: 1024" in result.output
+    assert "learned position table" in result.output
+
+
+def test_cli_solve_json_says_what_is_proven() -> None:
+    argv = ["estimate", "--arch", "gpt2", "--layers", "12", "--hidden", "768", "--gpu", "T4"]
+    result = CliRunner().invoke(app, [*argv, "--solve", "seq", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert {k: doc[k] for k in ("solve", "value", "largest", "limit", "bound", "too_big")} == {
+        "solve": "seq",
+        "value": 1024,
+        "largest": True,
+        "limit": 1024,
+        "bound": 1024,
+        "too_big": [],
+    }
+    assert doc["checked_to"] >= doc["bound"] and doc["estimate"]["workload"]["seq"] == 1024

@@ -43,19 +43,27 @@ def segment_size(size: int) -> int:
     return -(-size // ROUND_LARGE) * ROUND_LARGE
 
 
-@dataclass
 class _Block:
-    segment: int
-    offset: int
-    size: int
-    small: bool  # belongs to the small pool (its segment is one 2 MiB buffer)
-    free: bool = True
-    prev: _Block | None = None
-    next: _Block | None = None
+    """A block of a segment: a plain class with slots, as millions are made per estimate."""
 
-    @property
-    def address(self) -> int:
-        return self.segment + self.offset
+    __slots__ = ("segment", "address", "size", "small", "free", "prev", "next")
+
+    def __init__(
+        self,
+        segment: int,
+        address: int,
+        size: int,
+        small: bool,
+        prev: _Block | None = None,
+        next: _Block | None = None,  # noqa: A002 (the allocator's own name for the link)
+    ) -> None:
+        self.segment = segment  # the segment's base address
+        self.address = address  # segment + offset
+        self.size = size
+        self.small = small  # belongs to the small pool (its segment is one 2 MiB buffer)
+        self.free = True
+        self.prev = prev
+        self.next = next
 
 
 @dataclass
@@ -70,45 +78,40 @@ class CachingAllocator:
     )  # small pool?, sorted (size, address, block)
     _live: dict[int, _Block] = field(default_factory=dict)
 
-    def _insert_free(self, block: _Block, small: bool) -> None:
-        # equal sizes go lowest address first (BlockComparatorSize: stream, size, ptr)
-        bisect.insort(self._free[small], (block.size, block.address, block))
-
-    def _remove_free(self, block: _Block, small: bool) -> None:
-        pool = self._free[small]
-        i = bisect.bisect_left(pool, (block.size, block.address))
-        assert pool[i][2] is block
-        pool.pop(i)
-
     def malloc(self, handle: int, size: int, segment_address: int | None = None) -> None:
         """Allocate ``size`` bytes under ``handle`` (freed later with ``free(handle)``).
 
         A new segment goes below every earlier one (our model of cudaMalloc's addresses),
         unless ``segment_address`` says where the driver put it (replaying a real trace).
         """
-        size = round_size(size)
+        # round_size and segment_size, inlined: this is the estimator's innermost loop
+        size = -(-size // MIN_BLOCK) * MIN_BLOCK if size > MIN_BLOCK else MIN_BLOCK
         small = size <= SMALL_SIZE
         pool = self._free[small]
         i = bisect.bisect_left(pool, (size, -1))
         if i < len(pool):
             block = pool.pop(i)[2]
         else:
-            seg = segment_size(size)
+            if small:
+                seg = SMALL_BUFFER
+            elif size < MIN_LARGE_ALLOC:
+                seg = LARGE_BUFFER
+            else:
+                seg = -(-size // ROUND_LARGE) * ROUND_LARGE
             # a new segment's address: below every earlier one, as cudaMalloc placed most
             # new segments in the recorded traces (it decides which equal free block is taken)
             base = (1 << 62) - self.reserved - seg if segment_address is None else segment_address
-            block = _Block(segment=base, offset=0, size=seg, small=small)
+            block = _Block(base, base, seg, small)
             self.reserved += seg
         remaining = block.size - size
         if (remaining >= MIN_BLOCK) if small else (remaining > SMALL_SIZE):
-            rest = _Block(
-                block.segment, block.offset + size, remaining, small, True, block, block.next
-            )
-            if block.next is not None:
-                block.next.prev = rest
+            after = block.next
+            rest = _Block(block.segment, block.address + size, remaining, small, block, after)
+            if after is not None:
+                after.prev = rest
             block.next = rest
             block.size = size
-            self._insert_free(rest, small)
+            bisect.insort(pool, (remaining, rest.address, rest))
         block.free = False
         self._live[handle] = block
         self.allocated += block.size
@@ -119,20 +122,21 @@ class CachingAllocator:
         """Return a block to its pool, merging it with free neighbours of its segment."""
         block = self._live.pop(handle)
         self.allocated -= block.size
-        small = block.small
+        pool = self._free[block.small]
         block.free = True
-        for neighbour in (block.prev, block.next):
-            if neighbour is not None and neighbour.free:
-                self._remove_free(neighbour, small)
-                if neighbour is block.prev:
-                    neighbour.size += block.size
-                    neighbour.next = block.next
-                    if block.next is not None:
-                        block.next.prev = neighbour
-                    block = neighbour
-                else:
-                    block.size += neighbour.size
-                    block.next = neighbour.next
-                    if neighbour.next is not None:
-                        neighbour.next.prev = block
-        self._insert_free(block, small)
+        before, after = block.prev, block.next
+        # equal sizes go lowest address first (BlockComparatorSize: stream, size, ptr)
+        if before is not None and before.free:
+            del pool[bisect.bisect_left(pool, (before.size, before.address))]
+            before.size += block.size
+            before.next = after
+            if after is not None:
+                after.prev = before
+            block = before
+        if after is not None and after.free:
+            del pool[bisect.bisect_left(pool, (after.size, after.address))]
+            block.size += after.size
+            block.next = after.next
+            if after.next is not None:
+                after.next.prev = block
+        bisect.insort(pool, (block.size, block.address, block))

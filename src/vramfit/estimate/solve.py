@@ -1,47 +1,199 @@
 """Solvers over the pure model: the largest batch or sequence that fits, and what to change.
 
-Bisection works because the estimate never shrinks when batch or sequence grows (a
-property the tests check with hypothesis).
+What is monotone and what is not: the peak allocated bytes never shrink when batch or
+sequence grows (every tensor grows or stays; a property the tests check with hypothesis),
+but the device total need not grow with them. The caching allocator's reserve depends on
+how the blocks happen to fit into its segments, so one more sequence can need less
+memory: measured on an H200, GPT-2 at batch 26 held 32.45 GiB and at batch 27 28.49 GiB,
+as vramfit predicts. So a search on the total finds *a* boundary (N fits, N + 1 does not),
+not necessarily the largest value that fits. ``solve_max`` also finds the bound past which
+the peak allocated bytes plus the CUDA context alone exceed the GPU (the total is at least
+that, and the peak is monotone: no larger value can fit), estimates every value between
+the two when there are few, and says when there were too many to prove the answer largest.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from vramfit.config import Attention, Checkpointing, Mode, Optimizer, Precision, RunSpec
+from vramfit.config import (
+    Attention,
+    Checkpointing,
+    Mode,
+    Optimizer,
+    Positions,
+    Precision,
+    RunSpec,
+    Workload,
+)
 from vramfit.estimate.core import Estimate, Hardware, estimate
 
 SolveField = Literal["batch", "seq"]
 _LIMIT = {"batch": 10_000_000, "seq": 100_000_000}  # the Workload field bounds
+# at most this many values between the bisection's boundary and the bound are estimated one
+# by one (each costs an estimate); beyond that the answer is not proven to be the largest
+SCAN_MAX = 32
 
 
 def _with(run: RunSpec, **changes: object) -> RunSpec:
     return run.model_copy(update={"workload": run.workload.model_copy(update=changes)})
 
 
-def solve_max(run: RunSpec, hardware: Hardware, field: SolveField) -> tuple[int, Estimate | None]:
-    """Largest ``field`` (batch or seq) whose total fits ``hardware``; 0 when even 1 does not.
+@dataclass(frozen=True)
+class Solution:
+    """The largest ``field`` value that fits, and how far that is proven.
 
-    Exponential search for an upper bound, then bisection: O(log n) estimates.
+    ``value``: the largest value found that fits (0: not even 1 fits), ``estimate`` its
+    estimate. ``limit``: the end of the search range (the field's bound, or for ``seq`` the
+    learned position table). Every value above ``bound`` does not fit (its peak allocated
+    bytes plus the CUDA context exceed the GPU, or it is beyond ``limit``). Every value from
+    ``value`` to ``checked_to`` was estimated; when ``checked_to < bound`` the values in
+    between were not, and one of them may fit (``largest`` is False). ``too_big``: values
+    below ``value`` that were estimated and do not fit (the total is not monotone).
+    ``by_positions``: ``limit`` is the learned position table, not the field's bound.
     """
 
-    def fits(value: int) -> bool:
-        return estimate(_with(run, **{field: value}), hardware).total_bytes <= hardware.memory_bytes
+    field: SolveField
+    value: int
+    estimate: Estimate | None
+    limit: int
+    bound: int
+    checked_to: int
+    too_big: tuple[int, ...]
+    by_positions: bool = False
 
-    if not fits(1):
-        return 0, None
-    low, high = 1, 2
-    while high <= _LIMIT[field] and fits(high):
-        low, high = high, high * 2
-    high = min(high, _LIMIT[field] + 1)
-    while high - low > 1:  # invariant: fits(low), not fits(high)
-        mid = (low + high) // 2
-        if fits(mid):
-            low = mid
+    @property
+    def largest(self) -> bool:
+        """Whether ``value`` is proven to be the largest that fits within ``limit``."""
+        return self.checked_to >= self.bound
+
+
+def search_limit(run: RunSpec, field: SolveField) -> int:
+    """The largest value the search may try: the field's bound; for ``seq`` with learned
+    positions, the position table less the generated tokens (GPT-2: 1024)."""
+    limit = _LIMIT[field]
+    spec = run.model.resolved()
+    if field == "seq" and spec.positions is Positions.learned and spec.max_positions:
+        limit = min(limit, spec.max_positions - run.workload.gen_tokens)
+    return limit
+
+
+def solve_max(run: RunSpec, hardware: Hardware, field: SolveField) -> Solution:
+    """The largest ``field`` (batch or seq) whose device total fits ``hardware``.
+
+    A bracketing search from the run's own value and regula falsi find a boundary (``low``
+    fits, ``low + 1`` does not) and the bound (the values above it have peak allocated bytes
+    plus the CUDA context beyond the GPU); when at most ``SCAN_MAX`` values lie between the
+    two, each is estimated (see the module docstring).
+    """
+    limit = search_limit(run, field)
+    memory = hardware.memory_bytes
+    seen: dict[int, Estimate] = {}
+
+    def probe(value: int) -> Estimate:
+        if value not in seen:
+            workload = Workload.model_validate({**run.workload.model_dump(), field: value})
+            seen[value] = estimate(RunSpec(model=run.model, workload=workload), hardware)
+        return seen[value]
+
+    def excess(value: int) -> int:  # > 0: does not fit
+        return probe(value).total_bytes - memory
+
+    def floor_excess(value: int) -> int:  # > 0: no value from here on fits (see hopeless)
+        est = probe(value)
+        return est.peak_allocated_bytes + est.breakdown.get("cuda_context", 0) - memory
+
+    # the boundary: low fits (or is 0), low + 1 does not; the search starts from the run's own
+    # value, which is usually close
+    low = 0
+    start = min(max(1, getattr(run.workload, field)), limit)
+    if limit >= 1 and excess(start) <= 0:
+        low = _crossing(excess, *_bracket(excess, start, limit), limit)
+    elif limit >= 1 and excess(1) <= 0:
+        low = _crossing(excess, 1, start, limit)
+    # the bound: the total is at least peak + context, and the peak is monotone, so no value
+    # above the last one whose peak + context fit the GPU can fit (low itself fits)
+    if limit < 1 or floor_excess(1) > 0:
+        bound = 0
+    else:
+        start = max(v for v in seen if floor_excess(v) <= 0)
+        above = [v for v in seen if v > start and floor_excess(v) > 0]
+        lo, hi = (start, min(above)) if above else _bracket(floor_excess, start, limit)
+        bound = _crossing(floor_excess, lo, hi, limit)
+    # every value between the boundary and the bound, when there are few enough
+    if bound - low <= SCAN_MAX:
+        for value in range(low + 1, bound + 1):
+            excess(value)
+    best = max((v for v, est in seen.items() if est.total_bytes <= memory), default=0)
+    checked_to = best
+    while checked_to + 1 in seen:
+        checked_to += 1
+    if checked_to < bound and bound - low <= SCAN_MAX:
+        checked_to = bound
+    # the values just below the answer that do not fit, down to one that does (few: the
+    # reserve jumps at a segment boundary and falls back, as measured for GPT-2 above)
+    value = best - 1
+    while 1 <= value and best - value <= SCAN_MAX and excess(value) > 0:
+        value -= 1
+    too_big = tuple(v for v in sorted(seen) if v < best and seen[v].total_bytes > memory)
+    by_positions = limit < _LIMIT[field]
+    return Solution(field, best, seen.get(best), limit, bound, checked_to, too_big, by_positions)
+
+
+def _bracket(g: Callable[[int], int], lo: int, limit: int) -> tuple[int, int]:
+    """From ``g(lo) <= 0``: ``(lo, hi)`` with ``g(lo) <= 0 < g(hi)``, or ``hi = limit + 1``.
+
+    Each step goes 10% past where the last two points extrapolate ``g`` to cross zero (the
+    totals grow about linearly, faster with eager attention), at least 1.5 times as far, and
+    4 times as far while ``g`` does not grow (small values: whole segments, no change).
+    """
+    prev = None
+    while lo < limit:
+        step = 3 * lo
+        if prev is not None and g(lo) > g(prev):
+            slope = (g(lo) - g(prev)) / (lo - prev)
+            step = max(lo // 2 + 1, int(-g(lo) / slope * 1.1) + 1)
+        hi = min(lo + step, limit)
+        if g(hi) > 0:
+            return lo, hi
+        prev, lo = lo, hi
+    return lo, limit + 1
+
+
+def _crossing(g: Callable[[int], int], lo: int, hi: int, limit: int) -> int:
+    """Given ``g(lo) <= 0 < g(hi)`` (or ``hi = limit + 1``, never evaluated): the ``v`` in
+    ``[lo, hi)`` with ``g(v) <= 0 < g(v + 1)`` that the search reaches.
+
+    The Illinois variant of regula falsi (Dowell & Jarratt 1971): each step evaluates
+    ``g`` where the bracket interpolates it to zero, halving the weight of an end that stays
+    twice in a row; every step shrinks the bracket by at least one. A few steps when ``g``
+    is close to linear, as the totals are. ``g`` need not be monotone (the total is not):
+    the invariant alone makes the answer a boundary.
+    """
+    g_lo: float = g(lo)
+    if hi > limit:  # the limit first: it may fit
+        if g(limit) <= 0:
+            return limit
+        hi = limit
+    g_hi: float = g(hi)
+    kept = 0  # -1: lo moved last time, +1: hi moved last time
+    while hi - lo > 1:
+        guess = lo + int((hi - lo) * -g_lo / (g_hi - g_lo))
+        guess = min(max(guess, lo + 1), hi - 1)
+        value = g(guess)
+        if value <= 0:
+            lo, g_lo = guess, value
+            if kept == -1:
+                g_hi /= 2
+            kept = -1
         else:
-            high = mid
-    return low, estimate(_with(run, **{field: low}), hardware)
+            hi, g_hi = guess, value
+            if kept == 1:
+                g_lo /= 2
+            kept = 1
+    return lo
 
 
 @dataclass(frozen=True)
