@@ -323,6 +323,42 @@ ClipOpt = Annotated[
     ),
 ]
 
+LoraRankOpt = Annotated[
+    int | None, typer.Option("--lora-rank", help="peft LoRA adapters of this rank (hf).")
+]
+LoraAlphaOpt = Annotated[
+    int | None, typer.Option("--lora-alpha", help="LoRA alpha (default: peft's, 8).")
+]
+LoraDropoutOpt = Annotated[
+    float | None, typer.Option("--lora-dropout", help="LoRA dropout (default: 0).")
+]
+LoraTargetsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--lora-targets",
+        help="q_proj,v_proj,... or all-linear (default: peft's for the model_type).",
+    ),
+]
+QuantOpt = Annotated[
+    str | None,
+    typer.Option("--quant", help="bitsandbytes base weights: nf4 or fp4 (QLoRA with --lora-rank)."),
+]
+QuantDoubleOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--quant-double/--no-quant-double",
+        help="Double quantization of the 4-bit constants (default: off, as BitsAndBytesConfig).",
+        show_default=False,
+    ),
+]
+QuantComputeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--quant-compute-dtype",
+        help="bnb_4bit_compute_dtype: fp32 (BitsAndBytesConfig's default), bf16 or fp16.",
+    ),
+]
+
 # The RunSpec options of `estimate` and `measure --train`, by parameter name.
 RUN_OPTIONS = {
     "params": "--params",
@@ -350,7 +386,46 @@ RUN_OPTIONS = {
     "dropout": "--dropout",
     "max_positions": "--max-positions",
     "clip_grad": "--clip-grad",
+    "lora_rank": "--lora-rank",
+    "lora_alpha": "--lora-alpha",
+    "lora_dropout": "--lora-dropout",
+    "lora_targets": "--lora-targets",
+    "quant": "--quant",
+    "quant_double": "--quant-double",
+    "quant_compute_dtype": "--quant-compute-dtype",
 }
+
+
+def _lora_and_quant(o: dict[str, Any]) -> dict[str, Any]:
+    """The workload's ``lora`` and ``quant`` from their options (None when not asked)."""
+    out: dict[str, Any] = {}
+    lora_keys = ("lora_alpha", "lora_dropout", "lora_targets")
+    if o["lora_rank"] is not None or any(o[k] is not None for k in lora_keys):
+        if o["lora_rank"] is None:
+            raise VramfitError("give --lora-rank with the other LoRA options", field="--lora-rank")
+        lora: dict[str, Any] = {"r": o["lora_rank"]}
+        if o["lora_alpha"] is not None:
+            lora["alpha"] = o["lora_alpha"]
+        if o["lora_dropout"] is not None:
+            lora["dropout"] = o["lora_dropout"]
+        targets = o["lora_targets"]
+        if targets is not None:
+            lora["targets"] = (
+                targets if targets == "all-linear" else [t for t in targets.split(",") if t]
+            )
+        out["lora"] = lora
+    if o["quant"] is not None:
+        quant: dict[str, Any] = {"kind": o["quant"]}
+        if o["quant_double"] is not None:
+            quant["double_quant"] = o["quant_double"]
+        if o["quant_compute_dtype"] is not None:
+            quant["compute_dtype"] = o["quant_compute_dtype"]
+        out["quant"] = quant
+    elif o["quant_double"] is not None or o["quant_compute_dtype"] is not None:
+        raise VramfitError(
+            "give --quant nf4|fp4 with the other quantization options", field="--quant"
+        )
+    return out
 
 
 def _run_from_options(**o: Any) -> RunSpec:
@@ -386,6 +461,7 @@ def _run_from_options(**o: Any) -> RunSpec:
             "loop": o["loop"],
             "logits": o["logits"],
             "clip_grad": o["clip_grad"],
+            **_lora_and_quant(o),
         },
     )
 
@@ -426,6 +502,13 @@ def estimate(
     dropout: DropoutOpt = None,
     max_positions: MaxPosOpt = None,
     clip_grad: ClipOpt = None,
+    lora_rank: LoraRankOpt = None,
+    lora_alpha: LoraAlphaOpt = None,
+    lora_dropout: LoraDropoutOpt = None,
+    lora_targets: LoraTargetsOpt = None,
+    quant: QuantOpt = None,
+    quant_double: QuantDoubleOpt = None,
+    quant_compute_dtype: QuantComputeOpt = None,
     solve: Annotated[
         str | None,
         typer.Option("--solve", help="batch or seq: the largest value that fits --gpu."),
@@ -883,6 +966,13 @@ def measure(
     dropout: DropoutOpt = None,
     max_positions: MaxPosOpt = None,
     clip_grad: ClipOpt = None,
+    lora_rank: LoraRankOpt = None,
+    lora_alpha: LoraAlphaOpt = None,
+    lora_dropout: LoraDropoutOpt = None,
+    lora_targets: LoraTargetsOpt = None,
+    quant: QuantOpt = None,
+    quant_double: QuantDoubleOpt = None,
+    quant_compute_dtype: QuantComputeOpt = None,
     steps: Annotated[
         int | None,
         typer.Option("--steps", min=1, max=1000, help="With --train: training steps (default: 3)."),

@@ -287,6 +287,8 @@ class Workload(_Strict):
     clip_grad: bool | None = Field(
         default=None, description="clip_grad_norm_ before the step (default: on with the Trainer)"
     )
+    lora: Lora | None = Field(default=None, description="peft LoRA adapters (hf)")
+    quant: Quant | None = Field(default=None, description="bitsandbytes base weights (hf)")
 
     @model_validator(mode="before")
     @classmethod
@@ -358,6 +360,27 @@ class RunSpec(_Strict):
             seq = max(1, table - wl.gen_tokens)
             return {**data, "workload": wl.model_copy(update={"seq": seq})}
         return data
+
+    @model_validator(mode="after")
+    def _adapters_fit_the_model(self) -> RunSpec:
+        """LoRA targets and ranks, and quantization, checked against the architecture
+        (``FinetuneSpec``), as the hf profile runs them."""
+        w = self.workload
+        if w.lora is None and w.quant is None:
+            return self
+        if w.impl is not Impl.hf:
+            raise ValueError("lora and quant are modelled by the hf profile (impl hf)")
+        spec = self.model.resolved()
+        lora = w.lora
+        if lora is not None and lora.model_type is None:
+            mt = spec.model_type.value if spec.model_type else None
+            if mt in PeftModelType._value2member_map_:
+                lora = Lora.model_validate({**lora.model_dump(), "model_type": mt})
+        try:
+            FinetuneSpec.model_validate({"model": spec, "lora": lora, "quant": w.quant})
+        except ValidationError as err:
+            raise validation_error(err, prefix="workload.") from None
+        return self
 
     @model_validator(mode="after")
     def _context_fits_the_positions(self) -> RunSpec:

@@ -100,6 +100,7 @@ class Tensor:
     base: Tensor | None = None
     contiguous: bool = True
     leaf: bool = False  # a parameter (or other leaf) that lives outside the step
+    trainable: bool = False  # a parameter that requires grad (whatever the grad mode)
     part: str = ""  # for saved activations: norm / attention / mlp
     producer: Node | None = None
 
@@ -236,6 +237,8 @@ class Graph:
         self._region: int | None = None
         self._regions = 0
         self.held: list[tuple[Tensor, str]] = []  # tensors a caller keeps: (tensor, until)
+        # reentrant torch.utils.checkpoint reruns a whole region (no early stop)
+        self.reentrant = False
         self.loss: Tensor | None = None
 
     def leaf(
@@ -249,6 +252,7 @@ class Graph:
     ) -> Tensor:
         """A tensor that exists before the step (a parameter, or the input ids)."""
         t = Tensor(name, numel, dtype, requires_grad and self.grad, component, leaf=True)
+        t.trainable = requires_grad
         self.leaves.append(t)
         return t
 
@@ -580,9 +584,9 @@ def _recompute(sim: _Sim, region: int) -> None:
     tape = sim.tape
     nodes = [n for n in sim.g.nodes if n.region == region]
     saving = [k for k, n in enumerate(nodes) if n.backward is not None and n.saved]
-    stop = saving[-1]
+    stop = len(nodes) - 1 if sim.g.reentrant else saving[-1]
     outputs_of = {id(o) for o in (*nodes[stop].outputs, *nodes[stop].hidden)}
-    after = any(id(s) in outputs_of for s in nodes[stop].saved)
+    after = sim.g.reentrant or any(id(s) in outputs_of for s in nodes[stop].saved)
     last = _last_uses(nodes[: stop + 1])
     local: dict[int, Tensor] = {}
     for k, n in enumerate(nodes[: stop + 1]):

@@ -110,7 +110,8 @@ class Ops:
             [x],
             [out],
             backward=lambda bw: bw.new(0),  # ToCopyBackward0: grad.to(x.dtype)
-            cast_cache=x.leaf and self.autocast is not None,
+            # autocast caches casts of leaves that require grad (autocast_mode.cpp cached_cast)
+            cast_cache=x.leaf and x.trainable and self.autocast is not None,
         )
         return out
 
@@ -173,11 +174,57 @@ class Ops:
                 bw.new(0, dtype=gdt, view=True)
 
         del sim_ws
-        node = self.g.node(
-            f"{self.prefix}{name}", inputs, [out], saved=[xi, w], backward=backward
-        )
+        # mm saves its input for the weight's gradient and the weight for the input's
+        saved = ([xi] if w.requires_grad else []) + ([w] if xi.requires_grad else [])
+        node = self.g.node(f"{self.prefix}{name}", inputs, [out], saved=saved, backward=backward)
         node.matmul = biased
         return out
+
+    def linear_4bit(
+        self,
+        name: str,
+        x: Tensor,
+        packed: Tensor,
+        out_features: int,
+        in_features: int,
+        *,
+        compute: DType,
+        load: DType,
+        blocksize: int,
+        double_quant: bool,
+    ) -> Tensor:
+        """bitsandbytes ``Linear4bit`` (0.50.2): ``x.to(compute_dtype)``, then ``gemm_4bit``:
+        beyond 4 tokens on CUDA it dequantizes the whole weight to the compute dtype (with
+        double quantization after its fp32 absmax) and runs ``F.linear``
+        (backends/cuda/ops.py ``_dequant_linear_fallback``); up to 4, a fused kernel. The
+        output is cast back to the input dtype. ``MatMul4Bit`` saves no activation; its
+        backward dequantizes again (in the load dtype, cast to the gradient's)."""
+        xc = self.cast(x, compute)
+        n = xc.numel // in_features
+        weight = out_features * in_features
+        blocks = -(-weight // blocksize)
+        scratch: list[tuple[str, int]] = []
+        if n > 4:
+            if double_quant:
+                scratch += [("absmax", blocks * 4), ("absmax + offset", blocks * 4)]
+            scratch.append(("dequantized weight", weight * compute.size))
+        out = self._t(name, n * out_features, compute)
+
+        def backward(bw: Backward) -> None:
+            g = bw.out()
+            gdt = g.dtype if g else compute
+            keys = [bw.temp_alloc("absmax", blocks * 4)] if double_quant else []
+            keys.append(bw.temp_alloc("dequantized weight", weight * load.size))
+            if load is not gdt:
+                keys.append(bw.temp_alloc("dequantized weight cast", weight * gdt.size))
+            bw.new(0, dtype=gdt)
+            for key in keys:
+                bw.free(key)
+
+        self.g.node(
+            f"{self.prefix}{name}", [xc, packed], [out], backward=backward, scratch=scratch
+        )
+        return self.cast(out, x.dtype, f"{name} in input dtype")
 
     def bmm(self, name: str, a: Tensor, b: Tensor, numel: int, *, part: str = "") -> Tensor:
         """A batched matmul (``torch.matmul`` of 4-D tensors folds to bmm), autocast to 16

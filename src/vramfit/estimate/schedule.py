@@ -12,9 +12,11 @@ decode step against the grown cache.
 from __future__ import annotations
 
 from vramfit.config import Checkpointing, Loop, ModelSpec, Optimizer, Precision, Workload
+from vramfit.estimate import finetune
 from vramfit.estimate.graph import (
     Component,
     DType,
+    Tensor,
     end_forward,
     release_held,
     run_backward,
@@ -22,6 +24,7 @@ from vramfit.estimate.graph import (
 )
 from vramfit.estimate.inference import Workspaces
 from vramfit.estimate.kernels import H200, Multiprocessors
+from vramfit.estimate.params import count_params
 from vramfit.estimate.profiles import hf
 from vramfit.estimate.timeline import Tape, Timeline
 from vramfit.estimate.training import optimizer_state_tensors, optimizer_step_temporaries
@@ -29,38 +32,47 @@ from vramfit.estimate.training import optimizer_state_tensors, optimizer_step_te
 INT64 = 8
 
 
-def _weights(t: Tape, b: hf.Block, spec: ModelSpec, w: Workload, first: bool) -> list[int]:
-    """Persist the parameters; returns their element counts (declared --params scales them)."""
-    from vramfit.estimate.params import count_params
-
-    counts = count_params(spec)
-    scale = (spec.params or counts.total) / counts.total
-    elements = [round(e * scale) for _, e in hf.param_shapes(b)]
-    size = hf.WEIGHT_DTYPE[w.precision].size
+def _weights(t: Tape, model: hf.Model, spec: ModelSpec, first: bool) -> list[Tensor]:
+    """Persist the parameters (and quantization state) in ``model.parameters()`` order;
+    returns the trainable ones. A declared ``--params`` scales a full model's weights."""
+    b = model.b
+    scale = 1.0
+    if model.lora is None and model.quant is None:
+        counts = count_params(spec)
+        scale = (spec.params or counts.total) / counts.total
     t.op("build")
-    t.persist("weights", Component.weights, [e * size for e in elements])
+    t.persist("weights", Component.weights, [round(p.nbytes * scale) for p in model.param_list])
     if first and b.tied:  # the untied lm_head made at init, freed when tied
-        t.temp("lm_head copy before tying", Component.weights, b.vocab * b.hidden * size)
-    return elements
+        t.temp(
+            "lm_head copy before tying", Component.weights, b.vocab * b.hidden * model.weight.size
+        )
+    return [p for p in model.param_list if p.trainable]
 
 
-def _state_shapes(elements: list[int]) -> list[tuple[int, ...]]:
-    return [(e,) for e in elements]
-
-
-def _optimizer_state(optimizer: Optimizer, elements: list[int], size: int) -> list[int]:
-    """Persistent state tensors: torch.optim.AdamW's two moments (and, fused, a device
-    ``step`` tensor per parameter: torch/optim/adamw.py ``_init_group``)."""
-    if optimizer in (Optimizer.adamw_foreach, Optimizer.adamw_forloop):
-        optimizer = Optimizer.adamw
-    shapes: list[tuple[int, ...]] = [(e,) for e in elements]
-    out = optimizer_state_tensors(optimizer, shapes, size)
+def _optimizer_state(optimizer: Optimizer, params: list[Tensor]) -> list[int]:
+    """Persistent state tensors, each parameter's in its own dtype: torch.optim.AdamW's two
+    moments (and, fused, a device ``step`` tensor per parameter: torch/optim/adamw.py
+    ``_init_group``); bitsandbytes' 8-bit AdamW as 0.50.2 stores it (block-wise uint8 states,
+    fp32 under 4096 elements: ``vramfit.estimate.finetune.optimizer_state``)."""
+    if optimizer is Optimizer.adam_8bit:
+        state = finetune.optimizer_state(
+            [(p.numel,) for p in params], finetune.StateOptimizer.bnb_adamw_8bit
+        )
+        return [nbytes for _, _, nbytes, paged in state.tensors if not paged]
+    base = (
+        Optimizer.adamw
+        if optimizer in (Optimizer.adamw_foreach, Optimizer.adamw_forloop)
+        else (optimizer)
+    )
+    out: list[int] = []
+    for p in params:
+        out += optimizer_state_tensors(base, [(p.numel,)], p.dtype.size)
     if optimizer is Optimizer.adamw_fused:
-        out += [4] * len(elements)
+        out += [4] * len(params)
     return out
 
 
-def _step(t: Tape, w: Workload, elements: list[int], size: int, first: bool) -> None:
+def _step(t: Tape, w: Workload, params: list[Tensor], first: bool) -> None:
     """Gradient clipping and the optimizer step."""
     optimizer = w.optimizer
     t.phase = "optimizer"
@@ -68,27 +80,30 @@ def _step(t: Tape, w: Workload, elements: list[int], size: int, first: bool) -> 
         # clip_grad_norm_: _foreach_norm makes one 0-dim norm per gradient, stacked, then one
         # total (torch/nn/utils/clip_grad.py); the gradients are scaled in place
         t.op("clip_grad_norm_")
-        norms = [t.new("gradient norm", Component.optimizer_temp, 4) for _ in elements]
+        norms = [t.new("gradient norm", Component.optimizer_temp, 4) for _ in params]
         t.op("clip_grad_norm_ total")
-        stacked = t.new("stacked norms", Component.optimizer_temp, 4 * len(elements))
+        stacked = t.new("stacked norms", Component.optimizer_temp, 4 * len(params))
         t.temp("total norm", Component.optimizer_temp, 4)
         t.free(*norms, stacked)
     t.op("optimizer step")
     if first:
-        state = _optimizer_state(optimizer, elements, size)
-        t.persist("optimizer state", Component.optimizer_state, state)
+        t.persist("optimizer state", Component.optimizer_state, _optimizer_state(optimizer, params))
     if optimizer is Optimizer.adamw_forloop:
         # _single_tensor_adamw: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps),
         # one parameter at a time: sqrt's result and the quotient live together
-        for j, e in enumerate(elements):
+        for j, p in enumerate(params):
             if j:
                 t.op("optimizer step")
-            a = t.new("sqrt(exp_avg_sq)", Component.optimizer_temp, e * size)
-            d = t.new("denominator", Component.optimizer_temp, e * size)
+            a = t.new("sqrt(exp_avg_sq)", Component.optimizer_temp, p.nbytes)
+            d = t.new("denominator", Component.optimizer_temp, p.nbytes)
             t.free(a, d)
         return
     base = Optimizer.adamw if optimizer is Optimizer.adamw_foreach else optimizer
-    temporaries = optimizer_step_temporaries(base, elements, size)
+    temporaries = [
+        nbytes
+        for p in params
+        for nbytes in optimizer_step_temporaries(base, [p.numel], p.dtype.size)
+    ]
     if base is Optimizer.adafactor:
         for j, nbytes in enumerate(temporaries):
             if j:
@@ -109,25 +124,22 @@ def hf_training_steps(
     """The first and a steady training step of the hf profile, and what block 0 keeps from
     its forward to its backward, by part."""
     b = hf.resolve(spec)
-    size = hf.WEIGHT_DTYPE[w.precision].size
     steps = []
     block_bytes: dict[str, int] = {}
     for first in (True, False):
         t = Tape()
-        elements = _weights(t, b, spec, w, first)
+        graph, model, logits, loss = hf.build(spec, w, grad=True, batch=w.batch, seq=w.seq)
+        assert loss is not None
+        params = _weights(t, model, spec, first)
         t.op("start")
         t.persist("input ids and labels", Component.activations, [w.batch * w.seq * INT64] * 2)
         if not first:
             t.persist(
-                "optimizer state",
-                Component.optimizer_state,
-                _optimizer_state(w.optimizer, elements, size),
+                "optimizer state", Component.optimizer_state, _optimizer_state(w.optimizer, params)
             )
             made = Workspaces(t, workspace_bytes)
             made.matmul("forward", _uses_bias(b))
             made.matmul("backward", _uses_bias(b) and w.checkpointing is Checkpointing.full)
-        graph, model, logits, loss = hf.build(spec, w, grad=True, batch=w.batch, seq=w.seq)
-        assert loss is not None
         if w.loop is Loop.keeps_logits:
             graph.hold(logits, "step")
             for kv in model.cache:
@@ -144,7 +156,7 @@ def hf_training_steps(
         end_forward(sim)
         t.phase = "backward"
         run_backward(sim, loss)
-        _step(t, w, elements, size, first)
+        _step(t, w, params, first)
         release_held(sim, "step")
         steps.append(t.finish())
         if not first:
@@ -167,13 +179,13 @@ def hf_inference(spec: ModelSpec, w: Workload, workspace_bytes: int) -> Timeline
     the last position's logits, then the last decode step against the grown cache."""
     b = hf.resolve(spec)
     t = Tape(phase="prefill")
-    _weights(t, b, spec, w, True)
-    t.op("start")
-    t.persist("input ids", Component.activations, [w.batch * w.seq * INT64])
     all_logits = (w.logits.value == "all") if w.logits is not None else not w.gen_tokens
     graph, model, logits, _ = hf.build(
         spec, w, grad=False, batch=w.batch, seq=w.seq, all_logits=all_logits, use_cache=True
     )
+    _weights(t, model, spec, True)
+    t.op("start")
+    t.persist("input ids", Component.activations, [w.batch * w.seq * INT64])
     graph.hold(logits, "step")
     cache = list(model.cache)
     for kv in cache:
@@ -191,7 +203,13 @@ def hf_inference(spec: ModelSpec, w: Workload, workspace_bytes: int) -> Timeline
         # makes the longer K and V, and the shorter ones die as they are replaced
         cached = w.seq + w.gen_tokens - 1
         step, m2, logits2, _ = hf.build(
-            spec, w, grad=False, batch=w.batch, seq=1, cached=cached, all_logits=False,
+            spec,
+            w,
+            grad=False,
+            batch=w.batch,
+            seq=1,
+            cached=cached,
+            all_logits=False,
             use_cache=True,
         )
         step.hold(logits2, "step")

@@ -172,12 +172,13 @@ def param_shapes(b: Block) -> list[tuple[str, int]]:
         out.append(("model.embed_tokens.weight", b.vocab * h))
         for i in range(b.layers):
             p = f"model.layers.{i}"
-            if b.fused_qkv:
+            if b.fused_qkv:  # Phi3Attention registers o_proj before qkv_proj
+                linear(f"{p}.self_attn.o_proj", q, h, b.bias)
                 linear(f"{p}.self_attn.qkv_proj", h, q + 2 * kv, b.qkv_bias)
             else:
                 for name, width in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
                     linear(f"{p}.self_attn.{name}", h, width, b.qkv_bias)
-            linear(f"{p}.self_attn.o_proj", q, h, b.bias)
+                linear(f"{p}.self_attn.o_proj", q, h, b.bias)
             if b.fused_gate_up:
                 linear(f"{p}.mlp.gate_up_proj", h, 2 * f, b.bias)
             else:
@@ -193,6 +194,27 @@ def param_shapes(b: Block) -> list[tuple[str, int]]:
     if not b.tied:
         out.append(("lm_head.weight", b.vocab * h))
     return out
+
+
+PEFT_TYPE = {
+    ModelType.llama: "llama",
+    ModelType.mistral: "mistral",
+    ModelType.qwen2: "qwen2",
+    ModelType.gemma: "gemma",
+    ModelType.gemma2: "gemma2",
+    ModelType.phi3: "phi3",
+    ModelType.gpt2: "gpt2",
+}
+
+
+def _block_path(name: str) -> str:
+    """``self_attn.q_proj.weight`` of ``model.layers.3.self_attn.q_proj.weight``; "" outside
+    the blocks."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("layers", "h") and parts[i + 1].isdigit():
+            return ".".join(parts[i + 2 :])
+    return ""
 
 
 def attention_kernel(b: Block, w: Workload, compute: DType, seq: int) -> str:
@@ -221,6 +243,7 @@ class Model:
         cached: int = 0,
         use_cache: bool,
         all_logits: bool,
+        spec: ModelSpec | None = None,
     ) -> None:
         self.b, self.w, self.g = b, w, g
         self.batch, self.seq, self.cached = batch, seq, cached
@@ -231,8 +254,22 @@ class Model:
         self.training = g.grad
         self.checkpoint = g.grad and w.checkpointing is Checkpointing.full
         self.params: dict[str, Tensor] = {}
-        for name, numel in param_shapes(b):
-            self.params[name] = g.leaf(name, numel, self.weight, requires_grad=True)
+        self.param_list: list[Tensor] = []  # model.parameters() order, with quantized state
+        self.lora = w.lora
+        self.quant = w.quant if g.grad or w.quant is None else w.quant
+        self.lora_targets: set[str] = set()
+        self.quantized: dict[str, tuple[int, int]] = {}  # module path -> (out, in)
+        if w.lora is not None or w.quant is not None:
+            assert spec is not None
+            self._finetune_params(spec)
+        else:
+            for name, numel in param_shapes(b):
+                self.params[name] = g.leaf(name, numel, self.weight, requires_grad=True)
+                self.param_list.append(self.params[name])
+        if g.grad and w.quant is not None and w.checkpointing is Checkpointing.full:
+            # prepare_model_for_kbit_training enables checkpointing with {} kwargs: reentrant
+            # (peft/utils/other.py); the Trainer re-enables it non-reentrant
+            g.reentrant = w.loop is not Loop.trainer
         if b.tied:
             key = "transformer.wte.weight" if b.model_type is ModelType.gpt2 else (
                 "model.embed_tokens.weight"
@@ -240,6 +277,56 @@ class Model:
             self.params["lm_head.weight"] = self.params[key]
         self.cache: list[Tensor] = []  # the DynamicCache's K/V tensors
         self.past: list[tuple[Tensor, Tensor]] = []  # a decode step's cached K/V (inputs)
+
+    def _finetune_params(self, spec: ModelSpec) -> None:
+        """The parameters of a peft model on a (bitsandbytes-quantized) base: frozen base
+        weights, quantized block linears (packed codes and their QuantState tensors), fp32
+        LoRA A and B after each adapted layer's own parameters; under quantization in
+        training, ``prepare_model_for_kbit_training`` has cast every other 16-bit parameter to
+        fp32 (peft/utils/other.py)."""
+        from vramfit.estimate.finetune import (
+            block_linears,
+            lora_target_shapes,
+            quantized_weight_tensors,
+        )
+
+        b, g, w = self.b, self.g, self.w
+        lora = w.lora
+        if lora is not None and lora.model_type is None:
+            lora = lora.model_copy(update={"model_type": PEFT_TYPE.get(b.model_type)})
+        peft_type = lora.model_type if lora is not None else PEFT_TYPE.get(b.model_type)
+        linears = {x.path: x.shape for x in block_linears(spec, peft_type)}
+        if lora is not None:
+            self.lora_targets = {x.path for x in lora_target_shapes(spec, lora)}
+        quant = w.quant
+        other = self.weight
+        if quant is not None and g.grad and other.size == 2:
+            other = DType.fp32
+        full_finetune = lora is None
+        for name, numel in param_shapes(b):
+            path = _block_path(name)
+            module = path.rsplit(".", 1)[0] if path else ""
+            if quant is not None and module in linears and name.endswith(".weight"):
+                shape = linears[module]
+                for part, nbytes in quantized_weight_tensors(shape, quant):
+                    t = g.leaf(f"{name} {part}", nbytes, DType.uint8, requires_grad=False)
+                    self.param_list.append(t)
+                    if part == "weight":
+                        self.params[name] = t
+                self.quantized[name.removesuffix(".weight")] = shape
+            else:
+                dtype = other if (quant is not None and module not in linears) else self.weight
+                t = g.leaf(name, numel, dtype, requires_grad=full_finetune)
+                self.params[name] = t
+                self.param_list.append(t)
+            if lora is not None and module in self.lora_targets and name.endswith(".weight"):
+                out, n_in = linears[module]
+                stem = name.removesuffix(".weight")
+                for key, numel_ in ((f"{stem}.lora_A", lora.r * n_in),
+                                    (f"{stem}.lora_B", out * lora.r)):
+                    t = g.leaf(key, numel_, DType.fp32, requires_grad=True)
+                    self.params[key] = t
+                    self.param_list.append(t)
 
     @property
     def n(self) -> int:
@@ -276,15 +363,41 @@ class Model:
         return self.rms_norm(prefix, x)
 
     def linear(self, name: str, x: Tensor, width: int, bias: bool, part: str = "") -> Tensor:
-        return self.ops.linear(
-            name,
-            x,
-            self.p(f"{name}.weight"),
-            self.p(f"{name}.bias") if bias else None,
-            width,
-            part=part,
-            conv1d=self.b.conv1d,
-        )
+        """A projection: nn.Linear / Conv1D, bitsandbytes' Linear4bit when quantized, and a
+        peft LoRA branch on top when adapted (peft/tuners/lora/layer.py Linear.forward,
+        lora/bnb.py Linear4bit.forward)."""
+        o = self.ops
+        quant = self.quant
+        if name in self.quantized and quant is not None:
+            out_f, in_f = self.quantized[name]
+            if quant.kind.value == "int8":
+                raise ValueError("int8 (LLM.int8) layers are not modelled op by op yet")
+            result = o.linear_4bit(
+                name, x, self.p(f"{name}.weight"), out_f, in_f,
+                compute=DType(quant.compute_dtype.value), load=self.weight,
+                blocksize=quant.blocksize, double_quant=quant.double_quant,
+            )
+            if self.lora is not None and _block_path(name) in self.lora_targets:
+                result = o.copy(f"{name} result", result)  # peft: result = result.clone()
+        else:
+            result = o.linear(
+                name, x, self.p(f"{name}.weight"), self.p(f"{name}.bias") if bias else None,
+                width, part=part, conv1d=self.b.conv1d,
+            )
+        if self.lora is None or _block_path(name) not in self.lora_targets:
+            return result
+        lora = self.lora
+        x32 = o.cast(x, DType.fp32, f"{name} adapter input")
+        if self.training:
+            x32 = o.dropout(f"{name} lora_dropout", x32, lora.dropout)
+        a = o.linear(f"{name} lora_A", x32, self.p(f"{name}.lora_A"), None, lora.r)
+        bb = o.linear(f"{name} lora_B", a, self.p(f"{name}.lora_B"), None, width)
+        scaled = o.scalar(f"{name} lora scaling", bb)
+        if name in self.quantized:  # lora/bnb.py casts the adapter output before the add
+            scaled = o.cast(scaled, result.dtype, f"{name} lora output")
+            return o.binary(f"{name} + lora", result, scaled, "add", part=part)
+        out = o.binary(f"{name} + lora", result, scaled, "add", part=part)
+        return o.cast(out, result.dtype, f"{name} output", part=part)
 
     def rope(self, name: str, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """apply_rotary_pos_emb: x * cos + rotate_half(x) * sin, rotate_half = cat(-x2, x1).
@@ -465,6 +578,10 @@ class Model:
         gpt2 = b.model_type is ModelType.gpt2
         emb_name = "transformer.wte.weight" if gpt2 else "model.embed_tokens.weight"
         x = o.embedding("embeddings", self.p(emb_name), ids, n, h)
+        if self.lora is not None and self.checkpoint:
+            # gradient_checkpointing_enable -> enable_input_require_grads: a forward hook
+            # makes the embedding output require grad (modeling_utils.py)
+            x.requires_grad = True
         if gpt2:
             pos = o.embedding("position embeddings", self.p("transformer.wpe.weight"), ids,
                               self.seq, h)
@@ -551,7 +668,7 @@ def build(
         use_cache = not (grad and (w.loop is Loop.trainer or w.checkpointing
                                    is Checkpointing.full))
     m = Model(b, w, g, batch=batch, seq=seq, cached=cached, use_cache=use_cache,
-              all_logits=all_logits)
+              all_logits=all_logits, spec=spec)
     ids = g.leaf("input ids", batch * seq, DType.int64, requires_grad=False,
                  component=Component.activations)
     labels = None
