@@ -118,12 +118,71 @@ def build_hf_model(spec: ModelSpec, workload: Workload, device: str, dtype: Any)
 
     cfg = hf_config(spec, workload)
     attn = "eager" if workload.attention.value == "eager" else "sdpa"
+    training = workload.mode is Mode.train
+    ckpt = training and workload.checkpointing is Checkpointing.full
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(
             cfg, attn_implementation=attn, dtype=dtype
         )
-    if workload.mode is Mode.train and workload.checkpointing is Checkpointing.full:
+    quant = workload.quant
+    if quant is not None:
+        # as users load a quantized model: a checkpoint, then from_pretrained with a
+        # BitsAndBytesConfig (the random one saved here, freed before loading)
+        import gc
+
+        folder = tempfile.mkdtemp()
+        model.save_pretrained(folder)
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        names = {
+            "fp32": torch.float32,
+            "fp16": torch.float16,
+            "bf16": torch.bfloat16,
+            "uint8": torch.uint8,
+            "int8": torch.int8,
+        }
+        if quant.kind.value == "int8":
+            config = transformers.BitsAndBytesConfig(
+                load_in_8bit=True, llm_int8_threshold=quant.int8_threshold
+            )
+        else:
+            config = transformers.BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=quant.kind.value,
+                bnb_4bit_use_double_quant=quant.double_quant,
+                bnb_4bit_compute_dtype=names[quant.compute_dtype.value],
+                bnb_4bit_quant_storage=names[quant.quant_storage.value],
+            )
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder,
+            quantization_config=config,
+            dtype=dtype,
+            device_map={"": device},
+            attn_implementation=attn,
+        )
+        if training:
+            import peft
+
+            # casts the other 16-bit parameters to fp32; with checkpointing, reentrant
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt)
+    elif ckpt:
         model.gradient_checkpointing_enable()  # non-reentrant: transformers' default
+    if workload.lora is not None:
+        import peft
+
+        lora = workload.lora
+        model = peft.get_peft_model(
+            model,
+            peft.LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.targets,
+                task_type="CAUSAL_LM",
+            ),
+        )
     return model
 
 
