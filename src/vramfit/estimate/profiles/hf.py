@@ -456,7 +456,9 @@ class Model:
                 if v.dtype is not k_dtype:
                     v.dtype = k_dtype if k_dtype is DType.fp32 else v.dtype
             self.cache += [k, v]
-        compute = AUTOCAST_DTYPE.get(self.w.precision, self.weight)
+        # the kernel SDPA picks follows the dtype q arrives in (after autocast's cast): fp32
+        # when the hidden states are (a kbit-prepared model's Linear4bit casts back to them)
+        compute = self.ops.autocast or q.dtype
         kernel = attention_kernel(b, self.w, compute, self.seq)
         p_drop = b.attention_dropout if self.training else 0.0
         if kernel in ("cudnn", "efficient", "flash"):
@@ -599,8 +601,8 @@ class Model:
             cos = o.cast(o.unary("RoPE cos", o.unary("cos", ang)), x.dtype, "cos")
             sin = o.cast(o.unary("RoPE sin", o.unary("sin", ang)), x.dtype, "sin")
         mask = None
-        compute = AUTOCAST_DTYPE.get(self.w.precision, self.weight)
-        kernel = attention_kernel(b, self.w, compute, self.seq)
+        # q reaches attention in the autocast dtype, else in the hidden states' (see attention)
+        kernel = attention_kernel(b, self.w, o.autocast or x.dtype, self.seq)
         if kernel == "eager" and self.seq > 1:  # create_causal_mask: (b, 1, s, s) additive
             keys = self.seq + self.cached
             mask = Tensor("causal mask", self.batch * self.seq * keys, x.dtype)
