@@ -465,7 +465,7 @@ ERRORS = [
     ),
     (
         ["estimate", "--params", "1B", "--solve", "tokens", "--gpu", "H100"],
-        "--solve: expected batch or seq, got 'tokens'",
+        "--solve: 'tokens' is not one of 'batch', 'seq'",
     ),
     (["estimate", "--params", "1B", "--solve", "batch"], "--solve: needs --gpu"),
     (["frobnicate"], "command: no such command 'frobnicate'; run 'vramfit --help' to list them"),
@@ -510,7 +510,7 @@ def _write(path: Path, text: str) -> Path:
 
 
 def test_bad_files_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    header = "name: x\ntitle: t\nsource: s\npublished_params: 1\n"
+    header = "name: x\ntitle: t\nsource: s\npublished_params: 1000\n"
     cases = [
         (
             ["--preset", str(tmp_path / "missing.yaml")],

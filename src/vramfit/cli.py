@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -23,6 +24,14 @@ from pydantic import ValidationError
 from typer.exceptions import Abort, TyperException
 
 from vramfit.config import (
+    MAX_BATCH,
+    MAX_FFN,
+    MAX_HEADS,
+    MAX_INT_DIGITS,
+    MAX_LAYERS,
+    MAX_TOKENS,
+    MAX_VOCAB,
+    MAX_WIDTH,
     Arch,
     Attention,
     Checkpointing,
@@ -35,7 +44,7 @@ from vramfit.config import (
     RunSpec,
     Workload,
 )
-from vramfit.errors import VramfitError
+from vramfit.errors import VramfitError, shorten, shown
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -54,6 +63,29 @@ app = typer.Typer(
 )
 
 EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from vramfit import __version__
+
+        print(f"vramfit {__version__}")
+        raise typer.Exit(EXIT_FITS)
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print vramfit's version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Will this model fit in my GPU's memory, and how much headroom is left?"""
 
 # Maps config field names to the CLI options that set them, for error messages.
 OPTION_NAMES = {
@@ -81,9 +113,14 @@ def _console(*, stderr: bool = False) -> Console:
 _LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
 
 
+# The longest error line: whatever the input, a message quotes only a bounded part of it.
+MAX_ERROR_CHARS = 300
+
+
 def _print_error(message: str) -> None:
     """``error: <field>: <reason>`` on stderr, on one line whatever the input held."""
-    print(f"error: {message.translate(_LINE_BREAKS)}", file=sys.stderr)
+    line = shorten(message.translate(_LINE_BREAKS), MAX_ERROR_CHARS - len("error: "))
+    print(f"error: {line}", file=sys.stderr)
 
 
 def _fail(err: VramfitError) -> None:
@@ -102,7 +139,7 @@ def _option_error(err: ValidationError) -> VramfitError:
         if leading in OPTION_NAMES:
             field = leading
     if "input" in first and not isinstance(first["input"], dict):
-        message += f", got {first['input']!r}"
+        message += f", got {shown(first['input'])}"
     return VramfitError(message, field=OPTION_NAMES.get(field, field))
 
 
@@ -208,15 +245,54 @@ def build_run(
     return run
 
 
+_WHOLE_RE = re.compile(r"[+-]?[0-9]+")
+
+
+def _whole(most: int, least: int | None = None) -> Any:
+    """A typer parser for an integer option: plain digits only (``1.0``, ``1e3``, ``1_000`` and
+    ``12\\n`` are refused, where pydantic's lax mode would take them), and no more than
+    ``MAX_INT_DIGITS`` of them (Python refuses to parse 4,300). Ranges are checked by the config
+    models, which name the bound; ``most`` is that bound, for the message about huge numbers.
+    With ``least``, the parser checks the range itself (for options no model validates)."""
+
+    def parse(text: str) -> int:
+        if not _WHOLE_RE.fullmatch(text):
+            raise typer.BadParameter(
+                "Input should be a valid integer, unable to parse string as an integer"
+            )
+        if len(text.lstrip("+-")) > MAX_INT_DIGITS:
+            raise typer.BadParameter(
+                f"Input should be less than or equal to {most}, got {shown(text)}"
+            )
+        value = int(text)
+        if least is not None and value < least:
+            raise typer.BadParameter(f"Input should be greater than or equal to {least}")
+        if least is not None and value > most:
+            raise typer.BadParameter(f"Input should be less than or equal to {most}")
+        return value
+
+    return parse
+
+
 # Shared options. Help text says "(default: X)" rather than "[default: X]": typer renders help
 # with rich markup, which would swallow the brackets.
 ParamsOpt = Annotated[
     str | None, typer.Option("--params", help="Parameter count: 1B, 350M, 1.5e9, 124439808.")
 ]
-LayersOpt = Annotated[int | None, typer.Option("--layers", help="Transformer blocks.")]
-HiddenOpt = Annotated[int | None, typer.Option("--hidden", help="Model width.")]
-SeqOpt = Annotated[int | None, typer.Option("--seq", help="Tokens per sequence (default: 2048).")]
-BatchOpt = Annotated[int | None, typer.Option("--batch", help="Sequences per step (default: 1).")]
+LayersOpt = Annotated[
+    int | None, typer.Option("--layers", parser=_whole(MAX_LAYERS), help="Transformer blocks.")
+]
+HiddenOpt = Annotated[
+    int | None, typer.Option("--hidden", parser=_whole(MAX_WIDTH), help="Model width.")
+]
+SeqOpt = Annotated[
+    int | None,
+    typer.Option("--seq", parser=_whole(MAX_TOKENS), help="Tokens per sequence (default: 2048)."),
+]
+BatchOpt = Annotated[
+    int | None,
+    typer.Option("--batch", parser=_whole(MAX_BATCH), help="Sequences per step (default: 1)."),
+]
 PresetOpt = Annotated[
     str | None,
     typer.Option("--preset", help="A preset name (see `vramfit presets`) or a preset YAML file."),
@@ -231,13 +307,21 @@ GpuOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 ArchOpt = Annotated[Arch | None, typer.Option("--arch", help="Model family (default: llama).")]
 HeadsOpt = Annotated[
-    int | None, typer.Option("--heads", help="Attention heads (default: hidden/64).")
+    int | None,
+    typer.Option("--heads", parser=_whole(MAX_HEADS), help="Attention heads (default: hidden/64)."),
 ]
 KvHeadsOpt = Annotated[
-    int | None, typer.Option("--kv-heads", help="Key/value heads, GQA (default: heads).")
+    int | None,
+    typer.Option(
+        "--kv-heads", parser=_whole(MAX_HEADS), help="Key/value heads, GQA (default: heads)."
+    ),
 ]
-FfnOpt = Annotated[int | None, typer.Option("--ffn", help="MLP intermediate size.")]
-VocabOpt = Annotated[int | None, typer.Option("--vocab", help="Vocabulary size.")]
+FfnOpt = Annotated[
+    int | None, typer.Option("--ffn", parser=_whole(MAX_FFN), help="MLP intermediate size.")
+]
+VocabOpt = Annotated[
+    int | None, typer.Option("--vocab", parser=_whole(MAX_VOCAB), help="Vocabulary size.")
+]
 TiedOpt = Annotated[
     bool | None,
     typer.Option("--tied/--untied", help="lm_head shares the embedding.", show_default=False),
@@ -264,7 +348,11 @@ CkptOpt = Annotated[
 ModeOpt = Annotated[Mode | None, typer.Option("--mode", help="train or infer (default: train).")]
 GenOpt = Annotated[
     int | None,
-    typer.Option("--gen-tokens", help="Tokens to generate (infer): adds the KV cache."),
+    typer.Option(
+        "--gen-tokens",
+        parser=_whole(MAX_TOKENS),
+        help="Tokens to generate (infer): adds the KV cache.",
+    ),
 ]
 KvDtypeOpt = Annotated[
     KvDtype | None,
@@ -324,6 +412,13 @@ def _run_from_options(**o: Any) -> RunSpec:
     )
 
 
+class SolveField(str, Enum):
+    """What ``--solve`` maximises (the choices typer lists in ``--help``)."""
+
+    batch = "batch"
+    seq = "seq"
+
+
 @app.command()
 def estimate(
     params: ParamsOpt = None,
@@ -355,7 +450,7 @@ def estimate(
     gen_tokens: GenOpt = None,
     kv_dtype: KvDtypeOpt = None,
     solve: Annotated[
-        str | None,
+        SolveField | None,
         typer.Option("--solve", help="batch or seq: the largest value that fits --gpu."),
     ] = None,
     as_json: JsonOpt = False,
@@ -367,8 +462,6 @@ def estimate(
     try:
         run = _run_from_options(**locals())
         hardware = _hardware(gpu)
-        if solve is not None and solve not in ("batch", "seq"):
-            raise VramfitError(f"expected batch or seq, got {solve!r}", field="--solve")
         if solve is not None and hardware is None:
             raise VramfitError("needs --gpu", field="--solve")
         if solve is not None and formula is Formula.seed:
@@ -380,7 +473,7 @@ def estimate(
         _seed(run, hardware, as_json)
     elif solve is not None:
         assert hardware is not None
-        _solve(run, hardware, solve, as_json)
+        _solve(run, hardware, solve.value, as_json)
     else:
         _default(run, hardware, as_json)
 
@@ -476,10 +569,48 @@ def _seed(run: RunSpec, hardware: Hardware | None, as_json: bool) -> None:
     raise typer.Exit(EXIT_DOES_NOT_FIT if fits is False else EXIT_FITS)
 
 
+def _position_limit(run: RunSpec) -> int | None:
+    """The longest seq a learned position table allows (seq + gen_tokens <= max_positions), or
+    None when positions are not learned."""
+    from vramfit.config import Positions
+
+    spec = run.model.resolved()
+    if spec.positions is not Positions.learned or not spec.max_positions:
+        return None
+    return spec.max_positions - run.workload.gen_tokens
+
+
+def _solve_within(run: RunSpec, hardware: Hardware, most: int) -> tuple[int, Estimate | None]:
+    """Largest seq in 1..most whose total fits, by bisection (as solve_max does, but bounded by
+    the position table: a longer seq is not a model, and its RunSpec does not validate)."""
+    from vramfit.estimate.core import estimate as run_estimate
+
+    def at(seq: int) -> Estimate:
+        workload = run.workload.model_dump()
+        return run_estimate(RunSpec(model=run.model, workload={**workload, "seq": seq}), hardware)
+
+    def fits(seq: int) -> bool:
+        return at(seq).total_bytes <= hardware.memory_bytes
+
+    if not fits(1):
+        return 0, None
+    if fits(most):
+        return most, at(most)
+    low, high = 1, most  # invariant: fits(low), not fits(high)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low, at(low)
+
+
 def _solve(run: RunSpec, hardware: Hardware, field: str, as_json: bool) -> None:
     from vramfit.estimate.solve import solve_max
 
-    value, est = solve_max(run, hardware, field)  # type: ignore[arg-type]
+    table = _position_limit(run) if field == "seq" else None
+    if table is not None:
+        value, est = _solve_within(run, hardware, table)
+    else:
+        value, est = solve_max(run, hardware, field)  # type: ignore[arg-type]
     if as_json:
         _print_json(
             {
@@ -493,6 +624,11 @@ def _solve(run: RunSpec, hardware: Hardware, field: str, as_json: bool) -> None:
         from vramfit.render import render_solve
 
         render_solve(_console(), field, value, hardware.name, est)
+        if table is not None and value == table:
+            print(
+                "note: seq + gen_tokens cannot exceed the model's "
+                f"{run.model.resolved().max_positions} learned positions"
+            )
     raise typer.Exit(EXIT_FITS if value > 0 else EXIT_DOES_NOT_FIT)
 
 
@@ -542,7 +678,12 @@ def check(
 
     targets = paths or [Path("presets")]
     for path in targets:
-        if not path.exists():
+        try:
+            exists = path.exists()
+        except (OSError, ValueError) as exc:  # ENAMETOOLONG, a NUL byte
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            _fail(VramfitError(f"cannot open: {reason}", field=str(path)))
+        if not exists:
             _fail(VramfitError("no such file or directory", field=str(path)))
     files = collect_files(targets)
     problems = check_paths(targets)
@@ -772,7 +913,7 @@ def measure(
         int | None,
         typer.Option(
             "--batch",
-            min=1,
+            parser=_whole(MAX_BATCH, least=1),
             help="With --train: sequences per step (default: 1). Else: the bmm batch "
             "(default: 32; implies --bmm).",
         ),
@@ -801,7 +942,11 @@ def measure(
     kv_dtype: KvDtypeOpt = None,
     steps: Annotated[
         int | None,
-        typer.Option("--steps", min=1, max=1000, help="With --train: training steps (default: 3)."),
+        typer.Option(
+            "--steps",
+            parser=_whole(1000, least=1),
+            help="With --train: training steps (default: 3).",
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
