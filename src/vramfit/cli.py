@@ -490,21 +490,106 @@ def _gpu_json(hardware: Hardware | None) -> dict[str, Any] | None:
     return {"name": hardware.name, "memory_bytes": hardware.memory_bytes}
 
 
+# The dtype a run's matmuls use, as the catalog names its tensor-core throughput.
+MATMUL_DTYPE = {
+    "fp32": "tf32",
+    "amp-fp16": "fp16",
+    "amp-bf16": "bf16",
+    "bf16": "bf16",
+    "fp16": "fp16",
+}
+
+
+def _fast_dtypes(hardware: Hardware | None) -> set[str] | None:
+    """The dtypes the GPU has tensor cores for (catalog ``tflops`` not null); None without one."""
+    if hardware is None:
+        return None
+    from vramfit.catalog import DTYPES, find_gpu
+
+    try:
+        gpu = find_gpu(hardware.name)
+    except VramfitError:
+        return None
+    return {dtype for dtype in DTYPES if gpu.peak_tflops(dtype) is not None}
+
+
+def dtype_notes(run: RunSpec, hardware: Hardware | None) -> list[str]:
+    """A note when the run's 16-bit matmul dtype has no tensor cores on the GPU (bf16 on a T4 or
+    V100): the memory is the same, but PyTorch runs those matmuls without tensor cores."""
+    fast = _fast_dtypes(hardware)
+    precision = run.workload.precision.value
+    dtype = MATMUL_DTYPE[precision]
+    if fast is None or hardware is None or dtype in fast or dtype == "tf32":
+        return []
+    instead = "amp-fp16" if precision.startswith("amp-") else "fp16"
+    hint = f"; --precision {instead} needs the same memory and runs fast" if "fp16" in fast else ""
+    return [
+        f"{hardware.name} has no {dtype} tensor cores: with --precision {precision} its "
+        f"matmuls run without them, many times slower{hint}"
+    ]
+
+
+def _apply_change(run: RunSpec, change: str) -> RunSpec:
+    """``run`` with a suggestion's options (``--precision fp16 --batch 2``) applied, validated."""
+    tokens = change.split()
+    pairs = zip(tokens[::2], tokens[1::2], strict=True)
+    updates = {flag[2:].replace("-", "_"): value for flag, value in pairs}
+    return RunSpec(model=run.model, workload={**run.workload.model_dump(), **updates})
+
+
+def honest_suggestions(run: RunSpec, hardware: Hardware) -> list[Any]:
+    """``estimate.solve.suggestions``, kept to dtypes the GPU runs fast (on a GPU without bf16
+    tensor cores, ``--precision bf16`` becomes ``fp16``, which needs the same memory), and for
+    inference with a KV cache, a smaller ``--kv-dtype`` too."""
+    from vramfit.estimate.core import estimate as run_estimate
+    from vramfit.estimate.solve import Suggestion, suggestions
+
+    fast = _fast_dtypes(hardware) or {"fp16", "bf16"}
+
+    def priced(change: str) -> Suggestion:
+        total = run_estimate(_apply_change(run, change), hardware).total_bytes
+        return Suggestion(change, total, total <= hardware.memory_bytes)
+
+    tips = []
+    for tip in suggestions(run, hardware):
+        if "--precision bf16" in tip.change and "bf16" not in fast:
+            if "fp16" not in fast:
+                continue
+            tip = priced(tip.change.replace("--precision bf16", "--precision fp16"))
+        tips.append(tip)
+    w = run.workload
+    if w.mode is Mode.infer and w.gen_tokens and w.kv_dtype not in (KvDtype.fp8, KvDtype.int8):
+        # 8-bit KV caches are what serving stacks offer (vLLM's kv_cache_dtype fp8, TensorRT-LLM
+        # int8): fp8 where the GPU has fp8 tensor cores, else int8 where it has int8 ones
+        smaller = next((d for d in ("fp8", "int8") if d in fast), None)
+        if smaller is not None:
+            current = run_estimate(run, hardware).total_bytes
+            kv = priced(f"--kv-dtype {smaller}")
+            if kv.total_bytes < current:
+                if not any(tip.fits for tip in tips) and tips:
+                    both = priced(f"{tips[0].change} --kv-dtype {smaller}")
+                    if both.fits:
+                        tips.insert(0, both)
+                tips.append(kv)
+    return sorted(tips, key=lambda tip: (not tip.fits, tip.total_bytes))
+
+
 def _default(run: RunSpec, hardware: Hardware | None, as_json: bool) -> None:
     from vramfit.estimate.core import estimate as run_estimate
 
     est = run_estimate(run, hardware)
+    notes = dtype_notes(run, hardware)
     if as_json:
-        _print_json(estimate_json(est))
+        document = estimate_json(est)
+        document["notes"] += notes
+        _print_json(document)
     else:
         from vramfit.render import render_estimate
 
         tips = []
         if hardware is not None and est.fits is False:
-            from vramfit.estimate.solve import suggestions
-
-            tips = suggestions(run, hardware)
-        render_estimate(_console(), est, tips)
+            tips = honest_suggestions(run, hardware)
+        render_estimate(_console(), est, tips, notes)
     raise typer.Exit(EXIT_DOES_NOT_FIT if est.fits is False else EXIT_FITS)
 
 
