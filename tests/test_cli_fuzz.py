@@ -410,7 +410,7 @@ def mutated(draw: st.DrawFn, base: dict[str, Any], keys: list[str]) -> dict[str,
     """``base`` with a few keys set to random values, deleted, or added."""
     data = dict(base)
     for _ in range(draw(st.integers(0, 4))):
-        key = draw(st.one_of(st.sampled_from(keys), TEXT))
+        key = draw(st.one_of(st.sampled_from(keys), TEXT, NASTY))
         action = draw(st.sampled_from(["set", "set", "set", "delete"]))
         if action == "delete":
             data.pop(key, None)

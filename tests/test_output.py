@@ -108,7 +108,7 @@ COMMANDS = [
     ["gpus"],
     ["presets"],
     ["estimate", "--params", "1B", "--layers", "24"],
-    ["estimate", "--preset", "mixtral-8x7b", "--gpu", "H100", "--checkpointing", "selective"],
+    ["estimate", "--preset", "qwen2.5-0.5b", "--gpu", "T4", "--checkpointing", "selective"],
     ["estimate", "--preset", "llama-3-8b", "--gpu", "T4", "--mode", "infer", "--gen-tokens", "512"],
     ["estimate", "--preset", "gpt2", "--formula", "seed", "--gpu", "T4"],
     ["estimate", "--preset", "gpt2", "--gpu", "T4", "--solve", "seq"],
@@ -198,3 +198,8 @@ def test_solve_lists_its_choices_in_help(
     monkeypatch.setenv("COLUMNS", "200")
     _, out, _ = run(capsys, "estimate", "--help")
     assert re.search(r"--solve\s+\S*batch\|seq", out), out
+
+
+def test_solve_notes_bf16_without_tensor_cores(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "estimate", "--preset", "gpt2", "--gpu", "T4", "--solve", "batch")
+    assert code == 0 and "note: T4 has no bf16 tensor cores" in out

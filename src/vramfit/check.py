@@ -37,7 +37,7 @@ class Problem:
     def __str__(self) -> str:
         file = shorten(str(self.file))
         where = f"{file}:{self.line}" if self.line > 0 else file
-        return f"{where}: {self.field}: {self.reason}"
+        return f"{where}: {shorten(self.field, 60)}: {shorten(self.reason)}"
 
 
 def collect_files(paths: list[Path]) -> list[Path]:

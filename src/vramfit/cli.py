@@ -714,6 +714,8 @@ def _solve(run: RunSpec, hardware: Hardware, field: str, as_json: bool) -> None:
                 "note: seq + gen_tokens cannot exceed the model's "
                 f"{run.model.resolved().max_positions} learned positions"
             )
+        for note in dtype_notes(run, hardware):
+            _console().print(f"note: {note}", markup=False)
     raise typer.Exit(EXIT_FITS if value > 0 else EXIT_DOES_NOT_FIT)
 
 
@@ -1170,10 +1172,11 @@ def usage_error_line(err: TyperException) -> str:
         possibilities = sorted(getattr(err, "possibilities", None) or [])
         if message.startswith("No such option"):
             hint = f" (did you mean {', '.join(possibilities)}?)" if possibilities else ""
-            return f"{option}: no such option{hint}"
-        return f"{option}: {_sentence(message.replace(f'Option {option!r} ', ''))}"
+            return f"{shorten(str(option))}: no such option{hint}"
+        reason = _sentence(message.replace(f"Option {option!r} ", ""))
+        return f"{shorten(str(option))}: {shorten(reason)}"
     if message.startswith("No such command"):
-        return f"command: {_sentence(message)}; run 'vramfit --help' to list them"
+        return f"command: {_sentence(shorten(message))}; run 'vramfit --help' to list them"
     return f"usage: {_sentence(err.format_message())}"
 
 
