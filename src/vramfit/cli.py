@@ -87,6 +87,7 @@ def _options(
 ) -> None:
     """Will this model fit in my GPU's memory, and how much headroom is left?"""
 
+
 # Maps config field names to the CLI options that set them, for error messages.
 OPTION_NAMES = {
     "layers": "--layers",

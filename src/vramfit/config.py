@@ -267,9 +267,7 @@ class Workload(_Strict):
     optimizer: Optimizer = Optimizer.adamw
     attention: Attention = Attention.flash
     checkpointing: Checkpointing = Checkpointing.none
-    gen_tokens: int = Field(
-        default=0, ge=0, le=MAX_TOKENS, description="tokens generated (infer)"
-    )
+    gen_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS, description="tokens generated (infer)")
     kv_dtype: KvDtype | None = Field(default=None, description="KV cache dtype (infer)")
 
     @model_validator(mode="before")
