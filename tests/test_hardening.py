@@ -187,6 +187,7 @@ CASES = [
         "--vocab: input should be less than or equal to 16777216, got 9223372036854775808",
     ),
     (["check", "{d}/empty"], 1, "checked 0 files: 1 problem in 1 file"),
+    (["check", "{d}"], 1, "checked 3 files: 3 problems in 3 files"),  # fifo, zero, bigint
 ]
 
 
