@@ -1,7 +1,8 @@
 """The README's ```console examples, run for real.
 
 Every ``$ vramfit ...`` command in a console block that needs no GPU (not ``measure``) is run
-in-process at 80 columns (what a pipe or a log gets), and its stdout is what the block must
+in-process at 80 columns (what a pipe or a log gets), and every ``$ python benchmarks/...``
+command (they read committed measurements) in a child process; its stdout is what the block must
 show: line for line, or, where the block's output starts with ``...``, its last lines. A
 command shown without output is run too (it must not fail with a usage error) but not
 compared. ``tests/test_readme.py`` holds the README to this; after a change to the estimator
@@ -19,6 +20,7 @@ import io
 import os
 import re
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,8 @@ class Example:
     @property
     def runnable(self) -> bool:
         argv = self.argv
+        if argv[:1] == ["python"]:
+            return len(argv) > 1 and argv[1].startswith("benchmarks/")
         return argv[:1] == ["vramfit"] and argv[1:2] != ["measure"]
 
     @property
@@ -75,7 +79,14 @@ def blocks(text: str) -> list[tuple[re.Match[str], list[Example]]]:
 
 
 def run(argv: list[str]) -> tuple[int, list[str], str]:
-    """``vramfit argv[1:]`` in-process at 80 columns: (exit code, stdout lines, stderr)."""
+    """``vramfit argv[1:]`` in-process at 80 columns, or ``python benchmarks/...`` in a child
+    process: (exit code, stdout lines, stderr)."""
+    if argv[0] == "python":
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "COLUMNS": WIDTH, "NO_COLOR": "1"}
+        done = subprocess.run(
+            [sys.executable, *argv[1:]], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        return done.returncode, [line.rstrip() for line in done.stdout.splitlines()], done.stderr
     from vramfit.cli import main
 
     saved = {name: os.environ.get(name) for name in ("COLUMNS", "TERMINAL_WIDTH", "NO_COLOR")}
