@@ -803,6 +803,15 @@ def test_measure_train_table(capsys: pytest.CaptureFixture[str], fake_train: lis
     assert "[note]" in out  # device/torch text is not read as markup
 
 
+def test_measure_train_table_is_whole_at_80_columns(
+    capsys: pytest.CaptureFixture[str], fake_train: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run(capsys, "measure", "--train", "--preset", "gpt2", "--seq", "256")
+    assert code == 0 and "…" not in out, out
+    assert max(len(line) for line in out.splitlines()) <= 80
+
+
 def test_progress_display_on_a_terminal() -> None:
     import io
 
