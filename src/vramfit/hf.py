@@ -245,16 +245,16 @@ def _config_file(path: Path) -> Path:
         return path  # read_bounded reports it
 
 
+class _TooLong(ValueError):
+    """An integer literal longer than MAX_INT_DIGITS."""
+
+
 def _json_integer(text: str) -> int:
     # json's parse_int hook: refuse before int() does (Python parses at most 4,300 digits)
     digits = text.lstrip("-")
     if len(digits) > MAX_INT_DIGITS:
         raise _TooLong(f"an integer of {len(digits):,} digits (at most {MAX_INT_DIGITS})")
     return int(text)
-
-
-class _TooLong(ValueError):
-    pass
 
 
 def _read_config(path: Path) -> _Config:

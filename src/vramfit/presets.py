@@ -88,7 +88,8 @@ def _is_path(name: str) -> bool:
 
 def get_preset(name: str) -> Preset:
     """The preset called ``name`` (case-insensitive; aliases allowed), or the preset file at
-    ``name`` when it ends in .yaml/.yml or names an existing file.
+    ``name`` when it ends in .yaml/.yml, contains a ``/`` or names an existing file (read with
+    ``config.read_yaml``: regular files only, bounded).
 
     Raises VramfitError (field ``--preset``) with close matches for an unknown name.
     """
