@@ -100,7 +100,7 @@ def test_several_schema_errors_each_get_their_line(tmp_path: Path) -> None:
 def test_missing_field_points_at_its_parent(tmp_path: Path) -> None:
     file = tmp_path / "nohidden.yaml"
     file.write_text(
-        GPT2.format(name="x", published="1", exact="false").replace("  hidden: 768\n", ""),
+        GPT2.format(name="x", published="1000", exact="false").replace("  hidden: 768\n", ""),
         encoding="utf-8",
     )
     assert check_paths([file]) == [Problem(file, 6, "model.hidden", "Field required")]
@@ -109,7 +109,7 @@ def test_missing_field_points_at_its_parent(tmp_path: Path) -> None:
 def test_model_level_error_points_at_model(tmp_path: Path) -> None:
     file = tmp_path / "heads.yaml"
     file.write_text(
-        GPT2.format(name="x", published="1", exact="false").replace("heads: 12", "heads: 7"),
+        GPT2.format(name="x", published="1000", exact="false").replace("heads: 12", "heads: 7"),
         encoding="utf-8",
     )
     assert check_paths([file]) == [

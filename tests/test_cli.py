@@ -465,7 +465,7 @@ ERRORS = [
     ),
     (
         ["estimate", "--params", "1B", "--solve", "tokens", "--gpu", "H100"],
-        "--solve: expected batch or seq, got 'tokens'",
+        "--solve: 'tokens' is not one of 'batch', 'seq'",
     ),
     (["estimate", "--params", "1B", "--solve", "batch"], "--solve: needs --gpu"),
     (["frobnicate"], "command: no such command 'frobnicate'; run 'vramfit --help' to list them"),
@@ -510,7 +510,7 @@ def _write(path: Path, text: str) -> Path:
 
 
 def test_bad_files_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    header = "name: x\ntitle: t\nsource: s\npublished_params: 1\n"
+    header = "name: x\ntitle: t\nsource: s\npublished_params: 1000\n"
     cases = [
         (
             ["--preset", str(tmp_path / "missing.yaml")],
@@ -801,6 +801,15 @@ def test_measure_train_table(capsys: pytest.CaptureFixture[str], fake_train: lis
         assert row in out
     assert re.search(r"backward \(peak allocated\)\W+[0-9.]+\W+4\.00\W+[+-][0-9.]+%", out)
     assert "[note]" in out  # device/torch text is not read as markup
+
+
+def test_measure_train_table_is_whole_at_80_columns(
+    capsys: pytest.CaptureFixture[str], fake_train: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run(capsys, "measure", "--train", "--preset", "gpt2", "--seq", "256")
+    assert code == 0 and "…" not in out, out
+    assert max(len(line) for line in out.splitlines()) <= 80
 
 
 def test_progress_display_on_a_terminal() -> None:

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vramfit.config import validation_error
-from vramfit.errors import VramfitError
+from vramfit.errors import VramfitError, shown
 
 # The throughput columns every row carries, in display order.
 DTYPES: tuple[str, ...] = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8")
@@ -141,6 +141,10 @@ def find_gpu(name: str) -> Gpu:
     canonical names: first those with a name or alias that starts with ``name`` (so a bare
     ``a100`` offers both A100s), then the closest by ``difflib`` similarity.
     """
+    if not name.isprintable() or len(name) > 100:
+        raise VramfitError(
+            f"unknown GPU {shown(name)}; run `vramfit gpus` to list them", field="--gpu"
+        )
     index = _index()
     key = normalize(name)
     if key in index:
@@ -154,9 +158,11 @@ def find_gpu(name: str) -> Gpu:
             if canonical not in suggestions:
                 suggestions.append(canonical)
     if not suggestions:
-        raise VramfitError(f"unknown GPU {name!r}; run `vramfit gpus` to list them", field="--gpu")
-    shown = ", ".join(suggestions[:_MAX_SUGGESTIONS])
-    raise VramfitError(f"unknown GPU {name!r}; did you mean: {shown}?", field="--gpu")
+        raise VramfitError(
+            f"unknown GPU {shown(name)}; run `vramfit gpus` to list them", field="--gpu"
+        )
+    close = ", ".join(suggestions[:_MAX_SUGGESTIONS])
+    raise VramfitError(f"unknown GPU {shown(name)}; did you mean: {close}?", field="--gpu")
 
 
 def catalog_rows() -> list[dict[str, Any]]:

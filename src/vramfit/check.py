@@ -1,10 +1,11 @@
 """``vramfit check``: lint preset files, reporting every problem as ``file:line: field: reason``.
 
-Each file is read in stages, each guarding the next: the raw YAML event stream is scanned first
-(bounded: no anchors or aliases, nesting at most ``MAX_DEPTH``, at most ``MAX_EVENTS`` events), so
-billion-laughs documents and deeply nested ones are refused before anything is built from them;
-then the document is composed (for line numbers) and validated as a ``Preset``; finally its
-parameter count is compared with ``published_params``.
+Each file is read in stages, each guarding the next: only a regular file of at most
+``MAX_YAML_BYTES`` is read; the raw YAML event stream is scanned (``config.scan_yaml``: no anchors
+or aliases, bounded nesting, node count and integer length), so billion-laughs documents, deeply
+nested ones and 5,000-digit integers are refused before anything is built from them; then the
+document is composed (for line numbers) and validated as a ``Preset``; finally its parameter
+count is compared with ``published_params``.
 """
 
 from __future__ import annotations
@@ -16,13 +17,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from vramfit.config import Preset
-from vramfit.errors import VramfitError
+from vramfit.config import MAX_YAML_BYTES, Preset, read_text_bounded, scan_yaml
+from vramfit.errors import VramfitError, shorten
 from vramfit.presets import count_disagreement
-
-MAX_BYTES = 1_000_000  # a preset is well under 1 KB
-MAX_DEPTH = 50  # a preset nests 2 levels deep
-MAX_EVENTS = 100_000
 
 # ``field`` values for problems that are not about one key
 FILE, YAML, DOCUMENT = "(file)", "(yaml)", "(document)"
@@ -38,8 +35,9 @@ class Problem:
     reason: str
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line > 0 else str(self.file)
-        return f"{where}: {self.field}: {self.reason}"
+        file = shorten(str(self.file))
+        where = f"{file}:{self.line}" if self.line > 0 else file
+        return f"{where}: {shorten(self.field, 60)}: {shorten(self.reason)}"
 
 
 def collect_files(paths: list[Path]) -> list[Path]:
@@ -47,16 +45,26 @@ def collect_files(paths: list[Path]) -> list[Path]:
     files (not recursive), sorted."""
     files: list[Path] = []
     for path in paths:
-        if path.is_dir():
+        if _is_dir(path):
             files.extend(sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml")))
         else:
             files.append(path)
     return files
 
 
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):  # a name too long for the file system: read as a file
+        return False
+
+
 def check_paths(paths: list[Path]) -> list[Problem]:
     """Check every file ``collect_files(paths)`` names; also flag a preset name used twice."""
     problems: list[Problem] = []
+    for path in paths:
+        if _is_dir(path) and not collect_files([path]):
+            problems.append(Problem(path, 0, FILE, "a folder with no .yaml or .yml files"))
     seen: dict[str, Path] = {}
     for file in collect_files(paths):
         file_problems, preset, root = _check_file(file)
@@ -90,16 +98,12 @@ def _plural(n: int, noun: str) -> str:
 def _check_file(file: Path) -> tuple[list[Problem], Preset | None, yaml.Node | None]:
     """Problems in one file, the preset when it validated, and its composed root node."""
     try:
-        if file.stat().st_size > MAX_BYTES:
-            return [Problem(file, 0, FILE, f"larger than {MAX_BYTES:,} bytes")], None, None
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return [Problem(file, 0, FILE, "no such file")], None, None
-    except (OSError, UnicodeDecodeError) as exc:
-        return [Problem(file, 0, FILE, f"cannot read: {exc}")], None, None
+        text = read_text_bounded(file, limit=MAX_YAML_BYTES)
+    except VramfitError as err:
+        return [Problem(file, 0, FILE, err.message)], None, None
 
     try:
-        unsafe = _scan_events(text)
+        unsafe = scan_yaml(text)
         if unsafe is not None:
             line, reason = unsafe
             return [Problem(file, line, YAML, reason)], None, None
@@ -113,7 +117,7 @@ def _check_file(file: Path) -> tuple[list[Problem], Preset | None, yaml.Node | N
             None,
             None,
         )
-    except (yaml.YAMLError, RecursionError) as exc:
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:
         return [Problem(file, 0, YAML, f"invalid YAML: {type(exc).__name__}")], None, None
 
     if root is None or data is None:
@@ -135,25 +139,6 @@ def _check_file(file: Path) -> tuple[list[Problem], Preset | None, yaml.Node | N
         line = _line_of(root, ("published_params",))
         return [Problem(file, line, "published_params", disagreement)], preset, root
     return [], preset, root
-
-
-def _scan_events(text: str) -> tuple[int, str] | None:
-    """Refuse, before composing, what could blow up: anchors and aliases (billion laughs),
-    deep nesting (the composer recurses) and huge documents. Returns (line, reason) or None."""
-    depth = 0
-    for count, event in enumerate(yaml.parse(text, Loader=yaml.SafeLoader)):
-        line = event.start_mark.line + 1
-        if count > MAX_EVENTS:
-            return line, f"more than {MAX_EVENTS:,} YAML nodes"
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            return line, "YAML anchors and aliases are not allowed"
-        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-            depth += 1
-            if depth > MAX_DEPTH:
-                return line, f"nested deeper than {MAX_DEPTH} levels"
-        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-            depth -= 1
-    return None
 
 
 def _validation_problems(file: Path, root: yaml.Node, err: ValidationError) -> list[Problem]:

@@ -15,6 +15,7 @@ import functools
 import os
 import re
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -24,6 +25,14 @@ from pydantic import ValidationError
 from typer.exceptions import Abort, TyperException
 
 from vramfit.config import (
+    MAX_BATCH,
+    MAX_FFN,
+    MAX_HEADS,
+    MAX_INT_DIGITS,
+    MAX_LAYERS,
+    MAX_TOKENS,
+    MAX_VOCAB,
+    MAX_WIDTH,
     Arch,
     Attention,
     Checkpointing,
@@ -39,7 +48,7 @@ from vramfit.config import (
     RunSpec,
     Workload,
 )
-from vramfit.errors import VramfitError
+from vramfit.errors import VramfitError, shorten, shown
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -58,6 +67,30 @@ app = typer.Typer(
 )
 
 EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from vramfit import __version__
+
+        print(f"vramfit {__version__}")
+        raise typer.Exit(EXIT_FITS)
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print vramfit's version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Will this model fit in my GPU's memory, and how much headroom is left?"""
+
 
 # Maps config field names to the CLI options that set them, for error messages.
 OPTION_NAMES = {
@@ -85,9 +118,14 @@ def _console(*, stderr: bool = False) -> Console:
 _LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
 
 
+# The longest error line: whatever the input, a message quotes only a bounded part of it.
+MAX_ERROR_CHARS = 300
+
+
 def _print_error(message: str) -> None:
     """``error: <field>: <reason>`` on stderr, on one line whatever the input held."""
-    print(f"error: {message.translate(_LINE_BREAKS)}", file=sys.stderr)
+    line = shorten(message.translate(_LINE_BREAKS), MAX_ERROR_CHARS - len("error: "))
+    print(f"error: {line}", file=sys.stderr)
 
 
 def _fail(err: VramfitError) -> None:
@@ -106,7 +144,7 @@ def _option_error(err: ValidationError) -> VramfitError:
         if leading in OPTION_NAMES:
             field = leading
     if "input" in first and not isinstance(first["input"], dict):
-        message += f", got {first['input']!r}"
+        message += f", got {shown(first['input'])}"
     return VramfitError(message, field=OPTION_NAMES.get(field, field))
 
 
@@ -212,15 +250,54 @@ def build_run(
     return run
 
 
+_WHOLE_RE = re.compile(r"[+-]?[0-9]+")
+
+
+def _whole(most: int, least: int | None = None) -> Any:
+    """A typer parser for an integer option: plain digits only (``1.0``, ``1e3``, ``1_000`` and
+    ``12\\n`` are refused, where pydantic's lax mode would take them), and no more than
+    ``MAX_INT_DIGITS`` of them (Python refuses to parse 4,300). Ranges are checked by the config
+    models, which name the bound; ``most`` is that bound, for the message about huge numbers.
+    With ``least``, the parser checks the range itself (for options no model validates)."""
+
+    def parse(text: str) -> int:
+        if not _WHOLE_RE.fullmatch(text):
+            raise typer.BadParameter(
+                "Input should be a valid integer, unable to parse string as an integer"
+            )
+        if len(text.lstrip("+-")) > MAX_INT_DIGITS:
+            raise typer.BadParameter(
+                f"Input should be less than or equal to {most}, got {shown(text)}"
+            )
+        value = int(text)
+        if least is not None and value < least:
+            raise typer.BadParameter(f"Input should be greater than or equal to {least}")
+        if least is not None and value > most:
+            raise typer.BadParameter(f"Input should be less than or equal to {most}")
+        return value
+
+    return parse
+
+
 # Shared options. Help text says "(default: X)" rather than "[default: X]": typer renders help
 # with rich markup, which would swallow the brackets.
 ParamsOpt = Annotated[
     str | None, typer.Option("--params", help="Parameter count: 1B, 350M, 1.5e9, 124439808.")
 ]
-LayersOpt = Annotated[int | None, typer.Option("--layers", help="Transformer blocks.")]
-HiddenOpt = Annotated[int | None, typer.Option("--hidden", help="Model width.")]
-SeqOpt = Annotated[int | None, typer.Option("--seq", help="Tokens per sequence (default: 2048).")]
-BatchOpt = Annotated[int | None, typer.Option("--batch", help="Sequences per step (default: 1).")]
+LayersOpt = Annotated[
+    int | None, typer.Option("--layers", parser=_whole(MAX_LAYERS), help="Transformer blocks.")
+]
+HiddenOpt = Annotated[
+    int | None, typer.Option("--hidden", parser=_whole(MAX_WIDTH), help="Model width.")
+]
+SeqOpt = Annotated[
+    int | None,
+    typer.Option("--seq", parser=_whole(MAX_TOKENS), help="Tokens per sequence (default: 2048)."),
+]
+BatchOpt = Annotated[
+    int | None,
+    typer.Option("--batch", parser=_whole(MAX_BATCH), help="Sequences per step (default: 1)."),
+]
 PresetOpt = Annotated[
     str | None,
     typer.Option("--preset", help="A preset name (see `vramfit presets`) or a preset YAML file."),
@@ -235,13 +312,21 @@ GpuOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 ArchOpt = Annotated[Arch | None, typer.Option("--arch", help="Model family (default: llama).")]
 HeadsOpt = Annotated[
-    int | None, typer.Option("--heads", help="Attention heads (default: hidden/64).")
+    int | None,
+    typer.Option("--heads", parser=_whole(MAX_HEADS), help="Attention heads (default: hidden/64)."),
 ]
 KvHeadsOpt = Annotated[
-    int | None, typer.Option("--kv-heads", help="Key/value heads, GQA (default: heads).")
+    int | None,
+    typer.Option(
+        "--kv-heads", parser=_whole(MAX_HEADS), help="Key/value heads, GQA (default: heads)."
+    ),
 ]
-FfnOpt = Annotated[int | None, typer.Option("--ffn", help="MLP intermediate size.")]
-VocabOpt = Annotated[int | None, typer.Option("--vocab", help="Vocabulary size.")]
+FfnOpt = Annotated[
+    int | None, typer.Option("--ffn", parser=_whole(MAX_FFN), help="MLP intermediate size.")
+]
+VocabOpt = Annotated[
+    int | None, typer.Option("--vocab", parser=_whole(MAX_VOCAB), help="Vocabulary size.")
+]
 TiedOpt = Annotated[
     bool | None,
     typer.Option("--tied/--untied", help="lm_head shares the embedding.", show_default=False),
@@ -273,7 +358,11 @@ CkptOpt = Annotated[
 ModeOpt = Annotated[Mode | None, typer.Option("--mode", help="train or infer (default: train).")]
 GenOpt = Annotated[
     int | None,
-    typer.Option("--gen-tokens", help="Tokens to generate (infer): adds the KV cache."),
+    typer.Option(
+        "--gen-tokens",
+        parser=_whole(MAX_TOKENS),
+        help="Tokens to generate (infer): adds the KV cache.",
+    ),
 ]
 KvDtypeOpt = Annotated[
     KvDtype | None,
@@ -466,6 +555,13 @@ def _run_from_options(**o: Any) -> RunSpec:
     )
 
 
+class SolveField(str, Enum):
+    """What ``--solve`` maximises (the choices typer lists in ``--help``)."""
+
+    batch = "batch"
+    seq = "seq"
+
+
 @app.command()
 def estimate(
     params: ParamsOpt = None,
@@ -510,7 +606,7 @@ def estimate(
     quant_double: QuantDoubleOpt = None,
     quant_compute_dtype: QuantComputeOpt = None,
     solve: Annotated[
-        str | None,
+        SolveField | None,
         typer.Option("--solve", help="batch or seq: the largest value that fits --gpu."),
     ] = None,
     as_json: JsonOpt = False,
@@ -522,8 +618,6 @@ def estimate(
     try:
         run = _run_from_options(**locals())
         hardware = _hardware(gpu)
-        if solve is not None and solve not in ("batch", "seq"):
-            raise VramfitError(f"expected batch or seq, got {solve!r}", field="--solve")
         if solve is not None and hardware is None:
             raise VramfitError("needs --gpu", field="--solve")
         if solve is not None and formula is Formula.seed:
@@ -535,7 +629,7 @@ def estimate(
         _seed(run, hardware, as_json)
     elif solve is not None:
         assert hardware is not None
-        _solve(run, hardware, solve, as_json)
+        _solve(run, hardware, solve.value, as_json)
     else:
         _default(run, hardware, as_json)
 
@@ -552,21 +646,106 @@ def _gpu_json(hardware: Hardware | None) -> dict[str, Any] | None:
     return {"name": hardware.name, "memory_bytes": hardware.memory_bytes}
 
 
+# The dtype a run's matmuls use, as the catalog names its tensor-core throughput.
+MATMUL_DTYPE = {
+    "fp32": "tf32",
+    "amp-fp16": "fp16",
+    "amp-bf16": "bf16",
+    "bf16": "bf16",
+    "fp16": "fp16",
+}
+
+
+def _fast_dtypes(hardware: Hardware | None) -> set[str] | None:
+    """The dtypes the GPU has tensor cores for (catalog ``tflops`` not null); None without one."""
+    if hardware is None:
+        return None
+    from vramfit.catalog import DTYPES, find_gpu
+
+    try:
+        gpu = find_gpu(hardware.name)
+    except VramfitError:
+        return None
+    return {dtype for dtype in DTYPES if gpu.peak_tflops(dtype) is not None}
+
+
+def dtype_notes(run: RunSpec, hardware: Hardware | None) -> list[str]:
+    """A note when the run's 16-bit matmul dtype has no tensor cores on the GPU (bf16 on a T4 or
+    V100): the memory is the same, but PyTorch runs those matmuls without tensor cores."""
+    fast = _fast_dtypes(hardware)
+    precision = run.workload.precision.value
+    dtype = MATMUL_DTYPE[precision]
+    if fast is None or hardware is None or dtype in fast or dtype == "tf32":
+        return []
+    instead = "amp-fp16" if precision.startswith("amp-") else "fp16"
+    hint = f"; --precision {instead} needs the same memory and runs fast" if "fp16" in fast else ""
+    return [
+        f"{hardware.name} has no {dtype} tensor cores: with --precision {precision} its "
+        f"matmuls run without them, many times slower{hint}"
+    ]
+
+
+def _apply_change(run: RunSpec, change: str) -> RunSpec:
+    """``run`` with a suggestion's options (``--precision fp16 --batch 2``) applied, validated."""
+    tokens = change.split()
+    pairs = zip(tokens[::2], tokens[1::2], strict=True)
+    updates = {flag[2:].replace("-", "_"): value for flag, value in pairs}
+    return RunSpec(model=run.model, workload={**run.workload.model_dump(), **updates})
+
+
+def honest_suggestions(run: RunSpec, hardware: Hardware) -> list[Any]:
+    """``estimate.solve.suggestions``, kept to dtypes the GPU runs fast (on a GPU without bf16
+    tensor cores, ``--precision bf16`` becomes ``fp16``, which needs the same memory), and for
+    inference with a KV cache, a smaller ``--kv-dtype`` too."""
+    from vramfit.estimate.core import estimate as run_estimate
+    from vramfit.estimate.solve import Suggestion, suggestions
+
+    fast = _fast_dtypes(hardware) or {"fp16", "bf16"}
+
+    def priced(change: str) -> Suggestion:
+        total = run_estimate(_apply_change(run, change), hardware).total_bytes
+        return Suggestion(change, total, total <= hardware.memory_bytes)
+
+    tips = []
+    for tip in suggestions(run, hardware):
+        if "--precision bf16" in tip.change and "bf16" not in fast:
+            if "fp16" not in fast:
+                continue
+            tip = priced(tip.change.replace("--precision bf16", "--precision fp16"))
+        tips.append(tip)
+    w = run.workload
+    if w.mode is Mode.infer and w.gen_tokens and w.kv_dtype not in (KvDtype.fp8, KvDtype.int8):
+        # 8-bit KV caches are what serving stacks offer (vLLM's kv_cache_dtype fp8, TensorRT-LLM
+        # int8): fp8 where the GPU has fp8 tensor cores, else int8 where it has int8 ones
+        smaller = next((d for d in ("fp8", "int8") if d in fast), None)
+        if smaller is not None:
+            current = run_estimate(run, hardware).total_bytes
+            kv = priced(f"--kv-dtype {smaller}")
+            if kv.total_bytes < current:
+                if not any(tip.fits for tip in tips) and tips:
+                    both = priced(f"{tips[0].change} --kv-dtype {smaller}")
+                    if both.fits:
+                        tips.insert(0, both)
+                tips.append(kv)
+    return sorted(tips, key=lambda tip: (not tip.fits, tip.total_bytes))
+
+
 def _default(run: RunSpec, hardware: Hardware | None, as_json: bool) -> None:
     from vramfit.estimate.core import estimate as run_estimate
 
     est = run_estimate(run, hardware)
+    notes = dtype_notes(run, hardware)
     if as_json:
-        _print_json(estimate_json(est))
+        document = estimate_json(est)
+        document["notes"] += notes
+        _print_json(document)
     else:
         from vramfit.render import render_estimate
 
         tips = []
         if hardware is not None and est.fits is False:
-            from vramfit.estimate.solve import suggestions
-
-            tips = suggestions(run, hardware)
-        render_estimate(_console(), est, tips)
+            tips = honest_suggestions(run, hardware)
+        render_estimate(_console(), est, tips, notes)
     raise typer.Exit(EXIT_DOES_NOT_FIT if est.fits is False else EXIT_FITS)
 
 
@@ -654,6 +833,8 @@ def _solve(run: RunSpec, hardware: Hardware, field: str, as_json: bool) -> None:
         from vramfit.render import render_solve
 
         render_solve(_console(), solution, hardware.name)
+        for note in dtype_notes(run, hardware):
+            _console().print(f"note: {note}", markup=False)
     raise typer.Exit(EXIT_FITS if solution.value > 0 else EXIT_DOES_NOT_FIT)
 
 
@@ -703,7 +884,12 @@ def check(
 
     targets = paths or [Path("presets")]
     for path in targets:
-        if not path.exists():
+        try:
+            exists = path.exists()
+        except (OSError, ValueError) as exc:  # ENAMETOOLONG, a NUL byte
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            _fail(VramfitError(f"cannot open: {reason}", field=str(path)))
+        if not exists:
             _fail(VramfitError("no such file or directory", field=str(path)))
     files = collect_files(targets)
     problems = check_paths(targets)
@@ -933,7 +1119,7 @@ def measure(
         int | None,
         typer.Option(
             "--batch",
-            min=1,
+            parser=_whole(MAX_BATCH, least=1),
             help="With --train: sequences per step (default: 1). Else: the bmm batch "
             "(default: 32; implies --bmm).",
         ),
@@ -975,7 +1161,11 @@ def measure(
     quant_compute_dtype: QuantComputeOpt = None,
     steps: Annotated[
         int | None,
-        typer.Option("--steps", min=1, max=1000, help="With --train: training steps (default: 3)."),
+        typer.Option(
+            "--steps",
+            parser=_whole(1000, least=1),
+            help="With --train: training steps (default: 3).",
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -1114,10 +1304,11 @@ def usage_error_line(err: TyperException) -> str:
         possibilities = sorted(getattr(err, "possibilities", None) or [])
         if message.startswith("No such option"):
             hint = f" (did you mean {', '.join(possibilities)}?)" if possibilities else ""
-            return f"{option}: no such option{hint}"
-        return f"{option}: {_sentence(message.replace(f'Option {option!r} ', ''))}"
+            return f"{shorten(str(option))}: no such option{hint}"
+        reason = _sentence(message.replace(f"Option {option!r} ", ""))
+        return f"{shorten(str(option))}: {shorten(reason)}"
     if message.startswith("No such command"):
-        return f"command: {_sentence(message)}; run 'vramfit --help' to list them"
+        return f"command: {_sentence(shorten(message))}; run 'vramfit --help' to list them"
     return f"usage: {_sentence(err.format_message())}"
 
 

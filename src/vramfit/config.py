@@ -8,6 +8,9 @@ one ``VramfitError``.
 
 from __future__ import annotations
 
+import os
+import re
+import stat
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -135,6 +138,28 @@ class Formula(str, Enum):
 
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
 
+# Upper bounds on every size, far above any published model, so nonsense (a vocabulary of 2**63)
+# is refused naming the field instead of becoming a number of exabytes. The largest published
+# figures: hidden 25,600 (Megatron-Turing NLG 530B), 128 attention heads (Llama-3.1-405B),
+# MLP width 73,728 (PaLM 540B), vocabulary 262,144 (Gemma 3), 256 routed experts (DeepSeek-V3),
+# 126 layers (Llama-3.1-405B), 1.6T parameters (Switch-C). The bounds give each 8-60x room.
+MAX_LAYERS = 512
+MAX_WIDTH = 2**20  # hidden, head_dim
+MAX_HEADS = 2**14
+MAX_FFN = 2**22
+MAX_VOCAB = 2**24
+MAX_EXPERTS = 4096  # Switch-C: 2048 experts (Fedus et al. 2022)
+MAX_SHARED_EXPERTS = 64  # DeepSeek-V2: 2; Qwen-MoE: 1
+# Expert MLPs over the whole model: Kimi K2 has 61 x (384 + 1) = 23,485, Switch-C 15 x 2048. The
+# estimate walks every expert's tensors, so this also bounds its time and memory.
+MAX_EXPERT_LAYERS = 2**15
+MAX_PARAMS = 10**15  # 1000T
+# The smallest count that makes a transformer: one block of width 8 with a 16-token vocabulary
+# already has ~1,000 parameters; `--params 2` is a typo, not a model.
+MIN_PARAMS = 1000
+MAX_TOKENS = 100_000_000  # seq, gen_tokens, positions, window: 100M tokens of context
+MAX_BATCH = 10_000_000
+
 
 class _Strict(BaseModel):
     # defer_build: a model's validator is built on first use, so `estimate` does not pay for
@@ -149,15 +174,20 @@ class ModelSpec(_Strict):
     """
 
     arch: Arch = Field(default=Arch.llama, description="model family: gpt2 or llama")
-    layers: int = Field(ge=1, le=512, description="transformer blocks")
-    hidden: int = Field(ge=1, le=10_000_000, description="model (residual) width")
-    heads: int | None = Field(default=None, ge=1, description="attention heads")
-    kv_heads: int | None = Field(default=None, ge=1, description="key/value heads (GQA)")
-    head_dim: int | None = Field(default=None, ge=1, description="per-head width")
-    ffn: int | None = Field(default=None, ge=1, description="MLP intermediate size")
-    vocab: int | None = Field(default=None, ge=1, description="vocabulary size")
+    layers: int = Field(ge=1, le=MAX_LAYERS, description="transformer blocks")
+    hidden: int = Field(ge=1, le=MAX_WIDTH, description="model (residual) width")
+    heads: int | None = Field(default=None, ge=1, le=MAX_HEADS, description="attention heads")
+    kv_heads: int | None = Field(
+        default=None, ge=1, le=MAX_HEADS, description="key/value heads (GQA)"
+    )
+    head_dim: int | None = Field(default=None, ge=1, le=MAX_WIDTH, description="per-head width")
+    ffn: int | None = Field(default=None, ge=1, le=MAX_FFN, description="MLP intermediate size")
+    vocab: int | None = Field(default=None, ge=1, le=MAX_VOCAB, description="vocabulary size")
     max_positions: int | None = Field(
-        default=None, ge=1, description="learned position table length (learned positions only)"
+        default=None,
+        ge=1,
+        le=MAX_TOKENS,
+        description="learned position table length (learned positions only)",
     )
     tied: bool | None = Field(default=None, description="lm_head shares the embedding matrix")
     norm: Norm | None = None
@@ -166,18 +196,32 @@ class ModelSpec(_Strict):
     bias: bool | None = Field(default=None, description="biases on every linear layer and norm")
     qkv_bias: bool | None = Field(default=None, description="biases on q, k, v only (Qwen)")
     norms_per_layer: int = Field(default=2, ge=0, le=8, description="norms inside each block")
-    experts: int = Field(default=1, ge=1, description="routed MLP experts (1 = dense)")
+    experts: int = Field(
+        default=1, ge=1, le=MAX_EXPERTS, description="routed MLP experts (1 = dense)"
+    )
     experts_per_token: int = Field(default=1, ge=1, description="experts each token is routed to")
-    expert_ffn: int | None = Field(default=None, ge=1, description="intermediate size of an expert")
-    shared_experts: int = Field(default=0, ge=0, description="always-on experts (Qwen-MoE)")
-    shared_expert_ffn: int | None = Field(default=None, ge=1)
+    expert_ffn: int | None = Field(
+        default=None, ge=1, le=MAX_FFN, description="intermediate size of an expert"
+    )
+    shared_experts: int = Field(
+        default=0, ge=0, le=MAX_SHARED_EXPERTS, description="always-on experts (Qwen-MoE)"
+    )
+    shared_expert_ffn: int | None = Field(default=None, ge=1, le=MAX_FFN)
     shared_expert_gate: bool = Field(default=False, description="sigmoid gate on the shared expert")
-    sliding_window: int | None = Field(default=None, ge=1, description="local attention window")
+    sliding_window: int | None = Field(
+        default=None, ge=1, le=MAX_TOKENS, description="local attention window"
+    )
     sliding_window_every: int = Field(
-        default=1, ge=1, description="1: every layer is local; 2: every other layer (Gemma-2)"
+        default=1,
+        ge=1,
+        le=MAX_LAYERS,
+        description="1: every layer is local; 2: every other layer (Gemma-2)",
     )
     params: int | None = Field(
-        default=None, ge=1, description="declared parameter count; overrides the derived one"
+        default=None,
+        ge=MIN_PARAMS,
+        le=MAX_PARAMS,
+        description="declared parameter count; overrides the derived one",
     )
     model_type: ModelType | None = Field(
         default=None, description="Hugging Face model_type (default: gpt2 or llama by arch)"
@@ -201,6 +245,12 @@ class ModelSpec(_Strict):
             raise ValueError(f"heads ({heads}) is not a multiple of kv_heads ({self.kv_heads})")
         if self.experts_per_token > self.experts:
             raise ValueError("experts_per_token exceeds experts")
+        expert_layers = self.layers * (self.experts + self.shared_experts)
+        if self.experts > 1 and expert_layers > MAX_EXPERT_LAYERS:
+            raise ValueError(
+                f"layers x (experts + shared_experts) is {expert_layers:,}, more than "
+                f"{MAX_EXPERT_LAYERS:,} expert MLPs (Kimi K2 has 61 x 385)"
+            )
         return self
 
     def resolved(self) -> ModelSpec:
@@ -271,13 +321,13 @@ class Workload(_Strict):
     """What is done with the model: training step or inference, and how."""
 
     mode: Mode = Mode.train
-    batch: int = Field(default=1, ge=1, le=10_000_000, description="sequences per step")
-    seq: int = Field(default=2048, ge=1, le=100_000_000, description="tokens per sequence")
+    batch: int = Field(default=1, ge=1, le=MAX_BATCH, description="sequences per step")
+    seq: int = Field(default=2048, ge=1, le=MAX_TOKENS, description="tokens per sequence")
     precision: Precision = Precision.amp_bf16
     optimizer: Optimizer = Optimizer.adamw
     attention: Attention = Attention.flash
     checkpointing: Checkpointing = Checkpointing.none
-    gen_tokens: int = Field(default=0, ge=0, le=100_000_000, description="tokens generated (infer)")
+    gen_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS, description="tokens generated (infer)")
     kv_dtype: KvDtype | None = Field(default=None, description="KV cache dtype (infer)")
     impl: Impl = Field(default=Impl.hf, description="the implementation that runs the model")
     loop: Loop = Field(default=Loop.trainer, description="what the training loop keeps (hf)")
@@ -400,7 +450,9 @@ class Preset(_Strict):
     name: str = Field(min_length=1)
     title: str = Field(min_length=1, description="human name, e.g. 'Llama-2 7B'")
     source: str = Field(min_length=1, description="where the architecture and count come from")
-    published_params: int = Field(ge=1, description="parameter count the source publishes")
+    published_params: int = Field(
+        ge=MIN_PARAMS, le=MAX_PARAMS, description="parameter count the source publishes"
+    )
     params_exact: bool = Field(
         default=False, description="the published count is exact (else it is rounded: 0.5% slack)"
     )
@@ -424,23 +476,122 @@ def validation_error(err: ValidationError, *, prefix: str = "") -> VramfitError:
     return VramfitError(message, field=f"{prefix}{field}")
 
 
-def read_yaml(path: Path) -> Any:
-    """Read one YAML document with ``yaml.safe_load``; every failure is a VramfitError."""
+# A config.json or preset is a few KB; vramfit reads nothing larger than this, so no path (a
+# device, a FIFO, a runaway file) can make it read without bound.
+MAX_FILE_BYTES = 4 * 2**20
+# YAML is parsed in pure Python (~1 MB/s): its cap is lower, so a refusal stays fast.
+MAX_YAML_BYTES = 2**20
+# Integers in a file are parsed only up to this many digits: Python refuses more than 4,300
+# (and bounds above make anything past 16 digits an error anyway).
+MAX_INT_DIGITS = 30
+# YAML structure: a preset nests 2 levels deep and has ~30 nodes.
+MAX_YAML_DEPTH = 50
+MAX_YAML_EVENTS = 100_000
+
+
+def read_bounded(path: Path, *, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of the regular file at ``path``; at most ``limit`` bytes are ever read.
+
+    FIFOs, devices (``/dev/zero``) and sockets, directly or through a symlink, are refused
+    without reading: the file is opened non-blocking (a FIFO without a writer would block an
+    ordinary open forever) and checked with ``fstat``. Every failure is one VramfitError
+    naming the path.
+    """
+    field = str(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
-        raise VramfitError("no such file", field=str(path)) from None
+        raise VramfitError("no such file", field=field) from None
     except IsADirectoryError:
-        raise VramfitError("is a directory, expected a YAML file", field=str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise VramfitError(f"cannot read: {exc}", field=str(path)) from None
+        raise VramfitError("is a directory", field=field) from None
+    except (OSError, ValueError) as exc:  # ENAMETOOLONG, EACCES, ELOOP, an embedded NUL...
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise VramfitError(f"cannot open: {reason}", field=field) from None
     try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise VramfitError("is a directory", field=field)
+        if not stat.S_ISREG(info.st_mode):
+            raise VramfitError("not a regular file (a device, FIFO or socket)", field=field)
+        if info.st_size > limit:
+            raise VramfitError(f"larger than {limit // 2**20} MiB", field=field)
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(2**20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:  # it grew while being read
+            raise VramfitError(f"larger than {limit // 2**20} MiB", field=field)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise VramfitError(f"cannot read: {exc.strerror or exc}", field=field) from None
+    finally:
+        os.close(fd)
+
+
+def read_text_bounded(path: Path, *, limit: int = MAX_FILE_BYTES) -> str:
+    """``read_bounded`` decoded as UTF-8 (one VramfitError when it is not)."""
+    try:
+        return read_bounded(path, limit=limit).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise VramfitError(
+            f"not UTF-8 text (byte {exc.start}: {exc.reason})", field=str(path)
+        ) from None
+
+
+# A plain scalar that YAML 1.1 resolves as an int (decimal, 0x, 0o, 0b, sexagesimal, with _).
+_YAML_INTEGER = re.compile(r"[-+]?[0-9][0-9a-fA-FxXoObB_:]*")
+_YAML_INT_TAG = "tag:yaml.org,2002:int"
+
+
+def scan_yaml(text: str) -> tuple[int, str] | None:
+    """Refuse, before anything is built, what could blow up or hang: anchors and aliases
+    (billion laughs), deep nesting (the composer recurses), huge documents, and integers of
+    more than ``MAX_INT_DIGITS`` digits (Python refuses to parse 4,300). Returns (line, reason)
+    or None. Raises yaml.YAMLError for invalid YAML."""
+    depth = 0
+    for count, event in enumerate(yaml.parse(text, Loader=yaml.SafeLoader)):
+        line = event.start_mark.line + 1
+        if count > MAX_YAML_EVENTS:
+            return line, f"more than {MAX_YAML_EVENTS:,} YAML nodes"
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            return line, "YAML anchors and aliases are not allowed"
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                return line, f"nested deeper than {MAX_YAML_DEPTH} levels"
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+        elif isinstance(event, yaml.ScalarEvent) and len(event.value) > MAX_INT_DIGITS:
+            plain = event.implicit[0] and _YAML_INTEGER.fullmatch(event.value)
+            if plain or event.tag == _YAML_INT_TAG:
+                return line, f"an integer of more than {MAX_INT_DIGITS} digits"
+    return None
+
+
+def read_yaml(path: Path) -> Any:
+    """Read one YAML document with ``yaml.safe_load``, guarded by ``scan_yaml``; every failure
+    is a VramfitError."""
+    try:
+        text = read_text_bounded(path, limit=MAX_YAML_BYTES)
+    except VramfitError as err:
+        if err.message == "is a directory":
+            err.message = "is a directory, expected a YAML file"
+        raise
+    try:
+        unsafe = scan_yaml(text)
+        if unsafe is not None:
+            line, reason = unsafe
+            raise VramfitError(reason, field=f"{path}:{line}")
         return yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
+        mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise VramfitError(f"invalid YAML: {exc.problem}", field=where) from None
-    except (yaml.YAMLError, RecursionError) as exc:
+        raise VramfitError(f"invalid YAML: {exc.problem or exc.context}", field=where) from None
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:
         raise VramfitError(f"invalid YAML: {type(exc).__name__}", field=str(path)) from None
 
 

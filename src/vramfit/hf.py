@@ -17,8 +17,18 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from vramfit.config import Arch, Mlp, ModelSpec, ModelType, Norm, Positions, validation_error
-from vramfit.errors import VramfitError
+from vramfit.config import (
+    MAX_INT_DIGITS,
+    Arch,
+    Mlp,
+    ModelSpec,
+    ModelType,
+    Norm,
+    Positions,
+    read_text_bounded,
+    validation_error,
+)
+from vramfit.errors import VramfitError, shown
 from vramfit.estimate.params import count_params
 
 _MISSING = object()
@@ -46,7 +56,7 @@ class _Config:
             return default
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise VramfitError(
-                f"expected a positive integer, got {value!r}", field=f"{self.file}: {key}"
+                f"expected a positive integer, got {shown(value)}", field=f"{self.file}: {key}"
             )
         return value
 
@@ -54,7 +64,7 @@ class _Config:
         key, value = self._raw(keys, default)
         if not isinstance(value, bool):
             raise VramfitError(
-                f"expected true or false, got {value!r}", field=f"{self.file}: {key}"
+                f"expected true or false, got {shown(value)}", field=f"{self.file}: {key}"
             )
         return value
 
@@ -230,21 +240,37 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_MAPPERS))
 
 
 def _config_file(path: Path) -> Path:
-    return path / "config.json" if path.is_dir() else path
+    try:
+        return path / "config.json" if path.is_dir() else path
+    except (OSError, ValueError):  # e.g. a name too long for the file system
+        return path  # read_bounded reports it
+
+
+class _TooLong(ValueError):
+    """An integer literal longer than MAX_INT_DIGITS."""
+
+
+def _json_integer(text: str) -> int:
+    # json's parse_int hook: refuse before int() does (Python parses at most 4,300 digits)
+    digits = text.lstrip("-")
+    if len(digits) > MAX_INT_DIGITS:
+        raise _TooLong(f"an integer of {len(digits):,} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
 
 
 def _read_config(path: Path) -> _Config:
     file = _config_file(path)
+    text = read_text_bounded(file)
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise VramfitError("no such file", field=str(file)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise VramfitError(f"cannot read: {exc}", field=str(file)) from None
+        data = json.loads(text, parse_int=_json_integer)
     except json.JSONDecodeError as exc:
         raise VramfitError(
             f"invalid JSON: {exc.msg} (line {exc.lineno})", field=str(file)
         ) from None
+    except _TooLong as exc:
+        raise VramfitError(f"invalid JSON: {exc}", field=str(file)) from None
+    except RecursionError:
+        raise VramfitError("invalid JSON: nested too deeply", field=str(file)) from None
     if not isinstance(data, dict):
         raise VramfitError(f"expected a JSON object, got {type(data).__name__}", field=str(file))
     return _Config(data, file)
@@ -282,7 +308,7 @@ def _spec(cfg: _Config, path: Path) -> ModelSpec:
     if mapper is None:
         supported = ", ".join(SUPPORTED_MODEL_TYPES)
         raise VramfitError(
-            f"unsupported model_type {model_type!r}; supported: {supported}", field=str(path)
+            f"unsupported model_type {shown(model_type)}; supported: {supported}", field=str(path)
         )
     fields = {key: value for key, value in mapper(cfg).items() if value is not None}
     fields["model_type"] = ModelType(model_type)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vramfit.config import Preset, load_yaml
-from vramfit.errors import VramfitError
+from vramfit.errors import VramfitError, shown
 from vramfit.estimate.params import count_params
 
 if TYPE_CHECKING:
@@ -75,23 +75,35 @@ def preset_names() -> list[str]:
     return sorted([preset.name for preset in _load_all()] + list(ALIASES))
 
 
+def _exists_as(name: str, kind: str) -> bool:
+    try:
+        return Path(name).is_file() if kind == "file" else Path(name).is_dir()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
+
+
 def _is_path(name: str) -> bool:
-    return name.lower().endswith((".yaml", ".yml")) or Path(name).is_file()
+    return name.lower().endswith((".yaml", ".yml")) or "/" in name or _exists_as(name, "file")
 
 
 def get_preset(name: str) -> Preset:
     """The preset called ``name`` (case-insensitive; aliases allowed), or the preset file at
-    ``name`` when it ends in .yaml/.yml or names an existing file.
+    ``name`` when it ends in .yaml/.yml, contains a ``/`` or names an existing file (read with
+    ``config.read_yaml``: regular files only, bounded).
 
     Raises VramfitError (field ``--preset``) with close matches for an unknown name.
     """
+    if not name.isprintable():
+        raise VramfitError(
+            f"unknown preset {shown(name)}: a name has no control characters", field="--preset"
+        )
+    if _exists_as(name, "dir"):
+        raise VramfitError(
+            f"{shown(name)} is a directory; give a preset name or a .yaml file", field="--preset"
+        )
     if _is_path(name):
         return load_yaml(Path(name), Preset)
-    if Path(name).is_dir():
-        raise VramfitError(
-            f"{name!r} is a directory; give a preset name or a .yaml file", field="--preset"
-        )
-    key = name.strip().lower()
+    key = name.strip().lower()[:200]  # a preset name is short; difflib below is quadratic
     key = ALIASES.get(key, key)
     by_name = {preset.name.lower(): preset for preset in _load_all()}
     if key in by_name:
@@ -100,7 +112,7 @@ def get_preset(name: str) -> Preset:
     hint = (
         f"did you mean: {', '.join(matches)}?" if matches else "run 'vramfit presets' to list them"
     )
-    raise VramfitError(f"unknown preset {name!r}; {hint}", field="--preset")
+    raise VramfitError(f"unknown preset {shown(name)}; {hint}", field="--preset")
 
 
 def preset_params(preset: Preset) -> int:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -56,8 +57,14 @@ def _gib(n_bytes: int) -> str:
     return f"{n_bytes / GIB:,.2f}"
 
 
-def render_estimate(console: Console, est: Estimate, suggestions: list[Suggestion]) -> None:
-    """Breakdown with a bar per component, the phase timeline, and the verdict."""
+def render_estimate(
+    console: Console,
+    est: Estimate,
+    suggestions: list[Suggestion],
+    notes: Sequence[str] = (),
+) -> None:
+    """Breakdown with a bar per component, the phase timeline, the notes (the estimate's and
+    ``notes``), and the verdict."""
     spec, wl = est.run.model, est.run.workload
     active = f" ({format_count(est.counts.active)} active)" if spec.experts > 1 else ""
     if wl.mode.value == "train":
@@ -98,7 +105,7 @@ def render_estimate(console: Console, est: Estimate, suggestions: list[Suggestio
         mark = " ← peak" if phase == est.peak_phase else ""
         phases.add_row(phase, _gib(n_bytes), Text.assemble(_bar(n_bytes, top), mark))
     console.print(phases)
-    for note in est.notes:
+    for note in (*est.notes, *notes):
         console.print(f"[yellow]note:[/] {escape(note)}")
     _render_verdict(
         console,
@@ -181,15 +188,26 @@ def render_solve(console: Console, solution: Solution, gpu: str) -> None:
 
 
 def render_gpus(console: Console, rows: list[dict[str, Any]], dtypes: Sequence[str]) -> None:
-    """The GPU catalog: memory, bandwidth and dense peak TFLOP/s per dtype."""
-    table = Table(title="GPU catalog (dense peak TFLOP/s; — = not supported)")
-    for col in ("name", "memory", "GiB", "GB/s", *dtypes):
-        table.add_column(col, justify="left" if col in ("name", "memory") else "right")
+    """The GPU catalog: memory, bandwidth and dense peak TFLOP/s per dtype.
+
+    Laid out for 80 columns: no vertical rules, and the marketing memory label (``80 GB
+    HBM3``) and the sources are left to ``--json``, so every name and number prints whole."""
+    table = Table(
+        title="GPU catalog: memory (GiB), bandwidth (GB/s), dense peak TFLOP/s (— = none)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        collapse_padding=True,
+        caption="memory labels, notes and sources: vramfit gpus --json",
+        caption_justify="left",
+    )
+    table.add_column("name", no_wrap=True)
+    for col in ("GiB", "GB/s", *dtypes):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         flops = ["—" if r["tflops"][d] is None else f"{r['tflops'][d]:g}" for d in dtypes]
         table.add_row(
             escape(r["name"]),
-            escape(r["memory_label"]),
             f"{r['memory_bytes'] / GIB:.1f}",
             f"{r['memory_bandwidth_gb_s']:g}",
             *flops,
@@ -200,25 +218,31 @@ def render_gpus(console: Console, rows: list[dict[str, Any]], dtypes: Sequence[s
 def render_presets(
     console: Console, rows: list[dict[str, Any]], aliases: Mapping[str, str]
 ) -> None:
-    """The presets table, then the aliases they answer to."""
-    table = Table(title="Model presets (use with --preset NAME)", title_justify="left")
+    """The presets table, then the aliases they answer to and each preset's source.
+
+    The sources (long URLs) are listed below the table, one a line, rather than squeezed into
+    a column: at 80 columns every name, title and count prints whole."""
+    table = Table(
+        title="Model presets (use with --preset NAME)", title_justify="left", box=box.SIMPLE_HEAD
+    )
     table.add_column("name", no_wrap=True)
-    table.add_column("title")
-    table.add_column("params", justify="right")
-    table.add_column("published", justify="right")
-    table.add_column("source", overflow="fold")
+    table.add_column("title", ratio=1)
+    table.add_column("params", justify="right", no_wrap=True)
+    table.add_column("published", justify="right", no_wrap=True)
     for r in rows:
         table.add_row(
             Text(r["name"]),
             Text(r["title"]),
             format_count(r["params"]),
             format_count(r["published_params"]),
-            Text(r["source"]),
         )
     console.print(table)
     if aliases:
         pairs = ", ".join(f"{alias} → {name}" for alias, name in sorted(aliases.items()))
         console.print(Text(f"Aliases: {pairs}"))
+    console.print("Sources:")
+    for r in rows:
+        console.print(Text(f"  {r['name']}: {r['source']}", overflow="fold"))
 
 
 def _mib(n_bytes: int | None) -> str:
@@ -236,54 +260,59 @@ def render_matmul(console: Console, document: dict[str, Any]) -> None:
     then achieved TFLOP/s next to the catalog's peak."""
     torch = f", torch {document['torch']}" if document.get("torch") else ""
     console.print(Text(f"Device: {document['device']}{torch}"))
-    table = Table(
-        title="Matmul memory, MiB (2**20 bytes); autocast copies live only during the op",
-        title_justify="left",
-    )
-    for col, justify in (
-        ("cell", "left"),
-        ("out", "left"),
-        ("inputs", "right"),
-        ("output", "right"),
-        ("autocast copies", "right"),
-        ("cuBLAS workspace", "right"),
-        ("predicted", "right"),
-        ("memory_allocated", "right"),
-        ("Δ", "right"),
-        ("predicted peak", "right"),
-        ("max_memory_allocated", "right"),
-        ("Δ peak", "right"),
+    # Four narrow tables rather than one of twelve columns: each fits 80 columns whole.
+    cells = Table(title="Matmul cells", title_justify="left", box=box.SIMPLE_HEAD)
+    cells.add_column("#", justify="right")
+    cells.add_column("product")
+    cells.add_column("output dtype")
+    itemised = Table(title="Predicted, MiB (2**20 bytes)", title_justify="left")
+    allocated = Table(title="After the op: memory_allocated, MiB", title_justify="left")
+    peak = Table(title="During the op: max_memory_allocated, MiB", title_justify="left")
+    for table, columns in (
+        (itemised, ("inputs", "output", "autocast\ncopies", "cuBLAS\nworkspace", "total")),
+        (allocated, ("predicted", "measured", "Δ")),
+        (peak, ("predicted", "measured", "Δ")),
     ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for cell in document["cells"]:
+        table.add_column("#", justify="right")
+        for col in columns:
+            table.add_column(col, justify="right", no_wrap=True)
+    for number, cell in enumerate(document["cells"], start=1):
         m, k, n = cell["shape"]
         batch = cell["batch"]
         label = f"{cell['dtype']} {'bmm ' + str(batch) + '×' if batch else ''}{m}×{k} @ {k}×{n}"
         predicted, measured = cell["predicted"], cell["measured"]
-        table.add_row(
-            label,
-            cell["output_dtype"],
+        cells.add_row(str(number), label, cell["output_dtype"])
+        itemised.add_row(
+            str(number),
             _mib(predicted["inputs_bytes"]),
             _mib(predicted["output_bytes"]),
             _mib(predicted["autocast_copies_bytes"]),
             _mib(predicted["workspace_bytes"]),
             _mib(predicted["allocated_bytes"]),
+        )
+        allocated.add_row(
+            str(number),
+            _mib(predicted["allocated_bytes"]),
             _mib(measured["memory_allocated_bytes"]),
             _signed_bytes(cell["allocated_error_bytes"]),
+        )
+        peak.add_row(
+            str(number),
             _mib(predicted["peak_bytes"]),
             _mib(measured["max_memory_allocated_bytes"]),
             _signed_bytes(cell["peak_error_bytes"]),
         )
-    console.print(table)
-    console.print("Δ = predicted − measured, in bytes.")
+    for table in (cells, itemised, allocated, peak):
+        console.print(table)
+    console.print("Autocast copies live only during the op. Δ = predicted − measured, in bytes.")
 
     gpu = document["catalog_gpu"]
-    flops = Table(
-        title=f"Dense matmul throughput (8192² products) vs the catalog peak of {gpu}"
+    title = (
+        f"Dense matmul throughput (8192² products) vs the catalog peak of {gpu}"
         if gpu
-        else "Dense matmul throughput (8192² products)",
-        title_justify="left",
+        else "Dense matmul throughput (8192² products)"
     )
+    flops = Table(title=title, title_justify="left", min_width=min(len(title), 80))
     flops.add_column("dtype")
     flops.add_column("achieved TFLOP/s", justify="right")
     flops.add_column("peak TFLOP/s", justify="right")

@@ -9,10 +9,17 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
-from vramfit.errors import VramfitError
+from vramfit.config import MAX_PARAMS, MIN_PARAMS
+from vramfit.errors import VramfitError, shown
 
 _COUNT_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-_COUNT_RE = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9_]*)?(?:e[+]?[0-9]+)?)\s*([kmbgt]?)\s*$", re.I)
+# Digits in groups joined by single underscores, as Python writes them (1_000_000, never 1_000_
+# or 1._5); an optional fraction and exponent; one suffix. Only spaces may surround it.
+_DIGITS = r"[0-9]+(?:_[0-9]+)*"
+_COUNT_RE = re.compile(
+    rf"\A *({_DIGITS}(?:\.(?:{_DIGITS})?)?(?:e\+?[0-9]{{1,3}})?) *([kmbgt]?) *\Z", re.I
+)
+MAX_COUNT_CHARS = 40
 
 GIB = 2**30
 MIB = 2**20
@@ -28,25 +35,35 @@ def parse_count(text: str | int, *, field: str = "--params") -> int:
     if isinstance(text, bool):
         raise VramfitError(f"expected a count such as 1B or 350M, got {text!r}", field=field)
     if isinstance(text, int):
-        value = Decimal(text)
+        value = Decimal(text) if text.bit_length() < 128 else Decimal(MAX_PARAMS + 1)
     else:
-        match = _COUNT_RE.match(str(text))
-        if not match or match.group(1).startswith("_") or "__" in match.group(1):
+        match = _COUNT_RE.match(str(text)) if len(str(text)) <= MAX_COUNT_CHARS else None
+        if not match:
             raise VramfitError(
-                f"expected a count such as 1B, 350M, 1.5e9 or 124439808, got {str(text)!r}",
+                f"expected a count such as 1B, 350M, 1.5e9 or 124439808, got {shown(str(text))}",
                 field=field,
             )
         number, suffix = match.group(1).replace("_", ""), match.group(2).lower()
         try:
             value = Decimal(number) * _COUNT_SUFFIXES[suffix]
         except InvalidOperation:
-            raise VramfitError(f"not a number: {str(text)!r}", field=field) from None
+            raise VramfitError(f"not a number: {shown(str(text))}", field=field) from None
     if not value.is_finite() or value <= 0:
-        raise VramfitError(f"must be a positive count, got {str(text)!r}", field=field)
+        raise VramfitError(f"must be a positive count, got {shown(str(text))}", field=field)
+    if value > MAX_PARAMS:
+        raise VramfitError(
+            f"implausibly large ({shown(str(text))}); the limit is {MAX_PARAMS // 10**12}T",
+            field=field,
+        )
     if value != value.to_integral_value():
-        raise VramfitError(f"must be a whole number of parameters, got {str(text)!r}", field=field)
-    if value > 10**15:
-        raise VramfitError(f"implausibly large ({str(text)!r}); the limit is 1000T", field=field)
+        raise VramfitError(
+            f"must be a whole number of parameters, got {shown(str(text))}", field=field
+        )
+    if value < MIN_PARAMS:
+        raise VramfitError(
+            f"{int(value):,} parameters is not a transformer; at least {MIN_PARAMS:,}",
+            field=field,
+        )
     return int(value)
 
 

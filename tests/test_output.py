@@ -1,0 +1,205 @@
+"""Honest output: dtype notes and suggestions that fit the GPU, tables whole at 80 columns,
+``--version`` and ``--help``."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from vramfit.cli import main, matmul_json
+from vramfit.measure.matmul import NOTEBOOK_CELLS, MatmulMeasurement, predict_matmul
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exited:
+        main(list(args))
+    captured = capsys.readouterr()
+    return exited.value.code, captured.out, captured.err
+
+
+# --- dtypes the GPU runs fast -----------------------------------------------------------------
+
+# GPUs whose datasheets list no bf16 tensor-core throughput (Turing, Volta), and some that do.
+NO_BF16 = ["T4", "V100-SXM2-16GB", "V100-SXM2-32GB"]
+BF16 = ["L4", "A10G", "A100-SXM4-80GB", "H100-SXM"]
+
+
+@pytest.mark.parametrize("gpu", NO_BF16)
+@pytest.mark.parametrize("precision", ["bf16", "amp-bf16"])
+def test_bf16_without_tensor_cores_gets_a_note(
+    capsys: pytest.CaptureFixture[str], gpu: str, precision: str
+) -> None:
+    args = ["estimate", "--params", "125M", "--gpu", gpu, "--precision", precision]
+    code, out, _ = run(capsys, *args, "--json")
+    notes = json.loads(out)["notes"]
+    instead = "amp-fp16" if precision == "amp-bf16" else "fp16"
+    assert (
+        f"{gpu} has no bf16 tensor cores: with --precision {precision} its matmuls run without "
+        f"them, many times slower; --precision {instead} needs the same memory and runs fast"
+    ) in notes
+    code, out, _ = run(capsys, *args)
+    assert f"note: {gpu} has no bf16 tensor cores" in out
+
+
+@pytest.mark.parametrize("gpu", BF16)
+def test_no_note_where_bf16_runs_fast(capsys: pytest.CaptureFixture[str], gpu: str) -> None:
+    _, out, _ = run(capsys, "estimate", "--params", "125M", "--gpu", gpu, "--json")
+    assert not any("tensor cores" in note for note in json.loads(out)["notes"])
+
+
+def _suggestions(out: str) -> list[str]:
+    lines = out.split("What would help (each line on its own):\n", 1)[1].splitlines()
+    return [line.strip() for line in lines if "→" in line]
+
+
+@pytest.mark.parametrize("gpu", NO_BF16)
+def test_suggestions_never_offer_bf16_where_it_is_slow(
+    capsys: pytest.CaptureFixture[str], gpu: str
+) -> None:
+    code, out, _ = run(capsys, "estimate", "--preset", "llama-3.1-8b", "--gpu", gpu)
+    tips = _suggestions(out)
+    assert code == 1 and tips
+    assert not any("bf16" in tip for tip in tips), tips
+    assert any(tip.startswith("--precision fp16") for tip in tips), tips
+
+
+def test_the_fp16_suggestion_costs_what_bf16_does(capsys: pytest.CaptureFixture[str]) -> None:
+    """Both are 2 bytes an element: on a T4 the fp16 line shows the total a bf16 run has."""
+    _, out, _ = run(capsys, "estimate", "--preset", "llama-3.2-1b", "--gpu", "T4")
+    fp16 = next(t for t in _suggestions(out) if re.match(r"--precision fp16 +→", t))
+    args = ["estimate", "--preset", "llama-3.2-1b", "--precision", "bf16", "--json"]
+    _, doc, _ = run(capsys, *args)
+    assert f"{json.loads(doc)['total_bytes'] / 2**30:.2f} GiB" in fp16
+
+
+def test_suggestions_offer_bf16_where_it_is_fast(capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = run(capsys, "estimate", "--preset", "llama-3.1-8b", "--gpu", "A10G")
+    assert any(tip.startswith("--precision bf16") for tip in _suggestions(out))
+
+
+@pytest.mark.parametrize(("gpu", "kv_dtype"), [("L4", "fp8"), ("H100", "fp8"), ("A10G", "int8")])
+def test_inference_suggests_a_smaller_kv_cache(
+    capsys: pytest.CaptureFixture[str], gpu: str, kv_dtype: str
+) -> None:
+    args = ["--mode", "infer", "--gen-tokens", "8192", "--batch", "64", "--gpu", gpu]
+    code, out, _ = run(capsys, "estimate", "--preset", "llama-3.1-8b", *args)
+    assert code == 1
+    assert any(f"--kv-dtype {kv_dtype}" in tip for tip in _suggestions(out)), out
+
+
+def test_no_kv_suggestion_without_a_fast_8_bit_type(capsys: pytest.CaptureFixture[str]) -> None:
+    """V100: no fp8 and no int8 tensor cores in its datasheet."""
+    args = ["--mode", "infer", "--gen-tokens", "8192", "--batch", "64", "--gpu", "V100-SXM2-32GB"]
+    _, out, _ = run(capsys, "estimate", "--preset", "llama-3.1-8b", *args)
+    assert not any("--kv-dtype" in tip for tip in _suggestions(out))
+
+
+# --- 80 columns -------------------------------------------------------------------------------
+
+COMMANDS = [
+    ["gpus"],
+    ["presets"],
+    ["estimate", "--params", "1B", "--layers", "24"],
+    ["estimate", "--preset", "qwen2.5-0.5b", "--gpu", "T4", "--checkpointing", "selective"],
+    ["estimate", "--preset", "llama-3-8b", "--gpu", "T4", "--mode", "infer", "--gen-tokens", "512"],
+    ["estimate", "--preset", "gpt2", "--formula", "seed", "--gpu", "T4"],
+    ["estimate", "--preset", "gpt2", "--gpu", "T4", "--solve", "seq"],
+    ["check", str(ROOT / "presets")],
+]
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=[" ".join(a[:3]) for a in COMMANDS])
+def test_tables_are_whole_at_80_columns(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("TERMINAL_WIDTH", "80")
+    _, out, err = run(capsys, *args)
+    assert "…" not in out, out
+    # the seed formula's warning is one line by design (a log keeps it whole)
+    lines = [line for line in out.splitlines() if not line.startswith("warning: ")]
+    assert max(len(line) for line in lines) <= 80
+
+
+def _matmul_document() -> dict:
+    """measure --all's document, from the predictions and the H200 figures committed in
+    benchmarks/data/h200-validation/measure_cli.txt (52, 42, 50, 50, 176 MiB allocated)."""
+    workspace = 32 * 2**20
+    cells = []
+    for dtype, shape, batch in NOTEBOOK_CELLS:
+        p = predict_matmul(dtype, shape, batch, workspace_bytes=workspace)
+        cells.append(
+            MatmulMeasurement(
+                dtype=dtype,
+                shape=shape,
+                batch=batch,
+                output_dtype="float32" if dtype == "fp32" else "bfloat16",
+                allocated_bytes=p.allocated_bytes + 512,
+                peak_bytes=p.peak_bytes - 33_554_432,
+                workspace_bytes=workspace,
+                predicted_bytes=p.allocated_bytes,
+                predicted_peak_bytes=p.peak_bytes,
+                prediction=p.parts,
+            )
+        )
+    tflops = {"fp32": 51.3, "fp16": 688.0, "bf16": 702.4}
+    return matmul_json("NVIDIA H200", cells, tflops)
+
+
+def _render(function, *args) -> str:
+    screen = io.StringIO()
+    function(Console(file=screen, width=80, color_system=None), *args)
+    return screen.getvalue()
+
+
+def test_measure_all_is_whole_at_80_columns() -> None:
+    from vramfit.render import render_matmul
+
+    out = _render(render_matmul, _matmul_document())
+    assert "…" not in out, out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert "+33,554,432 B" in out
+    for header in ("autocast", "cuBLAS", "Δ", "amp-bf16 bmm 32×512×1024 @ 1024×512", "-512 B"):
+        assert header in out, header
+
+
+def test_gpus_table_names_every_gpu_whole(capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = run(capsys, "gpus")
+    _, doc, _ = run(capsys, "gpus", "--json")
+    for row in json.loads(doc):
+        assert re.search(rf"^ *{re.escape(row['name'])} ", out, re.MULTILINE), row["name"]
+
+
+# --- --version and --help ---------------------------------------------------------------------
+
+
+def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+        version = pyproject["project"]["version"]
+    else:  # pragma: no cover
+        version = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]
+    assert run(capsys, "--version") == (0, f"vramfit {version}\n", "")
+
+
+def test_solve_lists_its_choices_in_help(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    _, out, _ = run(capsys, "estimate", "--help")
+    assert re.search(r"--solve\s+\S*batch\|seq", out), out
+
+
+def test_solve_notes_bf16_without_tensor_cores(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "estimate", "--preset", "gpt2", "--gpu", "T4", "--solve", "batch")
+    assert code == 0 and "note: T4 has no bf16 tensor cores" in out
