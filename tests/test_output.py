@@ -108,7 +108,7 @@ COMMANDS = [
     ["gpus"],
     ["presets"],
     ["estimate", "--params", "1B", "--layers", "24"],
-    ["estimate", "--preset", "qwen2.5-0.5b", "--gpu", "T4", "--checkpointing", "selective"],
+    ["estimate", "--preset", "qwen2.5-0.5b", "--gpu", "T4", "--checkpointing", "full"],
     ["estimate", "--preset", "llama-3-8b", "--gpu", "T4", "--mode", "infer", "--gen-tokens", "512"],
     ["estimate", "--preset", "gpt2", "--formula", "seed", "--gpu", "T4"],
     ["estimate", "--preset", "gpt2", "--gpu", "T4", "--solve", "seq"],

@@ -72,10 +72,20 @@ def render_estimate(
             f"{wl.optimizer.value} · {wl.attention.value} attention · "
             f"checkpointing {wl.checkpointing.value}"
         )
+        if wl.lora is not None:
+            how += f" · LoRA r{wl.lora.r}"
+        if wl.quant is not None:
+            how += f" · {wl.quant.kind.value} base"
     else:
         how = f"{wl.gen_tokens} generated tokens"
+    if wl.impl.value == "hf":
+        family = spec.model_type.value if spec.model_type else spec.arch.value
+        loop = f" ({wl.loop.value} loop)" if wl.mode.value == "train" else ""
+        impl = f"transformers {family}{loop}"
+    else:
+        impl = f"reference {spec.arch.value}"
     console.print(
-        f"[bold]{format_count(est.params)}[/] parameters{active} · {spec.arch.value} · "
+        f"[bold]{format_count(est.params)}[/] parameters{active} · {impl} · "
         f"{spec.layers} layers · hidden {spec.hidden} · {wl.mode.value} · "
         f"batch {wl.batch} × seq {wl.seq} · {wl.precision.value} · {how}"
     )

@@ -111,6 +111,10 @@ def test_flash_never_exceeds_eager(run: RunSpec) -> None:
     spec, w = run.model.resolved(), run.workload
     if w.impl.value == "hf" and w.precision.value == "fp32" and spec.kv_heads != spec.heads:
         return  # SDPA's math fallback (fp32 with grouped K/V) is no fused kernel
+    if w.seq < 4 * (spec.head_dim or 0):
+        # a fused kernel's O(s x head_dim) backward scratch can exceed eager's s x s scores
+        # when the sequence is shorter than a few head widths
+        return
     flash = estimate(_with(run, attention="flash")).tensor_peak_bytes
     eager = estimate(_with(run, attention="eager")).tensor_peak_bytes
     assert flash <= eager

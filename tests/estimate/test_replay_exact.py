@@ -157,7 +157,12 @@ def _runs() -> list[dict]:
         model: dict = {"arch": arch, "layers": layers, "hidden": 128, "vocab": 1000}
         if n % 3 == 0:
             model.update(heads=4, kv_heads=2)
-        workload: dict = {"attention": attention, "seq": 64 + 32 * (n % 5), "batch": 1 + n % 3}
+        workload: dict = {
+            "impl": "reference",
+            "attention": attention,
+            "seq": 64 + 32 * (n % 5),
+            "batch": 1 + n % 3,
+        }
         workload["precision"] = precisions[n % 4 if not work.startswith("infer") else n % 3 + 1]
         if work.startswith("infer"):
             workload.update(mode="infer", gen_tokens=16 if work == "infer+gen" else 0)

@@ -96,7 +96,7 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
     mp = (hardware and hardware.multiprocessors) or H200
     hf_impl = workload.impl is Impl.hf
     notes = []
-    unsupported = hf_unsupported(spec) if hf_impl else None
+    unsupported = hf_unsupported(spec, workload) if hf_impl else None
     if unsupported:
         notes.append(f"{unsupported}: estimated with the reference implementation")
         hf_impl = False

@@ -124,8 +124,11 @@ def resolve(spec: ModelSpec) -> Block:
     )
 
 
-def hf_unsupported(spec: ModelSpec) -> str | None:
-    """Why the hf profile cannot describe ``spec``, or None when it can."""
+def hf_unsupported(spec: ModelSpec, workload: Workload | None = None) -> str | None:
+    """Why the hf profile cannot describe ``spec`` (under ``workload``), or None when it can."""
+    if workload is not None and workload.kv_dtype is not None:
+        # transformers' default DynamicCache keeps K/V in the model's dtype
+        return "a --kv-dtype cache is not transformers' default DynamicCache"
     spec = spec.resolved()
     mt = ModelType(spec.model_type)
     if spec.experts > 1:
