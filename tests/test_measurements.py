@@ -1,0 +1,46 @@
+"""The committed H200 measurements as a test: every case's prediction stays where it was
+committed (``benchmarks/data/accuracy.txt`` for the reference loop, ``accuracy-hf.txt`` for the
+hf profile, both written by ``benchmarks/accuracy.py``), so a change to the estimator that moves
+any measured prediction fails here until the tables are re-committed with it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "benchmarks" / "data"
+SETS = {
+    "accuracy.txt": [
+        "h200-run1/train.jsonl",
+        "h200-holdout/holdout.jsonl",
+        "h200-validation/validation.jsonl",
+        "h200-validation2/validation2.jsonl",
+        "h200-validation3/validation3.jsonl",
+        "h200-validation4/validation4.jsonl",
+        "h200-validation5/validation5.jsonl",
+        "h200-validation6/validation6.jsonl",
+    ],
+    "accuracy-hf.txt": [
+        "h200-hf-calibration/hf-calibration.jsonl",
+        "h200-hf-validation1/hf-validation1.jsonl",
+        "h200-ft-validation1/ft-validation1-adam8bit.jsonl",
+        "h200-ft-validation1/ft-validation1-rerun.jsonl",
+    ],
+}
+
+
+@pytest.mark.parametrize("table", sorted(SETS))
+def test_every_measured_case_is_predicted_as_committed(table: str) -> None:
+    files = [str(DATA / f) for f in SETS[table]]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), *files],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""},
+    ).stdout
+    assert out.splitlines() == (DATA / table).read_text().splitlines()
