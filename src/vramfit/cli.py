@@ -687,10 +687,25 @@ def dtype_notes(run: RunSpec, hardware: Hardware | None) -> list[str]:
 
 def _apply_change(run: RunSpec, change: str) -> RunSpec:
     """``run`` with a suggestion's options (``--precision fp16 --batch 2``) applied, validated."""
+    options: dict[str, Any] = {}
     tokens = change.split()
-    pairs = zip(tokens[::2], tokens[1::2], strict=True)
-    updates = {flag[2:].replace("-", "_"): value for flag, value in pairs}
-    return RunSpec(model=run.model, workload={**run.workload.model_dump(), **updates})
+    for i, token in enumerate(tokens):
+        if token.startswith("--"):
+            following = tokens[i + 1] if i + 1 < len(tokens) else "--"
+            value: Any = True if following.startswith("--") else following
+            options[token[2:].replace("-", "_")] = value
+    adapter_keys = (
+        "lora_rank",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_targets",
+        "quant",
+        "quant_double",
+        "quant_compute_dtype",
+    )
+    adapters = _lora_and_quant({k: options.pop(k, None) for k in adapter_keys})
+    workload = {**run.workload.model_dump(), **options, **adapters}
+    return RunSpec(model=run.model, workload=workload)
 
 
 def honest_suggestions(run: RunSpec, hardware: Hardware) -> list[Any]:
@@ -708,10 +723,14 @@ def honest_suggestions(run: RunSpec, hardware: Hardware) -> list[Any]:
 
     tips = []
     for tip in suggestions(run, hardware):
-        if "--precision bf16" in tip.change and "bf16" not in fast:
+        if "bf16" in tip.change and "bf16" not in fast:
             if "fp16" not in fast:
                 continue
-            tip = priced(tip.change.replace("--precision bf16", "--precision fp16"))
+            tip = priced(
+                tip.change.replace("--precision bf16", "--precision fp16").replace(
+                    "--quant-compute-dtype bf16", "--quant-compute-dtype fp16"
+                )
+            )
         tips.append(tip)
     w = run.workload
     if w.mode is Mode.infer and w.gen_tokens and w.kv_dtype not in (KvDtype.fp8, KvDtype.int8):

@@ -125,10 +125,29 @@ def render_estimate(
     )
     if est.fits is False and suggestions:
         console.print("What would help (each line on its own):")
-        width = max(len(s.change) for s in suggestions)
+        # a long combination goes over several lines, split between options, so that every
+        # line stays within 80 columns; its total follows its last part
+        parts = {s.change: _split_options(s.change, 42) for s in suggestions}
+        lines = {c: [p[0]] + [f"  {x}" for x in p[1:]] for c, p in parts.items()}
+        width = max(len(p[-1]) for p in lines.values())
         for s in suggestions:
             verdict = "[green]fits[/]" if s.fits else "[red]still too big[/]"
-            console.print(f"  {s.change:<{width}} → {_gib(s.total_bytes):>7} GiB  {verdict}")
+            *head, last = lines[s.change]
+            for line in head:
+                console.print(f"  {line}", markup=False)
+            console.print(f"  {last:<{width}} → {_gib(s.total_bytes):>7} GiB  {verdict}")
+
+
+def _split_options(change: str, width: int) -> list[str]:
+    """``change`` in lines of at most ``width`` characters, broken before an option."""
+    options = ["--" + o.strip() for o in change.split("--") if o.strip()]
+    lines: list[str] = []
+    for option in options:
+        if lines and len(lines[-1]) + 1 + len(option) <= width:
+            lines[-1] += " " + option
+        else:
+            lines.append(option)
+    return lines or [change]
 
 
 def _render_verdict(console: Console, total: int, gpu: str | None, memory: int | None) -> None:

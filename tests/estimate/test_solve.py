@@ -68,8 +68,8 @@ def test_suggesting_flash_attention_keeps_the_workload_a_valid_model() -> None:
         warnings.simplefilter("error")  # pydantic warns when serialising a mistyped field
         tips = suggestions(run, t4)
         flash = next(tip for tip in tips if tip.change == "--attention flash")
-        changed = run.model_copy(
-            update={"workload": run.workload.model_copy(update={"attention": "flash"})}
+        changed = RunSpec.model_validate(
+            {"model": run.model, "workload": {**run.workload.model_dump(), "attention": "flash"}}
         )
         assert (
             flash.total_bytes

@@ -125,9 +125,12 @@ def block_linears(spec: ModelSpec, model_type: PeftModelType | None = None) -> l
         ]
     # the same parameters as params.param_tensors counts for the block (fused or not)
     tensors = param_tensors(spec)
-    assert sum(math.prod(x.shape) + (x.shape[0] if x.bias else 0) for x in linears) == sum(
+    if sum(math.prod(x.shape) + (x.shape[0] if x.bias else 0) for x in linears) != sum(
         math.prod(s) for s in tensors.block_linear
-    )
+    ):
+        raise LoraTargetError(
+            "model_type", f"a {model_type.value} block does not have these linear layers", None
+        )
     return linears
 
 

@@ -28,6 +28,7 @@ from vramfit.config import (
     RunSpec,
     Workload,
 )
+from vramfit.errors import VramfitError
 from vramfit.estimate.core import Estimate, Hardware, estimate
 
 SolveField = Literal["batch", "seq"]
@@ -38,7 +39,10 @@ SCAN_MAX = 32
 
 
 def _with(run: RunSpec, **changes: object) -> RunSpec:
-    return run.model_copy(update={"workload": run.workload.model_copy(update=changes)})
+    """``run`` with workload fields changed, validated as any input is (enums and nested
+    models, not plain strings and dicts)."""
+    workload = {**run.workload.model_dump(), **changes}
+    return RunSpec.model_validate({"model": run.model, "workload": workload})
 
 
 @dataclass(frozen=True)
@@ -212,14 +216,55 @@ def suggestions(run: RunSpec, hardware: Hardware) -> list[Suggestion]:
     if out and not any(s.fits for s in out):
         combined, names = run, []
         for suggestion in sorted(out, key=lambda s: s.total_bytes):
-            combined = combined.model_copy(
-                update={"workload": combined.workload.model_copy(update=changes[suggestion.change])}
-            )
-            names.append(suggestion.change)
+            changed = _with(combined, **changes[suggestion.change])
+            if changed == combined:
+                continue  # implied by the changes already made (QLoRA sets LoRA and bf16)
+            combined = changed
+            for option in ("--" + o.strip() for o in suggestion.change.split("--") if o.strip()):
+                if option not in names:
+                    names.append(option)
             total = estimate(combined, hardware).total_bytes
             if total <= hardware.memory_bytes:
                 out.insert(0, Suggestion(" ".join(names), total, True))
                 break
+    return out
+
+
+def _adapter_changes(run: RunSpec) -> list[tuple[str, RunSpec]]:
+    """A full fine-tune's LoRA and QLoRA alternatives (peft's default targets, rank 16; QLoRA
+    as its paper and peft's examples load it: nf4, double quantization, bf16 compute), where
+    the hf profile describes the model."""
+    from vramfit.estimate.profiles.hf import hf_unsupported
+
+    w = run.workload
+    if w.impl.value != "hf" or w.lora is not None or w.quant is not None:
+        return []
+    if hf_unsupported(run.model, w):
+        return []
+    spec = run.model.resolved()
+    targets = (
+        {}
+        if spec.model_type is None or spec.model_type.value != "phi3"
+        else {
+            "targets": "all-linear"  # peft has no default targets for phi3
+        }
+    )
+    flag = " --lora-targets all-linear" if targets else ""
+    lora = {"r": 16, **targets}
+    try:
+        out = [(f"--lora-rank 16{flag}", _with(run, lora=lora))]
+    except (ValueError, VramfitError):  # no linear layers peft can adapt as described
+        return []
+    qlora = {"lora": lora, "quant": {"kind": "nf4", "double_quant": True, "compute_dtype": "bf16"}}
+    if w.precision is not Precision.bf16:
+        qlora["precision"] = Precision.bf16
+    out.append(
+        (
+            f"--lora-rank 16{flag} --quant nf4 --quant-double --quant-compute-dtype bf16"
+            + ("" if w.precision is Precision.bf16 else " --precision bf16"),
+            _with(run, **qlora),
+        )
+    )
     return out
 
 
@@ -241,6 +286,7 @@ def _single_changes(
             candidates.append(("--optimizer adam-8bit", _with(run, optimizer=Optimizer.adam_8bit)))
         if w.precision in (Precision.fp32, Precision.amp_bf16, Precision.amp_fp16):
             candidates.append(("--precision bf16", _with(run, precision=Precision.bf16)))
+        candidates += _adapter_changes(run)
     elif w.precision in (Precision.fp32, Precision.amp_bf16, Precision.amp_fp16):
         candidates.append(("--precision bf16", _with(run, precision=Precision.bf16)))
     if w.attention is Attention.eager:

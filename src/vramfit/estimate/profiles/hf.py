@@ -29,9 +29,11 @@ from vramfit.config import (
     Attention,
     Checkpointing,
     Loop,
+    Lora,
     Mlp,
     ModelSpec,
     ModelType,
+    PeftModelType,
     Positions,
     Precision,
     Workload,
@@ -104,9 +106,7 @@ def resolve(spec: ModelSpec) -> Block:
         ffn=spec.ffn,
         vocab=spec.vocab,
         tied=bool(spec.tied),
-        learned_positions=(spec.max_positions or 0)
-        if spec.positions is Positions.learned
-        else 0,
+        learned_positions=(spec.max_positions or 0) if spec.positions is Positions.learned else 0,
         qkv_bias=bool(spec.bias or spec.qkv_bias),
         bias=bool(spec.bias),
         layernorm=spec.arch is Arch.gpt2,
@@ -200,13 +200,7 @@ def param_shapes(b: Block) -> list[tuple[str, int]]:
 
 
 PEFT_TYPE = {
-    ModelType.llama: "llama",
-    ModelType.mistral: "mistral",
-    ModelType.qwen2: "qwen2",
-    ModelType.gemma: "gemma",
-    ModelType.gemma2: "gemma2",
-    ModelType.phi3: "phi3",
-    ModelType.gpt2: "gpt2",
+    mt: PeftModelType(mt.value) for mt in ModelType if mt.value in PeftModelType._value2member_map_
 }
 
 
@@ -274,8 +268,10 @@ class Model:
             # (peft/utils/other.py); the Trainer re-enables it non-reentrant
             g.reentrant = w.loop is not Loop.trainer
         if b.tied:
-            key = "transformer.wte.weight" if b.model_type is ModelType.gpt2 else (
-                "model.embed_tokens.weight"
+            key = (
+                "transformer.wte.weight"
+                if b.model_type is ModelType.gpt2
+                else ("model.embed_tokens.weight")
             )
             self.params["lm_head.weight"] = self.params[key]
         self.cache: list[Tensor] = []  # the DynamicCache's K/V tensors
@@ -296,7 +292,9 @@ class Model:
         b, g, w = self.b, self.g, self.w
         lora = w.lora
         if lora is not None and lora.model_type is None:
-            lora = lora.model_copy(update={"model_type": PEFT_TYPE.get(b.model_type)})
+            lora = Lora.model_validate(
+                {**lora.model_dump(), "model_type": PEFT_TYPE.get(b.model_type)}
+            )
         peft_type = lora.model_type if lora is not None else PEFT_TYPE.get(b.model_type)
         linears = {x.path: x.shape for x in block_linears(spec, peft_type)}
         if lora is not None:
@@ -325,8 +323,10 @@ class Model:
             if lora is not None and module in self.lora_targets and name.endswith(".weight"):
                 out, n_in = linears[module]
                 stem = name.removesuffix(".weight")
-                for key, numel_ in ((f"{stem}.lora_A", lora.r * n_in),
-                                    (f"{stem}.lora_B", out * lora.r)):
+                for key, numel_ in (
+                    (f"{stem}.lora_A", lora.r * n_in),
+                    (f"{stem}.lora_B", out * lora.r),
+                ):
                     t = g.leaf(key, numel_, DType.fp32, requires_grad=True)
                     self.params[key] = t
                     self.param_list.append(t)
@@ -376,16 +376,27 @@ class Model:
             if quant.kind.value == "int8":
                 raise ValueError("int8 (LLM.int8) layers are not modelled op by op yet")
             result = o.linear_4bit(
-                name, x, self.p(f"{name}.weight"), out_f, in_f,
-                compute=DType(quant.compute_dtype.value), load=self.weight,
-                blocksize=quant.blocksize, double_quant=quant.double_quant,
+                name,
+                x,
+                self.p(f"{name}.weight"),
+                out_f,
+                in_f,
+                compute=DType(quant.compute_dtype.value),
+                load=self.weight,
+                blocksize=quant.blocksize,
+                double_quant=quant.double_quant,
             )
             if self.lora is not None and _block_path(name) in self.lora_targets:
                 result = o.copy(f"{name} result", result)  # peft: result = result.clone()
         else:
             result = o.linear(
-                name, x, self.p(f"{name}.weight"), self.p(f"{name}.bias") if bias else None,
-                width, part=part, conv1d=self.b.conv1d,
+                name,
+                x,
+                self.p(f"{name}.weight"),
+                self.p(f"{name}.bias") if bias else None,
+                width,
+                part=part,
+                conv1d=self.b.conv1d,
             )
         if self.lora is None or _block_path(name) not in self.lora_targets:
             return result
@@ -414,13 +425,21 @@ class Model:
         rot_sin = o.binary(f"{name} rotate_half * sin", rot, sin, "mul")
         return o.binary(f"{name} rotated", x_cos, rot_sin, "add", part="attention")
 
-    def attention(self, i: int, prefix: str, x: Tensor, cos: Tensor | None, sin: Tensor | None,
-                  mask: Tensor | None) -> Tensor:
+    def attention(
+        self,
+        i: int,
+        prefix: str,
+        x: Tensor,
+        cos: Tensor | None,
+        sin: Tensor | None,
+        mask: Tensor | None,
+    ) -> Tensor:
         b, o, n = self.b, self.ops, self.n
         fused_name = "attn.c_attn" if b.model_type is ModelType.gpt2 else "self_attn.qkv_proj"
         if b.fused_qkv:
-            qkv = self.linear(f"{prefix}.{fused_name}", x, b.q_width + 2 * b.kv_width,
-                              b.qkv_bias, "attention")
+            qkv = self.linear(
+                f"{prefix}.{fused_name}", x, b.q_width + 2 * b.kv_width, b.qkv_bias, "attention"
+            )
             q = o.view(qkv, f"{prefix} q", copy_backward=cos is not None)
             k = o.view(qkv, f"{prefix} k", copy_backward=cos is not None)
             v = o.view(qkv, f"{prefix} v")
@@ -465,20 +484,38 @@ class Model:
         kernel = attention_kernel(b, self.w, compute, self.seq)
         p_drop = b.attention_dropout if self.training else 0.0
         if kernel in ("cudnn", "efficient", "flash"):
-            out = o.sdpa(f"{prefix} attention", q, k, v, batch=self.batch, heads=b.heads,
-                         seq=self.seq, kernel=kernel, dropout=p_drop > 0)
+            out = o.sdpa(
+                f"{prefix} attention",
+                q,
+                k,
+                v,
+                batch=self.batch,
+                heads=b.heads,
+                seq=self.seq,
+                kernel=kernel,
+                dropout=p_drop > 0,
+            )
             if b.model_type is ModelType.phi3:
                 # the kernel's output follows q's heads-first layout: transpose(1, 2)
                 # .contiguous() copies it (the h200-hf-ops Phi-3 trace)
                 out = o.copy(f"{prefix} attention output", out, part="attention")
         else:
-            out = self.eager_core(prefix, q, k, v, keys, mask, math=kernel == "math",
-                                  p_drop=p_drop)
+            out = self.eager_core(prefix, q, k, v, keys, mask, math=kernel == "math", p_drop=p_drop)
         name = "attn.c_proj" if b.model_type is ModelType.gpt2 else "self_attn.o_proj"
         return self.linear(f"{prefix}.{name}", out, b.hidden, b.bias)
 
-    def eager_core(self, prefix: str, q: Tensor, k: Tensor, v: Tensor, keys: int,
-                   mask: Tensor | None, *, math: bool, p_drop: float) -> Tensor:
+    def eager_core(
+        self,
+        prefix: str,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        keys: int,
+        mask: Tensor | None,
+        *,
+        math: bool,
+        p_drop: float,
+    ) -> Tensor:
         """HF's eager_attention_forward (or SDPA's math fallback): repeat_kv copies, q @ k^T
         (bmm of contiguous copies), scaling, the additive mask, an fp32 softmax, P @ V, and
         the output copy back to tokens first."""
@@ -508,8 +545,12 @@ class Model:
         if b.model_type is ModelType.gpt2:  # .type(value.dtype)
             probs = o.cast(probs, v.dtype, f"{prefix} probabilities", part="attention")
         else:  # softmax(..., dtype=float32).to(query.dtype)
-            probs = o.cast(probs, q.dtype if not o.autocast else probs.dtype,
-                           f"{prefix} probabilities", part="attention")
+            probs = o.cast(
+                probs,
+                q.dtype if not o.autocast else probs.dtype,
+                f"{prefix} probabilities",
+                part="attention",
+            )
         probs = o.dropout(f"{prefix} attention dropout", probs, p_drop, part="attention")
         pv = o.bmm(f"{prefix} probs @ v", probs, v, self.n * b.q_width)
         # transpose(1, 2).contiguous() / reshape: a copy to tokens first, saved by o_proj
@@ -543,8 +584,9 @@ class Model:
             prod = o.binary(f"{prefix} act * up", act, up, "mul", part="mlp")
         return self.linear(f"{prefix}.mlp.down_proj", prod, b.hidden, b.bias)
 
-    def block(self, i: int, x: Tensor, cos: Tensor | None, sin: Tensor | None,
-              mask: Tensor | None) -> Tensor:
+    def block(
+        self, i: int, x: Tensor, cos: Tensor | None, sin: Tensor | None, mask: Tensor | None
+    ) -> Tensor:
         b, o = self.b, self.ops
         gpt2 = b.model_type is ModelType.gpt2
         prefix = f"transformer.h.{i}" if gpt2 else f"model.layers.{i}"
@@ -557,8 +599,11 @@ class Model:
         if b.norms_per_layer == 4:
             attn = self.norm(f"{prefix}.post_attention_layernorm", attn)
         attn = o.dropout("residual dropout", attn, b.resid_dropout if self.training else 0)
-        x = o.binary("residual 1", attn, x, "add", part="norm") if gpt2 else (
-            o.binary("residual 1", x, attn, "add", part="norm"))
+        x = (
+            o.binary("residual 1", attn, x, "add", part="norm")
+            if gpt2
+            else (o.binary("residual 1", x, attn, "add", part="norm"))
+        )
         if b.norms_per_layer == 4:
             normed = self.norm(f"{prefix}.pre_feedforward_layernorm", x)
         else:
@@ -588,8 +633,9 @@ class Model:
             # makes the embedding output require grad (modeling_utils.py)
             x.requires_grad = True
         if gpt2:
-            pos = o.embedding("position embeddings", self.p("transformer.wpe.weight"), ids,
-                              self.seq, h)
+            pos = o.embedding(
+                "position embeddings", self.p("transformer.wpe.weight"), ids, self.seq, h
+            )
             x = o.binary("embeddings + positions", x, pos, "add", part="norm")
             x = o.dropout("embedding dropout", x, b.embd_dropout if self.training else 0)
         if b.embed_scale:
@@ -599,8 +645,12 @@ class Model:
             seq = self.seq
             hd = b.head_dim
             ang = Tensor("RoPE angles", seq * hd, DType.fp32)
-            g.node("RoPE angles", [], [ang], scratch=[("positions", seq * 4),
-                                                      ("frequencies", seq * hd // 2 * 4)])
+            g.node(
+                "RoPE angles",
+                [],
+                [ang],
+                scratch=[("positions", seq * 4), ("frequencies", seq * hd // 2 * 4)],
+            )
             cos = o.cast(o.unary("RoPE cos", o.unary("cos", ang)), x.dtype, "cos")
             sin = o.cast(o.unary("RoPE sin", o.unary("sin", ang)), x.dtype, "sin")
         mask = None
@@ -622,8 +672,9 @@ class Model:
         rows = n if self.all_logits else self.batch
         if not self.all_logits:
             x = o.slice(x, self.batch * h, "last position")
-        logits = o.linear("lm_head", x, self.p("lm_head.weight"), None, b.vocab,
-                          component=Component.logits)
+        logits = o.linear(
+            "lm_head", x, self.p("lm_head.weight"), None, b.vocab, component=Component.logits
+        )
         del rows
         if b.final_softcap:
             logits = o.scalar("logits / softcap", logits)
@@ -670,23 +721,37 @@ def build(
     b = resolve(spec)
     g = Graph(grad=grad)
     if use_cache is None:  # the config default (True), which the Trainer turns off
-        use_cache = not (grad and (w.loop is Loop.trainer or w.checkpointing
-                                   is Checkpointing.full))
-    m = Model(b, w, g, batch=batch, seq=seq, cached=cached, use_cache=use_cache,
-              all_logits=all_logits, spec=spec)
-    ids = g.leaf("input ids", batch * seq, DType.int64, requires_grad=False,
-                 component=Component.activations)
+        use_cache = not (grad and (w.loop is Loop.trainer or w.checkpointing is Checkpointing.full))
+    m = Model(
+        b,
+        w,
+        g,
+        batch=batch,
+        seq=seq,
+        cached=cached,
+        use_cache=use_cache,
+        all_logits=all_logits,
+        spec=spec,
+    )
+    ids = g.leaf(
+        "input ids", batch * seq, DType.int64, requires_grad=False, component=Component.activations
+    )
     labels = None
     if grad:
-        labels = g.leaf("labels", batch * seq, DType.int64, requires_grad=False,
-                        component=Component.activations)
+        labels = g.leaf(
+            "labels", batch * seq, DType.int64, requires_grad=False, component=Component.activations
+        )
     if cached:  # the DynamicCache as earlier steps left it: K and V per layer
         dt = cache_dtype(b, w)
         past = []
         for i in range(b.layers):
             pair = tuple(
-                Tensor(f"block {i} cached {x}", batch * cached * b.kv_width, dt,
-                       component=Component.kv_cache)
+                Tensor(
+                    f"block {i} cached {x}",
+                    batch * cached * b.kv_width,
+                    dt,
+                    component=Component.kv_cache,
+                )
                 for x in ("keys", "values")
             )
             m.past.append(pair)  # type: ignore[arg-type]
