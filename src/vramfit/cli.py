@@ -768,6 +768,21 @@ def _default(run: RunSpec, hardware: Hardware | None, as_json: bool) -> None:
     raise typer.Exit(EXIT_DOES_NOT_FIT if est.fits is False else EXIT_FITS)
 
 
+# What torch (or bitsandbytes) runs for each --optimizer: torch.optim.AdamW picks foreach
+# only when both foreach and fused are None (torch/optim/adamw.py _default_to_fused_or_foreach)
+OPTIMIZER_IMPLEMENTATION = {
+    "adamw": "torch.optim.AdamW() -> foreach (_multi_tensor_adamw)",
+    "adamw-foreach": "torch.optim.AdamW(foreach=True) -> _multi_tensor_adamw",
+    "adamw-fused": "torch.optim.AdamW(fused=True) -> _fused_adamw",
+    "adamw-forloop": "torch.optim.AdamW(fused=False) -> for-loop (_single_tensor_adamw)",
+    "sgd": "torch.optim.SGD(momentum=0)",
+    "sgd-momentum": "torch.optim.SGD(momentum=0.9)",
+    "adam-8bit": "bitsandbytes.optim.AdamW8bit",
+    "adafactor": "torch.optim.Adafactor",
+    "none": None,
+}
+
+
 def estimate_json(est: Estimate) -> dict[str, Any]:
     """The documented JSON object for a default estimate (see README, "JSON output")."""
     return {
@@ -777,6 +792,7 @@ def estimate_json(est: Estimate) -> dict[str, Any]:
         "params_active": est.counts.active,
         "model": est.run.model.model_dump(mode="json"),
         "workload": est.run.workload.model_dump(mode="json"),
+        "optimizer_implementation": OPTIMIZER_IMPLEMENTATION.get(est.run.workload.optimizer.value),
         "peak_allocated_bytes": est.peak_allocated_bytes,
         "total_bytes": est.total_bytes,
         "breakdown": est.breakdown,

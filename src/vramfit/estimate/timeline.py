@@ -16,6 +16,22 @@ from dataclasses import dataclass, field
 
 from vramfit.estimate.allocator import CachingAllocator
 
+# The memory components a tensor can belong to (vramfit.estimate.graph.Component names them;
+# the breakdown's order is vramfit.estimate.core.COMPONENTS).
+COMPONENT_NAMES = frozenset(
+    {
+        "weights",
+        "autocast_weight_copies",
+        "gradients",
+        "optimizer_state",
+        "optimizer_temp",
+        "activations",
+        "activation_grads",
+        "logits",
+        "kv_cache",
+        "cublas_workspace",
+    }
+)
 
 @dataclass(slots=True)
 class Allocation:
@@ -97,7 +113,10 @@ class Tape:
         return len(self.timeline.points) - 1
 
     def new(self, name: str, component: str, size: int, part: str = "") -> int | None:
-        """Create a tensor at the current op; its key, or None for an empty one."""
+        """Create a tensor at the current op; its key, or None for an empty one. A component
+        that is not one of ``COMPONENT_NAMES`` is an error, not bytes lost from a total."""
+        if component not in COMPONENT_NAMES:
+            raise ValueError(f"unknown memory component {component!r}")
         if size <= 0:
             return None
         records = self.records
@@ -120,6 +139,8 @@ class Tape:
 
     def persist(self, name: str, component: str, sizes: Sequence[int]) -> None:
         """Tensors that outlive the step (weights, optimizer state, workspaces), from now on."""
+        if component not in COMPONENT_NAMES:
+            raise ValueError(f"unknown memory component {component!r}")
         sizes = tuple(int(s) for s in sizes if s > 0)
         if sizes:
             self.records.append(Allocation(name, component, sizes, self.now, None, True))
