@@ -11,25 +11,11 @@ from vramfit.estimate.overhead import cublas_workspace_bytes, cuda_context_bytes
 from vramfit.estimate.params import ParamCounts, count_params
 from vramfit.estimate.profiles.hf import hf_unsupported
 from vramfit.estimate.schedule import hf_inference, hf_training_steps
-from vramfit.estimate.timeline import replay
+from vramfit.estimate.timeline import TENSOR_COMPONENTS, replay
 from vramfit.estimate.training import build_training_steps
 
 # Components in display order; the breakdown at the peak uses these keys.
-COMPONENTS = (
-    "weights",
-    "autocast_weight_copies",
-    "gradients",
-    "optimizer_state",
-    "optimizer_temp",
-    "activations",
-    "activation_grads",
-    "logits",
-    "kv_cache",
-    "cublas_workspace",
-    "allocator_rounding",
-    "allocator_reserve",
-    "cuda_context",
-)
+COMPONENTS = (*TENSOR_COMPONENTS, "allocator_rounding", "allocator_reserve", "cuda_context")
 
 
 @dataclass(frozen=True)

@@ -16,22 +16,22 @@ from dataclasses import dataclass, field
 
 from vramfit.estimate.allocator import CachingAllocator
 
-# The memory components a tensor can belong to (vramfit.estimate.graph.Component names them;
-# the breakdown's order is vramfit.estimate.core.COMPONENTS).
-COMPONENT_NAMES = frozenset(
-    {
-        "weights",
-        "autocast_weight_copies",
-        "gradients",
-        "optimizer_state",
-        "optimizer_temp",
-        "activations",
-        "activation_grads",
-        "logits",
-        "kv_cache",
-        "cublas_workspace",
-    }
+# The memory components a tensor can belong to, in the breakdown's display order
+# (vramfit.estimate.graph.Component names them; vramfit.estimate.core adds what the allocator
+# and the driver hold besides).
+TENSOR_COMPONENTS = (
+    "weights",
+    "autocast_weight_copies",
+    "gradients",
+    "optimizer_state",
+    "optimizer_temp",
+    "activations",
+    "activation_grads",
+    "logits",
+    "kv_cache",
+    "cublas_workspace",
 )
+COMPONENT_NAMES = frozenset(TENSOR_COMPONENTS)
 
 @dataclass(slots=True)
 class Allocation:
