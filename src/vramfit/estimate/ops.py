@@ -139,8 +139,6 @@ class Ops:
         then the input; Conv1D's addmm the weight, input, bias). Saves the (cast) input and
         weight. Backward: mm makes the weight's gradient first, addmm the input's; the
         input's gradient is a view of the matmul output (reshaped to 3-D)."""
-        tokens = x.numel * 1  # placeholder for readability below
-        del tokens
         in_features = weight.numel // out_features
         n = x.numel // in_features
         if self.autocast:
@@ -158,7 +156,6 @@ class Ops:
         out = self._t(name, n * out_features, dtype, part=part, component=component)
         inputs = [xi, w] + ([b] if b is not None else [])
         biased = b is not None
-        sim_ws = self.g
 
         def backward(bw: Backward) -> None:
             g = bw.out()
@@ -173,7 +170,6 @@ class Ops:
                 bw.sim.matmul("backward", False)
                 bw.new(0, dtype=gdt, view=True)
 
-        del sim_ws
         # mm saves its input for the weight's gradient and the weight for the input's
         saved = ([xi] if w.requires_grad else []) + ([w] if xi.requires_grad else [])
         node = self.g.node(f"{self.prefix}{name}", inputs, [out], saved=saved, backward=backward)
@@ -414,8 +410,6 @@ class Ops:
         table-sized gradient (past 3072 indices, after sorting them and summing partial
         segments: measured on an H200, benchmarks/data/h200-traces)."""
         out = self._t(name, n * hidden, weight.dtype, part="norm")
-        mp = self.mp
-        del mp
 
         def backward(bw: Backward) -> None:
             g = bw.out()
@@ -462,12 +456,13 @@ class Ops:
             bw.new(0)
             bw.new(1)
             bw.new(2)
-            if kernel == "efficient":  # fp32: grad * out, row sums, their copy, dq accumulator
+            if kernel == "efficient":
+                # fp32 memory-efficient attention: grad * out and its row sums (the labelled
+                # reference traces, benchmarks/data/h200-traces); the later fp32 dq
+                # accumulator is not modelled here
                 full = q.numel * DType.fp32.size
                 bw.temp("grad * out", full)
-                r = stats.numel * DType.fp32.size
                 bw.temp("row sums", batch * heads * seq * DType.fp32.size)
-                del r
             elif kernel == "flash":  # the fp32 dq accumulator and softmax row sums (FA2)
                 bw.temp("workspace", q.numel * DType.fp32.size + batch * heads * seq * 4)
 
@@ -496,7 +491,7 @@ class Ops:
         return out
 
     # loss ---------------------------------------------------------------------------------
-    def cross_entropy(self, logits: Tensor, targets: Tensor, rows: int) -> Tensor:
+    def cross_entropy(self, logits: Tensor, targets: Tensor) -> Tensor:
         """``F.cross_entropy``: ``log_softmax`` (saves its fp32 output) then ``nll_loss``
         (saves the targets and the total weight). Backward: the nll gradient (a zeroed
         logits-sized tensor) then log_softmax's."""
@@ -513,5 +508,4 @@ class Ops:
             saved=[targets],
             backward=lambda bw: bw.new(0),
         )
-        del rows
         return loss

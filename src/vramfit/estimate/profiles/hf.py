@@ -669,13 +669,11 @@ class Model:
         if mask is not None:
             o.keep(mask)
         x = self.norm("transformer.ln_f" if gpt2 else "model.norm", x)
-        rows = n if self.all_logits else self.batch
         if not self.all_logits:
             x = o.slice(x, self.batch * h, "last position")
         logits = o.linear(
             "lm_head", x, self.p("lm_head.weight"), None, b.vocab, component=Component.logits
         )
-        del rows
         if b.final_softcap:
             logits = o.scalar("logits / softcap", logits)
             logits = o.unary("tanh(logits)", logits, saves="output")
@@ -692,7 +690,7 @@ class Model:
         g.node("pad labels", [labels], [padded])
         shifted = Tensor("shifted labels", n, DType.int64)
         g.node("shift labels", [padded], [shifted])
-        loss = o.cross_entropy(up, shifted, n)
+        loss = o.cross_entropy(up, shifted)
         o.keep(logits)  # the model returns its logits: alive until the outputs are dropped
         return logits, loss
 
