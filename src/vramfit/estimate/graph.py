@@ -461,6 +461,10 @@ def run_backward(sim: _Sim, loss: Tensor) -> None:
     )
     recomputed: set[int] = set()
     region_first: dict[int, Node] = {}
+    region_nodes: dict[int, list[Node]] = {}
+    for n in sim.g.nodes:
+        if n.region is not None:
+            region_nodes.setdefault(n.region, []).append(n)
     for n in nodes:
         if n.region is not None:
             region_first.setdefault(n.region, n)
@@ -472,7 +476,7 @@ def run_backward(sim: _Sim, loss: Tensor) -> None:
             continue
         if n.region is not None and n.region not in recomputed and n.saved:
             recomputed.add(n.region)
-            _recompute(sim, n.region)
+            _recompute(sim, region_nodes[n.region])
         tape.op(f"{n.name} backward")
         bw = Backward(sim, n, grads_out)
         assert n.backward is not None
@@ -578,11 +582,10 @@ def _accumulate_grad(sim: _Sim, leaf: Tensor, g: Grad) -> None:
     sim.leaf_grads[id(leaf)] = grad
 
 
-def _recompute(sim: _Sim, region: int) -> None:
-    """Rerun a checkpointed region, saving, up to the last tensor it saves: the inputs of
-    that node, or its outputs where it saves them (non-reentrant checkpoint)."""
+def _recompute(sim: _Sim, nodes: list[Node]) -> None:
+    """Rerun a checkpointed region (its ``nodes``), saving, up to the last tensor it saves: the
+    inputs of that node, or its outputs where it saves them (non-reentrant checkpoint)."""
     tape = sim.tape
-    nodes = [n for n in sim.g.nodes if n.region == region]
     saving = [k for k, n in enumerate(nodes) if n.backward is not None and n.saved]
     stop = len(nodes) - 1 if sim.g.reentrant else saving[-1]
     outputs_of = {id(o) for o in (*nodes[stop].outputs, *nodes[stop].hidden)}

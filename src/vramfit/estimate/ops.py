@@ -29,12 +29,18 @@ EMBEDDING_ROWS_PER_SEGMENT = 10
 MEM_EFF_LSE_PAD = 32  # memory-efficient attention pads its logsumexp to 32 queries
 
 
+_FLOATS = frozenset({DType.fp32, DType.fp16, DType.bf16})
+
+
 def promote(*dtypes: DType) -> DType:
     """Type promotion among the float dtypes a model mixes: fp32 wins over 16-bit."""
-    floats = [d for d in dtypes if d.floating]
-    if DType.fp32 in floats:
-        return DType.fp32
-    return floats[0] if floats else dtypes[0]
+    first = None
+    for d in dtypes:
+        if d is DType.fp32:
+            return d
+        if first is None and d in _FLOATS:
+            first = d
+    return first if first is not None else dtypes[0]
 
 
 class Ops:
