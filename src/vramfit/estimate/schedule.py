@@ -126,10 +126,21 @@ def hf_training_steps(
     b = hf.resolve(spec)
     steps = []
     block_bytes: dict[str, int] = {}
+    # one graph serves both steps: a replay reads it and keeps its own state
+    graph, model, logits, loss = hf.build(spec, w, grad=True, batch=w.batch, seq=w.seq)
+    assert loss is not None
+    if w.loop is Loop.keeps_logits:
+        graph.hold(logits, "step")
+        for kv in model.cache:
+            graph.hold(kv, "step")
+    elif w.loop is Loop.trainer and w.precision in (Precision.amp_bf16, Precision.amp_fp16):
+        # accelerate's convert_outputs_to_fp32: an fp32 copy of the returned logits, which
+        # dies with the outputs when compute_loss returns
+        up = model.ops.cast(logits, DType.fp32, "accelerate fp32 logits")
+        up.component = Component.logits
+        graph.hold(up, "forward")
     for first in (True, False):
         t = Tape()
-        graph, model, logits, loss = hf.build(spec, w, grad=True, batch=w.batch, seq=w.seq)
-        assert loss is not None
         params = _weights(t, model, spec, first)
         t.op("start")
         t.persist("input ids and labels", Component.activations, [w.batch * w.seq * INT64] * 2)
@@ -140,16 +151,6 @@ def hf_training_steps(
             made = Workspaces(t, workspace_bytes)
             made.matmul("forward", _uses_bias(b))
             made.matmul("backward", _uses_bias(b) and w.checkpointing is Checkpointing.full)
-        if w.loop is Loop.keeps_logits:
-            graph.hold(logits, "step")
-            for kv in model.cache:
-                graph.hold(kv, "step")
-        elif w.loop is Loop.trainer and w.precision in (Precision.amp_bf16, Precision.amp_fp16):
-            # accelerate's convert_outputs_to_fp32: an fp32 copy of the returned logits, which
-            # dies with the outputs when compute_loss returns
-            up = model.ops.cast(logits, DType.fp32, "accelerate fp32 logits")
-            up.component = Component.logits
-            graph.hold(up, "forward")
         ws = Workspaces(t, workspace_bytes, active=first)
         sim = run_forward(graph, t, mp=mp, workspaces=ws)
         forward_end = len(t.timeline.points) - 1
