@@ -58,9 +58,10 @@ class DType(str, Enum):
 
     @property
     def floating(self) -> bool:
-        return self in (DType.fp32, DType.fp16, DType.bf16)
+        return self in FLOATS
 
 
+FLOATS = frozenset({DType.fp32, DType.fp16, DType.bf16})
 _SIZES = {
     DType.fp32: 4,
     DType.fp16: 2,
@@ -98,7 +99,6 @@ class Tensor:
     requires_grad: bool = False
     component: Component = Component.activations
     base: Tensor | None = None
-    contiguous: bool = True
     leaf: bool = False  # a parameter (or other leaf) that lives outside the step
     trainable: bool = False  # a parameter that requires grad (whatever the grad mode)
     part: str = ""  # for saved activations: norm / attention / mlp
@@ -130,7 +130,6 @@ class Grad:
     numel: int
     dtype: DType
     view: bool = False  # a view of another tensor: autograd cannot add into it in place
-    same_layout: bool = True  # strided like the forward tensor it is the gradient of
 
 
 class Backward:
@@ -154,7 +153,6 @@ class Backward:
         dtype: DType | None = None,
         *,
         view: bool = False,
-        same_layout: bool | None = None,
         name: str = "",
     ) -> Grad | None:
         """Allocate input ``i``'s gradient (by default its input's size and dtype). ``view``:
@@ -166,23 +164,19 @@ class Backward:
         dtype = x.dtype if dtype is None else dtype
         label = name or f"{self.node.name} grad of {x.name}"
         key = self.sim.tape.new(label, Component.activation_grads, numel * dtype.size)
-        layout = x.contiguous if same_layout is None else same_layout
-        g = Grad(_GradStorage(key), numel, dtype, view=view, same_layout=layout)
+        g = Grad(_GradStorage(key), numel, dtype, view=view)
         self.results.append((i, g))
         return g
 
-    def alias(
-        self, i: int, g: Grad | None, *, view: bool = False, same_layout: bool | None = None
-    ) -> None:
+    def alias(self, i: int, g: Grad | None, *, view: bool = False) -> None:
         """Input ``i``'s gradient is ``g`` itself (AddBackward passes its gradient to both
         inputs; validate_outputs reduces it where the input was broadcast) or, with ``view``,
         a view of it shaped like the input (a reshape, a slice): no allocation."""
         if g is None or not self.needs(i):
             return
         g.storage.refs += 1
-        layout = g.same_layout if same_layout is None else same_layout
         numel = self.node.inputs[i].numel if view else g.numel
-        self.results.append((i, Grad(g.storage, numel, g.dtype, view or g.view, layout)))
+        self.results.append((i, Grad(g.storage, numel, g.dtype, view or g.view)))
 
     def temp(self, name: str, nbytes: int) -> None:
         """Scratch the backward kernel allocates and frees within the node."""
@@ -194,11 +188,6 @@ class Backward:
 
     def free(self, key: int | None) -> None:
         self.sim.tape.free(key)
-
-    def step(self, name: str) -> None:
-        """A new point within the node (a kernel boundary): what was freed before it can be
-        reused by what is allocated after it."""
-        self.sim.tape.op(f"{self.node.name} {name}")
 
 
 BackwardRule = Callable[[Backward], None]
@@ -217,13 +206,8 @@ class Node:
     scratch: list[tuple[str, int]] = field(default_factory=list)  # forward temporaries
     region: int | None = None  # checkpointed region
     cast_cache: bool = False  # autocast's cached cast of a parameter: lives to autocast's exit
-    saves_after_outputs: bool = False  # the last save is an output (recompute stops after it)
     new_point: bool = True
     matmul: bool | None = None  # a cuBLAS matmul (True: with a bias epilogue, cuBLASLt)
-
-    @property
-    def requires_grad(self) -> bool:
-        return any(x.requires_grad for x in self.inputs)
 
 
 class Graph:
@@ -233,13 +217,11 @@ class Graph:
         self.grad = grad  # grad mode: autograd records nodes and saves tensors
         self.nodes: list[Node] = []
         self.leaves: list[Tensor] = []
-        self.inputs: list[Tensor] = []
         self._region: int | None = None
         self._regions = 0
         self.held: list[tuple[Tensor, str]] = []  # tensors a caller keeps: (tensor, until)
         # reentrant torch.utils.checkpoint reruns a whole region (no early stop)
         self.reentrant = False
-        self.loss: Tensor | None = None
 
     def leaf(
         self,
@@ -267,7 +249,6 @@ class Graph:
         hidden: Sequence[Tensor] = (),
         scratch: Sequence[tuple[str, int]] = (),
         cast_cache: bool = False,
-        saves_after_outputs: bool = False,
         new_point: bool = True,
     ) -> Node:
         """Record an op. Its outputs require grad when any input does (and grad mode is on)."""
@@ -282,7 +263,6 @@ class Graph:
             list(scratch),
             self._region,
             cast_cache and self.grad,
-            saves_after_outputs,
             new_point,
         )
         for out in (*outputs, *hidden):
@@ -570,7 +550,7 @@ def _accumulate_grad(sim: _Sim, leaf: Tensor, g: Grad) -> None:
     like the parameter) becomes ``.grad``; any other is cloned
     (torch/csrc/autograd/functions/accumulate_grad.h)."""
     tape = sim.tape
-    if g.storage.refs == 1 and g.storage.key is not None and g.same_layout:
+    if g.storage.refs == 1 and g.storage.key is not None:
         record = tape.records[g.storage.key]  # type: ignore[index]
         record.component = Component.gradients
         record.name = f"{leaf.name} gradient"

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vramfit.estimate.graph import Backward, Component, DType, Graph, Tensor
+from vramfit.estimate.graph import FLOATS, Backward, Component, DType, Graph, Tensor
 from vramfit.estimate.kernels import H200, Multiprocessors
 
 # embedding_dense_backward (aten/src/ATen/native/cuda/Embedding.cu): up to 3072 indices it
@@ -29,16 +29,13 @@ EMBEDDING_ROWS_PER_SEGMENT = 10
 MEM_EFF_LSE_PAD = 32  # memory-efficient attention pads its logsumexp to 32 queries
 
 
-_FLOATS = frozenset({DType.fp32, DType.fp16, DType.bf16})
-
-
 def promote(*dtypes: DType) -> DType:
     """Type promotion among the float dtypes a model mixes: fp32 wins over 16-bit."""
     first = None
     for d in dtypes:
         if d is DType.fp32:
             return d
-        if first is None and d in _FLOATS:
+        if first is None and d in FLOATS:
             first = d
     return first if first is not None else dtypes[0]
 
@@ -73,11 +70,19 @@ class Ops:
             f"{self.prefix}{name}", numel, dtype, component=component, base=base, part=part
         )
 
-    def view(self, x: Tensor, name: str = "", *, copy_backward: bool = False) -> Tensor:
-        """A view (reshape, transpose, split): no memory. ``copy_backward``: its gradient
-        arrives laid out otherwise and the backward reshape copies it (``clone`` in
-        ViewBackward0; the h200-hf-ops traces)."""
-        out = self._t(name or f"{x.name} view", x.numel, x.dtype, base=x, part=x.part)
+    def view(
+        self,
+        x: Tensor,
+        name: str = "",
+        *,
+        numel: int | None = None,
+        copy_backward: bool = False,
+    ) -> Tensor:
+        """A view (reshape, transpose, a split's ``numel``-element part): no memory.
+        ``copy_backward``: its gradient arrives laid out otherwise and the backward reshape
+        copies it (``clone`` in ViewBackward0; the h200-hf-ops traces)."""
+        size = x.numel if numel is None else numel
+        out = self._t(name or f"{x.name} view", size, x.dtype, base=x, part=x.part)
 
         def backward(bw: Backward) -> None:
             g = bw.out()
@@ -254,30 +259,27 @@ class Ops:
         fp32: bool = False,
         dtype: DType | None = None,
         part: str = "",
-        temps: int = 0,
+        numel: int | None = None,
     ) -> Tensor:
         """An elementwise op. ``saves``: "input", "output" or "none" (silu/gelu save their
         input, tanh its result, neg and scalar multiplies nothing). ``fp32``: on autocast's
-        fp32 list. ``temps``: full-size temporaries its backward holds while it computes."""
+        fp32 list. ``numel``: an output of another size whose gradient is reduced back to the
+        input's (repeat_kv's expand + reshape copy, whose backward sums each group)."""
         if fp32:
             x = self._autocast_fp32(x)
-        out = self._t(name, x.numel, dtype or x.dtype, part=part)
+        out = self._t(name, x.numel if numel is None else numel, dtype or x.dtype, part=part)
         saved = {"input": [x], "output": [out], "none": []}[saves]
 
         def backward(bw: Backward) -> None:
-            keys = [bw.temp_alloc("temporary", x.numel * (dtype or x.dtype).size)
-                    for _ in range(temps)]
             g = bw.out()
             bw.new(0, dtype=promote(g.dtype, x.dtype) if g else None)
-            for key in keys:
-                bw.free(key)
 
         self.g.node(f"{self.prefix}{name}", [x], [out], saved=saved, backward=backward)
         return out
 
     def scalar(self, name: str, x: Tensor, *, part: str = "") -> Tensor:
-        """``x * c`` or ``x + c`` (c a Python number): saves nothing; ``+ c`` passes the
-        gradient through, ``* c`` makes a new one."""
+        """``x * c`` (c a Python number): saves nothing; its backward makes ``grad * c``
+        (``x + c`` is ``add_scalar``, which passes the gradient through)."""
         return self.unary(name, x, part=part)
 
     def add_scalar(self, name: str, x: Tensor, *, part: str = "") -> Tensor:
@@ -342,10 +344,19 @@ class Ops:
         """An elementwise op on a per-row tensor (rsqrt of the variance): tiny."""
         return self.unary(name, x, saves=saves, fp32=True)
 
-    def cat(self, name: str, parts: Sequence[Tensor], *, part: str = "") -> Tensor:
-        """``torch.cat``: a new tensor in the promoted dtype; backward slices the gradient
-        (views), cast back where an input was 16-bit."""
-        dtype = promote(*(p.dtype for p in parts))
+    def cat(
+        self,
+        name: str,
+        parts: Sequence[Tensor],
+        *,
+        part: str = "",
+        empty_dtype: DType | None = None,
+    ) -> Tensor:
+        """``torch.cat``: a new tensor in the promoted dtype (``empty_dtype``: an empty tensor of
+        that dtype among the inputs, which still takes part in promotion); backward slices the
+        gradient (views), cast back where an input was 16-bit."""
+        dtypes = [p.dtype for p in parts] + ([empty_dtype] if empty_dtype else [])
+        dtype = promote(*dtypes)
         out = self._t(name, sum(p.numel for p in parts), dtype, part=part)
 
         def backward(bw: Backward) -> None:

@@ -11,7 +11,6 @@ forward under ``torch.no_grad`` (every position's logits) or ``model.generate``.
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +26,7 @@ from vramfit.config import (
     Workload,
 )
 from vramfit.errors import VramfitError
+from vramfit.measure.train import autocast_context
 
 TRAINER_OPTIM = {
     Optimizer.adamw: "adamw_torch",
@@ -186,15 +186,6 @@ def build_hf_model(spec: ModelSpec, workload: Workload, device: str, dtype: Any)
     return model
 
 
-def _amp(torch: Any, workload: Workload, device: str) -> Any:
-    dtype = {Precision.amp_bf16: torch.bfloat16, Precision.amp_fp16: torch.float16}.get(
-        workload.precision
-    )
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
 def plain_loop(
     torch: Any,
     model: Any,
@@ -218,7 +209,7 @@ def plain_loop(
     keep = workload.loop is Loop.keeps_logits
     for step in range(1, steps + 1):
         with phase(step, "forward"):
-            with _amp(torch, workload, device):
+            with autocast_context(torch, workload, device):
                 out = model(input_ids=state["x"], labels=state["y"])
             loss = out.loss
             if not keep:
@@ -346,7 +337,7 @@ def run_hf(
     model.eval()
     x = torch.randint(0, model.config.vocab_size, (workload.batch, workload.seq), device=device)
     state["x"] = x
-    with torch.no_grad(), _amp(torch, workload, device):
+    with torch.no_grad(), autocast_context(torch, workload, device):
         if workload.gen_tokens:
             calls = {"n": 0}
             opened: dict[str, Any] = {}

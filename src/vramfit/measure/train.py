@@ -291,7 +291,8 @@ def _dtype(torch: Any, workload: Workload) -> Any:
     return getattr(torch, _WEIGHT_DTYPE[workload.precision])
 
 
-def _autocast(torch: Any, workload: Workload, device: str) -> Any:
+def autocast_context(torch: Any, workload: Workload, device: str) -> Any:
+    """``torch.autocast`` for the amp-* precisions, else a no-op context."""
     name = _AUTOCAST_DTYPE.get(workload.precision)
     if name is None:
         return contextlib.nullcontext()
@@ -332,7 +333,7 @@ def _train(
             model.zero_grad(set_to_none=True)
 
         rec.begin(step, "forward", f"step {step} forward", steps)
-        with _autocast(torch, workload, device):
+        with autocast_context(torch, workload, device):
             state["loss"] = model(state["x"], state["y"])
         rec.end()
 
@@ -368,7 +369,7 @@ def _infer(
     model.eval()
     device = backend.device
     b, s, gen = workload.batch, workload.seq, workload.gen_tokens
-    with torch.inference_mode(), _autocast(torch, workload, device):
+    with torch.inference_mode(), autocast_context(torch, workload, device):
         state["x"] = torch.randint(0, model.vocab, (b, s), device=device)
         cache = None
         if gen > 0:

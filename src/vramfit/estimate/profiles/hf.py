@@ -214,7 +214,7 @@ def _block_path(name: str) -> str:
     return ""
 
 
-def attention_kernel(b: Block, w: Workload, compute: DType, seq: int) -> str:
+def attention_kernel(b: Block, w: Workload, compute: DType) -> str:
     """Which SDPA kernel runs (H200, torch 2.11; the h200-hf-ops traces): cuDNN for 16-bit
     inputs, memory-efficient attention for fp32, the math fallback for fp32 with grouped K/V
     (``enable_gqa``, which the efficient kernel does not take); eager is HF's own code."""
@@ -222,7 +222,6 @@ def attention_kernel(b: Block, w: Workload, compute: DType, seq: int) -> str:
         return "eager"
     if compute is DType.fp32:
         return "math" if b.kv_heads < b.heads else "efficient"
-    del seq
     return "cudnn"
 
 
@@ -253,7 +252,7 @@ class Model:
         self.params: dict[str, Tensor] = {}
         self.param_list: list[Tensor] = []  # model.parameters() order, with quantized state
         self.lora = w.lora
-        self.quant = w.quant if g.grad or w.quant is None else w.quant
+        self.quant = w.quant
         self.lora_targets: set[str] = set()
         self.quantized: dict[str, tuple[int, int]] = {}  # module path -> (out, in)
         if w.lora is not None or w.quant is not None:
@@ -440,11 +439,10 @@ class Model:
             qkv = self.linear(
                 f"{prefix}.{fused_name}", x, b.q_width + 2 * b.kv_width, b.qkv_bias, "attention"
             )
-            q = o.view(qkv, f"{prefix} q", copy_backward=cos is not None)
-            k = o.view(qkv, f"{prefix} k", copy_backward=cos is not None)
-            v = o.view(qkv, f"{prefix} v")
-            for t_, width in ((q, b.q_width), (k, b.kv_width), (v, b.kv_width)):
-                t_.numel = n * width
+            rotary = cos is not None
+            q = o.view(qkv, f"{prefix} q", numel=n * b.q_width, copy_backward=rotary)
+            k = o.view(qkv, f"{prefix} k", numel=n * b.kv_width, copy_backward=rotary)
+            v = o.view(qkv, f"{prefix} v", numel=n * b.kv_width)
         else:
             q = self.linear(f"{prefix}.self_attn.q_proj", x, b.q_width, b.qkv_bias, "attention")
             k = self.linear(f"{prefix}.self_attn.k_proj", x, b.kv_width, b.qkv_bias, "attention")
@@ -467,21 +465,20 @@ class Model:
         if self.use_cache:
             # DynamicLayer.update: cat(keys, new) along the sequence; its first keys are an
             # empty tensor in the key states' dtype, which promotes the values' cat
-            k_dtype = k.dtype
             if self.cached:
                 pk, pv = self.past[i]
                 k = o.cat(f"{prefix} cached keys", [pk, k])
                 v = o.cat(f"{prefix} cached values", [pv, v])
             else:
+                # the cache's first keys and values are empty tensors in the keys' dtype
+                empty = k.dtype
                 k = o.cat(f"{prefix} cached keys", [k])
-                v = o.cat(f"{prefix} cached values", [v])
-                if v.dtype is not k_dtype:
-                    v.dtype = k_dtype if k_dtype is DType.fp32 else v.dtype
+                v = o.cat(f"{prefix} cached values", [v], empty_dtype=empty)
             self.cache += [k, v]
         # the kernel SDPA picks follows the dtype q arrives in (after autocast's cast): fp32
         # when the hidden states are (a kbit-prepared model's Linear4bit casts back to them)
         compute = self.ops.autocast or q.dtype
-        kernel = attention_kernel(b, self.w, compute, self.seq)
+        kernel = attention_kernel(b, self.w, compute)
         p_drop = b.attention_dropout if self.training else 0.0
         if kernel in ("cudnn", "efficient", "flash"):
             out = o.sdpa(
@@ -523,9 +520,8 @@ class Model:
         scores = self.batch * b.heads * self.seq * keys
         wide = self.batch * b.heads * keys * b.head_dim
         if b.kv_heads < b.heads:  # repeat_kv: expand + reshape copies
-            k = o.unary(f"{prefix} repeated k", k)
-            v = o.unary(f"{prefix} repeated v", v)
-            k.numel = v.numel = wide
+            k = o.unary(f"{prefix} repeated k", k, numel=wide)
+            v = o.unary(f"{prefix} repeated v", v, numel=wide)
         if math:
             k = o.scalar(f"{prefix} k * scale", k)
         q = o.copy(f"{prefix} contiguous q", o._autocast_low(q, "attention"), part="attention")
@@ -572,9 +568,8 @@ class Model:
             return self.linear(f"{prefix}.mlp.c_proj", act, b.hidden, b.bias)
         if b.fused_gate_up:
             gu = self.linear(f"{prefix}.mlp.gate_up_proj", x, 2 * b.ffn, b.bias, "mlp")
-            gate = o.view(gu, f"{prefix} gate")
-            up = o.view(gu, f"{prefix} up")
-            gate.numel = up.numel = n * b.ffn
+            gate = o.view(gu, f"{prefix} gate", numel=n * b.ffn)
+            up = o.view(gu, f"{prefix} up", numel=n * b.ffn)
             act = o.unary(f"{prefix} act", gate, saves="input", part="mlp")
             prod = o.binary(f"{prefix} up * act", up, act, "mul", part="mlp")
         else:
@@ -655,7 +650,7 @@ class Model:
             sin = o.cast(o.unary("RoPE sin", o.unary("sin", ang)), x.dtype, "sin")
         mask = None
         # q reaches attention in the autocast dtype, else in the hidden states' (see attention)
-        kernel = attention_kernel(b, self.w, o.autocast or x.dtype, self.seq)
+        kernel = attention_kernel(b, self.w, o.autocast or x.dtype)
         if kernel == "eager" and self.seq > 1:  # create_causal_mask: (b, 1, s, s) additive
             keys = self.seq + self.cached
             mask = Tensor("causal mask", self.batch * self.seq * keys, x.dtype)
