@@ -186,6 +186,27 @@ def build_hf_model(spec: ModelSpec, workload: Workload, device: str, dtype: Any)
     return model
 
 
+class _OpenPhase:
+    """At most one phase of ``phase`` open at a time, for loops whose phases begin in
+    callbacks and hooks (the Trainer's, generate's forward calls)."""
+
+    def __init__(self, phase: Callable[[int, str], Any]) -> None:
+        self.phase = phase
+        self.ctx: Any = None
+        self.name: str | None = None
+
+    def start(self, step: int, name: str) -> None:
+        self.stop()
+        self.ctx = self.phase(step, name)
+        self.ctx.__enter__()
+        self.name = name
+
+    def stop(self) -> None:
+        if self.ctx is not None:
+            self.ctx.__exit__(None, None, None)
+        self.ctx, self.name = None, None
+
+
 def plain_loop(
     torch: Any,
     model: Any,
@@ -257,19 +278,14 @@ def trainer_loop(
         def __getitem__(self, i: int) -> dict[str, Any]:
             return {"input_ids": ids[i], "labels": ids[i]}
 
-    opened: dict[str, Any] = {}
+    current = _OpenPhase(phase)
     counter = {"step": 0}
 
     def start(name: str) -> None:
-        stop()
-        ctx = phase(counter["step"], name)
-        ctx.__enter__()
-        opened["ctx"] = ctx
+        current.start(counter["step"], name)
 
     def stop() -> None:
-        ctx = opened.pop("ctx", None)
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
+        current.stop()
 
     class Phases(transformers.TrainerCallback):
         def on_step_begin(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
@@ -283,7 +299,7 @@ def trainer_loop(
             stop()
 
     def forward_done(module: Any, args: Any, output: Any) -> None:
-        if module.training and "ctx" in opened:
+        if module.training and current.name is not None:
             start("backward")
 
     hook = model.register_forward_hook(forward_done)
@@ -340,17 +356,13 @@ def run_hf(
     with torch.no_grad(), autocast_context(torch, workload, device):
         if workload.gen_tokens:
             calls = {"n": 0}
-            opened: dict[str, Any] = {}
+            current = _OpenPhase(phase)
 
             def pre(module: Any, args: Any, kwargs: Any) -> None:
                 calls["n"] += 1
                 name = "prefill" if calls["n"] == 1 else "decode"
-                if opened.get("name") != name:
-                    if "ctx" in opened:
-                        opened["ctx"].__exit__(None, None, None)
-                    opened["ctx"] = phase(1, name)
-                    opened["ctx"].__enter__()
-                    opened["name"] = name
+                if current.name != name:
+                    current.start(1, name)
 
             hook = model.register_forward_pre_hook(pre, with_kwargs=True)
             try:
@@ -363,8 +375,7 @@ def run_hf(
                 )
             finally:
                 hook.remove()
-                if "ctx" in opened:
-                    opened["ctx"].__exit__(None, None, None)
+                current.stop()
         else:
             with phase(1, "prefill"):
                 state["out"] = model(input_ids=x)
