@@ -235,7 +235,9 @@ class Ops:
 
     def bmm(self, name: str, a: Tensor, b: Tensor, numel: int, *, part: str = "") -> Tensor:
         """A batched matmul (``torch.matmul`` of 4-D tensors folds to bmm), autocast to 16
-        bits. Saves both operands; backward makes the second operand's gradient first."""
+        bits. Saves each operand for the other's gradient (``self: grad.bmm(mat2.T)`` needs
+        mat2, derivatives.yaml): a frozen side, e.g. k under LoRA on q and v only, keeps the
+        other unsaved. Backward makes the second operand's gradient first."""
         a, b = self._autocast_low(a, part), self._autocast_low(b, part)
         dtype = promote(a.dtype, b.dtype)
         out = self._t(name, numel, dtype, part=part)
@@ -245,7 +247,8 @@ class Ops:
             bw.sim.matmul("backward", False)
             bw.new(0)
 
-        node = self.g.node(f"{self.prefix}{name}", [a, b], [out], saved=[a, b], backward=backward)
+        saved = ([b] if a.requires_grad else []) + ([a] if b.requires_grad else [])
+        node = self.g.node(f"{self.prefix}{name}", [a, b], [out], saved=saved, backward=backward)
         node.matmul = False
         return out
 
