@@ -739,6 +739,11 @@ class Quant(BaseModel):
                 _field_error("blocksize", four_bit_only, self.blocksize)
             if self.quant_storage is not QuantStorage.uint8:
                 _field_error("quant_storage", four_bit_only, self.quant_storage.value)
+            if "compute_dtype" in self.model_fields_set:
+                # Linear8bitLt quantizes x from fp16 and returns x's dtype: no compute dtype
+                _field_error("compute_dtype", four_bit_only, self.compute_dtype.value)
+        elif "int8_threshold" in self.model_fields_set:
+            _field_error("int8_threshold", "applies to int8 (LLM.int8) only", self.int8_threshold)
         return self
 
     @property

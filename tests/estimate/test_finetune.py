@@ -89,6 +89,8 @@ BAD = [
     ({"quant": {"kind": "int4"}}, "quant.kind", "Input should be"),
     ({"quant": {"kind": "int8", "double_quant": True}}, "quant.double_quant", "4-bit"),
     ({"quant": {"kind": "int8", "quant_storage": "bf16"}}, "quant.quant_storage", "4-bit"),
+    ({"quant": {"kind": "int8", "compute_dtype": "bf16"}}, "quant.compute_dtype", "4-bit"),
+    ({"quant": {"kind": "nf4", "int8_threshold": 0}}, "quant.int8_threshold", "int8 (LLM"),
     ({"quant": {"kind": "nf4", "blocksize": 48}}, "quant.blocksize", "must be one of"),
     ({"quant": {}}, "quant.kind", "Field required"),
 ]

@@ -365,28 +365,39 @@ class Model:
         return self.rms_norm(prefix, x)
 
     def linear(self, name: str, x: Tensor, width: int, bias: bool, part: str = "") -> Tensor:
-        """A projection: nn.Linear / Conv1D, bitsandbytes' Linear4bit when quantized, and a
-        peft LoRA branch on top when adapted (peft/tuners/lora/layer.py Linear.forward,
-        lora/bnb.py Linear4bit.forward)."""
+        """A projection: nn.Linear / Conv1D, bitsandbytes' Linear4bit or Linear8bitLt when
+        quantized, and a peft LoRA branch on top when adapted (peft/tuners/lora/layer.py
+        Linear.forward, lora/bnb.py Linear8bitLt.forward and Linear4bit.forward)."""
         o = self.ops
         quant = self.quant
         if name in self.quantized and quant is not None:
             out_f, in_f = self.quantized[name]
+            adapted = self.lora is not None and _block_path(name) in self.lora_targets
             if quant.kind.value == "int8":
-                raise ValueError("int8 (LLM.int8) layers are not modelled op by op yet")
-            result = o.linear_4bit(
-                name,
-                x,
-                self.p(f"{name}.weight"),
-                out_f,
-                in_f,
-                compute=DType(quant.compute_dtype.value),
-                load=self.weight,
-                blocksize=quant.blocksize,
-                double_quant=quant.double_quant,
-            )
-            if self.lora is not None and _block_path(name) in self.lora_targets:
-                result = o.copy(f"{name} result", result)  # peft: result = result.clone()
+                # peft's lora.Linear8bitLt adds to the base output without cloning it
+                result = o.linear_8bit(
+                    name,
+                    x,
+                    self.p(f"{name}.weight"),
+                    out_f,
+                    in_f,
+                    threshold=quant.int8_threshold,
+                )
+                adapted = False
+            else:
+                result = o.linear_4bit(
+                    name,
+                    x,
+                    self.p(f"{name}.weight"),
+                    out_f,
+                    in_f,
+                    compute=DType(quant.compute_dtype.value),
+                    load=self.weight,
+                    blocksize=quant.blocksize,
+                    double_quant=quant.double_quant,
+                )
+            if adapted:  # peft's lora.Linear4bit: result = result.clone()
+                result = o.copy(f"{name} result", result)
         else:
             result = o.linear(
                 name,
