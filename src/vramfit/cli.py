@@ -797,7 +797,11 @@ OPTIMIZER_IMPLEMENTATION = {
     "sgd": "torch.optim.SGD(momentum=0)",
     "sgd-momentum": "torch.optim.SGD(momentum=0.9)",
     "adam-8bit": "bitsandbytes.optim.AdamW8bit",
+    "paged-adamw-8bit": "bitsandbytes.optim.AdamW(optim_bits=8, is_paged=True)",
+    "paged-adamw-32bit": "bitsandbytes.optim.AdamW(optim_bits=32, is_paged=True)",
     "adafactor": "torch.optim.Adafactor",
+    "adafactor-hf": "transformers.optimization.Adafactor(scale_parameter=False, "
+    "relative_step=False)",
     "none": None,
 }
 
@@ -814,6 +818,7 @@ def estimate_json(est: Estimate) -> dict[str, Any]:
         "optimizer_implementation": OPTIMIZER_IMPLEMENTATION.get(est.run.workload.optimizer.value),
         "peak_allocated_bytes": est.peak_allocated_bytes,
         "total_bytes": est.total_bytes,
+        "managed_bytes": est.managed_bytes,
         "breakdown": est.breakdown,
         "phases": est.phases,
         "peak_phase": est.peak_phase,

@@ -23,6 +23,7 @@ from vramfit.config import (
     Arch,
     Lora,
     ModelSpec,
+    Optimizer,
     PeftModelType,
     Quant,
     QuantKind,
@@ -362,7 +363,7 @@ def weight_storage(
 
 
 class StateOptimizer(str, Enum):
-    """The optimizer classes a Hugging Face Trainer ``optim=`` name builds (see TRAINER_OPTIM)."""
+    """The optimizer classes behind the Hugging Face Trainer's ``optim=`` names."""
 
     torch_adamw = "torch.optim.AdamW"  # foreach (default) or fused
     bnb_adamw_8bit = "bitsandbytes.optim.AdamW(optim_bits=8)"
@@ -372,21 +373,13 @@ class StateOptimizer(str, Enum):
     sgd = "torch.optim.SGD"
 
 
-# transformers 5.17 training_args.py OptimizerNames -> trainer_optimizer.py handlers:
-# _get_adamw_torch (fused=True for adamw_torch_fused; TrainingArguments' default optim is
-# adamw_torch_fused with torch >= 2.8), _get_bitsandbytes_optimizer (bnb.optim.AdamW with
-# optim_bits = 8 if "8bit" in the name else 32, is_paged = "paged" in the name),
-# _get_adafactor (scale_parameter=False, relative_step=False, beta1 left None), _get_sgd
-# (torch.optim.SGD, momentum 0 unless optim_args set it).
-TRAINER_OPTIM: dict[str, StateOptimizer] = {
-    "adamw_torch": StateOptimizer.torch_adamw,
-    "adamw_torch_fused": StateOptimizer.torch_adamw,
-    "adamw_bnb_8bit": StateOptimizer.bnb_adamw_8bit,
-    "adamw_8bit": StateOptimizer.bnb_adamw_8bit,
-    "paged_adamw_8bit": StateOptimizer.bnb_paged_adamw_8bit,
-    "paged_adamw_32bit": StateOptimizer.bnb_paged_adamw_32bit,
-    "adafactor": StateOptimizer.adafactor,
-    "sgd": StateOptimizer.sgd,
+# The class each --optimizer builds, where the state is this module's to describe (the Trainer
+# names that build them: vramfit.config.TRAINER_OPTIM)
+STATE_OPTIMIZER: dict[Optimizer, StateOptimizer] = {
+    Optimizer.adam_8bit: StateOptimizer.bnb_adamw_8bit,
+    Optimizer.paged_adamw_8bit: StateOptimizer.bnb_paged_adamw_8bit,
+    Optimizer.paged_adamw_32bit: StateOptimizer.bnb_paged_adamw_32bit,
+    Optimizer.adafactor_hf: StateOptimizer.adafactor,
 }
 
 # bitsandbytes/optim/optimizer.py Optimizer2State.init_state (0.50.2)

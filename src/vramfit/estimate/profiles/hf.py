@@ -22,6 +22,7 @@ the CUDA op traces of the real models show them (benchmarks/data/h200-hf-ops, re
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from vramfit.config import (
@@ -146,22 +147,28 @@ def hf_unsupported(spec: ModelSpec, workload: Workload | None = None) -> str | N
 
 def param_shapes(b: Block) -> list[tuple[str, int]]:
     """Every parameter as ``model.parameters()`` yields it: (name, elements)."""
+    return [(name, math.prod(shape)) for name, shape in param_dims(b)]
+
+
+def param_dims(b: Block) -> list[tuple[str, tuple[int, ...]]]:
+    """Every parameter as ``model.parameters()`` yields it: (name, shape). Linear weights are
+    (out, in); GPT-2's Conv1D stores (in, out)."""
     h, q, kv, f = b.hidden, b.q_width, b.kv_width, b.ffn
-    out: list[tuple[str, int]] = []
+    out: list[tuple[str, tuple[int, ...]]] = []
 
     def linear(name: str, n_in: int, n_out: int, bias: bool) -> None:
-        out.append((f"{name}.weight", n_in * n_out))
+        out.append((f"{name}.weight", (n_in, n_out) if b.conv1d else (n_out, n_in)))
         if bias:
-            out.append((f"{name}.bias", n_out))
+            out.append((f"{name}.bias", (n_out,)))
 
     def norm(name: str) -> None:
-        out.append((f"{name}.weight", h))
+        out.append((f"{name}.weight", (h,)))
         if b.layernorm:
-            out.append((f"{name}.bias", h))
+            out.append((f"{name}.bias", (h,)))
 
     if b.model_type is ModelType.gpt2:
-        out.append(("transformer.wte.weight", b.vocab * h))
-        out.append(("transformer.wpe.weight", b.learned_positions * h))
+        out.append(("transformer.wte.weight", (b.vocab, h)))
+        out.append(("transformer.wpe.weight", (b.learned_positions, h)))
         for i in range(b.layers):
             p = f"transformer.h.{i}"
             norm(f"{p}.ln_1")
@@ -172,7 +179,7 @@ def param_shapes(b: Block) -> list[tuple[str, int]]:
             linear(f"{p}.mlp.c_proj", f, h, b.bias)
         norm("transformer.ln_f")
     else:
-        out.append(("model.embed_tokens.weight", b.vocab * h))
+        out.append(("model.embed_tokens.weight", (b.vocab, h)))
         for i in range(b.layers):
             p = f"model.layers.{i}"
             if b.fused_qkv:  # Phi3Attention registers o_proj before qkv_proj
@@ -195,7 +202,7 @@ def param_shapes(b: Block) -> list[tuple[str, int]]:
                 norm(f"{p}.{name}")
         norm("model.norm")
     if not b.tied:
-        out.append(("lm_head.weight", b.vocab * h))
+        out.append(("lm_head.weight", (b.vocab, h)))
     return out
 
 
