@@ -59,3 +59,21 @@ def test_bad_combinations_name_the_option(args: list[str], message: str) -> None
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_paged_optimizer_state_is_managed_memory() -> None:
+    paged = _json("--optimizer", "paged-adamw-8bit")
+    plain = _json("--optimizer", "adam-8bit")
+    managed = paged["managed_bytes"]
+    assert managed == paged["breakdown"]["managed_optimizer_state"] > 0
+    assert sum(paged["breakdown"].values()) == paged["total_bytes"]
+    # the same state, moved out of PyTorch's allocator: peak allocated drops by about it
+    state = plain["breakdown"]["optimizer_state"] - paged["breakdown"]["optimizer_state"]
+    assert abs(state - managed) < 2**20
+    assert paged["peak_allocated_bytes"] < plain["peak_allocated_bytes"]
+    assert any("evicts its pages to host memory" in n for n in paged["notes"])
+
+
+def test_kv_dtype_falls_back_with_the_reason() -> None:
+    doc = _json("--mode", "infer", "--gen-tokens", "16", "--kv-dtype", "fp8")
+    assert any("optimum-quanto or HQQ" in n and "reference" in n for n in doc["notes"])

@@ -128,8 +128,14 @@ def resolve(spec: ModelSpec) -> Block:
 def hf_unsupported(spec: ModelSpec, workload: Workload | None = None) -> str | None:
     """Why the hf profile cannot describe ``spec`` (under ``workload``), or None when it can."""
     if workload is not None and workload.kv_dtype is not None:
-        # transformers' default DynamicCache keeps K/V in the model's dtype
-        return "a --kv-dtype cache is not transformers' default DynamicCache"
+        # transformers 5.17's caches keep K/V in the key states' dtype (DynamicCache, static);
+        # its only quantized one, cache_implementation="quantized" (cache_utils.py
+        # QuantizedCache), stores 2- or 4-bit K/V through optimum-quanto or HQQ with the last
+        # residual_length=128 tokens unquantized: there is no 8-bit or other-dtype cache
+        return (
+            "transformers has no --kv-dtype cache (its cache_implementation='quantized' is "
+            "2- or 4-bit through optimum-quanto or HQQ)"
+        )
     spec = spec.resolved()
     mt = ModelType(spec.model_type)
     if spec.experts > 1:
