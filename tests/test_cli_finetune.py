@@ -52,6 +52,11 @@ def test_int8_generate() -> None:
         (["--quant", "int4"], "--quant: input should be 'nf4', 'fp4' or 'int8'"),
         (["--quant-double"], "--quant: give --quant nf4|fp4|int8 with the other quantization"),
         (["--lora-rank", "8", "--lora-dropout", "2"], "--lora-dropout: input should be less"),
+        (["--quant", "int8"], "--quant: quant weights are frozen in training: add LoRA"),
+        (
+            ["--impl", "reference", "--optimizer", "paged-adamw-8bit"],
+            "--optimizer: optimizer paged-adamw-8bit is modelled by the hf profile",
+        ),
     ],
 )
 def test_bad_combinations_name_the_option(args: list[str], message: str) -> None:

@@ -105,6 +105,8 @@ OPTION_NAMES = {
     "gen_tokens": "--gen-tokens",
     "kv_dtype": "--kv-dtype",
     "params": "--params",
+    "optimizer": "--optimizer",
+    "quant": "--quant",
 }
 
 

@@ -471,6 +471,12 @@ class RunSpec(_Strict):
             return self
         if w.impl is not Impl.hf:
             raise ValueError("lora and quant are modelled by the hf profile (impl hf)")
+        if w.mode is Mode.train and w.quant is not None and w.lora is None:
+            # prepare_model_for_kbit_training freezes every parameter (peft/utils/other.py) and
+            # the Trainer refuses "purely quantized models" (trainer_utils.py)
+            raise ValueError(
+                "quant weights are frozen in training: add LoRA adapters (lora, --lora-rank)"
+            )
         spec = self.model.resolved()
         lora = w.lora
         if lora is not None and lora.model_type is None:
