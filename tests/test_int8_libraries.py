@@ -118,7 +118,7 @@ def _profile_saved(run: RunSpec) -> Counter:
     seen: dict[int, tuple[int, str]] = {}
     for node in graph.nodes:
         if node.name.startswith("block 0 "):
-            for t in node.saved:
+            for t in (*node.saved, *node.kept):
                 if not t.root.leaf:
                     seen[id(t.root)] = (t.root.numel, t.root.dtype.value)
     return Counter(seen.values())
@@ -207,7 +207,7 @@ def test_matmul8bitlt_backward_temporaries(dtype: Any, grad_dtype: Any) -> None:
     tape = Tape()
     sim = run_forward(g, tape)
     node = y.producer
-    assert node is not None and node.saved == [xt]
+    assert node is not None and node.kept == [xt] and not node.saved
     before = len(tape.records)
     incoming = sim.new_grad("grad", n * m, DType(NAMES[grad_dtype]), "activations")
     node.backward(Backward(sim, node, [incoming]))
@@ -216,3 +216,73 @@ def test_matmul8bitlt_backward_temporaries(dtype: Any, grad_dtype: Any) -> None:
     predicted = sum(sum(r.sizes) for r in made if not r.name.endswith("SCB / 127"))
     small = 4 * m * 4  # the row scales and their product (a few fp32 vectors of m)
     assert predicted <= real <= predicted + small
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["trainer", "reentrant"])
+def test_checkpointing_keeps_what_matmul8bitlt_keeps(
+    checkpoint: Path, reentrant: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ctx.tensors is outside the saved-tensor hooks: under a non-reentrant checkpoint (the
+    Trainer's) the forward's graph keeps every int8 layer's input that needs a gradient;
+    under a reentrant one (prepare_model_for_kbit_training's own) the region ran without
+    grad and keeps none (its recompute keeps them, layer by layer, in backward). The
+    profile's graph keeps the same ones alive at the forward's end."""
+    from bitsandbytes.autograd import _functions
+
+    from vramfit.estimate.graph import run_forward
+    from vramfit.estimate.timeline import Tape
+
+    # training mode (so that transformers checkpoints) with the function CUDA runs
+    monkeypatch.setattr(_functions, "MatMul8bitFp", _functions.MatMul8bitLt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            checkpoint,
+            quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True),
+            dtype=torch.bfloat16,
+            device_map="cpu",
+            attn_implementation="eager",
+        )
+        model = peft.prepare_model_for_kbit_training(
+            model, gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+        )
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4))
+    block = model.base_model.model.model.layers[0]
+    alive: set[str] = set()
+
+    def note(name: str) -> Any:
+        def hook(module: Any, args: Any, out: torch.Tensor) -> None:
+            # what the forward's graph keeps: MatMul8bitLt's ctx.tensors = (CAt, subA, A)
+            if out.grad_fn is not None and out.grad_fn.tensors[2] is not None:
+                assert out.grad_fn.tensors[2].untyped_storage().data_ptr() == (
+                    args[0].untyped_storage().data_ptr()
+                )
+                alive.add(name)
+        return hook
+
+    for name, m in block.named_modules():
+        if isinstance(m, bnb.nn.Linear8bitLt):
+            m.register_forward_hook(note(name.removesuffix(".base_layer").rsplit(".")[-1]))
+    model.train()
+    ids = torch.randint(0, TINY["vocab"], (B, S))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model(input_ids=ids, labels=ids)
+        forward = set(alive)  # the hooks run again in a reentrant recompute
+        out.loss.backward()
+    alive = forward
+
+    loop = "drops" if reentrant else "trainer"
+    run = RunSpec.model_validate(
+        {**_run(None).model_dump(mode="json"), "workload": {
+            **_run(None).workload.model_dump(mode="json"), "checkpointing": "full", "loop": loop}}
+    )
+    graph, _, _, _ = hf.build(run.model, run.workload, grad=True, batch=B, seq=S)
+    sim = run_forward(graph, Tape())
+    kept = {
+        n.name.split(".")[-1].split(" ")[0]
+        for n in graph.nodes
+        if n.name.startswith("block 0 ") and n.kept and sim.st(n.kept[0]).key is not None
+    }
+    assert kept == alive
+    assert bool(alive) is not reentrant

@@ -255,12 +255,14 @@ class Ops:
         an fp16 one and casts it to x's dtype while the int32 one is still alive. CA and its
         statistics are locals of the forward: they live to its end. Outlier columns
         (``subA``) depend on the data; a random or well-conditioned model has none, and
-        they are not modelled. bitsandbytes' own cuBLASLt handle runs the int8 matmul: no
+        they are not modelled (with some, ``output.addmm(subA, subB)`` makes one more
+        output-sized tensor). bitsandbytes' own cuBLASLt handle runs the int8 matmul: no
         PyTorch workspace.
-        Saved: ``ctx.tensors = (CAt, subA, A)`` when x requires grad, i.e. x itself (CAt is
-        None for a frozen weight). Backward: ``CB.to(x.dtype, copy=True)`` (the whole weight
-        dequantized), ``grad.to(x.dtype)`` where they differ, and the matmul's input
-        gradient (a view)."""
+        Kept: ``ctx.tensors = (CAt, subA, A)`` when x requires grad, i.e. x itself (CAt is
+        None for a frozen weight), as a ctx attribute: outside the saved-tensor hooks, so a
+        non-reentrant checkpoint (the Trainer's) keeps x to the node's backward.
+        Backward: ``CB.to(x.dtype, copy=True)`` (the whole weight dequantized),
+        ``grad.to(x.dtype)`` where they differ, and the matmul's input gradient (a view)."""
         n = x.numel // in_features
         g = self.g
         dtype = x.dtype
@@ -301,7 +303,7 @@ class Ops:
                 f"{prefix} int8_mm_dequant",
                 [x, *internals, scb],
                 [out16],
-                saved=[x],
+                kept=[x],
                 backward=backward,
             )
             return out16
@@ -311,7 +313,7 @@ class Ops:
             f"{prefix} output to input dtype",
             [x, out16, *internals],
             [out],
-            saved=[x],
+            kept=[x],
             backward=backward,
         )
         return out
