@@ -118,3 +118,40 @@ def test_adafactor_hf_step_peak(precision: str) -> None:
     # besides the full-size fp32 tensors: row and column means and factors, 0-dim scalars
     small = 8 * (2048 + 176) * 4
     assert predicted <= tracker.peak <= predicted + small
+
+
+@pytest.mark.parametrize("optim", ["adamw_bnb_8bit", "paged_adamw_8bit"])
+def test_the_trainer_gives_embeddings_32bit_states(optim: str, tmp_path: Any) -> None:
+    """Trainer.create_optimizer with a bitsandbytes 8-bit optimizer registers
+    ``{"optim_bits": 32}`` for every nn.Embedding: the state it really creates equals the
+    schedule's for the Trainer loop (and is larger than a plain loop's 8-bit embedding)."""
+    pytest.importorskip("bitsandbytes")
+    run = RunSpec.model_validate(
+        {"model": TINY, "workload": {"impl": "hf", "loop": "trainer", "precision": "bf16",
+                                     "optimizer": optim, "batch": 1, "seq": 8}}
+    )
+    from vramfit.measure.hf import hf_config
+
+    torch.manual_seed(0)
+    hf_model = transformers.AutoModelForCausalLM.from_config(
+        hf_config(run.model.resolved(), run.workload), dtype=torch.bfloat16
+    )
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), optim=optim, report_to=[], use_cpu=True
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = transformers.Trainer(model=hf_model, args=args)
+        opt = trainer.create_optimizer()
+        params = list(hf_model.parameters())
+        _step(opt, params)
+    profile, tensors = _profile(run)
+    device = sum(schedule._optimizer_state(run.workload.optimizer, profile, tensors))
+    managed = schedule.managed_state_bytes(run.model, run.workload)
+    assert device + managed == _state_bytes(opt, params)
+    plain = _run(optim.replace("adamw_bnb_8bit", "adam-8bit").replace("_", "-"), "bf16")
+    plain_model, plain_tensors = _profile(plain)
+    plain_bytes = sum(schedule._optimizer_state(plain.workload.optimizer, plain_model,
+                                                plain_tensors))
+    plain_bytes += schedule.managed_state_bytes(plain.model, plain.workload)
+    assert device + managed > plain_bytes

@@ -406,7 +406,11 @@ class OptimizerState:
 
 
 def optimizer_state(
-    shapes: list[tuple[int, ...]], optimizer: StateOptimizer, *, param_bytes: int = 4
+    shapes: list[tuple[int, ...]],
+    optimizer: StateOptimizer,
+    *,
+    param_bytes: int = 4,
+    fp32_states: frozenset[int] = frozenset(),
 ) -> OptimizerState:
     """State every trainable parameter of ``shapes`` gets after the first ``step()``.
 
@@ -420,6 +424,8 @@ def optimizer_state(
     tensor of two or more dims, else a full fp32 ``exp_avg_sq``, plus the 0-dim fp32 ``RMS``.
     torch AdamW: ``exp_avg``/``exp_avg_sq`` in the parameter's dtype (``param_bytes``); its
     0-dim ``step`` lives on the host unless fused/capturable (torch/optim/adam.py), not counted.
+    ``fp32_states``: indices of parameters a ``GlobalOptimManager`` override gives 32-bit
+    states (``{"optim_bits": 32}``: the Trainer does it for every ``nn.Embedding``).
     """
     tensors: list[tuple[int, str, int, bool]] = []
     eight_bit = optimizer in (StateOptimizer.bnb_adamw_8bit, StateOptimizer.bnb_paged_adamw_8bit)
@@ -446,7 +452,7 @@ def optimizer_state(
             tensors.append((index, "RMS", 4, False))
         else:
             is_paged = paged and n >= BNB_PAGED_MIN_ELEMENTS
-            if eight_bit and n >= BNB_MIN_8BIT_SIZE:
+            if eight_bit and n >= BNB_MIN_8BIT_SIZE and index not in fp32_states:
                 any_8bit = True
                 blocks = -(-n // BNB_STATE_BLOCKSIZE)
                 tensors += [

@@ -66,15 +66,26 @@ def _shapes(model: hf.Model, params: list[Tensor]) -> list[tuple[int, ...]]:
     return out
 
 
+# nn.Embedding weights of the hf models (a tied lm_head is the same parameter)
+EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "transformer.wpe.weight")
+
+
 def _bnb_or_hf_state(
     optimizer: Optimizer, model: hf.Model, params: list[Tensor]
 ) -> finetune.OptimizerState:
     """``finetune.optimizer_state`` of the trainable ``params`` (bitsandbytes' AdamW, plain or
-    paged; transformers' Adafactor, whose factored moments need each parameter's shape)."""
+    paged; transformers' Adafactor, whose factored moments need each parameter's shape).
+    With a bitsandbytes 8-bit optimizer the Trainer registers ``{"optim_bits": 32}`` for every
+    ``nn.Embedding`` weight (trainer.py create_optimizer, ``GlobalOptimManager``
+    ``register_module_override``): those keep fp32 states."""
+    fp32: frozenset[int] = frozenset()
+    if model.w.trainer and optimizer in (Optimizer.adam_8bit, Optimizer.paged_adamw_8bit):
+        fp32 = frozenset(i for i, p in enumerate(params) if p.name in EMBEDDINGS)
     return finetune.optimizer_state(
         _shapes(model, params),
         finetune.STATE_OPTIMIZER[optimizer],
         param_bytes=params[0].dtype.size if params else 4,
+        fp32_states=fp32,
     )
 
 
