@@ -304,8 +304,11 @@ class _Sim:
     """Replays a Graph onto a Tape: storages with reference counts, as Python and autograd
     hold them."""
 
-    def __init__(self, graph: Graph, tape: Tape, mp: Multiprocessors) -> None:
+    def __init__(
+        self, graph: Graph, tape: Tape, mp: Multiprocessors, adopt: dict[int, int] | None = None
+    ) -> None:
         self.g, self.tape, self.mp = graph, tape, mp
+        self.adopt = adopt or {}  # tensor id -> the tape key of a tensor made before the graph
         self.storage: dict[int, _Storage] = {}
         self.saved_refs: dict[int, list[Tensor]] = {}  # node id -> tensors it holds
         self.pinned: dict[int, list[_Storage]] = {}  # node id -> storages its ctx keeps
@@ -329,7 +332,9 @@ class _Sim:
     def make(self, t: Tensor) -> None:
         """Allocate ``t`` (a view allocates nothing)."""
         if t.base is None:
-            key = self.tape.new(t.name, t.component, t.nbytes, part=t.part)
+            key = self.adopt.get(id(t))
+            if key is None:
+                key = self.tape.new(t.name, t.component, t.nbytes, part=t.part)
             self.storage[id(t)] = _Storage(key)
 
     def ref(self, t: Tensor) -> None:
@@ -385,10 +390,13 @@ def run_forward(
     *,
     mp: Multiprocessors = H200,
     workspaces: Workspaces | None = None,
+    adopt: dict[int, int] | None = None,
 ) -> _Sim:
     """Replay the forward of ``graph`` onto ``tape`` (in the tape's current phase), keeping
-    what autograd saves. Returns the state that ``end_forward`` and ``run_backward`` take."""
-    sim = _Sim(graph, tape, mp)
+    what autograd saves. Returns the state that ``end_forward`` and ``run_backward`` take.
+    ``adopt`` maps tensors the graph makes to tensors already on the tape (a decode step's
+    cache is the one the previous step left)."""
+    sim = _Sim(graph, tape, mp, adopt)
     sim.workspaces = workspaces
     nodes = graph.nodes
     last = _last_uses(nodes)

@@ -262,51 +262,94 @@ def _block_bytes(t: Tape, forward_end: int) -> dict[str, int]:
 
 
 def hf_inference(spec: ModelSpec, w: Workload, workspace_bytes: int) -> Timeline:
-    """An evaluation forward (every position's logits) or generate(): a prefill that keeps
-    the last position's logits, then the last decode step against the grown cache."""
+    """An evaluation forward (every position's logits) or greedy ``generate()``: a prefill
+    that keeps the last position's logits, then every decode step (``_sample`` in
+    transformers/generation/utils.py), each growing every layer's cache by one token."""
     b = hf.resolve(spec)
     t = Tape(phase="prefill")
-    all_logits = (w.logits.value == "all") if w.logits is not None else not w.gen_tokens
+    gen = w.gen_tokens or 0
+    all_logits = (w.logits.value == "all") if w.logits is not None else not gen
     graph, model, logits, _ = hf.build(
-        spec, w, grad=False, batch=w.batch, seq=w.seq, all_logits=all_logits, use_cache=True
+        spec,
+        w,
+        grad=False,
+        batch=w.batch,
+        seq=w.seq,
+        all_logits=all_logits,
+        use_cache=True,
+        generate=bool(gen),
     )
     _weights(t, model, spec, True)
     t.op("start")
     t.persist("input ids", Component.activations, [w.batch * w.seq * INT64])
     graph.hold(logits, "step")
-    cache = list(model.cache)
-    for kv in cache:
-        graph.hold(kv, "step")
+    for kv in model.cache:
+        graph.hold(kv, "generate" if gen else "step")
     ws = Workspaces(t, workspace_bytes)
     sim = run_forward(graph, t, workspaces=ws)
     end_forward(sim)
-    if w.gen_tokens:
-        # generate: next_token_logits = logits[:, -1, :].to(float32); the outputs are dropped
-        t.op("next token logits")
-        t.temp("fp32 next-token logits", Component.logits, w.batch * b.vocab * 4)
+    if not gen:
+        t.op("end")
         release_held(sim, "step")
-        t.phase = "decode"
-        # the last step: the cache has grown to seq + gen_tokens - 1 tokens; each layer's cat
-        # makes the longer K and V, and the shorter ones die as they are replaced
-        cached = w.seq + w.gen_tokens - 1
+        return t.finish()
+    # next_token_logits = outputs.logits[:, -1, :].to(copy=True, dtype=float32), then
+    # `del outputs`; with no logits processors next_token_scores is that same tensor, and
+    # it lives until the next step's replaces it
+    t.op("next token logits")
+    fp32_logits = w.batch * b.vocab * 4
+    scores = t.new("fp32 next-token logits", Component.logits, fp32_logits)
+    release_held(sim, "step")
+    caches = [sim.st(kv).key for kv in model.cache]
+    t.phase = "decode"
+    dt = hf.cache_dtype(b, w)
+    token = w.batch * b.kv_width * dt.size  # one token of one layer's K (or V)
+    step_logits = w.batch * b.vocab * logits.dtype.size
+    # DynamicSlidingWindowLayer keeps a view of the last window - 1 tokens of its full cat
+    windows = hf.cache_windows(spec)
+    seen = [w.seq if win is None else min(w.seq, win - 1) for win in windows]
+    # decode steps before the last: the cache's cats (new K and V, the old ones freed) and
+    # the step's logits, the rest of a one-token step being small-pool tensors
+    for _ in range(gen - 2):
+        for i, win in enumerate(windows):
+            t.op(f"block {i} cache update")
+            for j, kind in ((2 * i, "keys"), (2 * i + 1, "values")):
+                old = caches[j]
+                caches[j] = t.new(f"block {i} cached {kind}", Component.kv_cache,
+                                  token * (seen[i] + 1))
+                t.free(old)
+            seen[i] = seen[i] + 1 if win is None else min(seen[i] + 1, win - 1)
+        t.op("next token logits")
+        logits_key = t.new("logits", Component.logits, step_logits)
+        new_scores = t.new("fp32 next-token logits", Component.logits, fp32_logits)
+        t.free(scores, logits_key)
+        scores = new_scores
+    if gen >= 2:
+        # the last decode step, op by op, against the cache the earlier steps left
         step, m2, logits2, _ = hf.build(
             spec,
             w,
             grad=False,
             batch=w.batch,
             seq=1,
-            cached=cached,
+            cached=w.seq + gen - 2,
             all_logits=False,
             use_cache=True,
+            generate=True,
+            layer_cached=seen,
         )
+        past = [x for pair in m2.past for x in pair]
         step.hold(logits2, "step")
         for kv in m2.cache:
             step.hold(kv, "step")
-        sim2 = run_forward(step, t, workspaces=ws)
+        sim2 = run_forward(
+            step, t, workspaces=ws, adopt={id(x): key for x, key in zip(past, caches, strict=True)}
+        )
         end_forward(sim2)
-        t.op("end")
+        t.op("next token logits")
+        t.temp("fp32 next-token logits", Component.logits, fp32_logits)
+        t.free(scores)
         release_held(sim2, "step")
     else:
-        t.op("end")
-        release_held(sim, "step")
+        t.free(*caches, scores)
+    t.op("end")
     return t.finish()

@@ -11,6 +11,7 @@ forward under ``torch.no_grad`` (every position's logits) or ``model.generate``.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -325,6 +326,18 @@ def trainer_loop(
         hook.remove()
 
 
+def greedy_config(model: Any, tokens: int) -> Any:
+    """Greedy decoding of exactly ``tokens`` new tokens with no logits processors: the
+    model's generation config without an end-of-sequence token (``min_new_tokens`` would
+    add a processor whose copies of the scores a plain ``generate`` does not make)."""
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None
+    config.max_new_tokens = tokens
+    config.min_new_tokens = None
+    config.do_sample = False
+    return config
+
+
 def run_hf(
     torch: Any,
     model: Any,
@@ -361,9 +374,7 @@ def run_hf(
                 state["out"] = model.generate(
                     x,
                     attention_mask=torch.ones_like(x),
-                    max_new_tokens=workload.gen_tokens,
-                    min_new_tokens=workload.gen_tokens,
-                    do_sample=False,
+                    generation_config=greedy_config(model, workload.gen_tokens),
                 )
             finally:
                 hook.remove()
