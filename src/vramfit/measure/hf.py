@@ -12,6 +12,7 @@ forward under ``torch.no_grad`` (every position's logits) or ``model.generate``.
 from __future__ import annotations
 
 import copy
+import shutil
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -122,7 +123,7 @@ def build_hf_model(spec: ModelSpec, workload: Workload, device: str, dtype: Any)
         # BitsAndBytesConfig (the random one saved here, freed before loading)
         import gc
 
-        folder = tempfile.mkdtemp()
+        folder = tempfile.mkdtemp()  # removed once loaded: a 7B checkpoint is 15 GB of disk
         model.save_pretrained(folder)
         del model
         gc.collect()
@@ -147,13 +148,16 @@ def build_hf_model(spec: ModelSpec, workload: Workload, device: str, dtype: Any)
                 bnb_4bit_compute_dtype=names[quant.compute_dtype.value],
                 bnb_4bit_quant_storage=names[quant.quant_storage.value],
             )
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder,
-            quantization_config=config,
-            dtype=dtype,
-            device_map={"": device},
-            attn_implementation=attn,
-        )
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                folder,
+                quantization_config=config,
+                dtype=dtype,
+                device_map={"": device},
+                attn_implementation=attn,
+            )
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         if training:
             import peft
 
