@@ -20,9 +20,16 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from vramfit.config import FinetuneSpec, Lora, ModelSpec, Quant  # noqa: E402
-from vramfit.estimate.finetune import (  # noqa: E402
+from vramfit.config import (  # noqa: E402
     TRAINER_OPTIM,
+    FinetuneSpec,
+    Lora,
+    ModelSpec,
+    Optimizer,
+    Quant,
+    trainer_optim_name,
+)
+from vramfit.estimate.finetune import (  # noqa: E402
     StateOptimizer,
     lora_tensors,
     optimizer_state,
@@ -344,27 +351,44 @@ def test_adafactor_state_as_the_trainer_builds_it(dtype: str) -> None:
     assert real == sorted((i, k, b) for i, k, b, _ in state.tensors)
 
 
+# What each optimizer's Trainer name must build (trainer_optimizer.py), as (class, kwargs)
+BUILT = {
+    Optimizer.adamw: ("torch.AdamW", {}),
+    Optimizer.adamw_fused: ("torch.AdamW", {"fused": True}),
+    Optimizer.adam_8bit: ("bitsandbytes.AdamW", {"optim_bits": 8, "is_paged": False}),
+    Optimizer.paged_adamw_8bit: ("bitsandbytes.AdamW", {"optim_bits": 8, "is_paged": True}),
+    Optimizer.paged_adamw_32bit: ("bitsandbytes.AdamW", {"optim_bits": 32, "is_paged": True}),
+    Optimizer.adafactor_hf: (
+        "transformers.Adafactor", {"scale_parameter": False, "relative_step": False}
+    ),
+    Optimizer.sgd: ("torch.SGD", {}),
+}
+
+
 @pytest.mark.parametrize("name", sorted(TRAINER_OPTIM))
 def test_trainer_optim_names_build_the_mapped_optimizer(name: str, tmp_path: Path) -> None:
     if "bnb" in name or "8bit" in name or "paged" in name:
         pytest.importorskip("bitsandbytes")
     from transformers import Trainer, TrainingArguments
+    from transformers.training_args import OptimizerNames
 
+    assert name in {o.value for o in OptimizerNames}
     args = TrainingArguments(output_dir=str(tmp_path), optim=name, report_to=[])
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     mapped = TRAINER_OPTIM[name]
-    built = f"{cls.__module__.split('.')[0]}.{cls.__name__}"
-    if mapped is StateOptimizer.adafactor:
-        assert built == "transformers.Adafactor"
+    built, expected = BUILT[mapped]
+    assert f"{cls.__module__.split('.')[0]}.{cls.__name__}" == built
+    assert {k: kwargs[k] for k in expected} == expected
+    for key in ("fused", "foreach"):  # adamw_torch: torch picks foreach on CUDA
+        if mapped is Optimizer.adamw:
+            assert key not in kwargs
+    if mapped is Optimizer.adafactor_hf:
         assert kwargs.get("beta1") is None  # no exp_avg
-        assert kwargs["scale_parameter"] is False and kwargs["relative_step"] is False
-    elif mapped in (StateOptimizer.torch_adamw, StateOptimizer.sgd):
-        assert built == {"sgd": "torch.SGD"}.get(name, "torch.AdamW")
-    else:
-        assert built == "bitsandbytes.AdamW"
-        bits = 8 if mapped is not StateOptimizer.bnb_paged_adamw_32bit else 32
-        paged = mapped is not StateOptimizer.bnb_adamw_8bit
-        assert (kwargs["optim_bits"], kwargs["is_paged"]) == (bits, paged)
+    # the Trainer name measure --impl hf passes for this optimizer builds the same class
+    back = TrainingArguments(
+        output_dir=str(tmp_path), optim=trainer_optim_name(mapped), report_to=[]
+    )
+    assert Trainer.get_optimizer_cls_and_kwargs(back)[0] is cls
 
 
 def test_adapters_are_fp32_on_a_bf16_model() -> None:

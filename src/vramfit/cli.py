@@ -105,6 +105,8 @@ OPTION_NAMES = {
     "gen_tokens": "--gen-tokens",
     "kv_dtype": "--kv-dtype",
     "params": "--params",
+    "optimizer": "--optimizer",
+    "quant": "--quant",
 }
 
 
@@ -133,9 +135,24 @@ def _fail(err: VramfitError) -> None:
     raise typer.Exit(err.exit_code)
 
 
+# The options that fill a field of a nested model (Workload.quant, Workload.lora)
+NESTED_OPTIONS = {
+    ("quant", "kind"): "--quant",
+    ("quant", "double_quant"): "--quant-double",
+    ("quant", "compute_dtype"): "--quant-compute-dtype",
+    ("lora", "r"): "--lora-rank",
+    ("lora", "alpha"): "--lora-alpha",
+    ("lora", "dropout"): "--lora-dropout",
+    ("lora", "targets"): "--lora-targets",
+}
+
+
 def _option_error(err: ValidationError) -> VramfitError:
     first = err.errors()[0]
     field = str(first["loc"][0]) if first["loc"] else "model"
+    nested = tuple(str(part) for part in first["loc"][:2])
+    if nested in NESTED_OPTIONS:
+        field = NESTED_OPTIONS[nested]
     message = _sentence(first["msg"])
     if first["type"] == "value_error":
         # a check across fields (model or workload validators): its message starts with the
@@ -430,7 +447,11 @@ LoraTargetsOpt = Annotated[
 ]
 QuantOpt = Annotated[
     str | None,
-    typer.Option("--quant", help="bitsandbytes base weights: nf4 or fp4 (QLoRA with --lora-rank)."),
+    typer.Option(
+        "--quant",
+        help="bitsandbytes base weights: nf4 or fp4 (QLoRA with --lora-rank), or int8 "
+        "(LLM.int8, load_in_8bit).",
+    ),
 ]
 QuantDoubleOpt = Annotated[
     bool | None,
@@ -512,7 +533,7 @@ def _lora_and_quant(o: dict[str, Any]) -> dict[str, Any]:
         out["quant"] = quant
     elif o["quant_double"] is not None or o["quant_compute_dtype"] is not None:
         raise VramfitError(
-            "give --quant nf4|fp4 with the other quantization options", field="--quant"
+            "give --quant nf4|fp4|int8 with the other quantization options", field="--quant"
         )
     return out
 
@@ -778,7 +799,11 @@ OPTIMIZER_IMPLEMENTATION = {
     "sgd": "torch.optim.SGD(momentum=0)",
     "sgd-momentum": "torch.optim.SGD(momentum=0.9)",
     "adam-8bit": "bitsandbytes.optim.AdamW8bit",
+    "paged-adamw-8bit": "bitsandbytes.optim.AdamW(optim_bits=8, is_paged=True)",
+    "paged-adamw-32bit": "bitsandbytes.optim.AdamW(optim_bits=32, is_paged=True)",
     "adafactor": "torch.optim.Adafactor",
+    "adafactor-hf": "transformers.optimization.Adafactor(scale_parameter=False, "
+    "relative_step=False)",
     "none": None,
 }
 
@@ -795,6 +820,7 @@ def estimate_json(est: Estimate) -> dict[str, Any]:
         "optimizer_implementation": OPTIMIZER_IMPLEMENTATION.get(est.run.workload.optimizer.value),
         "peak_allocated_bytes": est.peak_allocated_bytes,
         "total_bytes": est.total_bytes,
+        "managed_bytes": est.managed_bytes,
         "breakdown": est.breakdown,
         "phases": est.phases,
         "peak_phase": est.peak_phase,

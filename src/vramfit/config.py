@@ -70,8 +70,51 @@ class Optimizer(str, Enum):
     sgd = "sgd"
     sgd_momentum = "sgd-momentum"
     adam_8bit = "adam-8bit"  # bitsandbytes-style block-wise 8-bit states
-    adafactor = "adafactor"  # factored second moment (Shazeer & Stern 2018)
+    # bitsandbytes.optim.AdamW(optim_bits=8 / 32, is_paged=True): the large states in CUDA
+    # managed memory, outside PyTorch's caching allocator (hf profile)
+    paged_adamw_8bit = "paged-adamw-8bit"
+    paged_adamw_32bit = "paged-adamw-32bit"
+    adafactor = "adafactor"  # torch.optim.Adafactor: factored second moment (Shazeer & Stern 2018)
+    # transformers.optimization.Adafactor as the Trainer builds it (optim="adafactor"): fp32
+    # factored second moments, no first moment (hf profile)
+    adafactor_hf = "adafactor-hf"
     none = "none"  # gradients only (e.g. a forward/backward benchmark)
+
+
+# transformers 5.17 OptimizerNames (training_args.py) -> what trainer_optimizer.py builds:
+# _get_adamw_torch passes neither foreach nor fused for adamw_torch (torch then picks foreach
+# on CUDA) and fused=True for adamw_torch_fused, TrainingArguments' default on torch >= 2.8;
+# _get_bitsandbytes_optimizer builds bnb.optim.AdamW with optim_bits = 8 if "8bit" in the name
+# else 32 and is_paged = "paged" in the name; _get_adafactor builds transformers' Adafactor with
+# scale_parameter=False, relative_step=False; _get_sgd builds torch.optim.SGD (momentum 0).
+# The one table in both directions: a Trainer name given as ``optimizer`` means its value
+# (except "adafactor" and "sgd", which are also vramfit's own names: torch.optim's classes);
+# ``vramfit measure --impl hf`` passes the first name listed for an optimizer to the Trainer.
+TRAINER_OPTIM: dict[str, Optimizer] = {
+    "adamw_torch": Optimizer.adamw,
+    "adamw_torch_fused": Optimizer.adamw_fused,
+    "adamw_bnb_8bit": Optimizer.adam_8bit,
+    "adamw_8bit": Optimizer.adam_8bit,  # an alias of adamw_bnb_8bit in OptimizerNames
+    "paged_adamw_8bit": Optimizer.paged_adamw_8bit,
+    "paged_adamw_32bit": Optimizer.paged_adamw_32bit,
+    "adafactor": Optimizer.adafactor_hf,
+    "sgd": Optimizer.sgd,
+}
+
+
+def trainer_optim_name(optimizer: Optimizer) -> str | None:
+    """The Trainer ``optim=`` name that builds ``optimizer`` (None: the Trainer has none)."""
+    if optimizer is Optimizer.adamw_foreach:  # what torch.optim.AdamW() runs on CUDA
+        optimizer = Optimizer.adamw
+    return next((name for name, o in TRAINER_OPTIM.items() if o is optimizer), None)
+
+
+_OPTIMIZER_VALUES = frozenset(o.value for o in Optimizer)
+
+# What only the hf profile models (bitsandbytes' paged state, transformers' Adafactor)
+HF_ONLY_OPTIMIZERS = frozenset(
+    {Optimizer.paged_adamw_8bit, Optimizer.paged_adamw_32bit, Optimizer.adafactor_hf}
+)
 
 
 class Attention(str, Enum):
@@ -349,6 +392,10 @@ class Workload(_Strict):
         transformers/training_args.py) or, for a plain loop, ``torch.optim.AdamW()``."""
         if not isinstance(data, dict):
             return data
+        name = data.get("optimizer")
+        if isinstance(name, str) and name in TRAINER_OPTIM and name not in _OPTIMIZER_VALUES:
+            # a Trainer name; "adafactor" and "sgd" are vramfit's own (torch.optim's) first
+            data = {**data, "optimizer": TRAINER_OPTIM[name]}
         if str(data.get("mode", "")).endswith("infer") and data.get("precision") is None:
             data = {**data, "precision": Precision.bf16}
         if data.get("optimizer") is None:
@@ -365,6 +412,10 @@ class Workload(_Strict):
             raise ValueError("kv_dtype only applies with mode infer (--mode infer)")
         if self.mode is Mode.train and self.logits is not None:
             raise ValueError("logits only applies with mode infer (--mode infer)")
+        if self.impl is not Impl.hf and self.optimizer in HF_ONLY_OPTIMIZERS:
+            raise ValueError(
+                f"optimizer {self.optimizer.value} is modelled by the hf profile (impl hf)"
+            )
         if self.impl is Impl.hf and self.checkpointing is Checkpointing.selective:
             raise ValueError(
                 "transformers checkpoints whole decoder layers: use checkpointing full "
@@ -420,6 +471,12 @@ class RunSpec(_Strict):
             return self
         if w.impl is not Impl.hf:
             raise ValueError("lora and quant are modelled by the hf profile (impl hf)")
+        if w.mode is Mode.train and w.quant is not None and w.lora is None:
+            # prepare_model_for_kbit_training freezes every parameter (peft/utils/other.py) and
+            # the Trainer refuses "purely quantized models" (trainer_utils.py)
+            raise ValueError(
+                "quant weights are frozen in training: add LoRA adapters (lora, --lora-rank)"
+            )
         spec = self.model.resolved()
         lora = w.lora
         if lora is not None and lora.model_type is None:
@@ -739,6 +796,11 @@ class Quant(BaseModel):
                 _field_error("blocksize", four_bit_only, self.blocksize)
             if self.quant_storage is not QuantStorage.uint8:
                 _field_error("quant_storage", four_bit_only, self.quant_storage.value)
+            if self.compute_dtype is not ComputeDtype.fp32:
+                # Linear8bitLt quantizes x from fp16 and returns x's dtype: no compute dtype
+                _field_error("compute_dtype", four_bit_only, self.compute_dtype.value)
+        elif self.int8_threshold != 6.0:  # (the default: a dumped Quant carries it)
+            _field_error("int8_threshold", "applies to int8 (LLM.int8) only", self.int8_threshold)
         return self
 
     @property

@@ -44,6 +44,7 @@ COMPONENT_LABELS = {
     "cublas_workspace": "cuBLAS workspaces",
     "allocator_rounding": "allocator rounding",
     "allocator_reserve": "allocator reserve",
+    "managed_optimizer_state": "paged optimizer state",  # CUDA managed memory
     "cuda_context": "CUDA context",
 }
 

@@ -10,12 +10,19 @@ from vramfit.estimate.kernels import H200, Multiprocessors
 from vramfit.estimate.overhead import cublas_workspace_bytes, cuda_context_bytes
 from vramfit.estimate.params import ParamCounts, count_params
 from vramfit.estimate.profiles.hf import hf_caveats, hf_unsupported
-from vramfit.estimate.schedule import hf_inference, hf_training_steps
+from vramfit.estimate.schedule import hf_inference, hf_training_steps, managed_state_bytes
 from vramfit.estimate.timeline import TENSOR_COMPONENTS, replay
 from vramfit.estimate.training import build_training_steps
 
-# Components in display order; the breakdown at the peak uses these keys.
-COMPONENTS = (*TENSOR_COMPONENTS, "allocator_rounding", "allocator_reserve", "cuda_context")
+# Components in display order; the breakdown at the peak uses these keys. Managed memory
+# (a paged optimizer's state) is outside PyTorch's allocator: in the device total only.
+COMPONENTS = (
+    *TENSOR_COMPONENTS,
+    "allocator_rounding",
+    "allocator_reserve",
+    "managed_optimizer_state",
+    "cuda_context",
+)
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,11 @@ class Estimate:
 
     ``peak_allocated_bytes`` is what ``torch.cuda.max_memory_allocated`` reports (the
     tensors' bytes replayed through the caching allocator, which rounds them up);
-    ``total_bytes`` adds the allocator's reserve and the CUDA context, i.e. what the device
-    has in use, which is what decides an out-of-memory. ``breakdown`` sums to ``total_bytes``.
+    ``total_bytes`` adds the allocator's reserve, CUDA managed memory (``managed_bytes``: a
+    paged optimizer's state, resident while the GPU has room; under pressure the driver
+    evicts its pages to host memory instead of failing) and the CUDA context, i.e. what the
+    device has in use, which is what decides an out-of-memory. ``breakdown`` sums to
+    ``total_bytes``.
     """
 
     run: RunSpec
@@ -55,6 +65,7 @@ class Estimate:
     kv_cache_bytes: int
     hardware: Hardware | None = None
     notes: tuple[str, ...] = field(default=())
+    managed_bytes: int = 0
 
     @property
     def fits(self) -> bool | None:
@@ -117,6 +128,8 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
     breakdown = {name: live.get(name, 0) for name in COMPONENTS}
     breakdown["allocator_rounding"] = rep.peak_allocated - sum(live.values())
     breakdown["allocator_reserve"] = rep.reserved - rep.peak_allocated
+    managed = managed_state_bytes(spec, workload) if training and hf_impl else 0
+    breakdown["managed_optimizer_state"] = managed
     breakdown["cuda_context"] = context
     breakdown = {k: v for k, v in breakdown.items() if v}
 
@@ -127,6 +140,12 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
         )
     if spec.experts > 1:
         notes.append(f"MoE: {counts.active:,} of {counts.total:,} parameters are active per token")
+    if managed:
+        notes.append(
+            f"the paged optimizer keeps {managed / 2**30:.2f} GiB of state in CUDA managed "
+            "memory: in the device total, not in peak allocated; when the GPU runs short the "
+            "driver evicts its pages to host memory, so the run may still fit, more slowly"
+        )
     return Estimate(
         run=RunSpec(model=spec, workload=workload),
         counts=counts,
@@ -142,4 +161,5 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
         kv_cache_bytes=kv_cache_bytes(spec, workload) if workload.gen_tokens else 0,
         hardware=hardware,
         notes=tuple(notes),
+        managed_bytes=managed,
     )

@@ -23,6 +23,7 @@ from vramfit.config import (
     Arch,
     Lora,
     ModelSpec,
+    Optimizer,
     PeftModelType,
     Quant,
     QuantKind,
@@ -362,7 +363,7 @@ def weight_storage(
 
 
 class StateOptimizer(str, Enum):
-    """The optimizer classes a Hugging Face Trainer ``optim=`` name builds (see TRAINER_OPTIM)."""
+    """The optimizer classes behind the Hugging Face Trainer's ``optim=`` names."""
 
     torch_adamw = "torch.optim.AdamW"  # foreach (default) or fused
     bnb_adamw_8bit = "bitsandbytes.optim.AdamW(optim_bits=8)"
@@ -372,21 +373,13 @@ class StateOptimizer(str, Enum):
     sgd = "torch.optim.SGD"
 
 
-# transformers 5.17 training_args.py OptimizerNames -> trainer_optimizer.py handlers:
-# _get_adamw_torch (fused=True for adamw_torch_fused; TrainingArguments' default optim is
-# adamw_torch_fused with torch >= 2.8), _get_bitsandbytes_optimizer (bnb.optim.AdamW with
-# optim_bits = 8 if "8bit" in the name else 32, is_paged = "paged" in the name),
-# _get_adafactor (scale_parameter=False, relative_step=False, beta1 left None), _get_sgd
-# (torch.optim.SGD, momentum 0 unless optim_args set it).
-TRAINER_OPTIM: dict[str, StateOptimizer] = {
-    "adamw_torch": StateOptimizer.torch_adamw,
-    "adamw_torch_fused": StateOptimizer.torch_adamw,
-    "adamw_bnb_8bit": StateOptimizer.bnb_adamw_8bit,
-    "adamw_8bit": StateOptimizer.bnb_adamw_8bit,
-    "paged_adamw_8bit": StateOptimizer.bnb_paged_adamw_8bit,
-    "paged_adamw_32bit": StateOptimizer.bnb_paged_adamw_32bit,
-    "adafactor": StateOptimizer.adafactor,
-    "sgd": StateOptimizer.sgd,
+# The class each --optimizer builds, where the state is this module's to describe (the Trainer
+# names that build them: vramfit.config.TRAINER_OPTIM)
+STATE_OPTIMIZER: dict[Optimizer, StateOptimizer] = {
+    Optimizer.adam_8bit: StateOptimizer.bnb_adamw_8bit,
+    Optimizer.paged_adamw_8bit: StateOptimizer.bnb_paged_adamw_8bit,
+    Optimizer.paged_adamw_32bit: StateOptimizer.bnb_paged_adamw_32bit,
+    Optimizer.adafactor_hf: StateOptimizer.adafactor,
 }
 
 # bitsandbytes/optim/optimizer.py Optimizer2State.init_state (0.50.2)
@@ -413,7 +406,11 @@ class OptimizerState:
 
 
 def optimizer_state(
-    shapes: list[tuple[int, ...]], optimizer: StateOptimizer, *, param_bytes: int = 4
+    shapes: list[tuple[int, ...]],
+    optimizer: StateOptimizer,
+    *,
+    param_bytes: int = 4,
+    fp32_states: frozenset[int] = frozenset(),
 ) -> OptimizerState:
     """State every trainable parameter of ``shapes`` gets after the first ``step()``.
 
@@ -427,6 +424,8 @@ def optimizer_state(
     tensor of two or more dims, else a full fp32 ``exp_avg_sq``, plus the 0-dim fp32 ``RMS``.
     torch AdamW: ``exp_avg``/``exp_avg_sq`` in the parameter's dtype (``param_bytes``); its
     0-dim ``step`` lives on the host unless fused/capturable (torch/optim/adam.py), not counted.
+    ``fp32_states``: indices of parameters a ``GlobalOptimManager`` override gives 32-bit
+    states (``{"optim_bits": 32}``: the Trainer does it for every ``nn.Embedding``).
     """
     tensors: list[tuple[int, str, int, bool]] = []
     eight_bit = optimizer in (StateOptimizer.bnb_adamw_8bit, StateOptimizer.bnb_paged_adamw_8bit)
@@ -453,7 +452,7 @@ def optimizer_state(
             tensors.append((index, "RMS", 4, False))
         else:
             is_paged = paged and n >= BNB_PAGED_MIN_ELEMENTS
-            if eight_bit and n >= BNB_MIN_8BIT_SIZE:
+            if eight_bit and n >= BNB_MIN_8BIT_SIZE and index not in fp32_states:
                 any_8bit = True
                 blocks = -(-n // BNB_STATE_BLOCKSIZE)
                 tensors += [

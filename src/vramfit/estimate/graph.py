@@ -208,6 +208,10 @@ class Node:
     cast_cache: bool = False  # autocast's cached cast of a parameter: lives to autocast's exit
     new_point: bool = True
     matmul: bool | None = None  # a cuBLAS matmul (True: with a bias epilogue, cuBLASLt)
+    # tensors an autograd Function keeps as ctx attributes, not through save_for_backward:
+    # saved-tensor hooks never see them, so a non-reentrant checkpoint cannot drop them
+    # (bitsandbytes' MatMul8bitLt: ctx.tensors)
+    kept: list[Tensor] = field(default_factory=list)
 
 
 class Graph:
@@ -250,8 +254,10 @@ class Graph:
         scratch: Sequence[tuple[str, int]] = (),
         cast_cache: bool = False,
         new_point: bool = True,
+        kept: Sequence[Tensor] = (),
     ) -> Node:
-        """Record an op. Its outputs require grad when any input does (and grad mode is on)."""
+        """Record an op. Its outputs require grad when any input does (and grad mode is on).
+        ``kept``: what its backward holds outside the saved-tensor hooks (``Node.kept``)."""
         grad = self.grad and backward is not None and any(x.requires_grad for x in inputs)
         n = Node(
             name,
@@ -264,6 +270,7 @@ class Graph:
             self._region,
             cast_cache and self.grad,
             new_point,
+            kept=list(kept) if grad else [],
         )
         for out in (*outputs, *hidden):
             out.producer = n
@@ -304,6 +311,7 @@ class _Sim:
         self.adopt = adopt or {}  # tensor id -> the tape key of a tensor made before the graph
         self.storage: dict[int, _Storage] = {}
         self.saved_refs: dict[int, list[Tensor]] = {}  # node id -> tensors it holds
+        self.pinned: dict[int, list[_Storage]] = {}  # node id -> storages its ctx keeps
         self.leaf_grads: dict[int, Grad] = {}  # leaf id -> its .grad
         self.leaf_pending: dict[int, int] = {}  # leaf id -> gradients still to arrive
         self.buffers: dict[int, Grad] = {}  # tensor id -> its accumulated gradient
@@ -342,6 +350,20 @@ class _Sim:
         if s.refs <= 0 and not s.persistent and s.key is not None:
             self.tape.free(s.key)
             s.key = None
+
+    def pin(self, n: Node) -> None:
+        """``n``'s ctx keeps its ``kept`` tensors' storages (whatever recomputes later)."""
+        stores = [self.st(t) for t in n.kept]
+        for st in stores:
+            st.refs += 1
+        self.pinned[id(n)] = stores
+
+    def unpin(self, n: Node) -> None:
+        for st in self.pinned.pop(id(n), []):
+            st.refs -= 1
+            if st.refs <= 0 and not st.persistent and st.key is not None:
+                self.tape.free(st.key)
+                st.key = None
 
     def unref_grad(self, g: Grad) -> None:
         g.storage.refs -= 1
@@ -408,6 +430,9 @@ def run_forward(
             for s in n.saved:
                 sim.ref(s)
             sim.saved_refs[id(n)] = list(n.saved)
+        if n.kept and (n.region is None or not graph.reentrant):
+            # a reentrant checkpoint runs its region under no_grad: no ctx survives
+            sim.pin(n)
         if n.cast_cache:
             for out in n.outputs:
                 sim.ref(out)
@@ -462,7 +487,8 @@ def run_backward(sim: _Sim, loss: Tensor) -> None:
         if all(g is None for g in grads_out):
             skipped.append(n)
             continue
-        if n.region is not None and n.region not in recomputed and n.saved:
+        needs = n.saved or (sim.g.reentrant and n.kept)
+        if n.region is not None and n.region not in recomputed and needs:
             recomputed.add(n.region)
             _recompute(sim, region_nodes[n.region])
         tape.op(f"{n.name} backward")
@@ -476,6 +502,7 @@ def run_backward(sim: _Sim, loss: Tensor) -> None:
             if g is not None:
                 sim.unref_grad(g)
         _drop_saved(sim, n)  # then release_variables
+        sim.unpin(n)
         for i, g in results:
             _accumulate(sim, n.inputs[i], g)
         if n.region is not None and region_first[n.region] is n:
@@ -483,6 +510,7 @@ def run_backward(sim: _Sim, loss: Tensor) -> None:
                 sim.unref(x)  # the checkpoint's frame lets its inputs go
     for n in skipped:  # the graph is freed
         _drop_saved(sim, n)
+        sim.unpin(n)
     release_held(sim, "backward")
 
 
@@ -599,6 +627,8 @@ def _recompute(sim: _Sim, nodes: list[Node]) -> None:
             for s in n.saved:
                 sim.ref(s)
             sim.saved_refs[id(n)] = list(n.saved)
+            if n.kept and sim.g.reentrant:  # the rerun with grad builds the kept ctx
+                sim.pin(n)
         for out in (*n.outputs, *n.hidden):
             if id(out) in local and id(out) not in last:
                 sim.unref(local.pop(id(out)))

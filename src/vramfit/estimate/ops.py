@@ -233,9 +233,96 @@ class Ops:
         )
         return self.cast(out, x.dtype, f"{name} in input dtype")
 
+    def linear_8bit(
+        self,
+        name: str,
+        x: Tensor,
+        weight: Tensor,
+        out_features: int,
+        in_features: int,
+        *,
+        threshold: float,
+    ) -> Tensor:
+        """bitsandbytes ``Linear8bitLt`` (LLM.int8(), 0.50.2) on CUDA: ``MatMul8bitLt``
+        (autograd/_functions.py) with frozen ``Int8Params`` (CB int8, SCB fp32 per row).
+
+        Forward, in order (backends/cuda/ops.py, backends/default/ops.py):
+        ``A.to(float16)`` (a copy unless x is fp16); ``int8_vectorwise_quant`` allocates the
+        fp32 row statistics and the int8 rows CA first, then, with ``threshold > 0``
+        (BitsAndBytesConfig's ``llm_int8_threshold`` default 6.0), ``A.abs() >= threshold``:
+        an fp16 ``|A|`` and a bool mask alive together; the fp16 copy dies as it returns.
+        ``int8_scaled_mm``: ``int8_linear_matmul`` makes an int32 output, ``int8_mm_dequant``
+        an fp16 one and casts it to x's dtype while the int32 one is still alive. CA and its
+        statistics are locals of the forward: they live to its end. Outlier columns
+        (``subA``) depend on the data; a random or well-conditioned model has none, and
+        they are not modelled (with some, ``output.addmm(subA, subB)`` makes one more
+        output-sized tensor). bitsandbytes' own cuBLASLt handle runs the int8 matmul: no
+        PyTorch workspace.
+        Kept: ``ctx.tensors = (CAt, subA, A)`` when x requires grad, i.e. x itself (CAt is
+        None for a frozen weight), as a ctx attribute: outside the saved-tensor hooks, so a
+        non-reentrant checkpoint (the Trainer's) keeps x to the node's backward.
+        Backward: ``CB.to(x.dtype, copy=True)`` (the whole weight dequantized),
+        ``grad.to(x.dtype)`` where they differ, and the matmul's input gradient (a view)."""
+        n = x.numel // in_features
+        g = self.g
+        dtype = x.dtype
+        fp16 = DType.fp16
+        prefix = f"{self.prefix}{name}"
+        a16 = x
+        if dtype is not fp16:
+            a16 = self._t(f"{name} fp16 input", x.numel, fp16)
+            g.node(f"{prefix} A.to(float16)", [x], [a16])
+        ca = self._t(f"{name} int8 input", n * in_features, DType.int8)
+        sca = self._t(f"{name} input row statistics", n, DType.fp32)
+        g.node(f"{prefix} int8_vectorwise_quant", [a16], [ca, sca])
+        if threshold > 0:
+            magnitude = self._t(f"{name} |A|", x.numel, fp16)
+            g.node(f"{prefix} A.abs()", [a16], [magnitude])
+            mask = self._t(f"{name} outlier mask", x.numel, DType.bool)
+            g.node(f"{prefix} |A| >= threshold", [magnitude, a16], [mask])
+        out32 = self._t(f"{name} int32 output", n * out_features, DType.int32)
+        g.node(f"{prefix} int8_linear_matmul", [ca, weight], [out32])
+        out16 = self._t(f"{name} fp16 output", n * out_features, fp16)
+        scb = weight  # the Int8Params; SCB is read by the kernel as well
+        internals = [ca, sca, out32]
+
+        def backward(bw: Backward) -> None:
+            grad = bw.out()
+            gdt = grad.dtype if grad else dtype
+            keys = [bw.temp_alloc("CB dequantized", out_features * in_features * dtype.size)]
+            bw.temp("SCB / 127", out_features * DType.fp32.size)
+            if gdt is not dtype:
+                keys.append(bw.temp_alloc("grad to input dtype", n * out_features * dtype.size))
+            bw.new(0, dtype=dtype, view=True)
+            bw.sim.matmul("backward", False)
+            for key in keys:
+                bw.free(key)
+
+        if dtype is fp16:
+            g.node(
+                f"{prefix} int8_mm_dequant",
+                [x, *internals, scb],
+                [out16],
+                kept=[x],
+                backward=backward,
+            )
+            return out16
+        g.node(f"{prefix} int8_mm_dequant", [out32, sca, scb], [out16])
+        out = self._t(name, n * out_features, dtype)
+        g.node(
+            f"{prefix} output to input dtype",
+            [x, out16, *internals],
+            [out],
+            kept=[x],
+            backward=backward,
+        )
+        return out
+
     def bmm(self, name: str, a: Tensor, b: Tensor, numel: int, *, part: str = "") -> Tensor:
         """A batched matmul (``torch.matmul`` of 4-D tensors folds to bmm), autocast to 16
-        bits. Saves both operands; backward makes the second operand's gradient first."""
+        bits. Saves each operand for the other's gradient (``self: grad.bmm(mat2.T)`` needs
+        mat2, derivatives.yaml): a frozen side, e.g. k under LoRA on q and v only, keeps the
+        other unsaved. Backward makes the second operand's gradient first."""
         a, b = self._autocast_low(a, part), self._autocast_low(b, part)
         dtype = promote(a.dtype, b.dtype)
         out = self._t(name, numel, dtype, part=part)
@@ -245,7 +332,8 @@ class Ops:
             bw.sim.matmul("backward", False)
             bw.new(0)
 
-        node = self.g.node(f"{self.prefix}{name}", [a, b], [out], saved=[a, b], backward=backward)
+        saved = ([b] if a.requires_grad else []) + ([a] if b.requires_grad else [])
+        node = self.g.node(f"{self.prefix}{name}", [a, b], [out], saved=saved, backward=backward)
         node.matmul = False
         return out
 

@@ -16,6 +16,7 @@ from vramfit.estimate import finetune
 from vramfit.estimate.graph import (
     Component,
     DType,
+    Graph,
     Tensor,
     end_forward,
     release_held,
@@ -49,27 +50,54 @@ def _weights(t: Tape, model: hf.Model, spec: ModelSpec, first: bool) -> list[Ten
     return [p for p in model.param_list if p.trainable]
 
 
-EMBEDDINGS = ("transformer.wte.weight", "transformer.wpe.weight", "model.embed_tokens.weight")
+def _shapes(model: hf.Model, params: list[Tensor]) -> list[tuple[int, ...]]:
+    """The trainable parameters' shapes: the modeling code's (``hf.param_dims``), or a LoRA
+    factor's: lora_A ``(r, in)``, lora_B ``(out, r)``."""
+    dims = dict(hf.param_dims(model.b))
+    r = model.lora.r if model.lora is not None else 1
+    out = []
+    for p in params:
+        if p.name.endswith(".lora_A"):
+            out.append((r, p.numel // r))
+        elif p.name.endswith(".lora_B"):
+            out.append((p.numel // r, r))
+        else:
+            out.append(dims.get(p.name, (p.numel,)))
+    return out
 
 
-def _optimizer_state(w: Workload, params: list[Tensor]) -> list[int]:
-    """Persistent state tensors, each parameter's in its own dtype: torch.optim.AdamW's two
-    moments (and, fused, a device ``step`` tensor per parameter: torch/optim/adamw.py
-    ``_init_group``); bitsandbytes' 8-bit AdamW as 0.50.2 stores it (block-wise uint8 states,
-    fp32 under 4096 elements: ``vramfit.estimate.finetune.optimizer_state``). The Trainer
-    overrides every ``nn.Embedding`` weight to 32-bit states for a bnb 8-bit optimizer
-    (``GlobalOptimManager.register_module_override(module, "weight", {"optim_bits": 32})``,
-    transformers/trainer.py ``create_optimizer``): two fp32 moments for those."""
-    optimizer = w.optimizer
-    if optimizer is Optimizer.adam_8bit:
-        full = [p for p in params if w.trainer and p.name in EMBEDDINGS]
-        rest = [p for p in params if p not in full]
-        state = finetune.optimizer_state(
-            [(p.numel,) for p in rest], finetune.StateOptimizer.bnb_adamw_8bit
-        )
-        return [4 * p.numel for p in full for _ in range(2)] + [
-            nbytes for _, _, nbytes, paged in state.tensors if not paged
-        ]
+# nn.Embedding weights of the hf models (a tied lm_head is the same parameter)
+EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "transformer.wpe.weight")
+
+
+def _bnb_or_hf_state(
+    optimizer: Optimizer, model: hf.Model, params: list[Tensor]
+) -> finetune.OptimizerState:
+    """``finetune.optimizer_state`` of the trainable ``params`` (bitsandbytes' AdamW, plain or
+    paged; transformers' Adafactor, whose factored moments need each parameter's shape).
+    With a bitsandbytes 8-bit optimizer the Trainer registers ``{"optim_bits": 32}`` for every
+    ``nn.Embedding`` weight (trainer.py create_optimizer, ``GlobalOptimManager``
+    ``register_module_override``): those keep fp32 states."""
+    fp32: frozenset[int] = frozenset()
+    if model.w.trainer and optimizer in (Optimizer.adam_8bit, Optimizer.paged_adamw_8bit):
+        fp32 = frozenset(i for i, p in enumerate(params) if p.name in EMBEDDINGS)
+    return finetune.optimizer_state(
+        _shapes(model, params),
+        finetune.STATE_OPTIMIZER[optimizer],
+        param_bytes=params[0].dtype.size if params else 4,
+        fp32_states=fp32,
+    )
+
+
+def _optimizer_state(optimizer: Optimizer, model: hf.Model, params: list[Tensor]) -> list[int]:
+    """Persistent state tensors in PyTorch's allocator, each parameter's in its own dtype:
+    torch.optim.AdamW's two moments (and, fused, a device ``step`` tensor per parameter:
+    torch/optim/adamw.py ``_init_group``); bitsandbytes' AdamW as 0.50.2 stores it (block-wise
+    uint8 states, fp32 under 4096 elements; paged: what ``get_state_buffer`` leaves unpaged)
+    and transformers' Adafactor (fp32 row and column moments): ``finetune.optimizer_state``."""
+    if optimizer in finetune.STATE_OPTIMIZER:
+        state = _bnb_or_hf_state(optimizer, model, params)
+        return [nbytes for _, _, nbytes, paged in state.tensors if not paged]
     base = (
         Optimizer.adamw
         if optimizer in (Optimizer.adamw_foreach, Optimizer.adamw_forloop)
@@ -83,7 +111,22 @@ def _optimizer_state(w: Workload, params: list[Tensor]) -> list[int]:
     return out
 
 
-def _step(t: Tape, w: Workload, params: list[Tensor], first: bool) -> None:
+def managed_state_bytes(spec: ModelSpec, w: Workload) -> int:
+    """Optimizer state a paged bitsandbytes optimizer puts in CUDA managed memory
+    (``cudaMallocManaged`` through ``cget_managed_ptr``: functional.py ``get_paged``), which
+    PyTorch's allocator never sees: ``state1``/``state2`` of every parameter of at least 1e5
+    elements (optimizer.py ``get_state_buffer``). 0 for any other optimizer."""
+    if w.optimizer not in (Optimizer.paged_adamw_8bit, Optimizer.paged_adamw_32bit):
+        return 0
+    b = hf.resolve(spec)
+    model = hf.Model(
+        b, w, Graph(grad=True), batch=1, seq=1, use_cache=False, all_logits=True, spec=spec
+    )
+    params = [p for p in model.param_list if p.trainable]
+    return _bnb_or_hf_state(w.optimizer, model, params).paged
+
+
+def _step(t: Tape, w: Workload, model: hf.Model, params: list[Tensor], first: bool) -> None:
     """Gradient clipping and the optimizer step."""
     optimizer = w.optimizer
     t.phase = "optimizer"
@@ -98,7 +141,9 @@ def _step(t: Tape, w: Workload, params: list[Tensor], first: bool) -> None:
         t.free(*norms, stacked)
     t.op("optimizer step")
     if first:
-        t.persist("optimizer state", Component.optimizer_state, _optimizer_state(w, params))
+        t.persist(
+            "optimizer state", Component.optimizer_state, _optimizer_state(optimizer, model, params)
+        )
     if optimizer is Optimizer.adamw_forloop:
         # _single_tensor_adamw: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps),
         # one parameter at a time: sqrt's result and the quotient live together
@@ -108,6 +153,9 @@ def _step(t: Tape, w: Workload, params: list[Tensor], first: bool) -> None:
             a = t.new("sqrt(exp_avg_sq)", Component.optimizer_temp, p.nbytes)
             d = t.new("denominator", Component.optimizer_temp, p.nbytes)
             t.free(a, d)
+        return
+    if optimizer is Optimizer.adafactor_hf:
+        _adafactor_hf_step(t, model, params)
         return
     base = Optimizer.adamw if optimizer is Optimizer.adamw_foreach else optimizer
     temporaries = [
@@ -123,6 +171,31 @@ def _step(t: Tape, w: Workload, params: list[Tensor], first: bool) -> None:
     else:
         for nbytes in temporaries:
             t.temp("optimizer step temporary", Component.optimizer_temp, nbytes)
+
+
+def _adafactor_hf_step(t: Tape, model: hf.Model, params: list[Tensor]) -> None:
+    """transformers.optimization.Adafactor.step, one parameter at a time: a 16-bit parameter
+    gets fp32 copies of its gradient and itself (``grad.float()``, ``p.float()``);
+    ``update = grad**2 + eps`` (pow's result dies once the sum exists); then
+    ``_approx_sq_grad``'s row-by-column product (factored, two or more dims) or
+    ``exp_avg_sq.rsqrt()`` (vectors) is made while ``update`` still holds the sum; the rest is
+    in place (``update.mul_(grad)``, ``p.add_(-update)``, ``p.copy_``)."""
+    temp = Component.optimizer_temp
+    for j, (p, shape) in enumerate(zip(params, _shapes(model, params), strict=True)):
+        if j:
+            t.op("optimizer step")
+        full = 4 * p.numel
+        copies = []
+        if p.dtype.size == 2:
+            copies = [t.new("fp32 gradient", temp, full), t.new("fp32 parameter", temp, full)]
+        squared = t.new("grad**2", temp, full)
+        t.op("optimizer step: grad**2 + eps")
+        update = t.new("grad**2 + eps", temp, full)
+        t.free(squared)
+        factored = len(shape) >= 2
+        t.op("optimizer step: second-moment estimate")
+        estimate = t.new("row x column estimate" if factored else "exp_avg_sq.rsqrt()", temp, full)
+        t.free(update, estimate, *copies)
 
 
 def _uses_bias(b: hf.Block) -> bool:
@@ -157,7 +230,9 @@ def hf_training_steps(
         t.persist("input ids and labels", Component.activations, [w.batch * w.seq * INT64] * 2)
         if not first:
             t.persist(
-                "optimizer state", Component.optimizer_state, _optimizer_state(w, params)
+                "optimizer state",
+                Component.optimizer_state,
+                _optimizer_state(w.optimizer, model, params),
             )
             made = Workspaces(t, workspace_bytes)
             made.matmul("forward", _uses_bias(b))
@@ -168,7 +243,7 @@ def hf_training_steps(
         end_forward(sim)
         t.phase = "backward"
         run_backward(sim, loss)
-        _step(t, w, params, first)
+        _step(t, w, model, params, first)
         release_held(sim, "step")
         steps.append(t.finish())
         if not first:

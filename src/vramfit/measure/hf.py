@@ -23,21 +23,12 @@ from vramfit.config import (
     Mode,
     ModelSpec,
     ModelType,
-    Optimizer,
     Precision,
     Workload,
+    trainer_optim_name,
 )
 from vramfit.errors import VramfitError
 from vramfit.measure.train import autocast_context
-
-TRAINER_OPTIM = {
-    Optimizer.adamw: "adamw_torch",
-    Optimizer.adamw_foreach: "adamw_torch",
-    Optimizer.adamw_fused: "adamw_torch_fused",
-    Optimizer.adafactor: "adafactor",
-    Optimizer.sgd: "sgd",
-    Optimizer.adam_8bit: "adamw_bnb_8bit",
-}
 
 
 def import_transformers() -> Any:
@@ -269,7 +260,8 @@ def trainer_loop(
     """``transformers.Trainer(...).train()`` for ``steps`` steps on random tokens; phases from
     its callbacks and a forward hook."""
     transformers = import_transformers()
-    if workload.optimizer not in TRAINER_OPTIM:
+    optim = trainer_optim_name(workload.optimizer)
+    if optim is None:
         raise VramfitError(
             f"the Trainer has no optim for {workload.optimizer.value}", field="--optimizer"
         )
@@ -314,7 +306,7 @@ def trainer_loop(
         max_steps=steps,
         bf16=workload.precision is Precision.amp_bf16,
         fp16=workload.precision is Precision.amp_fp16,
-        optim=TRAINER_OPTIM[workload.optimizer],
+        optim=optim,
         gradient_checkpointing=workload.checkpointing is Checkpointing.full,
         max_grad_norm=1.0 if workload.clips else 0.0,
         report_to=[],

@@ -151,15 +151,46 @@ def _optimizer_factory(torch: Any, optimizer: Optimizer) -> Callable[[Any], Any]
                 field="--optimizer",
             )
         return lambda params: torch.optim.Adafactor(params, lr=LR)
-    if optimizer is Optimizer.adam_8bit:
+    if optimizer is Optimizer.adafactor_hf:
+        # as the Trainer's optim="adafactor" builds it (trainer_optimizer.py _get_adafactor)
+        from transformers.optimization import Adafactor
+
+        return lambda params: Adafactor(
+            params, lr=LR, scale_parameter=False, relative_step=False
+        )
+    bnb_bits = {
+        Optimizer.adam_8bit: (8, False),
+        Optimizer.paged_adamw_8bit: (8, True),
+        Optimizer.paged_adamw_32bit: (32, True),
+    }
+    if optimizer in bnb_bits:
         try:
             import bitsandbytes
         except ImportError:
             raise VramfitError(
-                "adam-8bit needs bitsandbytes (pip install bitsandbytes)", field="--optimizer"
+                f"{optimizer.value} needs bitsandbytes (pip install bitsandbytes)",
+                field="--optimizer",
             ) from None
-        return lambda params: bitsandbytes.optim.AdamW8bit(params, lr=LR)
+        if optimizer is Optimizer.adam_8bit:
+            return lambda params: bitsandbytes.optim.AdamW8bit(params, lr=LR)
+        bits, paged = bnb_bits[optimizer]
+        # the Trainer's _get_bitsandbytes_optimizer: bnb.optim.AdamW(optim_bits, is_paged)
+        return lambda params: bitsandbytes.optim.AdamW(
+            params, lr=LR, optim_bits=bits, is_paged=paged
+        )
     raise AssertionError(optimizer)
+
+
+def paged_bytes() -> int:
+    """Bytes of the CUDA managed memory bitsandbytes' paged optimizers hold
+    (functional.py GlobalPageManager: every ``get_paged`` state buffer); 0 without them."""
+    import sys
+
+    functional = sys.modules.get("bitsandbytes.functional")
+    if functional is None:
+        return 0
+    tensors = functional.GlobalPageManager.get_instance().paged_tensors
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _check_workload(spec: Any, workload: Workload) -> None:
@@ -247,6 +278,12 @@ def measure_train(
         free, _ = backend.mem_get_info()  # no empty_cache: the reserved pool counts
         total_bytes = device_total - free
         rec.note_reserved()
+        managed = paged_bytes()
+        if managed:
+            rec.notes.append(
+                f"paged optimizer state: {managed} bytes of CUDA managed memory (in the device "
+                "total while resident; not in peak allocated)"
+            )
         rec.reached = None
     except _oom_errors(torch):
         oom = True

@@ -22,6 +22,7 @@ the CUDA op traces of the real models show them (benchmarks/data/h200-hf-ops, re
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from vramfit.config import (
@@ -127,8 +128,14 @@ def resolve(spec: ModelSpec) -> Block:
 def hf_unsupported(spec: ModelSpec, workload: Workload | None = None) -> str | None:
     """Why the hf profile cannot describe ``spec`` (under ``workload``), or None when it can."""
     if workload is not None and workload.kv_dtype is not None:
-        # transformers' default DynamicCache keeps K/V in the model's dtype
-        return "a --kv-dtype cache is not transformers' default DynamicCache"
+        # transformers 5.17's caches keep K/V in the key states' dtype (DynamicCache, static);
+        # its only quantized one, cache_implementation="quantized" (cache_utils.py
+        # QuantizedCache), stores 2- or 4-bit K/V through optimum-quanto or HQQ with the last
+        # residual_length=128 tokens unquantized: there is no 8-bit or other-dtype cache
+        return (
+            "transformers has no --kv-dtype cache (its cache_implementation='quantized' is "
+            "2- or 4-bit through optimum-quanto or HQQ)"
+        )
     spec = spec.resolved()
     mt = ModelType(spec.model_type)
     if spec.experts > 1:
@@ -159,22 +166,28 @@ def hf_caveats(spec: ModelSpec, workload: Workload) -> list[str]:
 
 def param_shapes(b: Block) -> list[tuple[str, int]]:
     """Every parameter as ``model.parameters()`` yields it: (name, elements)."""
+    return [(name, math.prod(shape)) for name, shape in param_dims(b)]
+
+
+def param_dims(b: Block) -> list[tuple[str, tuple[int, ...]]]:
+    """Every parameter as ``model.parameters()`` yields it: (name, shape). Linear weights are
+    (out, in); GPT-2's Conv1D stores (in, out)."""
     h, q, kv, f = b.hidden, b.q_width, b.kv_width, b.ffn
-    out: list[tuple[str, int]] = []
+    out: list[tuple[str, tuple[int, ...]]] = []
 
     def linear(name: str, n_in: int, n_out: int, bias: bool) -> None:
-        out.append((f"{name}.weight", n_in * n_out))
+        out.append((f"{name}.weight", (n_in, n_out) if b.conv1d else (n_out, n_in)))
         if bias:
-            out.append((f"{name}.bias", n_out))
+            out.append((f"{name}.bias", (n_out,)))
 
     def norm(name: str) -> None:
-        out.append((f"{name}.weight", h))
+        out.append((f"{name}.weight", (h,)))
         if b.layernorm:
-            out.append((f"{name}.bias", h))
+            out.append((f"{name}.bias", (h,)))
 
     if b.model_type is ModelType.gpt2:
-        out.append(("transformer.wte.weight", b.vocab * h))
-        out.append(("transformer.wpe.weight", b.learned_positions * h))
+        out.append(("transformer.wte.weight", (b.vocab, h)))
+        out.append(("transformer.wpe.weight", (b.learned_positions, h)))
         for i in range(b.layers):
             p = f"transformer.h.{i}"
             norm(f"{p}.ln_1")
@@ -185,7 +198,7 @@ def param_shapes(b: Block) -> list[tuple[str, int]]:
             linear(f"{p}.mlp.c_proj", f, h, b.bias)
         norm("transformer.ln_f")
     else:
-        out.append(("model.embed_tokens.weight", b.vocab * h))
+        out.append(("model.embed_tokens.weight", (b.vocab, h)))
         for i in range(b.layers):
             p = f"model.layers.{i}"
             if b.fused_qkv:  # Phi3Attention registers o_proj before qkv_proj
@@ -208,7 +221,7 @@ def param_shapes(b: Block) -> list[tuple[str, int]]:
                 norm(f"{p}.{name}")
         norm("model.norm")
     if not b.tied:
-        out.append(("lm_head.weight", b.vocab * h))
+        out.append(("lm_head.weight", (b.vocab, h)))
     return out
 
 
@@ -387,28 +400,39 @@ class Model:
         return self.rms_norm(prefix, x)
 
     def linear(self, name: str, x: Tensor, width: int, bias: bool, part: str = "") -> Tensor:
-        """A projection: nn.Linear / Conv1D, bitsandbytes' Linear4bit when quantized, and a
-        peft LoRA branch on top when adapted (peft/tuners/lora/layer.py Linear.forward,
-        lora/bnb.py Linear4bit.forward)."""
+        """A projection: nn.Linear / Conv1D, bitsandbytes' Linear4bit or Linear8bitLt when
+        quantized, and a peft LoRA branch on top when adapted (peft/tuners/lora/layer.py
+        Linear.forward, lora/bnb.py Linear8bitLt.forward and Linear4bit.forward)."""
         o = self.ops
         quant = self.quant
         if name in self.quantized and quant is not None:
             out_f, in_f = self.quantized[name]
+            adapted = self.lora is not None and _block_path(name) in self.lora_targets
             if quant.kind.value == "int8":
-                raise ValueError("int8 (LLM.int8) layers are not modelled op by op yet")
-            result = o.linear_4bit(
-                name,
-                x,
-                self.p(f"{name}.weight"),
-                out_f,
-                in_f,
-                compute=DType(quant.compute_dtype.value),
-                load=self.weight,
-                blocksize=quant.blocksize,
-                double_quant=quant.double_quant,
-            )
-            if self.lora is not None and _block_path(name) in self.lora_targets:
-                result = o.copy(f"{name} result", result)  # peft: result = result.clone()
+                # peft's lora.Linear8bitLt adds to the base output without cloning it
+                result = o.linear_8bit(
+                    name,
+                    x,
+                    self.p(f"{name}.weight"),
+                    out_f,
+                    in_f,
+                    threshold=quant.int8_threshold,
+                )
+                adapted = False
+            else:
+                result = o.linear_4bit(
+                    name,
+                    x,
+                    self.p(f"{name}.weight"),
+                    out_f,
+                    in_f,
+                    compute=DType(quant.compute_dtype.value),
+                    load=self.weight,
+                    blocksize=quant.blocksize,
+                    double_quant=quant.double_quant,
+                )
+            if adapted:  # peft's lora.Linear4bit: result = result.clone()
+                result = o.copy(f"{name} result", result)
         else:
             result = o.linear(
                 name,

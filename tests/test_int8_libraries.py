@@ -1,0 +1,288 @@
+"""LLM.int8() (bitsandbytes ``Linear8bitLt``) against the real libraries, on the CPU.
+
+What autograd keeps for a LoRA model on an int8 base, loaded as users load it
+(``BitsAndBytesConfig(load_in_8bit=True)`` from a saved checkpoint, then peft's
+``prepare_model_for_kbit_training`` and ``get_peft_model``): every tensor the saved-tensor
+hooks see while block 0 runs, plus what ``MatMul8bitLt`` keeps outside them
+(``ctx.tensors``, a plain attribute). On the CPU ``bnb.matmul`` routes training to
+``MatMul8bitFp``; the model runs in ``eval()`` mode (no dropout is configured, so nothing
+else changes) to take ``MatMul8bitLt``, the function CUDA runs. The backward of one
+``MatMul8bitLt`` is Python (``CB.to(dtype, copy=True)``, the matmul) and is measured op by op.
+Skipped cleanly without torch, transformers, peft or bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+bnb = pytest.importorskip("bitsandbytes")
+
+from vramfit.config import RunSpec  # noqa: E402
+from vramfit.estimate.graph import DType, Graph  # noqa: E402
+from vramfit.estimate.ops import Ops  # noqa: E402
+from vramfit.estimate.profiles import hf  # noqa: E402
+
+B, S = 2, 16
+TINY = {"arch": "llama", "layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "vocab": 128,
+        "ffn": 176}
+NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+         torch.int64: "int64", torch.bool: "bool", torch.int8: "int8"}
+
+
+def _run(targets: Any) -> RunSpec:
+    return RunSpec.model_validate(
+        {
+            "model": TINY,
+            "workload": {"impl": "hf", "loop": "drops", "batch": B, "seq": S, "precision": "bf16",
+                         "attention": "eager", "optimizer": "adamw",
+                         "quant": {"kind": "int8"}, "lora": {"r": 4, "targets": targets}},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vramfit.measure.hf import hf_config
+
+    run = _run("all-linear")
+    folder = tmp_path_factory.mktemp("int8-llama")
+    torch.manual_seed(0)
+    cfg = hf_config(run.model.resolved(), run.workload)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _load(folder: Path, targets: Any) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder,
+            quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True),
+            dtype=torch.bfloat16,
+            device_map="cpu",
+            attn_implementation="eager",
+        )
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets))
+
+
+def _real_saved(model: Any) -> Counter:
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    block = model.base_model.model.model.layers[0]
+    active = {"on": False}
+    seen: dict[int, tuple[int, str]] = {}
+
+    def note(t: torch.Tensor | None) -> None:
+        if t is None or not active["on"]:
+            return
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and t.untyped_storage().nbytes():
+            seen[ptr] = (t.untyped_storage().nbytes() // t.element_size(), NAMES[t.dtype])
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        note(t)
+        return t
+
+    def kept(module: Any, args: Any, out: torch.Tensor) -> None:
+        if out.grad_fn is None:  # its input needs no gradient: nothing kept
+            return
+        assert type(out.grad_fn).__name__ == "MatMul8bitLtBackward"
+        for t in out.grad_fn.tensors:  # (CAt, subA, A)
+            note(t)
+
+    hooks = [block.register_forward_pre_hook(lambda *_: active.update(on=True)),
+             block.register_forward_hook(lambda *_: active.update(on=False))]
+    hooks += [m.register_forward_hook(kept) for m in block.modules()
+              if isinstance(m, bnb.nn.Linear8bitLt)]
+    model.eval()  # MatMul8bitLt on the CPU too (see the module docstring)
+    ids = torch.randint(0, TINY["vocab"], (B, S))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    for h in hooks:
+        h.remove()
+    return Counter(seen.values())
+
+
+def _profile_saved(run: RunSpec) -> Counter:
+    graph, _, _, _ = hf.build(run.model, run.workload, grad=True, batch=B, seq=S)
+    seen: dict[int, tuple[int, str]] = {}
+    for node in graph.nodes:
+        if node.name.startswith("block 0 "):
+            for t in (*node.saved, *node.kept):
+                if not t.root.leaf:
+                    seen[id(t.root)] = (t.root.numel, t.root.dtype.value)
+    return Counter(seen.values())
+
+
+@pytest.mark.parametrize("targets", ["all-linear", None], ids=["all-linear", "q_v"])
+def test_lora_on_int8_block_saves_what_the_libraries_keep(checkpoint: Path, targets: Any) -> None:
+    model = _load(checkpoint, targets)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    # what transformers builds: frozen int8 weights, BitsAndBytesConfig's threshold 6.0
+    assert isinstance(q_proj, bnb.nn.Linear8bitLt)
+    assert not q_proj.state.has_fp16_weights and q_proj.state.threshold == 6.0
+    real, predicted = _real_saved(model), _profile_saved(_run(targets))
+    assert predicted == real, f"profile only: {predicted - real}; real only: {real - predicted}"
+
+
+class _Peak:
+    """Peak bytes of the tensors aten ops create while active (new storages only)."""
+
+    def __init__(self) -> None:
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        live: dict[int, list[int]] = {}
+        self.now = self.peak = 0
+        tracker = self
+
+        def drop(ptr: int) -> None:
+            live[ptr][1] -= 1
+            if live[ptr][1] == 0:
+                tracker.now -= live.pop(ptr)[0]
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+                result = func(*args, **(kwargs or {}))
+                inputs = {a.untyped_storage().data_ptr() for a in (*args, *(kwargs or {}).values())
+                          if isinstance(a, torch.Tensor)}
+                for out in result if isinstance(result, (list, tuple)) else [result]:
+                    if not isinstance(out, torch.Tensor):
+                        continue
+                    ptr = out.untyped_storage().data_ptr()
+                    if ptr not in live:
+                        if ptr in inputs:
+                            continue
+                        live[ptr] = [out.untyped_storage().nbytes(), 0]
+                        tracker.now += live[ptr][0]
+                        tracker.peak = max(tracker.peak, tracker.now)
+                    live[ptr][1] += 1
+                    weakref.finalize(out, drop, ptr)
+                return result
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matmul8bitlt_backward_temporaries(dtype: Any, grad_dtype: Any) -> None:
+    """The backward's peak (the dequantized weight, a cast of the incoming gradient, the
+    input's gradient) equals the op's backward in the estimator, up to the row scales."""
+    from bitsandbytes.autograd._functions import MatMul8bitLt
+
+    from vramfit.estimate.graph import Backward, run_forward
+    from vramfit.estimate.timeline import Tape
+
+    n, k, m = 40, 96, 72
+    layer = bnb.nn.Linear8bitLt(k, m, bias=False, has_fp16_weights=False, threshold=6.0)
+    layer = layer.to("cpu")
+    layer.init_8bit_state()
+    x = torch.randn(n, k, dtype=dtype, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = MatMul8bitLt.apply(x, layer.weight, None, None, layer.state)
+    grad = torch.randn(n, m, dtype=grad_dtype)
+    peak = _Peak()
+    with peak.mode:
+        (gx,) = torch.autograd.grad(out, x, grad)
+    assert gx.dtype == dtype and out.dtype == dtype
+    real = peak.peak
+
+    g = Graph(grad=True)
+    ops = Ops(g, None)
+    xt = g.leaf("x", n * k, DType(NAMES[dtype]), requires_grad=True)
+    w = g.leaf("weight", m * k, DType.int8, requires_grad=False)
+    y = ops.linear_8bit("layer", xt, w, m, k, threshold=6.0)
+    tape = Tape()
+    sim = run_forward(g, tape)
+    node = y.producer
+    assert node is not None and node.kept == [xt] and not node.saved
+    before = len(tape.records)
+    incoming = sim.new_grad("grad", n * m, DType(NAMES[grad_dtype]), "activations")
+    node.backward(Backward(sim, node, [incoming]))
+    made = tape.records[before + 1 :]  # the backward's own allocations
+    # alive together, but for the 'SCB / 127' scratch (freed at once)
+    predicted = sum(sum(r.sizes) for r in made if not r.name.endswith("SCB / 127"))
+    small = 4 * m * 4  # the row scales and their product (a few fp32 vectors of m)
+    assert predicted <= real <= predicted + small
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["trainer", "reentrant"])
+def test_checkpointing_keeps_what_matmul8bitlt_keeps(
+    checkpoint: Path, reentrant: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ctx.tensors is outside the saved-tensor hooks: under a non-reentrant checkpoint (the
+    Trainer's) the forward's graph keeps every int8 layer's input that needs a gradient;
+    under a reentrant one (prepare_model_for_kbit_training's own) the region ran without
+    grad and keeps none (its recompute keeps them, layer by layer, in backward). The
+    profile's graph keeps the same ones alive at the forward's end."""
+    from bitsandbytes.autograd import _functions
+
+    from vramfit.estimate.graph import run_forward
+    from vramfit.estimate.timeline import Tape
+
+    # training mode (so that transformers checkpoints) with the function CUDA runs
+    monkeypatch.setattr(_functions, "MatMul8bitFp", _functions.MatMul8bitLt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            checkpoint,
+            quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True),
+            dtype=torch.bfloat16,
+            device_map="cpu",
+            attn_implementation="eager",
+        )
+        model = peft.prepare_model_for_kbit_training(
+            model, gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+        )
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4))
+    block = model.base_model.model.model.layers[0]
+    alive: set[str] = set()
+
+    def note(name: str) -> Any:
+        def hook(module: Any, args: Any, out: torch.Tensor) -> None:
+            # what the forward's graph keeps: MatMul8bitLt's ctx.tensors = (CAt, subA, A)
+            if out.grad_fn is not None and out.grad_fn.tensors[2] is not None:
+                assert out.grad_fn.tensors[2].untyped_storage().data_ptr() == (
+                    args[0].untyped_storage().data_ptr()
+                )
+                alive.add(name)
+        return hook
+
+    for name, m in block.named_modules():
+        if isinstance(m, bnb.nn.Linear8bitLt):
+            m.register_forward_hook(note(name.removesuffix(".base_layer").rsplit(".")[-1]))
+    model.train()
+    ids = torch.randint(0, TINY["vocab"], (B, S))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model(input_ids=ids, labels=ids)
+        forward = set(alive)  # the hooks run again in a reentrant recompute
+        out.loss.backward()
+    alive = forward
+
+    loop = "drops" if reentrant else "trainer"
+    run = RunSpec.model_validate(
+        {**_run(None).model_dump(mode="json"), "workload": {
+            **_run(None).workload.model_dump(mode="json"), "checkpointing": "full", "loop": loop}}
+    )
+    graph, _, _, _ = hf.build(run.model, run.workload, grad=True, batch=B, seq=S)
+    sim = run_forward(graph, Tape())
+    kept = {
+        n.name.split(".")[-1].split(" ")[0]
+        for n in graph.nodes
+        if n.name.startswith("block 0 ") and n.kept and sim.st(n.kept[0]).key is not None
+    }
+    assert kept == alive
+    assert bool(alive) is not reentrant
