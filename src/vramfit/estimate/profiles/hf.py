@@ -146,22 +146,29 @@ def hf_unsupported(spec: ModelSpec, workload: Workload | None = None) -> str | N
 
 def param_shapes(b: Block) -> list[tuple[str, int]]:
     """Every parameter as ``model.parameters()`` yields it: (name, elements)."""
+    return [(name, numel) for name, _, numel in param_rows(b)]
+
+
+def param_rows(b: Block) -> list[tuple[str, int, int]]:
+    """Every parameter as ``model.parameters()`` yields it: (name, size of dim 0, elements).
+    Dim 0 is what FSDP2 shards: an ``nn.Linear`` weight is (out, in), GPT-2's ``Conv1D``
+    weight (in, out), an embedding (vocab, hidden)."""
     h, q, kv, f = b.hidden, b.q_width, b.kv_width, b.ffn
-    out: list[tuple[str, int]] = []
+    out: list[tuple[str, int, int]] = []
 
     def linear(name: str, n_in: int, n_out: int, bias: bool) -> None:
-        out.append((f"{name}.weight", n_in * n_out))
+        out.append((f"{name}.weight", n_in if b.conv1d else n_out, n_in * n_out))
         if bias:
-            out.append((f"{name}.bias", n_out))
+            out.append((f"{name}.bias", n_out, n_out))
 
     def norm(name: str) -> None:
-        out.append((f"{name}.weight", h))
+        out.append((f"{name}.weight", h, h))
         if b.layernorm:
-            out.append((f"{name}.bias", h))
+            out.append((f"{name}.bias", h, h))
 
     if b.model_type is ModelType.gpt2:
-        out.append(("transformer.wte.weight", b.vocab * h))
-        out.append(("transformer.wpe.weight", b.learned_positions * h))
+        out.append(("transformer.wte.weight", b.vocab, b.vocab * h))
+        out.append(("transformer.wpe.weight", b.learned_positions, b.learned_positions * h))
         for i in range(b.layers):
             p = f"transformer.h.{i}"
             norm(f"{p}.ln_1")
@@ -172,7 +179,7 @@ def param_shapes(b: Block) -> list[tuple[str, int]]:
             linear(f"{p}.mlp.c_proj", f, h, b.bias)
         norm("transformer.ln_f")
     else:
-        out.append(("model.embed_tokens.weight", b.vocab * h))
+        out.append(("model.embed_tokens.weight", b.vocab, b.vocab * h))
         for i in range(b.layers):
             p = f"model.layers.{i}"
             if b.fused_qkv:  # Phi3Attention registers o_proj before qkv_proj
@@ -195,7 +202,7 @@ def param_shapes(b: Block) -> list[tuple[str, int]]:
                 norm(f"{p}.{name}")
         norm("model.norm")
     if not b.tied:
-        out.append(("lm_head.weight", b.vocab * h))
+        out.append(("lm_head.weight", b.vocab, b.vocab * h))
     return out
 
 
@@ -273,6 +280,7 @@ class Model:
                 else ("model.embed_tokens.weight")
             )
             self.params["lm_head.weight"] = self.params[key]
+        self.head = True  # the final norm, lm_head and loss run here (not a first PP stage)
         self.cache: list[Tensor] = []  # the DynamicCache's K/V tensors
         self.past: list[tuple[Tensor, Tensor]] = []  # a decode step's cached K/V (inputs)
 
@@ -586,6 +594,7 @@ class Model:
         gpt2 = b.model_type is ModelType.gpt2
         prefix = f"transformer.h.{i}" if gpt2 else f"model.layers.{i}"
         o.prefix = f"block {i} "
+        self.g.unit_begin(i)
         if self.checkpoint:
             self.g.checkpoint_begin()
         normed = self.norm(f"{prefix}.ln_1" if gpt2 else f"{prefix}.input_layernorm", x)
@@ -613,6 +622,7 @@ class Model:
         o.keep(normed)
         if self.checkpoint:
             self.g.checkpoint_end()
+        self.g.unit_end()
         o.prefix = ""
         return out
 
@@ -663,6 +673,8 @@ class Model:
             x = self.block(i, x, cos, sin, mask)
         if mask is not None:
             o.keep(mask)
+        if not self.head:  # a first pipeline stage: its output goes to the next stage
+            return x, x
         x = self.norm("transformer.ln_f" if gpt2 else "model.norm", x)
         if not self.all_logits:
             x = o.slice(x, self.batch * h, "last position")
@@ -709,8 +721,11 @@ def build(
     cached: int = 0,
     all_logits: bool = True,
     use_cache: bool | None = None,
+    head: bool = True,
 ) -> tuple[Graph, Model, Tensor, Tensor | None]:
-    """The graph of one forward of ``spec``: (graph, model, logits, loss or None)."""
+    """The graph of one forward of ``spec``: (graph, model, logits, loss or None). Without
+    ``head`` (a first pipeline stage) the graph stops at the last block, whose output stands
+    for both."""
     b = resolve(spec)
     g = Graph(grad=grad)
     if use_cache is None:  # the config default (True), which the Trainer turns off
@@ -726,6 +741,7 @@ def build(
         all_logits=all_logits,
         spec=spec,
     )
+    m.head = head
     ids = g.leaf(
         "input ids", batch * seq, DType.int64, requires_grad=False, component=Component.activations
     )
