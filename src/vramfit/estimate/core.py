@@ -15,7 +15,13 @@ from vramfit.estimate.timeline import TENSOR_COMPONENTS, replay
 from vramfit.estimate.training import build_training_steps
 
 # Components in display order; the breakdown at the peak uses these keys.
-COMPONENTS = (*TENSOR_COMPONENTS, "allocator_rounding", "allocator_reserve", "cuda_context")
+COMPONENTS = (
+    *TENSOR_COMPONENTS,
+    "allocator_rounding",
+    "allocator_reserve",
+    "cuda_context",
+    "nccl",
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,11 @@ class Estimate:
     kv_cache_bytes: int
     hardware: Hardware | None = None
     notes: tuple[str, ...] = field(default=())
+    # multi-GPU (rank 0, the busiest): NCCL's buffers (a model, outside PyTorch's allocator;
+    # part of total_bytes), the reserve of each stream's pools, what is offloaded to the CPU
+    nccl_bytes: int = 0
+    stream_reserved_bytes: dict[str, int] = field(default_factory=dict)
+    cpu_bytes: int = 0
 
     @property
     def fits(self) -> bool | None:
@@ -86,7 +97,17 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
     if unsupported:
         notes.append(f"{unsupported}: estimated with the reference implementation")
         hf_impl = False
-    if training:
+    par = run.parallel
+    nccl = cpu = 0
+    if training and not par.single:
+        from vramfit.estimate import parallel
+
+        layout = parallel.training_steps(spec, workload, par, workspace, mp)
+        first, steady, block_bytes = layout.first, layout.steady, layout.block_bytes
+        steps = [first, steady, steady]
+        nccl, cpu = layout.nccl_bytes, layout.cpu_bytes
+        notes += layout.notes
+    elif training:
         build = hf_training_steps if hf_impl else build_training_steps
         first, steady, block_bytes = build(spec, workload, workspace, mp)
         steps = [first, steady, steady]
@@ -116,6 +137,7 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
     breakdown["allocator_rounding"] = rep.peak_allocated - sum(live.values())
     breakdown["allocator_reserve"] = rep.reserved - rep.peak_allocated
     breakdown["cuda_context"] = context
+    breakdown["nccl"] = nccl
     breakdown = {k: v for k, v in breakdown.items() if v}
 
     if spec.params and abs(spec.params - counts.total) > 0.01 * counts.total:
@@ -126,7 +148,7 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
     if spec.experts > 1:
         notes.append(f"MoE: {counts.active:,} of {counts.total:,} parameters are active per token")
     return Estimate(
-        run=RunSpec(model=spec, workload=workload),
+        run=RunSpec(model=spec, workload=workload, parallel=par),
         counts=counts,
         params=params,
         phases=phases,
@@ -140,4 +162,13 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
         kv_cache_bytes=kv_cache_bytes(spec, workload) if workload.gen_tokens else 0,
         hardware=hardware,
         notes=tuple(notes),
+        nccl_bytes=nccl,
+        stream_reserved_bytes=_stream_names(rep.reserved_by_stream) if not par.single else {},
+        cpu_bytes=cpu,
     )
+
+
+def _stream_names(reserved: dict[int, int]) -> dict[str, int]:
+    from vramfit.estimate.fsdp import STREAM_NAMES
+
+    return {STREAM_NAMES.get(k, str(k)): v for k, v in sorted(reserved.items())}
