@@ -45,6 +45,12 @@ COMPONENT_LABELS = {
     "allocator_rounding": "allocator rounding",
     "allocator_reserve": "allocator reserve",
     "cuda_context": "CUDA context",
+    "sharded_weights": "weight shards (this rank)",
+    "sharded_gradients": "gradient shards (this rank)",
+    "unsharded_weights": "gathered weights (layers in flight)",
+    "unsharded_gradients": "gathered gradients (layers in flight)",
+    "collective_buffers": "all-gather / reduce-scatter buffers",
+    "nccl": "NCCL buffers (model, unmeasured)",
 }
 
 
@@ -89,6 +95,14 @@ def render_estimate(
         f"{spec.layers} layers · hidden {spec.hidden} · {wl.mode.value} · "
         f"batch {wl.batch} × seq {wl.seq} · {wl.precision.value} · {how}"
     )
+    if not est.run.parallel.single:
+        from vramfit.estimate.parallel import describe
+
+        pools = ", ".join(f"{k} {_gib(v)}" for k, v in est.stream_reserved_bytes.items())
+        console.print(
+            f"Rank 0 of {est.run.parallel.gpus} ({describe(est.run.parallel)}); "
+            f"batch and seq per rank; reserved by stream (GiB): {pools}"
+        )
     table = Table(
         title=f"Memory at the peak ({est.peak_phase}: {est.peak_point})", title_justify="left"
     )
@@ -408,13 +422,20 @@ def render_train_comparison(console: Console, comparison: dict[str, Any]) -> Non
         _gib(measured["peak_allocated_bytes"]),
         _pct(errors.get("peak_allocated_bytes")),
     )
+    nccl = predicted.get("nccl_bytes", 0)
     table.add_row(
-        "device total (used after the run)",
-        _gib(predicted["total_bytes"]),
+        "device total (used after the run)" + (" less NCCL" if nccl else ""),
+        _gib(predicted["total_bytes"] - nccl),
         _gib(measured["total_bytes"]),
         _pct(errors.get("total_bytes")),
     )
     console.print(table)
+    if "parallel" in predicted:
+        console.print(
+            f"[yellow]rank 0 of {predicted['parallel']['gpus']} "
+            f"({predicted['parallel']['layout']}); communication is faked; NCCL's "
+            f"{format_bytes(nccl)} is predicted only[/]"
+        )
     console.print(
         f"measured: CUDA context {format_bytes(measured['context_bytes'])}, "
         f"weights {format_bytes(measured['weights_bytes'])}, "
