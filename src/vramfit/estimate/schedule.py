@@ -395,9 +395,11 @@ def replicated_training_steps(
             if par.offload is not Offload.none:
                 cpu = sum(states) + partition * 4  # and the fp32 gradient partition
                 states = []
-            if zero == 2:  # the IPG bucket (reduce_bucket_size 5e8 elements, 16-bit)
+            if zero in (1, 2):
+                # stage_1_and_2.py reduces through the IPG bucket (contiguous_gradients, on by
+                # default): reduce_bucket_size elements (5e8) in the 16-bit dtype, kept
                 t.persist("IPG bucket", Component.collective_buffers,
-                          [min(500_000_000, numel) * params[0].dtype.size])
+                          [500_000_000 * params[0].dtype.size])
         if not first:
             if zero:
                 t.persist("optimizer state", Component.optimizer_state, states)
