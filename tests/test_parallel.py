@@ -238,3 +238,39 @@ def test_fake_process_group_runs_fsdp2_on_the_cpu() -> None:
     assert any("communication is faked" in note for note in result.notes)
     assert not any("autocast" in note for note in result.notes)
     del torch
+
+
+def test_plan_lists_fitting_layouts_by_headroom(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cli(
+        capsys, "plan", "--preset", "llama-3.2-1b", "--gpu", "H100", "--gpus", "16", "--json"
+    )
+    assert code == 0
+    doc = json.loads(out)
+    fits = doc["fits"]
+    assert fits and all(r["fits"] and r["headroom_bytes"] >= 0 for r in fits)
+    headrooms = [r["headroom_bytes"] for r in fits]
+    assert headrooms == sorted(headrooms, reverse=True)
+    assert all(r["reason"] for r in doc["does_not_fit"])
+    for r in fits + doc["does_not_fit"]:
+        p = r["parallel"]
+        assert p["tp"] * p["pp"] * p["dp"] == 16
+
+
+def test_plan_peak_is_the_full_replay_for_an_fsdp_layout() -> None:
+    """The plan extrapolates from 3- and 4-layer replays; the peak matches the replay of all
+    16 layers (Llama-3.2-1B shape, FSDP2 full over 8 ranks)."""
+    from vramfit.catalog import find_gpu
+    from vramfit.config import Workload
+    from vramfit.estimate.core import Hardware
+    from vramfit.estimate.plan import Plan, judge
+    from vramfit.presets import get_preset
+
+    gpu = find_gpu("H100")
+    hw = Hardware(gpu.name, gpu.memory_bytes, (9, 0))
+    spec = get_preset("llama-3.2-1b").model.model_copy(update={"params": None})
+    w = Workload.model_validate({**TRAIN, "batch": 2, "seq": 1024, "checkpointing": "full"})
+    par = Parallel(gpus=8, fsdp="full")
+    full = estimate(RunSpec(model=spec, workload=w, parallel=par), hw)
+    judged = judge(spec, w, par, hw, Plan(8, hw, w))
+    assert judged.peak_allocated_bytes is not None
+    assert abs(judged.peak_allocated_bytes / full.peak_allocated_bytes - 1) < 0.01

@@ -732,6 +732,97 @@ def estimate(
         _default(run, hardware, as_json)
 
 
+@app.command()
+def plan(
+    gpus: Annotated[
+        int, typer.Option("--gpus", parser=_whole(MAX_GPUS, least=2), help="World size.")
+    ],
+    gpu: Annotated[str, typer.Option("--gpu", help="GPU of every rank (see `vramfit gpus`).")],
+    preset: PresetOpt = None,
+    hf_config: HfOpt = None,
+    params: ParamsOpt = None,
+    layers: LayersOpt = None,
+    hidden: HiddenOpt = None,
+    seq: SeqOpt = None,
+    batch: Annotated[
+        int | None,
+        typer.Option(
+            "--batch", parser=_whole(MAX_BATCH), help="Sequences per data-parallel replica "
+            "(default: 1)."
+        ),
+    ] = None,
+    precision: PrecisionOpt = None,
+    optimizer: OptimizerOpt = None,
+    loop: LoopOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the multi-GPU layouts that fit --gpus GPUs, most headroom first, and why the rest
+    do not: FSDP2 (also over tensor-parallel shards), ZeRO 1-3, DDP with tensor and pipeline
+    parallelism, each with and without full checkpointing. Rank 0's peak is extrapolated from
+    3- and 4-layer replays; confirm a choice with `vramfit estimate`.
+
+    Exit code: 0 some layout fits, 1 none fits, 2 bad input.
+    """
+    import time
+
+    from vramfit.estimate.plan import make_plan
+
+    try:
+        run = build_run(
+            params=params, layers=layers, hidden=hidden, seq=seq, batch=batch, preset=preset,
+            hf_config=hf_config,
+            workload_overrides={
+                "precision": precision, "optimizer": optimizer, "loop": loop or "drops",
+            },
+        )
+        hardware = _hardware(gpu)
+        assert hardware is not None
+        started = time.perf_counter()
+        result = make_plan(run.model, run.workload, gpus, hardware)
+        elapsed = time.perf_counter() - started
+    except VramfitError as err:
+        _fail(err)
+        return
+    rows = [_candidate_json(c) for c in result.fits + result.rejected]
+    if as_json:
+        _print_json(
+            {
+                "gpus": gpus,
+                "gpu": _gpu_json(hardware),
+                "workload": run.workload.model_dump(mode="json"),
+                "fits": [r for r in rows if r["fits"]],
+                "does_not_fit": [r for r in rows if not r["fits"]],
+                "replays": result.replays,
+                "elapsed_s": round(elapsed, 3),
+                "notes": [
+                    "rank 0 (the busiest); peak extrapolated from 3- and 4-layer replays, device "
+                    "total approximate: confirm with vramfit estimate",
+                    "FSDP2 is measured (fake process group); ZeRO, DDP, TP and PP are modelled "
+                    "only; NCCL is a model",
+                ],
+            }
+        )
+    else:
+        from vramfit.render import render_plan
+
+        render_plan(_console(), run, hardware, gpus, rows, elapsed)
+    raise typer.Exit(EXIT_FITS if result.fits else EXIT_DOES_NOT_FIT)
+
+
+def _candidate_json(c: Any) -> dict[str, Any]:
+    par = c.parallel
+    return {
+        "layout": c.layout,
+        "checkpointing": c.checkpointing.value,
+        "parallel": {**par.model_dump(mode="json"), "dp": par.dp},
+        "fits": c.reason is None,
+        "peak_allocated_bytes": c.peak_allocated_bytes,
+        "total_bytes": c.total_bytes,
+        "headroom_bytes": c.headroom_bytes,
+        "reason": c.reason,
+    }
+
+
 def _print_json(document: Any) -> None:
     import json
 

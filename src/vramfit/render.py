@@ -486,3 +486,44 @@ def measure_progress(console: Console) -> Iterator[Callable[[str, int, int], Non
             progress.refresh()  # phases can take minutes: show the new one at once
 
         yield on_progress
+
+
+def render_plan(
+    console: Console,
+    run: Any,
+    hardware: Any,
+    gpus: int,
+    rows: list[dict[str, Any]],
+    elapsed_s: float,
+) -> None:
+    """The layouts that fit (most headroom first), then the rest with their reason."""
+    wl = run.workload
+    console.print(
+        f"{format_count(run.model.params or 0) if run.model.params else ''} "
+        f"{run.model.layers} layers · hidden {run.model.hidden} on {gpus} x {hardware.name} "
+        f"({_gib(hardware.memory_bytes)} GiB) · batch {wl.batch} x seq {wl.seq} per replica · "
+        f"{wl.precision.value} · {wl.optimizer.value}"
+    )
+    table = Table(title="Layouts that fit (rank 0, GiB)", title_justify="left")
+    for name in ("layout", "checkpointing", "peak allocated", "device total", "headroom"):
+        table.add_column(name, justify="left" if name in ("layout", "checkpointing") else "right")
+    for r in rows:
+        if r["fits"]:
+            table.add_row(
+                r["layout"], r["checkpointing"], _gib(r["peak_allocated_bytes"]),
+                _gib(r["total_bytes"]), _gib(r["headroom_bytes"]),
+            )
+    console.print(table)
+    rest = Table(title="Layouts that do not fit", title_justify="left")
+    rest.add_column("layout")
+    rest.add_column("checkpointing")
+    rest.add_column("why")
+    for r in rows:
+        if not r["fits"]:
+            rest.add_row(r["layout"], r["checkpointing"], escape(r["reason"] or ""))
+    console.print(rest)
+    console.print(
+        f"[yellow]note:[/] {len(rows)} layouts in {elapsed_s:.2f} s; peaks extrapolated from 3- "
+        "and 4-layer replays, device totals approximate: confirm with `vramfit estimate`. "
+        "FSDP2 is measured (fake process group); ZeRO, DDP, TP and PP are modelled only."
+    )

@@ -247,8 +247,9 @@ def fsdp_training_steps(
     """The first and a steady training step of rank 0 under FSDP2 (``vramfit.estimate.fsdp``):
     the hf profile's graph in ``param_dtype``, whose parameters the FSDP hooks all-gather and
     free around each layer, and an optimizer over the fp32 shards."""
-    from vramfit.estimate import fsdp
+    from vramfit.estimate import fsdp, parallel
 
+    spec = parallel.tp_block(spec, par)  # with tp > 1, the 2-D layout: FSDP over TP shards
     b = hf.resolve(spec)
     cw = fsdp.compute_workload(w)
     graph, model, logits, loss = hf.build(spec, cw, grad=True, batch=w.batch, seq=w.seq)
