@@ -257,8 +257,8 @@ def test_plan_lists_fitting_layouts_by_headroom(capsys: pytest.CaptureFixture[st
 
 
 def test_plan_peak_is_the_full_replay_for_an_fsdp_layout() -> None:
-    """The plan extrapolates from 3- and 4-layer replays; the peak matches the replay of all
-    16 layers (Llama-3.2-1B shape, FSDP2 full over 8 ranks)."""
+    """The plan extrapolates from 3- and 4-layer replays (and 2 and 3 micro-batches in flight);
+    the peak matches the replay of every layer and micro-batch (Llama-3.2-1B shape)."""
     from vramfit.catalog import find_gpu
     from vramfit.config import Workload
     from vramfit.estimate.core import Hardware
@@ -269,8 +269,13 @@ def test_plan_peak_is_the_full_replay_for_an_fsdp_layout() -> None:
     hw = Hardware(gpu.name, gpu.memory_bytes, (9, 0))
     spec = get_preset("llama-3.2-1b").model.model_copy(update={"params": None})
     w = Workload.model_validate({**TRAIN, "batch": 2, "seq": 1024, "checkpointing": "full"})
-    par = Parallel(gpus=8, fsdp="full")
-    full = estimate(RunSpec(model=spec, workload=w, parallel=par), hw)
-    judged = judge(spec, w, par, hw, Plan(8, hw, w))
-    assert judged.peak_allocated_bytes is not None
-    assert abs(judged.peak_allocated_bytes / full.peak_allocated_bytes - 1) < 0.01
+    for par in (
+        Parallel(gpus=8, fsdp="full"),
+        # 16 layers over 4 stages, 4 of 8 micro-batches in flight on the first
+        Parallel(gpus=8, tp=2, pp=4, micro_batches=8),
+    ):
+        wl = w if par.pp == 1 else Workload.model_validate({**w.model_dump(), "batch": 8})
+        full = estimate(RunSpec(model=spec, workload=wl, parallel=par), hw)
+        judged = judge(spec, wl, par, hw, Plan(par.gpus, hw, wl))
+        assert judged.peak_allocated_bytes is not None
+        assert abs(judged.peak_allocated_bytes / full.peak_allocated_bytes - 1) < 0.01, par

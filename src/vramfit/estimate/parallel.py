@@ -155,8 +155,10 @@ def training_steps(
     par: Parallel,
     workspace_bytes: int,
     mp: Multiprocessors = H200,
+    in_flight: int | None = None,
 ) -> LayoutSteps:
-    """Rank 0's first and steady training steps under ``par``."""
+    """Rank 0's first and steady training steps under ``par`` (``in_flight``: see
+    ``schedule.replicated_training_steps``)."""
     from vramfit.estimate import schedule
 
     notes = []
@@ -171,7 +173,7 @@ def training_steps(
             notes.append("offload params: modelled as the GPU layout (CPUOffloadPolicy is not)")
         return LayoutSteps(first, steady, block, nccl_bytes(par), cpu, notes)
     first, steady, block, cpu = schedule.replicated_training_steps(
-        spec, w, par, workspace_bytes, mp
+        spec, w, par, workspace_bytes, mp, in_flight
     )
     notes.append("modelled only (not measured): " + describe(par))
     return LayoutSteps(first, steady, block, nccl_bytes(par), cpu, notes)

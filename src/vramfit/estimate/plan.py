@@ -26,9 +26,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from vramfit.config import Checkpointing, Fsdp, ModelSpec, Parallel, RunSpec, Workload
+from vramfit.config import Checkpointing, Fsdp, ModelSpec, Parallel, Workload
 from vramfit.errors import VramfitError
-from vramfit.estimate.core import Hardware, estimate
+from vramfit.estimate.core import Hardware
 from vramfit.estimate.parallel import describe
 from vramfit.estimate.params import count_params
 
@@ -129,7 +129,7 @@ _LAYER_INDEX = re.compile(r"(block |layers\.|h\.)(\d+)")
 
 
 def _replay(
-    spec: ModelSpec, w: Workload, par: Parallel, hardware: Hardware, layers: int
+    spec: ModelSpec, w: Workload, par: Parallel, hardware: Hardware, layers: int, in_flight: int
 ) -> tuple[dict[tuple[int, str, str, int], int], int, int]:
     """Allocated bytes at the points outside the layers of the three replayed steps, keyed by
     (step, phase, name, occurrence from the phase's end); the peak; and the device total less
@@ -142,7 +142,8 @@ def _replay(
 
     workspace = cublas_workspace_bytes(None, hardware.compute_capability)
     mp = hardware.multiprocessors or H200
-    steps = parallel.training_steps(spec.resolved(), w, par, workspace, mp)
+    held = in_flight if par.pp > 1 else None
+    steps = parallel.training_steps(spec.resolved(), w, par, workspace, mp, held)
     timelines = [steps.first, steps.steady]  # a third step changes a plan's numbers little
     rep = replay(timelines)
     points: dict[tuple[int, str, str, int], int] = {}
@@ -185,25 +186,41 @@ def judge(
         return Candidate(
             par, ckpt, reason=f"model states and layer inputs alone need {need:,.1f} GiB"
         )
-    if layers <= 4:
-        run = RunSpec(model=_at_layers(spec, layers, par.pp), workload=w, parallel=par)
-        est = estimate(run, hardware)
-        plan.replays += 1
-        peak, total = est.peak_allocated_bytes, est.total_bytes
-    else:
-        small = [_replay(_at_layers(spec, k, par.pp), w, par, hardware, k) for k in (3, 4)]
-        plan.replays += 2
-        (a, a_peak, _), (b, b_peak, rest) = small
-        # the peak, and each point outside the layers that both replays share, grow linearly
-        # with the layers: the largest of them at the rank's layers (the peak of 3 or 4 layers
-        # can sit at the root's reduce-scatter, where activations are gone)
-        peak = max(
-            b_peak + (layers - 4) * (b_peak - a_peak),
-            *(b[key] + (layers - 4) * (b[key] - a[key]) for key in b.keys() & a.keys()),
-        )
-        # the allocator's reserve above the peak (and the context, NCCL) is taken as the
-        # 4-layer replay's: fragmentation does not grow linearly with layers
-        total = peak + rest
+    # replays at 3 and 4 layers per rank (all of them when fewer) and, on a pipeline's first
+    # stage, with 2 and 3 micro-batches in flight (all of them when fewer; with one, the peak
+    # can be the optimizer step's, from two on it is the backward's and grows linearly)
+    ls = (layers,) if layers <= 4 else (3, 4)
+    ks = (in_flight,) if in_flight <= 3 else (2, 3)
+    grid = {
+        (n, k): _replay(_at_layers(spec, n, par.pp), w, par, hardware, n, k)
+        for n in ls
+        for k in ks
+    }
+    plan.replays += len(grid)
+
+    def at_rank(v: dict[tuple[int, int], int]) -> int:
+        """Bilinear in layers and micro-batches in flight: each adds the same bytes."""
+        (l0, k0), x, y = (ls[0], ks[0]), layers - ls[0], in_flight - ks[0]
+        base = v[(l0, k0)]
+        dl = v[(ls[-1], k0)] - base
+        dk = v[(l0, ks[-1])] - base
+        dlk = v[(ls[-1], ks[-1])] - v[(ls[-1], k0)] - v[(l0, ks[-1])] + base
+        return base + x * dl + y * dk + x * y * dlk
+
+    # the peak, and each point outside the layers that every replay shares, grow so: the
+    # largest of them at the rank's size (the peak of a short replay can sit at the root's
+    # reduce-scatter, where the activations are gone)
+    # (with several micro-batches sampled, a point's occurrences do not line up: peak only)
+    shared = set.intersection(*(set(r[0]) for r in grid.values())) if len(ks) == 1 else set()
+    peak = max(
+        [
+            at_rank({g: r[1] for g, r in grid.items()}),
+            *(at_rank({g: r[0][key] for g, r in grid.items()}) for key in shared),
+        ]
+    )
+    # the allocator's reserve above the peak (and the context, NCCL) is taken as the largest
+    # replay's: fragmentation does not grow linearly
+    total = peak + grid[(ls[-1], ks[-1])][2]
     headroom = hardware.memory_bytes - total
     reason = None if headroom >= 0 else f"needs {total / 2**30:,.1f} GiB"
     return Candidate(par, ckpt, peak, total, headroom, reason)

@@ -336,10 +336,12 @@ def replicated_training_steps(
     par: Parallel,
     workspace_bytes: int,
     mp: Multiprocessors = H200,
+    in_flight: int | None = None,
 ) -> tuple[Timeline, Timeline, dict[str, int], int]:
     """Rank 0's steps under DDP, ZeRO 1-3 (DeepSpeed), tensor and pipeline parallelism
     (``vramfit.estimate.parallel``); the last item is the bytes offloaded to the CPU. Modelled
-    from the engines' documented allocations, not measured."""
+    from the engines' documented allocations, not measured. ``in_flight`` overrides the
+    micro-batches the first stage holds (``vramfit plan`` replays 1 and 2 and extrapolates)."""
     from vramfit.estimate import fsdp, parallel
 
     rank_spec = parallel.tp_block(spec, par)
@@ -347,12 +349,13 @@ def replicated_training_steps(
     zero = par.zero
     # DeepSpeed runs the module in 16 bits (its bf16 / fp16 modes); DDP runs the user's recipe
     cw = fsdp.compute_workload(w) if zero else w
-    in_flight = 1
+    held = 1
     batch = w.batch
     if par.pp > 1:
         micro = par.micro_batches or par.pp
         batch = w.batch // micro
-        in_flight = min(par.pp, micro)  # 1F1B: the first stage's warm-up forwards
+        held = min(par.pp, micro)  # 1F1B: the first stage's warm-up forwards
+    in_flight = held if in_flight is None else in_flight
     head = par.pp == 1
     graph, model, logits, loss = hf.build(
         rank_spec, cw, grad=True, batch=batch, seq=w.seq, head=head
