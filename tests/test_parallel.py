@@ -279,3 +279,25 @@ def test_plan_peak_is_the_full_replay_for_an_fsdp_layout() -> None:
         judged = judge(spec, wl, par, hw, Plan(par.gpus, hw, wl))
         assert judged.peak_allocated_bytes is not None
         assert abs(judged.peak_allocated_bytes / full.peak_allocated_bytes - 1) < 0.01, par
+
+
+def test_tensor_parallel_divides_attention_and_mlp_not_the_norms() -> None:
+    """Korthikanti et al. 2022, Section 4.2 / Table 2: with tensor parallelism over t ranks the
+    attention and MLP activations are divided by t, the layer-norm inputs, dropout masks and
+    the projections' inputs are not (sbh(10 + 24/t) for their GPT block); sequence parallelism
+    shards the layer-norm and dropout part too. DTensor's SequenceParallel keeps the
+    all-gathered projection inputs (Megatron re-gathers them in backward instead)."""
+    gpt2 = {"arch": "gpt2", "layers": 2, "hidden": 1024, "heads": 16}
+    w = {**TRAIN, "precision": "bf16", "batch": 2, "seq": 512}
+
+    def parts(par: dict[str, Any]) -> dict[str, int]:
+        run = RunSpec.model_validate({"model": gpt2, "workload": w, "parallel": par})
+        return estimate(run).block_activation_bytes
+
+    one, tp, sp = parts({"gpus": 2, "ddp": True}), parts({"gpus": 8, "tp": 8}), parts(
+        {"gpus": 8, "tp": 8, "sp": True}
+    )
+    assert tp["norm"] == one["norm"]
+    assert tp["attention"] * 8 == one["attention"] and tp["mlp"] * 8 == one["mlp"]
+    assert sp["norm"] * 8 < tp["norm"]
+    assert sum(sp.values()) < sum(tp.values())

@@ -16,8 +16,11 @@ DDP, TP and PP are models of the engines' documented allocations, unmeasured.
   them.
 - **TP** (``torch.distributed.tensor.parallel.parallelize_module``, ColwiseParallel on q/k/v,
   gate, up; RowwiseParallel on o, down): each rank holds heads/T of attention and ffn/T of
-  the MLP; norms, embeddings and lm_head stay replicated. Sequence parallel shards the
-  norm/residual activations over the sequence (Korthikanti et al. 2022, Table 2).
+  the MLP; norms, embeddings and lm_head stay replicated. Sequence parallel (DTensor
+  ``SequenceParallel``) runs the norms, dropouts and residuals on seq/T tokens, all-gathering
+  before each colwise projection (which saves the gathered input) and reduce-scattering after
+  each rowwise one (``vramfit.estimate.profiles.hf.Model.gather`` / ``scatter``); Megatron's
+  variant (Korthikanti et al. 2022, Table 2) re-gathers in backward instead.
 - **PP** (1F1B, Narayanan et al. 2021): the first stage holds layers/P layers (rounded up) and
   the embeddings, and keeps min(P, M) micro-batches of activations in flight.
 """

@@ -252,7 +252,9 @@ def fsdp_training_steps(
     spec = parallel.tp_block(spec, par)  # with tp > 1, the 2-D layout: FSDP over TP shards
     b = hf.resolve(spec)
     cw = fsdp.compute_workload(w)
-    graph, model, logits, loss = hf.build(spec, cw, grad=True, batch=w.batch, seq=w.seq)
+    graph, model, logits, loss = hf.build(
+        spec, cw, grad=True, batch=w.batch, seq=w.seq, sp=par.tp if par.sp else 1
+    )
     assert loss is not None
     if w.loop is Loop.keeps_logits:
         graph.hold(logits, "step")
@@ -358,7 +360,8 @@ def replicated_training_steps(
     in_flight = held if in_flight is None else in_flight
     head = par.pp == 1
     graph, model, logits, loss = hf.build(
-        rank_spec, cw, grad=True, batch=batch, seq=w.seq, head=head
+        rank_spec, cw, grad=True, batch=batch, seq=w.seq, head=head,
+        sp=par.tp if par.sp else 1,
     )
     assert loss is not None
     if not head:

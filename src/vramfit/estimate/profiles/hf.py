@@ -281,6 +281,8 @@ class Model:
             )
             self.params["lm_head.weight"] = self.params[key]
         self.head = True  # the final norm, lm_head and loss run here (not a first PP stage)
+        self.sp = 1  # sequence-parallel degree (tensor parallel with --sp)
+        self._seq_sharded = False
         self.cache: list[Tensor] = []  # the DynamicCache's K/V tensors
         self.past: list[tuple[Tensor, Tensor]] = []  # a decode step's cached K/V (inputs)
 
@@ -340,7 +342,24 @@ class Model:
 
     @property
     def n(self) -> int:
-        return self.batch * self.seq
+        """Tokens the current op sees: a sequence-parallel rank's norms and residuals see
+        seq / sp of them."""
+        return self.batch * self.seq // (self.sp if self._seq_sharded else 1)
+
+    def gather(self, name: str, x: Tensor, part: str) -> Tensor:
+        """Sequence parallel's all-gather before a colwise projection (DTensor
+        ``PrepareModuleInput`` with ``Shard(1)`` in, ``Replicate`` out): a new full-sequence
+        tensor, which the projections save; its backward reduce-scatters the gradient."""
+        if self.sp == 1:
+            return x
+        return self.ops.unary(f"{name} all-gather", x, numel=x.numel * self.sp, part=part)
+
+    def scatter(self, name: str, x: Tensor) -> Tensor:
+        """Sequence parallel's reduce-scatter after a rowwise projection (``output_layouts
+        Shard(1)``): this rank's seq / sp rows; the backward all-gathers the gradient."""
+        if self.sp == 1:
+            return x
+        return self.ops.unary(f"{name} reduce-scatter", x, numel=x.numel // self.sp)
 
     def p(self, name: str) -> Tensor:
         return self.params[name]
@@ -597,8 +616,13 @@ class Model:
         self.g.unit_begin(i)
         if self.checkpoint:
             self.g.checkpoint_begin()
+        self._seq_sharded = self.sp > 1
         normed = self.norm(f"{prefix}.ln_1" if gpt2 else f"{prefix}.input_layernorm", x)
-        attn = self.attention(i, prefix, normed, cos, sin, mask)
+        self._seq_sharded = False
+        gathered = self.gather(f"{prefix} attention input", normed, "attention")
+        attn = self.attention(i, prefix, gathered, cos, sin, mask)
+        attn = self.scatter(f"{prefix} attention output", attn)
+        self._seq_sharded = self.sp > 1
         o.keep(normed)  # the layer's hidden_states still names it
         if b.norms_per_layer == 4:
             attn = self.norm(f"{prefix}.post_attention_layernorm", attn)
@@ -614,11 +638,15 @@ class Model:
             normed = self.norm(
                 f"{prefix}.ln_2" if gpt2 else f"{prefix}.post_attention_layernorm", x
             )
-        m = self.mlp(prefix, normed)
+        self._seq_sharded = False
+        m = self.mlp(prefix, self.gather(f"{prefix} MLP input", normed, "mlp"))
+        m = self.scatter(f"{prefix} MLP output", m)
+        self._seq_sharded = self.sp > 1
         if b.norms_per_layer == 4:
             m = self.norm(f"{prefix}.post_feedforward_layernorm", m)
         m = o.dropout("MLP dropout", m, b.resid_dropout if self.training else 0)
         out = o.binary("residual 2", x, m, "add", part="norm")
+        self._seq_sharded = False
         o.keep(normed)
         if self.checkpoint:
             self.g.checkpoint_end()
@@ -669,13 +697,20 @@ class Model:
             keys = self.seq + self.cached
             mask = Tensor("causal mask", self.seq * keys, DType.fp32)
             g.node("causal mask", [], [mask], scratch=[("bool mask", self.seq * keys)])
+        # sequence parallel: the embedding's output is reduce-scattered to this rank's rows
+        # (RowwiseParallel, output_layouts Shard(1)), the final norm runs on them and lm_head
+        # gathers them back
+        x = self.scatter("embeddings", x)
         for i in range(b.layers):
             x = self.block(i, x, cos, sin, mask)
         if mask is not None:
             o.keep(mask)
         if not self.head:  # a first pipeline stage: its output goes to the next stage
             return x, x
+        self._seq_sharded = self.sp > 1
         x = self.norm("transformer.ln_f" if gpt2 else "model.norm", x)
+        self._seq_sharded = False
+        x = self.gather("lm_head input", x, "")
         if not self.all_logits:
             x = o.slice(x, self.batch * h, "last position")
         logits = o.linear(
@@ -722,6 +757,7 @@ def build(
     all_logits: bool = True,
     use_cache: bool | None = None,
     head: bool = True,
+    sp: int = 1,
 ) -> tuple[Graph, Model, Tensor, Tensor | None]:
     """The graph of one forward of ``spec``: (graph, model, logits, loss or None). Without
     ``head`` (a first pipeline stage) the graph stops at the last block, whose output stands
@@ -742,6 +778,7 @@ def build(
         spec=spec,
     )
     m.head = head
+    m.sp = sp
     ids = g.leaf(
         "input ids", batch * seq, DType.int64, requires_grad=False, component=Component.activations
     )
