@@ -242,7 +242,8 @@ def test_fake_process_group_runs_fsdp2_on_the_cpu() -> None:
 
 def test_plan_lists_fitting_layouts_by_headroom(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = cli(
-        capsys, "plan", "--preset", "llama-3.2-1b", "--gpu", "H100", "--gpus", "16", "--json"
+        capsys, "plan", "--layers", "8", "--hidden", "512", "--gpu", "H100", "--gpus", "16",
+        "--json",
     )
     assert code == 0
     doc = json.loads(out)
