@@ -477,3 +477,37 @@ def test_gpt2_conv1d_and_tied_head_quantized(quant: Quant, tmp_path: Path) -> No
     spec = ModelSpec(arch="gpt2", layers=2, hidden=64, heads=4, vocab=101, max_positions=32)
     assert weight_storage(spec, lora, quant, prepared_for_kbit=True).total == real
     assert trainable_and_total(spec, lora, quant) == model.get_nb_trainable_parameters()
+
+
+def test_measuring_a_quantized_model_leaves_no_checkpoint_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``measure`` saves a random checkpoint to load it quantized, as users do; every such
+    checkpoint is removed once loaded (a run of 7B cases otherwise fills the disk)."""
+    pytest.importorskip("bitsandbytes")
+    import tempfile
+
+    from vramfit.config import RunSpec
+    from vramfit.measure.hf import build_hf_model
+
+    made: list[Path] = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args: Any, **kwargs: Any) -> str:
+        made.append(Path(real_mkdtemp(dir=tmp_path)))
+        return str(made[-1])
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    run = RunSpec.model_validate(
+        {
+            "model": {"arch": "llama", "layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2,
+                      "vocab": 128, "ffn": 176},
+            "workload": {"impl": "hf", "mode": "infer", "batch": 1, "seq": 8, "precision": "bf16",
+                         "quant": {"kind": "nf4", "compute_dtype": "bf16"}},
+        }
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_hf_model(run.model.resolved(), run.workload, "cpu", torch.bfloat16)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert len(made) == 1 and not made[0].exists()

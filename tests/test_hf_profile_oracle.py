@@ -31,7 +31,7 @@ MODELS = {
     "mistral": {"arch": "llama", "model_type": "mistral", **TINY},
     "phi3": {"arch": "llama", "model_type": "phi3", **TINY},
     "gemma2": {"arch": "llama", "model_type": "gemma2", "head_dim": 16, "tied": True,
-               "norms_per_layer": 4, **TINY},
+               "norms_per_layer": 4, "sliding_window": 4096, "sliding_window_every": 2, **TINY},
 }
 DTYPES = {"fp32": (torch.float32, "fp32"), "bf16": (torch.bfloat16, "bf16")}
 TORCH_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",

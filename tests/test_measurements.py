@@ -29,6 +29,8 @@ SETS = {
         "h200-hf-validation1/hf-validation1.jsonl",
         "h200-ft-validation1/ft-validation1-adam8bit.jsonl",
         "h200-ft-validation1/ft-validation1-rerun.jsonl",
+        "h200-hf-validation2/hf-validation2.jsonl",
+        "h200-ft-validation2/ft-validation2.jsonl",
     ],
 }
 

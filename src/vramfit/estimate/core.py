@@ -9,7 +9,7 @@ from vramfit.estimate.inference import build_inference_timeline, kv_cache_bytes
 from vramfit.estimate.kernels import H200, Multiprocessors
 from vramfit.estimate.overhead import cublas_workspace_bytes, cuda_context_bytes
 from vramfit.estimate.params import ParamCounts, count_params
-from vramfit.estimate.profiles.hf import hf_unsupported
+from vramfit.estimate.profiles.hf import hf_caveats, hf_unsupported
 from vramfit.estimate.schedule import hf_inference, hf_training_steps
 from vramfit.estimate.timeline import TENSOR_COMPONENTS, replay
 from vramfit.estimate.training import build_training_steps
@@ -97,6 +97,8 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
     if unsupported:
         notes.append(f"{unsupported}: estimated with the reference implementation")
         hf_impl = False
+    if hf_impl:
+        notes += hf_caveats(spec, workload)
     par = run.parallel
     nccl = cpu = 0
     if training and not par.single:

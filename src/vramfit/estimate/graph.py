@@ -333,8 +333,11 @@ class _Sim:
     """Replays a Graph onto a Tape: storages with reference counts, as Python and autograd
     hold them."""
 
-    def __init__(self, graph: Graph, tape: Tape, mp: Multiprocessors) -> None:
+    def __init__(
+        self, graph: Graph, tape: Tape, mp: Multiprocessors, adopt: dict[int, int] | None = None
+    ) -> None:
         self.g, self.tape, self.mp = graph, tape, mp
+        self.adopt = adopt or {}  # tensor id -> the tape key of a tensor made before the graph
         self.storage: dict[int, _Storage] = {}
         self.saved_refs: dict[int, list[Tensor]] = {}  # node id -> tensors it holds
         self.leaf_grads: dict[int, Grad] = {}  # leaf id -> its .grad
@@ -358,7 +361,9 @@ class _Sim:
     def make(self, t: Tensor) -> None:
         """Allocate ``t`` (a view allocates nothing)."""
         if t.base is None:
-            key = self.tape.new(t.name, t.component, t.nbytes, part=t.part)
+            key = self.adopt.get(id(t))
+            if key is None:
+                key = self.tape.new(t.name, t.component, t.nbytes, part=t.part)
             self.storage[id(t)] = _Storage(key)
 
     def ref(self, t: Tensor) -> None:
@@ -400,12 +405,15 @@ def run_forward(
     *,
     mp: Multiprocessors = H200,
     workspaces: Workspaces | None = None,
+    adopt: dict[int, int] | None = None,
     hooks: Hooks | None = None,
 ) -> _Sim:
     """Replay the forward of ``graph`` onto ``tape`` (in the tape's current phase), keeping
     what autograd saves. Returns the state that ``end_forward`` and ``run_backward`` take.
-    ``hooks``: a parallel engine's module hooks (``Hooks``), kept for the backward."""
-    sim = _Sim(graph, tape, mp)
+    ``adopt`` maps tensors the graph makes to tensors already on the tape (a decode step's
+    cache is the one the previous step left). ``hooks``: a parallel engine's module hooks
+    (``Hooks``), kept for the backward."""
+    sim = _Sim(graph, tape, mp, adopt)
     sim.workspaces = workspaces
     sim.hooks = hooks
     unit: int | None = None

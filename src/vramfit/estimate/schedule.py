@@ -60,16 +60,27 @@ def _weights(t: Tape, model: hf.Model, spec: ModelSpec, first: bool) -> list[Ten
     return [p for p in model.param_list if p.trainable]
 
 
-def _optimizer_state(optimizer: Optimizer, params: list[Tensor]) -> list[int]:
+EMBEDDINGS = ("transformer.wte.weight", "transformer.wpe.weight", "model.embed_tokens.weight")
+
+
+def _optimizer_state(w: Workload, params: list[Tensor]) -> list[int]:
     """Persistent state tensors, each parameter's in its own dtype: torch.optim.AdamW's two
     moments (and, fused, a device ``step`` tensor per parameter: torch/optim/adamw.py
     ``_init_group``); bitsandbytes' 8-bit AdamW as 0.50.2 stores it (block-wise uint8 states,
-    fp32 under 4096 elements: ``vramfit.estimate.finetune.optimizer_state``)."""
+    fp32 under 4096 elements: ``vramfit.estimate.finetune.optimizer_state``). The Trainer
+    overrides every ``nn.Embedding`` weight to 32-bit states for a bnb 8-bit optimizer
+    (``GlobalOptimManager.register_module_override(module, "weight", {"optim_bits": 32})``,
+    transformers/trainer.py ``create_optimizer``): two fp32 moments for those."""
+    optimizer = w.optimizer
     if optimizer is Optimizer.adam_8bit:
+        full = [p for p in params if w.trainer and p.name in EMBEDDINGS]
+        rest = [p for p in params if p not in full]
         state = finetune.optimizer_state(
-            [(p.numel,) for p in params], finetune.StateOptimizer.bnb_adamw_8bit
+            [(p.numel,) for p in rest], finetune.StateOptimizer.bnb_adamw_8bit
         )
-        return [nbytes for _, _, nbytes, paged in state.tensors if not paged]
+        return [4 * p.numel for p in full for _ in range(2)] + [
+            nbytes for _, _, nbytes, paged in state.tensors if not paged
+        ]
     base = (
         Optimizer.adamw
         if optimizer in (Optimizer.adamw_foreach, Optimizer.adamw_forloop)
@@ -98,7 +109,7 @@ def _step(t: Tape, w: Workload, params: list[Tensor], first: bool) -> None:
         t.free(*norms, stacked)
     t.op("optimizer step")
     if first:
-        t.persist("optimizer state", Component.optimizer_state, _optimizer_state(optimizer, params))
+        t.persist("optimizer state", Component.optimizer_state, _optimizer_state(w, params))
     if optimizer is Optimizer.adamw_forloop:
         # _single_tensor_adamw: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps),
         # one parameter at a time: sqrt's result and the quotient live together
@@ -157,7 +168,7 @@ def hf_training_steps(
         t.persist("input ids and labels", Component.activations, [w.batch * w.seq * INT64] * 2)
         if not first:
             t.persist(
-                "optimizer state", Component.optimizer_state, _optimizer_state(w.optimizer, params)
+                "optimizer state", Component.optimizer_state, _optimizer_state(w, params)
             )
             made = Workspaces(t, workspace_bytes)
             made.matmul("forward", _uses_bias(b))
@@ -187,53 +198,96 @@ def _block_bytes(t: Tape, forward_end: int) -> dict[str, int]:
 
 
 def hf_inference(spec: ModelSpec, w: Workload, workspace_bytes: int) -> Timeline:
-    """An evaluation forward (every position's logits) or generate(): a prefill that keeps
-    the last position's logits, then the last decode step against the grown cache."""
+    """An evaluation forward (every position's logits) or greedy ``generate()``: a prefill
+    that keeps the last position's logits, then every decode step (``_sample`` in
+    transformers/generation/utils.py), each growing every layer's cache by one token."""
     b = hf.resolve(spec)
     t = Tape(phase="prefill")
-    all_logits = (w.logits.value == "all") if w.logits is not None else not w.gen_tokens
+    gen = w.gen_tokens or 0
+    all_logits = (w.logits.value == "all") if w.logits is not None else not gen
     graph, model, logits, _ = hf.build(
-        spec, w, grad=False, batch=w.batch, seq=w.seq, all_logits=all_logits, use_cache=True
+        spec,
+        w,
+        grad=False,
+        batch=w.batch,
+        seq=w.seq,
+        all_logits=all_logits,
+        use_cache=True,
+        generate=bool(gen),
     )
     _weights(t, model, spec, True)
     t.op("start")
     t.persist("input ids", Component.activations, [w.batch * w.seq * INT64])
     graph.hold(logits, "step")
-    cache = list(model.cache)
-    for kv in cache:
-        graph.hold(kv, "step")
+    for kv in model.cache:
+        graph.hold(kv, "generate" if gen else "step")
     ws = Workspaces(t, workspace_bytes)
     sim = run_forward(graph, t, workspaces=ws)
     end_forward(sim)
-    if w.gen_tokens:
-        # generate: next_token_logits = logits[:, -1, :].to(float32); the outputs are dropped
-        t.op("next token logits")
-        t.temp("fp32 next-token logits", Component.logits, w.batch * b.vocab * 4)
+    if not gen:
+        t.op("end")
         release_held(sim, "step")
-        t.phase = "decode"
-        # the last step: the cache has grown to seq + gen_tokens - 1 tokens; each layer's cat
-        # makes the longer K and V, and the shorter ones die as they are replaced
-        cached = w.seq + w.gen_tokens - 1
+        return t.finish()
+    # next_token_logits = outputs.logits[:, -1, :].to(copy=True, dtype=float32), then
+    # `del outputs`; with no logits processors next_token_scores is that same tensor, and
+    # it lives until the next step's replaces it
+    t.op("next token logits")
+    fp32_logits = w.batch * b.vocab * 4
+    scores = t.new("fp32 next-token logits", Component.logits, fp32_logits)
+    release_held(sim, "step")
+    caches = [sim.st(kv).key for kv in model.cache]
+    t.phase = "decode"
+    dt = hf.cache_dtype(b, w)
+    token = w.batch * b.kv_width * dt.size  # one token of one layer's K (or V)
+    step_logits = w.batch * b.vocab * logits.dtype.size
+    # DynamicSlidingWindowLayer keeps a view of the last window - 1 tokens of its full cat
+    windows = hf.cache_windows(spec)
+    seen = [w.seq if win is None else min(w.seq, win - 1) for win in windows]
+    # decode steps before the last: the cache's cats (new K and V, the old ones freed) and
+    # the step's logits, the rest of a one-token step being small-pool tensors
+    for _ in range(gen - 2):
+        for i, win in enumerate(windows):
+            t.op(f"block {i} cache update")
+            for j, kind in ((2 * i, "keys"), (2 * i + 1, "values")):
+                old = caches[j]
+                caches[j] = t.new(f"block {i} cached {kind}", Component.kv_cache,
+                                  token * (seen[i] + 1))
+                t.free(old)
+            seen[i] = seen[i] + 1 if win is None else min(seen[i] + 1, win - 1)
+        t.op("next token logits")
+        logits_key = t.new("logits", Component.logits, step_logits)
+        new_scores = t.new("fp32 next-token logits", Component.logits, fp32_logits)
+        t.free(scores, logits_key)
+        scores = new_scores
+    if gen >= 2:
+        # the last decode step, op by op, against the cache the earlier steps left
         step, m2, logits2, _ = hf.build(
             spec,
             w,
             grad=False,
             batch=w.batch,
             seq=1,
-            cached=cached,
+            cached=w.seq + gen - 2,
             all_logits=False,
             use_cache=True,
+            generate=True,
+            layer_cached=seen,
         )
+        past = [x for pair in m2.past for x in pair]
         step.hold(logits2, "step")
         for kv in m2.cache:
             step.hold(kv, "step")
-        sim2 = run_forward(step, t, workspaces=ws)
+        sim2 = run_forward(
+            step, t, workspaces=ws, adopt={id(x): key for x, key in zip(past, caches, strict=True)}
+        )
         end_forward(sim2)
-        t.op("end")
+        t.op("next token logits")
+        t.temp("fp32 next-token logits", Component.logits, fp32_logits)
+        t.free(scores)
         release_held(sim2, "step")
     else:
-        t.op("end")
-        release_held(sim, "step")
+        t.free(*caches, scores)
+    t.op("end")
     return t.finish()
 
 
@@ -273,7 +327,7 @@ def fsdp_training_steps(
         t.persist("input ids and labels", Component.activations, [w.batch * w.seq * INT64] * 2)
         if not first:
             t.persist(
-                "optimizer state", Component.optimizer_state, _optimizer_state(w.optimizer, shards)
+                "optimizer state", Component.optimizer_state, _optimizer_state(w, shards)
             )
             made = Workspaces(t, workspace_bytes)
             made.matmul("forward", _uses_bias(b))
@@ -412,7 +466,7 @@ def replicated_training_steps(
                 t.persist("optimizer state", Component.optimizer_state, states)
             else:
                 t.persist("optimizer state", Component.optimizer_state,
-                          _optimizer_state(w.optimizer, params))
+                          _optimizer_state(w, params))
             made = Workspaces(t, workspace_bytes)
             made.matmul("forward", _uses_bias(b))
             made.matmul("backward", _uses_bias(b) and w.checkpointing is Checkpointing.full)

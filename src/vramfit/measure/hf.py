@@ -11,6 +11,8 @@ forward under ``torch.no_grad`` (every position's logits) or ``model.generate``.
 
 from __future__ import annotations
 
+import copy
+import shutil
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -130,7 +132,7 @@ def build_hf_model(spec: ModelSpec, workload: Workload, device: str, dtype: Any)
         # BitsAndBytesConfig (the random one saved here, freed before loading)
         import gc
 
-        folder = tempfile.mkdtemp()
+        folder = tempfile.mkdtemp()  # removed once loaded: a 7B checkpoint is 15 GB of disk
         model.save_pretrained(folder)
         del model
         gc.collect()
@@ -155,13 +157,16 @@ def build_hf_model(spec: ModelSpec, workload: Workload, device: str, dtype: Any)
                 bnb_4bit_compute_dtype=names[quant.compute_dtype.value],
                 bnb_4bit_quant_storage=names[quant.quant_storage.value],
             )
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder,
-            quantization_config=config,
-            dtype=dtype,
-            device_map={"": device},
-            attn_implementation=attn,
-        )
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                folder,
+                quantization_config=config,
+                dtype=dtype,
+                device_map={"": device},
+                attn_implementation=attn,
+            )
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         if training:
             import peft
 
@@ -333,6 +338,18 @@ def trainer_loop(
         hook.remove()
 
 
+def greedy_config(model: Any, tokens: int) -> Any:
+    """Greedy decoding of exactly ``tokens`` new tokens with no logits processors: the
+    model's generation config without an end-of-sequence token (``min_new_tokens`` would
+    add a processor whose copies of the scores a plain ``generate`` does not make)."""
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None
+    config.max_new_tokens = tokens
+    config.min_new_tokens = None
+    config.do_sample = False
+    return config
+
+
 def run_hf(
     torch: Any,
     model: Any,
@@ -369,9 +386,7 @@ def run_hf(
                 state["out"] = model.generate(
                     x,
                     attention_mask=torch.ones_like(x),
-                    max_new_tokens=workload.gen_tokens,
-                    min_new_tokens=workload.gen_tokens,
-                    do_sample=False,
+                    generation_config=greedy_config(model, workload.gen_tokens),
                 )
             finally:
                 hook.remove()

@@ -144,6 +144,19 @@ def hf_unsupported(spec: ModelSpec, workload: Workload | None = None) -> str | N
     return None
 
 
+def hf_caveats(spec: ModelSpec, workload: Workload) -> list[str]:
+    """What the profile runs but does not model, said in the output."""
+    notes = []
+    window = spec.sliding_window
+    tokens = workload.seq + (workload.gen_tokens or 0)
+    if window is not None and tokens >= window and workload.attention is not Attention.eager:
+        notes.append(
+            f"{tokens} tokens reach the {window}-token sliding window: transformers then builds "
+            "an explicit mask and SDPA may pick another kernel; neither is modelled"
+        )
+    return notes
+
+
 def param_shapes(b: Block) -> list[tuple[str, int]]:
     """Every parameter as ``model.parameters()`` yields it: (name, elements)."""
     return [(name, numel) for name, _, numel in param_rows(b)]
@@ -246,12 +259,20 @@ class Model:
         cached: int = 0,
         use_cache: bool,
         all_logits: bool,
+        batched_positions: bool = False,
+        layer_cached: list[int] | None = None,
         spec: ModelSpec | None = None,
     ) -> None:
         self.b, self.w, self.g = b, w, g
+        self.spec = spec
         self.batch, self.seq, self.cached = batch, seq, cached
+        # tokens each layer's cache holds before this forward (a sliding layer stops growing)
+        self.layer_cached = layer_cached or [cached] * b.layers
         self.use_cache = use_cache
         self.all_logits = all_logits
+        # generate() passes position_ids built from the attention mask, (batch, seq); a
+        # plain forward leaves them None and the model uses cache_position.unsqueeze(0)
+        self.positions = batch * seq if batched_positions else seq
         self.weight = WEIGHT_DTYPE[w.precision]
         self.ops = Ops(g, AUTOCAST_DTYPE.get(w.precision))
         self.training = g.grad
@@ -284,6 +305,7 @@ class Model:
         self.sp = 1  # sequence-parallel degree (tensor parallel with --sp)
         self._seq_sharded = False
         self.cache: list[Tensor] = []  # the DynamicCache's K/V tensors
+        self.returned_weights: Tensor | None = None  # eager attention's probabilities
         self.past: list[tuple[Tensor, Tensor]] = []  # a decode step's cached K/V (inputs)
 
     def _finetune_params(self, spec: ModelSpec) -> None:
@@ -488,7 +510,7 @@ class Model:
                 # cat()s the rest back on, even when there is no rest: a heads-first copy
                 q = o.cat(f"{prefix} q with pass-through", [q])
                 k = o.cat(f"{prefix} k with pass-through", [k])
-        keys = self.seq + self.cached
+        keys = self.seq + self.layer_cached[i]
         if self.use_cache:
             # DynamicLayer.update: cat(keys, new) along the sequence; its first keys are an
             # empty tensor in the key states' dtype, which promotes the values' cat
@@ -575,6 +597,8 @@ class Model:
                 part="attention",
             )
         probs = o.dropout(f"{prefix} attention dropout", probs, p_drop, part="attention")
+        if not math:  # eager_attention_forward returns them: the layer's `_` holds them
+            self.returned_weights = probs
         pv = o.bmm(f"{prefix} probs @ v", probs, v, self.n * b.q_width)
         # transpose(1, 2).contiguous() / reshape: a copy to tokens first, saved by o_proj
         return o.unary(f"{prefix} attention output", pv, part="attention")
@@ -617,6 +641,8 @@ class Model:
         if self.checkpoint:
             self.g.checkpoint_begin()
         self._seq_sharded = self.sp > 1
+        layer_input = x
+        self.returned_weights = None
         normed = self.norm(f"{prefix}.ln_1" if gpt2 else f"{prefix}.input_layernorm", x)
         self._seq_sharded = False
         gathered = self.gather(f"{prefix} attention input", normed, "attention")
@@ -627,6 +653,7 @@ class Model:
         if b.norms_per_layer == 4:
             attn = self.norm(f"{prefix}.post_attention_layernorm", attn)
         attn = o.dropout("residual dropout", attn, b.resid_dropout if self.training else 0)
+        attn_output = attn
         x = (
             o.binary("residual 1", attn, x, "add", part="norm")
             if gpt2
@@ -648,6 +675,11 @@ class Model:
         out = o.binary("residual 2", x, m, "add", part="norm")
         self._seq_sharded = False
         o.keep(normed)
+        # the model's loop (`hidden_states = decoder_layer(hidden_states, ...)`) holds the
+        # layer's input until the layer returns; GPT2Block's `attn_output` is a local too
+        o.keep(layer_input, *([attn_output] if gpt2 else []))
+        if self.returned_weights is not None:  # `hidden_states, _ = self.self_attn(...)`
+            o.keep(self.returned_weights)
         if self.checkpoint:
             self.g.checkpoint_end()
         self.g.unit_end()
@@ -661,21 +693,24 @@ class Model:
         gpt2 = b.model_type is ModelType.gpt2
         emb_name = "transformer.wte.weight" if gpt2 else "model.embed_tokens.weight"
         x = o.embedding("embeddings", self.p(emb_name), ids, n, h)
+        model_locals = [x]  # the base model's forward names them until it returns
         if self.lora is not None and self.checkpoint:
             # gradient_checkpointing_enable -> enable_input_require_grads: a forward hook
             # makes the embedding output require grad (modeling_utils.py)
             x.requires_grad = True
         if gpt2:
             pos = o.embedding(
-                "position embeddings", self.p("transformer.wpe.weight"), ids, self.seq, h
+                "position embeddings", self.p("transformer.wpe.weight"), ids, self.positions, h
             )
+            model_locals.append(pos)
             x = o.binary("embeddings + positions", x, pos, "add", part="norm")
             x = o.dropout("embedding dropout", x, b.embd_dropout if self.training else 0)
-        if b.embed_scale:
+        if b.embed_scale:  # GemmaTextScaledWordEmbedding returns the scaled embeddings
             x = o.scalar("embeddings * sqrt(hidden)", x, part="norm")
+            model_locals = [x]
         cos = sin = None
         if not gpt2:  # LlamaRotaryEmbedding: fp32 with autocast off, then x.dtype
-            seq = self.seq
+            seq = self.positions
             hd = b.head_dim
             ang = Tensor("RoPE angles", seq * hd, DType.fp32)
             g.node(
@@ -686,6 +721,7 @@ class Model:
             )
             cos = o.cast(o.unary("RoPE cos", o.unary("cos", ang)), x.dtype, "cos")
             sin = o.cast(o.unary("RoPE sin", o.unary("sin", ang)), x.dtype, "sin")
+            model_locals += [cos, sin]
         mask = None
         # q reaches attention in the autocast dtype, else in the hidden states' (see attention)
         kernel = attention_kernel(b, self.w, o.autocast or x.dtype)
@@ -693,6 +729,11 @@ class Model:
             keys = self.seq + self.cached
             mask = Tensor("causal mask", self.batch * self.seq * keys, x.dtype)
             g.node("causal mask", [], [mask], scratch=[("bool mask", self.batch * self.seq * keys)])
+            if self.spec is not None and len(set(cache_windows(self.spec))) > 1:
+                # full and sliding layers (Gemma-2): causal_mask_mapping holds both masks
+                local = Tensor("sliding window mask", mask.numel, x.dtype)
+                g.node("sliding window mask", [], [local], scratch=[("bool mask", mask.numel)])
+                model_locals.append(local)
         elif kernel == "math" and self.seq > 1:  # is_causal needs q_length > 1
             keys = self.seq + self.cached
             mask = Tensor("causal mask", self.seq * keys, DType.fp32)
@@ -706,10 +747,13 @@ class Model:
         if mask is not None:
             o.keep(mask)
         if not self.head:  # a first pipeline stage: its output goes to the next stage
+            o.keep(*model_locals)
             return x, x
         self._seq_sharded = self.sp > 1
         x = self.norm("transformer.ln_f" if gpt2 else "model.norm", x)
         self._seq_sharded = False
+        o.keep(*model_locals)
+        hidden = x  # ForCausalLM's `hidden_states = outputs.last_hidden_state`, to its return
         x = self.gather("lm_head input", x, "")
         if not self.all_logits:
             x = o.slice(x, self.batch * h, "last position")
@@ -723,6 +767,7 @@ class Model:
         for t_ in (logits,):
             t_.component = Component.logits
         if labels is None:
+            o.keep(hidden)
             return logits, None
         o.prefix = ""
         # ForCausalLMLoss: logits.float(), labels padded and shifted, cross-entropy
@@ -733,8 +778,20 @@ class Model:
         shifted = Tensor("shifted labels", n, DType.int64)
         g.node("shift labels", [padded], [shifted])
         loss = o.cross_entropy(up, shifted)
+        o.keep(hidden)
         o.keep(logits)  # the model returns its logits: alive until the outputs are dropped
         return logits, loss
+
+
+def cache_windows(spec: ModelSpec) -> list[int | None]:
+    """Each layer's sliding window (None: full attention). A config with ``sliding_window``
+    and no ``layer_types`` makes every layer sliding; Gemma-2 alternates, sliding first
+    (``get_layer_types_and_kwargs`` in transformers/cache_utils.py, Gemma2Config)."""
+    every = spec.sliding_window_every
+    return [
+        spec.sliding_window if (every == 1 or (i + 1) % every) else None
+        for i in range(spec.layers)
+    ]
 
 
 def cache_dtype(b: Block, w: Workload) -> DType:
@@ -756,6 +813,8 @@ def build(
     cached: int = 0,
     all_logits: bool = True,
     use_cache: bool | None = None,
+    generate: bool = False,
+    layer_cached: list[int] | None = None,
     head: bool = True,
     sp: int = 1,
 ) -> tuple[Graph, Model, Tensor, Tensor | None]:
@@ -775,6 +834,8 @@ def build(
         cached=cached,
         use_cache=use_cache,
         all_logits=all_logits,
+        batched_positions=generate,
+        layer_cached=layer_cached,
         spec=spec,
     )
     m.head = head
@@ -794,7 +855,7 @@ def build(
             pair = tuple(
                 Tensor(
                     f"block {i} cached {x}",
-                    batch * cached * b.kv_width,
+                    batch * m.layer_cached[i] * b.kv_width,
                     dt,
                     component=Component.kv_cache,
                 )

@@ -1,0 +1,130 @@
+"""The hf profile against the real transformers modules: what an inference forward keeps alive.
+
+Each case builds a tiny transformers model on the CPU and runs a no-grad forward, an
+evaluation (every position's logits) or generate()'s prefill (position ids from the
+attention mask, ``logits_to_keep=1``), under a dispatch mode that tracks every storage an
+op makes until Python frees it (parameters, buffers and the inputs excluded). Its peak is
+compared with the peak of the profile's graph replayed onto a tape: what the model's Python
+code holds (``inputs_embeds``, the loop's layer input, GPT-2's ``attn_output``, eager
+attention's returned weights, the masks) decides it, as much as what the ops make.
+Eager attention in fp32, where the CPU runs the same ops as CUDA.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from tests.test_hf_profile_oracle import MODELS  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from vramfit.config import RunSpec  # noqa: E402
+from vramfit.estimate.graph import end_forward, run_forward  # noqa: E402
+from vramfit.estimate.profiles import hf  # noqa: E402
+from vramfit.estimate.timeline import Tape  # noqa: E402
+
+B, S = 2, 24  # S != hidden / heads keeps score-sized and hidden-sized tensors apart
+SLACK = 8 * S + 16  # the int64 cache_position and 0-dim constants, which the profile omits
+
+
+class _Live(TorchDispatchMode):
+    """Bytes of the storages ops made that are still referenced, and their peak."""
+
+    def __init__(self, skip: set[int]) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.peak = 0
+        self.skip = skip
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live and key not in self.skip:
+                    self.live[key] = storage.nbytes()
+                    weakref.finalize(storage, self.live.pop, key, None)
+        self.peak = max(self.peak, sum(self.live.values()))
+        return out
+
+
+def _run(model_type: str, generate: bool) -> RunSpec:
+    extra = {"gen_tokens": 1} if generate else {"logits": "all"}
+    return RunSpec.model_validate(
+        {
+            "model": MODELS[model_type],
+            "workload": {"impl": "hf", "mode": "infer", "batch": B, "seq": S,
+                         "precision": "fp32", "attention": "eager", **extra},
+        }
+    )
+
+
+def _real_peak(run: RunSpec, generate: bool) -> int:
+    from vramfit.measure.hf import hf_config
+
+    spec = run.model.resolved()
+    torch.manual_seed(0)
+    cfg = hf_config(spec, run.workload)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    model = model.eval()
+    ids = torch.randint(0, spec.vocab, (B, S))
+    inputs: dict = {"input_ids": ids}
+    if generate:  # what generate() hands the prefill (prepare_inputs_for_generation)
+        mask = torch.ones_like(ids)
+        inputs.update(attention_mask=mask, position_ids=mask.cumsum(-1) - 1, logits_to_keep=1)
+    skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    skip |= {t.untyped_storage().data_ptr() for t in inputs.values() if torch.is_tensor(t)}
+    mode = _Live(skip)
+    with torch.no_grad(), mode:
+        model(**inputs)
+    return mode.peak
+
+
+def _profile_peak(run: RunSpec, generate: bool) -> int:
+    spec = run.model.resolved()
+    graph, model, logits, _ = hf.build(
+        spec, run.workload, grad=False, batch=B, seq=S, all_logits=not generate,
+        use_cache=True, generate=generate,
+    )
+    tape = Tape(phase="prefill")
+    tape.op("start")
+    graph.hold(logits, "step")
+    for kv in model.cache:
+        graph.hold(kv, "step")
+    end_forward(run_forward(graph, tape))
+    return max(tape.finish().live_bytes())
+
+
+@pytest.mark.parametrize("generate", [False, True], ids=["eval", "prefill"])
+@pytest.mark.parametrize("model_type", sorted(MODELS))
+def test_inference_forward_keeps_what_transformers_keeps(model_type: str, generate: bool) -> None:
+    run = _run(model_type, generate)
+    real = _real_peak(run, generate)
+    predicted = _profile_peak(run, generate)
+    assert abs(predicted - real) <= SLACK, (model_type, predicted, real)
+
+
+def test_measured_generate_is_plain_greedy_decoding() -> None:
+    """``measure`` generates exactly the asked tokens with no logits processors, as a plain
+    ``generate(max_new_tokens=N)`` that never meets its end token would."""
+    from vramfit.measure.hf import greedy_config, hf_config
+
+    run = _run("llama", True)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(run.model.resolved(),
+                                                                    run.workload)).eval()
+    model.generation_config.eos_token_id = 2
+    config = greedy_config(model, 5)
+    processors = model._get_logits_processor(
+        generation_config=config, input_ids_seq_length=S, encoder_input_ids=None,
+        prefix_allowed_tokens_fn=None, logits_processor=None,
+    )
+    assert list(processors) == []
+    ids = torch.randint(0, 128, (B, S))
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    assert out.shape == (B, S + 5)
+    assert model.generation_config.eos_token_id == 2  # the model's own config is untouched
