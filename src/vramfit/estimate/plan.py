@@ -95,7 +95,7 @@ def layouts(spec: ModelSpec, gpus: int, batch: int) -> list[Parallel]:
                 for mode in (Fsdp.full, Fsdp.shard_grad_op):
                     add(fsdp=mode.value, tp=tp)
                 if tp == 1:
-                    for stage in (1, 2, 3):
+                    for stage in (3, 2, 1):  # most sharded first (see make_plan)
                         add(zero=stage)
             if dp > 1:
                 add(ddp=True, tp=tp, pp=pp, micro_batches=micro)
@@ -232,15 +232,33 @@ def make_plan(spec: ModelSpec, w: Workload, gpus: int, hardware: Hardware) -> Pl
         raise VramfitError("plans training layouts (mode train)", field="--mode")
     plan = Plan(gpus, hardware, w)
     staged: set[tuple[int, bool]] = set()  # (tp, engine) whose pipeline already fits
+    too_big: dict[tuple[str, int], str] = {}  # layouts that do not fit with checkpointing
     for par in layouts(spec, gpus, w.batch):
         if par.pp > 1 and (par.tp, par.ddp) in staged:
             # layouts come in ascending pp: more stages only shrink the rank further, at the
             # cost of a longer pipeline bubble; the fewest stages that fit is the one to list
             continue
+        # dominance: shard-grad-op keeps what full reshards, and ZeRO stage k keeps more than
+        # stage k + 1 (tested properties), so neither fits where the leaner one does not
+        leaner = (
+            ("fsdp full", par.tp) if par.fsdp is Fsdp.shard_grad_op
+            else (f"zero {par.zero + 1}", par.tp) if 0 < par.zero < 3 else None
+        )
+        if leaner is not None and leaner in too_big:
+            reason = f"needs more than {too_big[leaner]}, which does not fit"
+            for ckpt in (Checkpointing.full, Checkpointing.none):
+                plan.rejected.append(Candidate(par, ckpt, reason=reason))
+            key = ("fsdp sgo" if par.fsdp is Fsdp.shard_grad_op else f"zero {par.zero}", par.tp)
+            too_big[key] = describe(par)
+            continue
         full = Workload.model_validate({**w.model_dump(), "checkpointing": "full"})
         none = Workload.model_validate({**w.model_dump(), "checkpointing": "none"})
         with_ckpt = judge(spec, full, par, hardware, plan)
         if with_ckpt.reason is not None:
+            if par.fsdp is Fsdp.full:
+                too_big[("fsdp full", par.tp)] = describe(par)
+            elif par.zero:
+                too_big[(f"zero {par.zero}", par.tp)] = describe(par)
             plan.rejected.append(with_ckpt)
             reason = "does not fit with full checkpointing either"
             plan.rejected.append(Candidate(par, Checkpointing.none, reason=reason))
