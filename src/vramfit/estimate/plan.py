@@ -8,7 +8,8 @@ rank 0, the busiest rank.
 Speed, without a second model: a rank's step repeats its decoder layers, and every quantity
 the estimator reports grows by the same amount per layer once the allocator has reached its
 periodic state (DESIGN.md, "Blocks repeat"). So each candidate is replayed with 3 and with 4
-layers per rank (from 3 on, FSDP2's prefetch has its steady pattern), at the real widths, shard
+layers per rank (from 3 on, FSDP2's prefetch has its steady pattern; 2 and 3 for replicated
+layouts), at the real widths, shard
 degree and batch, and the peak is extrapolated linearly to the layers it holds (within 1% of
 the full replay on the measured FSDP2 shapes). The device total adds the 4-layer replay's
 reserve above its peak: the allocator's fragmentation does not grow linearly, and this part
@@ -189,7 +190,11 @@ def judge(
     # replays at 3 and 4 layers per rank (all of them when fewer) and, on a pipeline's first
     # stage, with 2 and 3 micro-batches in flight (all of them when fewer; with one, the peak
     # can be the optimizer step's, from two on it is the backward's and grows linearly)
-    ls = (layers,) if layers <= 4 else (3, 4)
+    # (FSDP2's and ZeRO-3's prefetch pattern is steady from 3 layers on; a replicated
+    # layer's from 2)
+    sharded = par.fsdp is not Fsdp.none or par.zero == 3
+    first_layers = 3 if sharded else 2
+    ls = (layers,) if layers <= first_layers + 1 else (first_layers, first_layers + 1)
     ks = (in_flight,) if in_flight <= 3 else (2, 3)
     grid = {
         (n, k): _replay(_at_layers(spec, n, par.pp), w, par, hardware, n, k)
