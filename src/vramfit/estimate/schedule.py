@@ -402,7 +402,9 @@ def fsdp_training_steps(
         t.persist("input ids and labels", Component.activations, [w.batch * w.seq * INT64] * 2)
         if not first:
             t.persist(
-                "optimizer state", Component.optimizer_state, _optimizer_state(w, shards)
+                "optimizer state",
+                Component.optimizer_state,
+                _optimizer_state(w.optimizer, model, shards),
             )
             made = Workspaces(t, workspace_bytes)
             made.matmul("forward", _uses_bias(b))
@@ -413,7 +415,7 @@ def fsdp_training_steps(
         end_forward(sim)
         t.phase = "backward"
         run_backward(sim, loss)
-        _step(t, w, shards, first)
+        _step(t, w, model, shards, first)
         release_held(sim, "step")
         steps.append(t.finish())
         if not first:
@@ -541,7 +543,7 @@ def replicated_training_steps(
                 t.persist("optimizer state", Component.optimizer_state, states)
             else:
                 t.persist("optimizer state", Component.optimizer_state,
-                          _optimizer_state(w, params))
+                          _optimizer_state(w.optimizer, model, params))
             made = Workspaces(t, workspace_bytes)
             made.matmul("forward", _uses_bias(b))
             made.matmul("backward", _uses_bias(b) and w.checkpointing is Checkpointing.full)
@@ -577,7 +579,7 @@ def replicated_training_steps(
             t.temp("fp32 gradient partition", Component.optimizer_temp,
                    0 if par.offload is not Offload.none else partition * 4)
         else:
-            _step(t, w, params, first)
+            _step(t, w, model, params, first)
         for sim in sims:
             release_held(sim, "step")
         steps.append(t.finish())
