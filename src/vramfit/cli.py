@@ -172,8 +172,9 @@ def _option_error(err: ValidationError) -> VramfitError:
     if first["type"] == "value_error":
         # a check across fields (model or workload validators): its message starts with the
         # field it is about, e.g. "hidden (1024) is not divisible by heads (7)"
+        # (unless the error is already located at a field that has its own option)
         leading = message.split(" ", 1)[0].lower()
-        if leading in OPTION_NAMES:
+        if leading in OPTION_NAMES and field not in OPTION_NAMES:
             field = leading
     if "input" in first and not isinstance(first["input"], dict):
         message += f", got {shown(first['input'])}"
