@@ -1278,7 +1278,9 @@ def matmul_json(
     tflops: dict[str, float],
 ) -> dict[str, Any]:
     """The matmul table as one JSON-ready dict: bytes predicted (itemised) and measured per
-    cell, and achieved TFLOP/s against the catalog's dense peak."""
+    cell, and achieved TFLOP/s against the catalog's dense peak (and how they were timed)."""
+    from vramfit.measure.matmul import TIMING
+
     gpu = _catalog_gpu(device_name)
     rows = []
     for cell in cells:
@@ -1320,6 +1322,7 @@ def matmul_json(
         "torch": _torch_version(),
         "cells": rows,
         "tflops": throughput,
+        "tflops_timing": TIMING,
     }
 
 

@@ -370,6 +370,8 @@ def render_matmul(console: Console, document: dict[str, Any]) -> None:
             peak, share = f"{row['peak_tflops']:g}", f"{row['percent_of_peak']:.1f}%"
         flops.add_row(row["dtype"], f"{row['achieved_tflops']:.1f}", peak, share)
     console.print(flops)
+    if document.get("tflops_timing"):
+        console.print(Text(f"Timed as: {document['tflops_timing']}."))
     if gpu is None:
         console.print(
             Text(f"{document['device']} is not in the GPU catalog: no peak to compare with.")
