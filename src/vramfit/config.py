@@ -15,7 +15,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vramfit.errors import VramfitError
@@ -768,6 +767,8 @@ def scan_yaml(text: str) -> tuple[int, str] | None:
     (billion laughs), deep nesting (the composer recurses), huge documents, and integers of
     more than ``MAX_INT_DIGITS`` digits (Python refuses to parse 4,300). Returns (line, reason)
     or None. Raises yaml.YAMLError for invalid YAML."""
+    import yaml  # only where YAML is read: an estimate from options alone never needs it
+
     depth = 0
     for count, event in enumerate(yaml.parse(text, Loader=yaml.SafeLoader)):
         line = event.start_mark.line + 1
@@ -791,6 +792,8 @@ def scan_yaml(text: str) -> tuple[int, str] | None:
 def read_yaml(path: Path) -> Any:
     """Read one YAML document with ``yaml.safe_load``, guarded by ``scan_yaml``; every failure
     is a VramfitError."""
+    import yaml
+
     try:
         text = read_text_bounded(path, limit=MAX_YAML_BYTES)
     except VramfitError as err:
