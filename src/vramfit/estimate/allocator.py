@@ -84,6 +84,14 @@ class CachingAllocator:
     _live: dict[int, _Block] = field(default_factory=dict)
     _streams: dict[int, dict[bool, list[tuple[int, int, _Block]]]] = field(default_factory=dict)
     reserved_by_stream: dict[int, int] = field(default_factory=dict)
+    _segments: list[_Block] = field(default_factory=list)  # each segment's first block
+
+    def unlink(self) -> None:
+        """Break the links between neighbouring blocks once the replay is done: they are
+        reference cycles, which reference counting alone cannot free."""
+        for block in self._segments:
+            while block is not None:
+                block.prev, block = None, block.next
 
     def malloc(
         self, handle: int, size: int, segment_address: int | None = None, stream: int = 0
@@ -119,6 +127,7 @@ class CachingAllocator:
             base = (1 << 62) - self.reserved - seg if segment_address is None else segment_address
             block = _Block(base, base, seg, small)
             block.pool = pool
+            self._segments.append(block)
             self.reserved += seg
             self.reserved_by_stream[stream] = self.reserved_by_stream.get(stream, 0) + seg
         remaining = block.size - size

@@ -109,7 +109,6 @@ class Tensor:
     leaf: bool = False  # a parameter (or other leaf) that lives outside the step
     trainable: bool = False  # a parameter that requires grad (whatever the grad mode)
     part: str = ""  # for saved activations: norm / attention / mlp
-    producer: Node | None = None
 
     @property
     def nbytes(self) -> int:
@@ -301,7 +300,6 @@ class Graph:
             unit=self._unit,
         )
         for out in (*outputs, *hidden):
-            out.producer = n
             out.requires_grad = grad and out.dtype.floating and out not in hidden
         self.nodes.append(n)
         return n

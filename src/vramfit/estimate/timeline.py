@@ -233,6 +233,7 @@ def replay(steps: Sequence[Timeline]) -> Replay:
         for h in ends.pop(n_points, ()):
             release(h)
         allocated.append(per_point)
+    alloc.unlink()
     return Replay(
         allocated=allocated,
         peak_allocated=alloc.peak_allocated,
