@@ -1528,6 +1528,12 @@ def _measure_train(run: RunSpec, steps: int, as_json: bool) -> None:
     from vramfit.estimate.core import estimate as run_estimate
     from vramfit.measure.train import measure_train
 
+    if not run.parallel.single:
+        from vramfit.measure.launch import visible_gpus
+
+        if visible_gpus() >= run.parallel.gpus:
+            _measure_ranks(run, steps, as_json)
+            return
     backend = _cuda_backend()
     if as_json:
         measured = measure_train(run, steps=steps, backend=backend)
@@ -1552,6 +1558,61 @@ def _measure_train(run: RunSpec, steps: int, as_json: bool) -> None:
 
         render_train_comparison(_console(), comparison)
     raise typer.Exit(EXIT_DOES_NOT_FIT if measured.oom else EXIT_FITS)
+
+
+def _measure_ranks(run: RunSpec, steps: int, as_json: bool) -> None:
+    """``--gpus N`` on a machine with N GPUs: the real engine through torchrun and NCCL,
+    every rank measured against the prediction (vramfit models the busiest rank), the device
+    total with NCCL's memory included on both sides."""
+    import dataclasses
+
+    from vramfit.estimate.core import Hardware
+    from vramfit.estimate.core import estimate as run_estimate
+    from vramfit.measure.launch import launch
+    from vramfit.measure.train import TrainMeasurement
+    from vramfit.units import format_bytes
+
+    n = run.parallel.gpus
+    ranks = launch({"run": run.model_dump(mode="json"), "steps": steps}, n)
+    measured = [TrainMeasurement(**r.result) for r in ranks]
+    hardware = Hardware(
+        name=measured[0].device_name, memory_bytes=measured[0].device_total_bytes
+    )
+    est = run_estimate(run, hardware)
+    document = {
+        "launcher": f"torchrun, {n} ranks, {ranks[0].backend}",
+        "nccl_version": ranks[0].nccl_version,
+        "predicted": estimate_json(est),
+        "ranks": [
+            {
+                "rank": r.rank,
+                "nccl_bytes": r.nccl_bytes,
+                "measured": dataclasses.asdict(m),
+                "errors": {
+                    "peak_allocated_bytes": _signed_error_pct(
+                        est.peak_allocated_bytes, m.peak_allocated_bytes
+                    ),
+                    "total_bytes": _signed_error_pct(est.total_bytes, m.total_bytes),
+                    "nccl_bytes": _signed_error_pct(est.nccl_bytes, r.nccl_bytes),
+                },
+            }
+            for r, m in zip(ranks, measured, strict=True)
+        ],
+    }
+    if as_json:
+        _print_json(document)
+    else:
+        print(
+            f"{n} ranks through {document['launcher']} (NCCL {document['nccl_version']}), "
+            f"busiest first; predicted per rank: peak {format_bytes(est.peak_allocated_bytes)}"
+            f", device {format_bytes(est.total_bytes)} (NCCL {format_bytes(est.nccl_bytes)})"
+        )
+        for r, m in zip(document["ranks"], measured, strict=True):
+            print(
+                f"  rank {r['rank']}: peak {format_bytes(m.peak_allocated_bytes)}, device "
+                f"{format_bytes(m.total_bytes)}, NCCL measured {format_bytes(r['nccl_bytes'])}"
+            )
+    raise typer.Exit(EXIT_DOES_NOT_FIT if any(m.oom for m in measured) else EXIT_FITS)
 
 
 def oom_line(measured: TrainMeasurement, predicted_total_bytes: int) -> str:

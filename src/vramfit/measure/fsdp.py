@@ -47,10 +47,17 @@ def init_fake_group(torch: Any, world: int) -> None:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
-        if dist.get_world_size() == world:
-            return
+        if not fake_group() or dist.get_world_size() == world:
+            return  # a real group (a torchrun rank) is used as it is
         dist.destroy_process_group()
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+
+
+def fake_group() -> bool:
+    """Whether the process group is the fake one (no communication, no NCCL memory)."""
+    import torch.distributed as dist
+
+    return dist.is_initialized() and dist.get_backend() == "fake"
 
 
 def decoder_layers(model: Any) -> list[Any]:

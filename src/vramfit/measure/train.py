@@ -266,7 +266,8 @@ def measure_train(
             from vramfit.measure import fsdp
 
             state["model"] = fsdp.build_fsdp_model(torch, spec, workload, par, backend.device)
-            rec.notes.append(fsdp.COMMUNICATION_NOTE.format(n=par.shard))
+            if fsdp.fake_group():
+                rec.notes.append(fsdp.COMMUNICATION_NOTE.format(n=par.shard))
         elif workload.impl is Impl.hf:
             from vramfit.measure.hf import build_hf_model, run_hf
 
