@@ -212,6 +212,7 @@ class Node:
     # saved-tensor hooks never see them, so a non-reentrant checkpoint cannot drop them
     # (bitsandbytes' MatMul8bitLt: ctx.tensors)
     kept: list[Tensor] = field(default_factory=list)
+    backward_point: bool = True  # its backward is a point of its own (else: the previous's)
 
 
 class Graph:
@@ -491,7 +492,8 @@ def run_backward(sim: _Sim, loss: Tensor) -> None:
         if n.region is not None and n.region not in recomputed and needs:
             recomputed.add(n.region)
             _recompute(sim, region_nodes[n.region])
-        tape.op(f"{n.name} backward")
+        if n.backward_point:
+            tape.op(f"{n.name} backward")
         bw = Backward(sim, n, grads_out)
         assert n.backward is not None
         n.backward(bw)

@@ -1,0 +1,443 @@
+"""vramfit's reference loop (``vramfit.measure.models``) as a graph of ops.
+
+The reference model is plain torch that mirrors Hugging Face's Llama code with fixed choices
+(module docstring of ``vramfit.measure.models``): ``nn.RMSNorm`` (one fused kernel that saves
+its input and per-row fp32 rstd), rotary tables computed in fp32 with autocast off and cast to
+the compute dtype, ``rotate_half`` through ``chunk`` (its backward concatenates the halves'
+gradients), ``repeat_kv`` inside the attention core, ``F.scaled_dot_product_attention`` with
+``is_causal`` (FlashAttention-2 for 16-bit inputs, memory-efficient attention for fp32),
+SwiGLU, no dropout, and ``F.cross_entropy(logits.float(), targets)``.
+
+This module covers the part of the reference that it reproduces exactly (``unsupported``
+says which): training steps of the Llama block with fused attention and no checkpointing.
+The rest of the reference is still the op-by-op program of ``vramfit.estimate.training`` and
+``vramfit.estimate.inference``, which stays the one ``--impl reference`` runs;
+tests/estimate/test_reference_profile.py holds this profile's tapes to that program's.
+
+The order of allocations within an op follows that program, whose replay reproduces the
+H200 allocator traces of the reference model (benchmarks/data/h200-traces,
+tests/estimate/test_traces.py): e.g. ``silu(gate) * up`` makes the gate's gradient first.
+"""
+
+from __future__ import annotations
+
+import math
+
+from vramfit.config import (
+    Arch,
+    Attention,
+    Checkpointing,
+    Mlp,
+    ModelSpec,
+    Norm,
+    Optimizer,
+    Positions,
+    Precision,
+    Workload,
+)
+from vramfit.estimate.graph import (
+    Backward,
+    Component,
+    DType,
+    Graph,
+    Tensor,
+    end_forward,
+    run_backward,
+    run_forward,
+)
+from vramfit.estimate.inference import Workspaces
+from vramfit.estimate.kernels import H200, Multiprocessors
+from vramfit.estimate.ops import Ops, promote
+from vramfit.estimate.params import count_params, param_tensors, tied_copy_bytes
+from vramfit.estimate.timeline import Tape, Timeline
+from vramfit.estimate.training import optimizer_state_tensors, optimizer_step_temporaries
+
+WEIGHT_DTYPE = {
+    Precision.fp32: DType.fp32,
+    Precision.amp_bf16: DType.fp32,
+    Precision.amp_fp16: DType.fp32,
+    Precision.bf16: DType.bf16,
+    Precision.fp16: DType.fp16,
+}
+AUTOCAST_DTYPE = {Precision.amp_bf16: DType.bf16, Precision.amp_fp16: DType.fp16}
+MEM_EFF_LSE_PAD = 32  # memory-efficient attention pads its logsumexp to 32 queries
+INT64 = 8
+
+
+def unsupported(spec: ModelSpec, w: Workload) -> str | None:
+    """Why this profile does not (yet) reproduce the reference program for ``spec`` under
+    ``w``, or None when it does."""
+    spec = spec.resolved()
+    if w.mode.value != "train":
+        return "inference is not ported yet"
+    if w.checkpointing is not Checkpointing.none:
+        return "activation checkpointing is not ported yet"
+    if w.attention is not Attention.flash:
+        return "eager attention is not ported yet"
+    if spec.arch is not Arch.llama or spec.positions is not Positions.rope:
+        return "the fused q/k/v block and learned positions are not ported yet"
+    if spec.mlp is not Mlp.swiglu or spec.experts > 1:
+        return "the GELU MLP and mixture-of-experts are not ported yet"
+    if spec.norms_per_layer != 2:
+        return "blocks with four norms are not ported yet"
+    if spec.params and spec.params != count_params(spec).total:
+        return "a declared --params is not ported yet"
+    if w.optimizer not in (Optimizer.adamw, Optimizer.adamw_fused, Optimizer.sgd_momentum):
+        return f"the {w.optimizer.value} optimizer is not ported yet"
+    return None
+
+
+class RefOps(Ops):
+    """The ops the reference model runs that the shared library has in another form."""
+
+    def rms_norm(self, name: str, x: Tensor, w: Tensor, rows: int) -> Tensor:
+        """``nn.RMSNorm`` (torch >= 2.4: ``F.rms_norm``, the fused ``_fused_rms_norm``
+        kernel on CUDA, aten/src/ATen/native/layer_norm.cpp): the output in the input's
+        dtype and a per-row fp32 rstd, saved with the input and the weight; backward makes
+        the input's gradient, then the weight's."""
+        out = self._t(name, x.numel, x.dtype, part="norm")
+        rstd = self._t(f"{name} rstd", rows, DType.fp32, part="norm")
+
+        def backward(bw: Backward) -> None:
+            bw.new(0)
+            bw.new(1)
+
+        self.g.node(
+            f"{self.prefix}{name}", [x, w], [out], saved=[x, w, rstd], hidden=[rstd],
+            backward=backward,
+        )
+        return out
+
+    def mul(self, name: str, a: Tensor, b: Tensor, *, part: str = "") -> Tensor:
+        """``a * b`` of two same-shaped tensors whose backward makes ``a``'s gradient first
+        (the reference program's order for SwiGLU's product)."""
+        dtype = promote(a.dtype, b.dtype)
+        out = self._t(name, max(a.numel, b.numel), dtype, part=part)
+        saved = ([b] if a.requires_grad else []) + ([a] if b.requires_grad else [])
+
+        def backward(bw: Backward) -> None:
+            bw.new(0, numel=out.numel)
+            bw.new(1, numel=out.numel)
+
+        self.g.node(f"{self.prefix}{name}", [a, b], [out], saved=saved, backward=backward)
+        return out
+
+    def rope(self, name: str, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x2, x1)`` and
+        ``x1, x2 = x.chunk(2, -1)``: views whose backward (SplitBackward0) concatenates
+        their gradients into one of ``x``'s size. The backward of the ``sin`` branch is one
+        point of the reference program (its gradients made together), ``x`` is held by the
+        Python expression until the sum exists."""
+        x_cos = self.binary(f"{name} * cos", x, cos, "mul")
+        half = x.numel // 2
+        x1 = self._t(f"{name} first half", half, x.dtype, base=x)
+        x2 = self._t(f"{name} second half", half, x.dtype, base=x)
+        split = self.g.node(
+            f"{self.prefix}{name} chunk", [x], [x1, x2],
+            backward=lambda bw: bw.new(0), new_point=False,
+        )
+        neg = self.unary(f"{name} -x2", x2)
+        rot = self._t(f"{name} rotate_half", x.numel, x.dtype)
+
+        def cat_backward(bw: Backward) -> None:
+            g = bw.out()
+            bw.alias(0, g, view=True)
+            bw.alias(1, g, view=True)
+
+        cat = self.g.node(
+            f"{self.prefix}{name} rotate_half", [neg, x1], [rot], backward=cat_backward,
+            new_point=False,
+        )
+        rot_sin = self.binary(f"{name} rotate_half * sin", rot, sin, "mul")
+        out = self.binary(f"{name} rotated", x_cos, rot_sin, "add", part="attention")
+        self.keep(x)
+        for node in (split, cat, neg.producer, rot_sin.producer):
+            assert node is not None
+            node.backward_point = False
+        return out
+
+    def repeat_kv(self, name: str, k: Tensor, v: Tensor, numel: int) -> tuple[Tensor, Tensor]:
+        """HF ``repeat_kv`` (expand + reshape: a copy) of K and V, made in one op of the
+        reference program; each backward sums its groups, K's first."""
+        wide_v = self._t(f"{name} widened v", numel, v.dtype, part="attention")
+        wide_k = self._t(f"{name} widened k", numel, k.dtype, part="attention")
+        # V's node first, so that K's backward runs first
+        for x, out, first in ((v, wide_v, True), (k, wide_k, False)):
+            self.g.node(
+                f"{self.prefix}{out.name}", [x], [out], backward=lambda bw: bw.new(0),
+                new_point=first,
+            )
+        return wide_k, wide_v
+
+    def fused_attention(
+        self, name: str, q: Tensor, k: Tensor, v: Tensor, *, batch: int, heads: int, seq: int
+    ) -> Tensor:
+        """``F.scaled_dot_product_attention(q, k, v, is_causal=True)``: FlashAttention-2 for
+        16-bit inputs, memory-efficient attention for fp32 (its logsumexp padded to 32
+        queries). It makes the logsumexp, then the output, and saves q, k, v, both.
+        Backward: dq, dk, dv, then the kernel's scratch (the reference's labelled traces,
+        benchmarks/data/h200-traces cpp-frames.json.gz): flash one workspace for the fp32
+        dq accumulator and the softmax row sums (Dao 2023); memory-efficient attention
+        grad * out, its row sums and their copy, then the fp32 dq accumulator with
+        b * heads * s / 4 bytes more (frames3/frames4.json.gz)."""
+        fp32 = q.dtype is DType.fp32
+        padded = -(-seq // MEM_EFF_LSE_PAD) * MEM_EFF_LSE_PAD if fp32 else seq
+        lse = self._t(f"{name} logsumexp", batch * heads * padded, DType.fp32, part="attention")
+        out = self._t(f"{name} output", q.numel, q.dtype, part="attention")
+        rows = batch * heads * seq * DType.fp32.size
+        full = q.numel * DType.fp32.size
+
+        def backward(bw: Backward) -> None:
+            bw.new(0)
+            bw.new(1)
+            bw.new(2)
+            if fp32:
+                bw.temp("grad * out", full)
+                bw.temp("row sums", rows)
+                sums = bw.temp_alloc("row sums copy", rows)
+                bw.sim.tape.op(f"{name} backward accumulator")
+                bw.temp("fp32 dq accumulator", full + rows // 16)
+                bw.free(sums)
+            else:
+                bw.temp("workspace", full + rows)
+
+        self.g.node(
+            f"{self.prefix}{name}", [q, k, v], [lse, out], saved=[q, k, v, out, lse],
+            backward=backward,
+        )
+        return out
+
+    def cross_entropy(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """``F.cross_entropy``: log_softmax (saves its output), then nll_loss, whose 0-dim
+        loss the reference program does not count."""
+        logp = self._t("log_softmax", logits.numel, logits.dtype, component=Component.logits)
+        self.g.node("log_softmax", [logits], [logp], saved=[logp], backward=lambda bw: bw.new(0))
+        loss = self._t("loss", 0, DType.fp32, component=Component.logits)
+        self.g.node(
+            "nll_loss", [logp, targets], [loss], saved=[targets], backward=lambda bw: bw.new(0)
+        )
+        return loss
+
+
+def _mark_view(t: Tensor, inputs: tuple[int, ...]) -> None:
+    """The gradients that ``t``'s node makes for ``inputs`` are views (autograd cannot add
+    into them in place)."""
+    node = t.producer
+    assert node is not None and node.backward is not None
+    rule = node.backward
+
+    def backward(bw: Backward) -> None:
+        rule(bw)
+        for i, g in bw.results:
+            if i in inputs:
+                g.view = True
+
+    node.backward = backward
+
+
+class Model:
+    """Builds the graph of one training forward of the reference ``Decoder``."""
+
+    def __init__(self, spec: ModelSpec, w: Workload) -> None:
+        self.spec = spec = spec.resolved()
+        self.w = w
+        assert spec.heads and spec.kv_heads and spec.head_dim and spec.ffn and spec.vocab
+        self.batch, self.seq = w.batch, w.seq
+        self.n = w.batch * w.seq
+        self.g = Graph(grad=True)
+        self.weight = WEIGHT_DTYPE[w.precision]
+        self.ops = RefOps(self.g, AUTOCAST_DTYPE.get(w.precision))
+        self.compute = self.ops.autocast or self.weight
+        h, hd = spec.hidden, spec.head_dim
+        self.q_width, self.kv_width = spec.heads * hd, spec.kv_heads * hd
+        self.params: dict[str, Tensor] = {}
+
+        def leaf(name: str, numel: int) -> None:
+            self.params[name] = self.g.leaf(name, numel, self.weight, requires_grad=True)
+
+        leaf("embed", spec.vocab * h)
+        qkv_bias, bias = bool(spec.bias or spec.qkv_bias), bool(spec.bias)
+        for i in range(spec.layers):
+            p = f"blocks.{i}"
+            widths = (("q", self.q_width), ("k", self.kv_width), ("v", self.kv_width))
+            for name, width in widths:
+                leaf(f"{p}.{name}.weight", h * width)
+                if qkv_bias:
+                    leaf(f"{p}.{name}.bias", width)
+            for name, n_in, n_out in (
+                ("o", self.q_width, h),
+                ("gate", h, spec.ffn),
+                ("up", h, spec.ffn),
+                ("down", spec.ffn, h),
+            ):
+                leaf(f"{p}.{name}.weight", n_in * n_out)
+                if bias:
+                    leaf(f"{p}.{name}.bias", n_out)
+            for name in ("norm_1", "norm_2"):
+                leaf(f"{p}.{name}.weight", h)
+        leaf("norm_f.weight", h)
+        if spec.tied:
+            self.params["lm_head.weight"] = self.params["embed"]
+        else:
+            leaf("lm_head.weight", spec.vocab * h)
+        self.ids = self.g.leaf(
+            "input ids", self.n, DType.int64, requires_grad=False, component=Component.activations
+        )
+        self.targets = self.g.leaf(
+            "targets", self.n, DType.int64, requires_grad=False, component=Component.activations
+        )
+
+    def p(self, name: str) -> Tensor:
+        return self.params[name]
+
+    def norm(self, name: str, prefix: str, x: Tensor) -> Tensor:
+        assert self.spec.norm is Norm.rmsnorm
+        return self.ops.rms_norm(name, x, self.p(f"{prefix}.weight"), self.n)
+
+    def linear(self, name: str, prefix: str, x: Tensor, width: int, part: str = "") -> Tensor:
+        bias = f"{prefix}.bias"
+        return self.ops.linear(
+            name, x, self.p(f"{prefix}.weight"), self.params.get(bias), width, part=part
+        )
+
+    def rope_tables(self) -> tuple[Tensor, Tensor]:
+        """``Decoder._rope``: positions, their outer product with the inverse frequencies,
+        that doubled, then cos and sin in fp32, each cast to the compute dtype; the three
+        fp32 temporaries live until sin exists (labelled trace, cpp-frames.json.gz)."""
+        o, g = self.ops, self.g
+        seq, hd = self.seq, self.spec.head_dim or 0
+        temps = [
+            Tensor("RoPE positions", seq, DType.fp32),
+            Tensor("RoPE frequencies", seq * hd // 2, DType.fp32),
+            Tensor("RoPE angles", seq * hd, DType.fp32),
+        ]
+        g.node("RoPE angles", [], temps)
+        tables = []
+        for name in ("cos", "sin"):
+            table = Tensor(f"RoPE {name}", seq * hd, DType.fp32)
+            g.node(f"RoPE {name}", [temps[2]], [table])
+            tables.append(o.cast(table, self.compute, f"RoPE {name} in the compute dtype"))
+        o.keep(*temps)
+        return tables[0], tables[1]
+
+    def block(self, i: int, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        o, spec, n = self.ops, self.spec, self.n
+        p = f"blocks.{i}"
+        o.prefix = f"block {i} "
+        normed = self.norm("norm 1", f"{p}.norm_1", x)
+        q = self.linear("q", f"{p}.q", normed, self.q_width, "attention")
+        k = self.linear("k", f"{p}.k", normed, self.kv_width, "attention")
+        v = self.linear("v", f"{p}.v", normed, self.kv_width, "attention")
+        widened = spec.kv_heads < spec.heads
+        # view + transpose to heads first: a gradient that comes back laid out otherwise is
+        # copied by the view's backward (rotary's cat, repeat_kv's sum)
+        q = o.view(q, "q heads", copy_backward=True)
+        k = o.view(k, "k heads", copy_backward=True)
+        v = o.view(v, "v heads", copy_backward=widened)
+        q = o.rope("q", q, cos, sin)
+        k = o.rope("k", k, cos, sin)
+        if widened:
+            k, v = o.repeat_kv("repeat_kv", k, v, n * self.q_width)
+        att = o.fused_attention(
+            "attention", q, k, v, batch=self.batch, heads=spec.heads, seq=self.seq
+        )
+        proj = self.linear("output projection", f"{p}.o", att, spec.hidden)
+        o.keep(normed)  # attn's argument: alive until it returns
+        x_mid = o.binary("residual 1", x, proj, "add", part="norm")
+        normed = self.norm("norm 2", f"{p}.norm_2", x_mid)
+        assert spec.ffn
+        gate = self.linear("MLP gate", f"{p}.gate", normed, spec.ffn, "mlp")
+        act = o.unary("MLP activation", gate, saves="input", part="mlp")
+        up = self.linear("MLP up", f"{p}.up", normed, spec.ffn, "mlp")
+        prod = o.mul("MLP gate * up", act, up, part="mlp")
+        down = self.linear("MLP down", f"{p}.down", prod, spec.hidden)
+        o.keep(normed)
+        out = o.binary("output", x_mid, down, "add", part="norm")
+        o.prefix = ""
+        return out
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        """The loss, and the logits (held by the forward until it returns)."""
+        o, spec = self.ops, self.spec
+        assert spec.vocab
+        x = o.embedding("embedding output", self.p("embed"), self.ids, self.n, spec.hidden)
+        tied_plain = spec.tied and o.autocast is None
+        if tied_plain:
+            # the tied weight's two gradients meet in its input buffer; without autocast the
+            # sum is a new tensor (measured: the fp32 Llama 3.2 3B trace,
+            # benchmarks/data/h200-traces/frames4.json.gz)
+            _mark_view(x, (0,))
+        cos, sin = self.rope_tables()
+        for i in range(spec.layers):
+            x = self.block(i, x, cos, sin)
+        normed = self.norm("final norm", "norm_f", x)
+        logits = o.linear(
+            "lm_head", normed, self.p("lm_head.weight"), None, spec.vocab,
+            component=Component.logits,
+        )
+        if tied_plain:
+            _mark_view(logits, (1,))
+        up = o.cast(logits, DType.fp32, "fp32 logits")
+        up.component = Component.logits
+        loss = o.cross_entropy(up, self.targets)
+        o.keep(normed, logits)
+        return loss, logits
+
+
+def training_steps(
+    spec: ModelSpec, w: Workload, workspace_bytes: int, mp: Multiprocessors = H200
+) -> tuple[Timeline, Timeline, dict[str, int]]:
+    """The first and a steady training step of the reference loop, and what block 0 keeps
+    from its forward to its backward, by part (``build_training_steps``'s contract)."""
+    spec = spec.resolved()
+    model = Model(spec, w)
+    loss, _ = model.forward()
+    weight = model.weight.size
+    shapes = param_tensors(spec).all_shapes(spec.layers)
+    optimizer = Optimizer(w.optimizer)
+    state = optimizer_state_tensors(optimizer, shapes, weight)
+    n = w.batch * w.seq
+    biased = bool(spec.bias or spec.qkv_bias)
+    steps = []
+    block_bytes: dict[str, int] = {}
+    for first in (True, False):
+        t = Tape()
+        t.op("build")
+        t.persist("weights", Component.weights, [math.prod(s) * weight for s in shapes])
+        if first:
+            t.temp("lm_head copy before tying", Component.weights, tied_copy_bytes(spec, 1, weight))
+        t.op("start")
+        t.persist("input ids and targets", Component.activations, [n * INT64, n * INT64])
+        if not first:
+            t.persist("optimizer state", Component.optimizer_state, state)
+            made = Workspaces(t, workspace_bytes)
+            made.matmul("forward", biased)
+            made.matmul("backward", False)
+        ws = Workspaces(t, workspace_bytes, active=first)
+        sim = run_forward(model.g, t, mp=mp, workspaces=ws)
+        forward_end = len(t.timeline.points) - 1
+        end_forward(sim)
+        t.phase = "backward"
+        run_backward(sim, loss)
+        t.phase = "optimizer"
+        t.op("optimizer step")
+        if first:  # created lazily by the first step (torch.optim ``_init_group``)
+            t.persist("optimizer state", Component.optimizer_state, state)
+        for nbytes in optimizer_step_temporaries(
+            optimizer, [math.prod(s) for s in shapes], weight
+        ):
+            t.temp("optimizer step temporary", Component.optimizer_temp, nbytes)
+        steps.append(t.finish())
+        if not first:
+            block_bytes = _block_bytes(t, forward_end)
+    return steps[0], steps[1], block_bytes
+
+
+def _block_bytes(t: Tape, forward_end: int) -> dict[str, int]:
+    """Bytes made by block 0's forward and still alive at the forward's end, by part."""
+    parts: dict[str, int] = {}
+    for r in t.records:
+        if r.part and r.name.startswith("block 0 ") and r.start <= forward_end:
+            if r.end is None or r.end > forward_end:
+                parts[r.part] = parts.get(r.part, 0) + sum(r.sizes)
+    return parts
