@@ -213,6 +213,7 @@ class Node:
     # (bitsandbytes' MatMul8bitLt: ctx.tensors)
     kept: list[Tensor] = field(default_factory=list)
     backward_point: bool = True  # its backward is a point of its own (else: the previous's)
+    rerun: bool = True  # a checkpoint's recompute runs it too (False: a first-run-only hold)
 
 
 class Graph:
@@ -227,6 +228,12 @@ class Graph:
         self.held: list[tuple[Tensor, str]] = []  # tensors a caller keeps: (tensor, until)
         # reentrant torch.utils.checkpoint reruns a whole region (no early stop)
         self.reentrant = False
+        # a non-reentrant rerun stops by raising (_StopRecomputationError): the region's
+        # Python frame, with every local it still names, lives until the stop
+        self.rerun_frame = False
+        # the rerun starts at the region's first backward node, not at the first that
+        # unpacks a saved tensor (the reference program's order)
+        self.recompute_at_entry = False
 
     def leaf(
         self,
@@ -488,7 +495,7 @@ def run_backward(sim: _Sim, loss: Tensor) -> None:
         if all(g is None for g in grads_out):
             skipped.append(n)
             continue
-        needs = n.saved or (sim.g.reentrant and n.kept)
+        needs = n.saved or (sim.g.reentrant and n.kept) or sim.g.recompute_at_entry
         if n.region is not None and n.region not in recomputed and needs:
             recomputed.add(n.region)
             _recompute(sim, region_nodes[n.region])
@@ -608,10 +615,15 @@ def _recompute(sim: _Sim, nodes: list[Node]) -> None:
     stop = len(nodes) - 1 if sim.g.reentrant else saving[-1]
     outputs_of = {id(o) for o in (*nodes[stop].outputs, *nodes[stop].hidden)}
     after = sim.g.reentrant or any(id(s) in outputs_of for s in nodes[stop].saved)
-    last = _last_uses(nodes[: stop + 1])
+    last: dict[int, int] = {}
+    for k, m in enumerate(nodes if sim.g.rerun_frame else nodes[: stop + 1]):
+        if m.rerun:
+            for x in m.inputs:
+                last[id(x)] = k
     local: dict[int, Tensor] = {}
     for k, n in enumerate(nodes[: stop + 1]):
-        tape.op(f"{n.name} (recompute)")
+        if n.new_point:
+            tape.op(f"{n.name} (recompute)")
         for name, nbytes in n.scratch:
             tape.temp(f"{n.name} {name}", Component.activations, nbytes)
         if k < stop or after:

@@ -70,10 +70,8 @@ def unsupported(spec: ModelSpec, w: Workload) -> str | None:
     spec = spec.resolved()
     if w.mode.value != "train":
         return "inference is not ported yet"
-    if w.checkpointing is not Checkpointing.none:
-        return "activation checkpointing is not ported yet"
-    if w.attention is not Attention.flash:
-        return "eager attention is not ported yet"
+    if w.checkpointing is Checkpointing.selective:
+        return "selective checkpointing is not ported yet"
     if spec.arch is not Arch.llama or spec.positions is not Positions.rope:
         return "the fused q/k/v block and learned positions are not ported yet"
     if spec.mlp is not Mlp.swiglu or spec.experts > 1:
@@ -82,8 +80,6 @@ def unsupported(spec: ModelSpec, w: Workload) -> str | None:
         return "blocks with four norms are not ported yet"
     if spec.params and spec.params != count_params(spec).total:
         return "a declared --params is not ported yet"
-    if w.optimizer not in (Optimizer.adamw, Optimizer.adamw_fused, Optimizer.sgd_momentum):
-        return f"the {w.optimizer.value} optimizer is not ported yet"
     return None
 
 
@@ -207,6 +203,32 @@ class RefOps(Ops):
         )
         return out
 
+    def masked_fill(self, name: str, x: Tensor, mask: Tensor, *, part: str = "") -> Tensor:
+        """``x.masked_fill(mask, value)``: saves the mask; backward zeroes the masked
+        positions of the gradient, a new tensor (derivatives.yaml ``masked_fill.Scalar``)."""
+        out = self._t(name, x.numel, x.dtype, part=part)
+        self.g.node(
+            f"{self.prefix}{name}", [x, mask], [out], saved=[mask], backward=lambda bw: bw.new(0)
+        )
+        return out
+
+    def softmax_to(self, name: str, x: Tensor, dtype: DType, *, copy_input: bool) -> Tensor:
+        """``F.softmax(x, dim=-1)`` with its output in ``dtype`` (autocast's fp32 list): ATen
+        runs 16-bit input with a half-to-float kernel, but copies bf16 input to fp32 first
+        (``copy_input``: aten/src/ATen/native/SoftMax.cpp; measured on an H200,
+        benchmarks/data/h200-validation2). Saves its output; backward makes the input's
+        gradient and a temporary of the output's size (``_softmax_backward_data``)."""
+        if copy_input:
+            x = self.cast(x, dtype, f"{name} fp32 input")
+        out = self._t(name, x.numel, dtype, part="attention")
+
+        def backward(bw: Backward) -> None:
+            bw.new(0)
+            bw.temp("grad * output", out.nbytes)
+
+        self.g.node(f"{self.prefix}{name}", [x], [out], saved=[out], backward=backward)
+        return out
+
     def cross_entropy(self, logits: Tensor, targets: Tensor) -> Tensor:
         """``F.cross_entropy``: log_softmax (saves its output), then nll_loss, whose 0-dim
         loss the reference program does not count."""
@@ -245,6 +267,11 @@ class Model:
         self.batch, self.seq = w.batch, w.seq
         self.n = w.batch * w.seq
         self.g = Graph(grad=True)
+        # torch.utils.checkpoint(block, ..., use_reentrant=False) around each block
+        self.full = w.checkpointing is Checkpointing.full
+        self.eager = w.attention is Attention.eager
+        self.mask: Tensor | None = None
+        self.g.rerun_frame = self.g.recompute_at_entry = True
         self.weight = WEIGHT_DTYPE[w.precision]
         self.ops = RefOps(self.g, AUTOCAST_DTYPE.get(w.precision))
         self.compute = self.ops.autocast or self.weight
@@ -324,25 +351,38 @@ class Model:
         o, spec, n = self.ops, self.spec, self.n
         p = f"blocks.{i}"
         o.prefix = f"block {i} "
+        if self.full:
+            self.g.checkpoint_begin()
         normed = self.norm("norm 1", f"{p}.norm_1", x)
         q = self.linear("q", f"{p}.q", normed, self.q_width, "attention")
         k = self.linear("k", f"{p}.k", normed, self.kv_width, "attention")
         v = self.linear("v", f"{p}.v", normed, self.kv_width, "attention")
         widened = spec.kv_heads < spec.heads
         # view + transpose to heads first: a gradient that comes back laid out otherwise is
-        # copied by the view's backward (rotary's cat, repeat_kv's sum)
+        # copied by the view's backward (rotary's cat, repeat_kv's sum, eager's bmm)
         q = o.view(q, "q heads", copy_backward=True)
         k = o.view(k, "k heads", copy_backward=True)
-        v = o.view(v, "v heads", copy_backward=widened)
+        v = o.view(v, "v heads", copy_backward=widened or self.eager)
         q = o.rope("q", q, cos, sin)
         k = o.rope("k", k, cos, sin)
+        rotated = (q, k, v)
         if widened:
             k, v = o.repeat_kv("repeat_kv", k, v, n * self.q_width)
-        att = o.fused_attention(
-            "attention", q, k, v, batch=self.batch, heads=spec.heads, seq=self.seq
-        )
+        if self.eager:
+            att = self.eager_core(q, k, v, copied=not widened)
+        else:
+            att = o.fused_attention(
+                "attention", q, k, v, batch=self.batch, heads=spec.heads, seq=self.seq
+            )
         proj = self.linear("output projection", f"{p}.o", att, spec.hidden)
         o.keep(normed)  # attn's argument: alive until it returns
+        # attn's locals q, k, v live until it returns, but the program that saves drops the
+        # un-widened K/V at repeat_kv; the one that does not (a checkpoint's first run)
+        # keeps them too (the reference program's two orders)
+        o.keep(*(rotated if not widened else rotated[:1]))
+        if self.full and widened:
+            o.keep(*rotated[1:])
+            self.g.nodes[-1].rerun = False
         x_mid = o.binary("residual 1", x, proj, "add", part="norm")
         normed = self.norm("norm 2", f"{p}.norm_2", x_mid)
         assert spec.ffn
@@ -353,8 +393,41 @@ class Model:
         down = self.linear("MLP down", f"{p}.down", prod, spec.hidden)
         o.keep(normed)
         out = o.binary("output", x_mid, down, "add", part="norm")
+        if self.full:
+            self.g.checkpoint_end()
         o.prefix = ""
         return out
+
+    def eager_core(self, q: Tensor, k: Tensor, v: Tensor, *, copied: bool) -> Tensor:
+        """``softmax(q @ k^T * scale).masked_fill(...)`` then ``@ v``, as the reference's
+        ``SelfAttention.core`` runs it (allocator traces of eager runs,
+        benchmarks/data/h200-traces/frames2.json.gz, traces.json): matmul folds (b, heads)
+        into one batch dimension, so q, and k and v unless repeat_kv made them, are copied
+        to (b, heads, s, hd) memory, which bmm saves; the scores' scaled and masked copies;
+        softmax (fp32 under autocast) saves its output; under autocast ``.to(v.dtype)``
+        makes the 16-bit probabilities that multiply V; the output is copied back to
+        tokens first for o_proj, which saves it."""
+        o, spec = self.ops, self.spec
+        scores = self.batch * spec.heads * self.seq * self.seq
+        qc = o.copy("contiguous q", q, part="attention")
+        kc = o.copy("contiguous k", k, part="attention") if copied else k
+        product = o.bmm("q @ k^T", qc, kc, scores)
+        scaled = o.scalar("scaled scores", product)
+        assert self.mask is not None
+        masked = o.masked_fill("masked scores", scaled, self.mask)
+        upcast = o.autocast is not None
+        probs = o.softmax_to(
+            "softmax",
+            masked,
+            DType.fp32 if upcast else masked.dtype,
+            copy_input=self.w.precision is Precision.amp_bf16,
+        )
+        probs = o.cast(probs, v.dtype, "16-bit probabilities", part="attention")
+        vc = o.copy("contiguous v", v, part="attention") if copied else v
+        pv = o.bmm("probs @ v", probs, vc, self.n * self.q_width)
+        # core's locals (`scores`, repeat_kv's K and V) live until it returns
+        o.keep(masked, *([] if copied else [k, v]))
+        return o.unary("attention output", pv, part="attention")
 
     def forward(self) -> tuple[Tensor, Tensor]:
         """The loss, and the logits (held by the forward until it returns)."""
@@ -368,6 +441,12 @@ class Model:
             # benchmarks/data/h200-traces/frames4.json.gz)
             _mark_view(x, (0,))
         cos, sin = self.rope_tables()
+        if self.eager:  # ones(s, s, dtype=bool).triu(1), shared by every block
+            self.mask = Tensor("causal mask", self.seq * self.seq, DType.bool)
+            self.g.node(
+                "causal mask", [], [self.mask], scratch=[("ones", self.seq * self.seq)],
+                new_point=False,  # made with the rotary tables' last op
+            )
         for i in range(spec.layers):
             x = self.block(i, x, cos, sin)
         normed = self.norm("final norm", "norm_f", x)
@@ -412,7 +491,7 @@ def training_steps(
             t.persist("optimizer state", Component.optimizer_state, state)
             made = Workspaces(t, workspace_bytes)
             made.matmul("forward", biased)
-            made.matmul("backward", False)
+            made.matmul("backward", biased and model.full)
         ws = Workspaces(t, workspace_bytes, active=first)
         sim = run_forward(model.g, t, mp=mp, workspaces=ws)
         forward_end = len(t.timeline.points) - 1
@@ -423,13 +502,18 @@ def training_steps(
         t.op("optimizer step")
         if first:  # created lazily by the first step (torch.optim ``_init_group``)
             t.persist("optimizer state", Component.optimizer_state, state)
-        for nbytes in optimizer_step_temporaries(
+        temporaries = optimizer_step_temporaries(
             optimizer, [math.prod(s) for s in shapes], weight
-        ):
+        )
+        for j, nbytes in enumerate(temporaries):
+            if j and optimizer is Optimizer.adafactor:  # one parameter at a time
+                t.op("optimizer step")
             t.temp("optimizer step temporary", Component.optimizer_temp, nbytes)
         steps.append(t.finish())
         if not first:
             block_bytes = _block_bytes(t, forward_end)
+            if model.full:  # a checkpointed block keeps only its input
+                block_bytes = {"norm": n * spec.hidden * weight}
     return steps[0], steps[1], block_bytes
 
 
