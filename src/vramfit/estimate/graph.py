@@ -214,6 +214,9 @@ class Node:
     kept: list[Tensor] = field(default_factory=list)
     backward_point: bool = True  # its backward is a point of its own (else: the previous's)
     rerun: bool = True  # a checkpoint's recompute runs it too (False: a first-run-only hold)
+    # autograd's sequence number: backward runs the ready node with the highest first
+    # (engine.cpp ReadyQueue); the creation index unless a profile reorders two nodes
+    seq: int = 0
 
 
 class Graph:
@@ -279,6 +282,7 @@ class Graph:
             cast_cache and self.grad,
             new_point,
             kept=list(kept) if grad else [],
+            seq=len(self.nodes),
         )
         for out in (*outputs, *hidden):
             out.producer = n
@@ -490,7 +494,7 @@ def run_backward(sim: _Sim, loss: Tensor) -> None:
         if n.region is not None:
             region_first.setdefault(n.region, n)
     skipped: list[Node] = []
-    for n in reversed(nodes):
+    for n in sorted(nodes, key=lambda n: n.seq, reverse=True):
         grads_out = [sim.buffers.pop(id(o), None) for o in n.outputs]
         if all(g is None for g in grads_out):
             skipped.append(n)

@@ -155,14 +155,16 @@ class RefOps(Ops):
     def repeat_kv(self, name: str, k: Tensor, v: Tensor, numel: int) -> tuple[Tensor, Tensor]:
         """HF ``repeat_kv`` (expand + reshape: a copy) of K and V, made in one op of the
         reference program; each backward sums its groups, K's first."""
-        wide_v = self._t(f"{name} widened v", numel, v.dtype, part="attention")
         wide_k = self._t(f"{name} widened k", numel, k.dtype, part="attention")
-        # V's node first, so that K's backward runs first
-        for x, out, first in ((v, wide_v, True), (k, wide_k, False)):
+        wide_v = self._t(f"{name} widened v", numel, v.dtype, part="attention")
+        nodes = [
             self.g.node(
                 f"{self.prefix}{out.name}", [x], [out], backward=lambda bw: bw.new(0),
                 new_point=first,
             )
+            for x, out, first in ((k, wide_k, True), (v, wide_v, False))
+        ]
+        nodes[0].seq, nodes[1].seq = nodes[1].seq, nodes[0].seq  # K's backward first
         return wide_k, wide_v
 
     def fused_attention(
@@ -301,8 +303,8 @@ class Model:
                 if bias:
                     leaf(f"{p}.{name}.bias", n_out)
             for name in ("norm_1", "norm_2"):
-                leaf(f"{p}.{name}.weight", h)
-        leaf("norm_f.weight", h)
+                self._norm_leaves(f"{p}.{name}")
+        self._norm_leaves("norm_f")
         if spec.tied:
             self.params["lm_head.weight"] = self.params["embed"]
         else:
@@ -314,12 +316,21 @@ class Model:
             "targets", self.n, DType.int64, requires_grad=False, component=Component.activations
         )
 
+    def _norm_leaves(self, prefix: str) -> None:
+        h = self.spec.hidden
+        names = ("weight", "bias") if self.spec.norm is Norm.layernorm else ("weight",)
+        for name in names:
+            key = f"{prefix}.{name}"
+            self.params[key] = self.g.leaf(key, h, self.weight, requires_grad=True)
+
     def p(self, name: str) -> Tensor:
         return self.params[name]
 
     def norm(self, name: str, prefix: str, x: Tensor) -> Tensor:
-        assert self.spec.norm is Norm.rmsnorm
-        return self.ops.rms_norm(name, x, self.p(f"{prefix}.weight"), self.n)
+        w = self.p(f"{prefix}.weight")
+        if self.spec.norm is Norm.layernorm:  # nn.LayerNorm: native_layer_norm
+            return self.ops.layer_norm(name, x, w, self.p(f"{prefix}.bias"), self.n)
+        return self.ops.rms_norm(name, x, w, self.n)
 
     def linear(self, name: str, prefix: str, x: Tensor, width: int, part: str = "") -> Tensor:
         bias = f"{prefix}.bias"
