@@ -237,6 +237,9 @@ class Graph:
         # the rerun starts at the region's first backward node, not at the first that
         # unpacks a saved tensor (the reference program's order)
         self.recompute_at_entry = False
+        # the checkpoint's frame (holding the region's inputs) dies with the last saved
+        # tensor of the region, not with the region's first node
+        self.frame_dies_with_saved = False
 
     def leaf(
         self,
@@ -491,7 +494,7 @@ def run_backward(sim: _Sim, loss: Tensor) -> None:
         if n.region is not None:
             region_nodes.setdefault(n.region, []).append(n)
     for n in nodes:
-        if n.region is not None:
+        if n.region is not None and (n.saved or not sim.g.frame_dies_with_saved):
             region_first.setdefault(n.region, n)
     skipped: list[Node] = []
     for n in sorted(nodes, key=lambda n: n.seq, reverse=True):

@@ -70,8 +70,6 @@ def unsupported(spec: ModelSpec, w: Workload) -> str | None:
     spec = spec.resolved()
     if w.mode.value != "train":
         return "inference is not ported yet"
-    if w.checkpointing is Checkpointing.selective:
-        return "selective checkpointing is not ported yet"
     if spec.arch is not Arch.llama or spec.positions is not Positions.rope:
         return "the fused q/k/v block and learned positions are not ported yet"
     if spec.mlp is not Mlp.swiglu or spec.experts > 1:
@@ -273,7 +271,9 @@ class Model:
         self.full = w.checkpointing is Checkpointing.full
         self.eager = w.attention is Attention.eager
         self.mask: Tensor | None = None
-        self.g.rerun_frame = self.g.recompute_at_entry = True
+        self.selective = w.checkpointing is Checkpointing.selective
+        g = self.g
+        g.rerun_frame = g.recompute_at_entry = g.frame_dies_with_saved = True
         self.weight = WEIGHT_DTYPE[w.precision]
         self.ops = RefOps(self.g, AUTOCAST_DTYPE.get(w.precision))
         self.compute = self.ops.autocast or self.weight
@@ -377,6 +377,8 @@ class Model:
         q = o.rope("q", q, cos, sin)
         k = o.rope("k", k, cos, sin)
         rotated = (q, k, v)
+        if self.selective:  # checkpoint(self.core, q, k, v, mask, ...): repeat_kv + attention
+            self.g.checkpoint_begin()
         if widened:
             k, v = o.repeat_kv("repeat_kv", k, v, n * self.q_width)
         if self.eager:
@@ -385,6 +387,14 @@ class Model:
             att = o.fused_attention(
                 "attention", q, k, v, batch=self.batch, heads=spec.heads, seq=self.seq
             )
+            if self.selective:
+                # the reference program frees the first run's output with the kernel's
+                # backward, after the rerun's (its selective traces' order)
+                assert att.producer is not None
+                att.producer.kept.append(att)
+                self.g.checkpoint_end()
+        if self.selective:  # the program that does not save tags no part
+            att.part = ""
         proj = self.linear("output projection", f"{p}.o", att, spec.hidden)
         o.keep(normed)  # attn's argument: alive until it returns
         # attn's locals q, k, v live until it returns, but the program that saves drops the
@@ -438,6 +448,8 @@ class Model:
         pv = o.bmm("probs @ v", probs, vc, self.n * self.q_width)
         # core's locals (`scores`, repeat_kv's K and V) live until it returns
         o.keep(masked, *([] if copied else [k, v]))
+        if self.selective:
+            self.g.checkpoint_end()
         return o.unary("attention output", pv, part="attention")
 
     def forward(self) -> tuple[Tensor, Tensor]:
