@@ -35,6 +35,7 @@ from vramfit.config import (
     Precision,
     Workload,
 )
+from vramfit.estimate.dtypes import kv_bytes
 from vramfit.estimate.graph import (
     Backward,
     Component,
@@ -42,10 +43,11 @@ from vramfit.estimate.graph import (
     Graph,
     Tensor,
     end_forward,
+    release_held,
     run_backward,
     run_forward,
 )
-from vramfit.estimate.inference import Workspaces
+from vramfit.estimate.inference import Workspaces, kv_cache_bytes
 from vramfit.estimate.kernels import H200, Multiprocessors
 from vramfit.estimate.ops import Ops, promote
 from vramfit.estimate.params import count_params, param_tensors, tied_copy_bytes
@@ -68,12 +70,8 @@ def unsupported(spec: ModelSpec, w: Workload) -> str | None:
     """Why this profile does not (yet) reproduce the reference program for ``spec`` under
     ``w``, or None when it does."""
     spec = spec.resolved()
-    if w.mode.value != "train":
-        return "inference is not ported yet"
-    if spec.arch is not Arch.llama or spec.positions is not Positions.rope:
-        return "the fused q/k/v block and learned positions are not ported yet"
-    if spec.mlp is not Mlp.swiglu or spec.experts > 1:
-        return "the GELU MLP and mixture-of-experts are not ported yet"
+    if spec.experts > 1:
+        return "mixture-of-experts is not ported yet"
     if spec.norms_per_layer != 2:
         return "blocks with four norms are not ported yet"
     if spec.params and spec.params != count_params(spec).total:
@@ -197,10 +195,37 @@ class RefOps(Ops):
             else:
                 bw.temp("workspace", full + rows)
 
+        # the statistics exist only with grad mode on (compute_log_sumexp)
         self.g.node(
-            f"{self.prefix}{name}", [q, k, v], [lse, out], saved=[q, k, v, out, lse],
-            backward=backward,
+            f"{self.prefix}{name}", [q, k, v], [lse, out] if self.g.grad else [out],
+            saved=[q, k, v, out, lse], backward=backward,
         )
+        return out
+
+    def split(self, name: str, x: Tensor, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
+        """``x.split(widths, dim=-1)``: views; SplitBackward0 concatenates their gradients
+        into one of ``x``'s size."""
+        parts = tuple(
+            self._t(f"{name} {j}", numel, x.dtype, base=x, part=x.part)
+            for j, numel in enumerate(sizes)
+        )
+        self.g.node(
+            f"{self.prefix}{name}", [x], list(parts), backward=lambda bw: bw.new(0),
+            new_point=False,
+        )
+        return parts
+
+    def add_broadcast(self, name: str, x: Tensor, y: Tensor) -> Tensor:
+        """``x + y`` with ``y`` broadcast over the batch: backward passes the gradient to
+        ``x`` and sums it over the batch for ``y`` (the reference program's order: that sum,
+        then the position table's gradient, labelled trace cpp-frames.json.gz)."""
+        out = self._t(name, x.numel, promote(x.dtype, y.dtype), part="norm")
+
+        def backward(bw: Backward) -> None:
+            bw.alias(0, bw.out())
+            bw.new(1)
+
+        self.g.node(f"{self.prefix}{name}", [x, y], [out], backward=backward)
         return out
 
     def masked_fill(self, name: str, x: Tensor, mask: Tensor, *, part: str = "") -> Tensor:
@@ -260,18 +285,22 @@ def _mark_view(t: Tensor, inputs: tuple[int, ...]) -> None:
 class Model:
     """Builds the graph of one training forward of the reference ``Decoder``."""
 
-    def __init__(self, spec: ModelSpec, w: Workload) -> None:
+    def __init__(
+        self, spec: ModelSpec, w: Workload, *, grad: bool = True, seq: int = 0, cached: int = 0
+    ) -> None:
         self.spec = spec = spec.resolved()
         self.w = w
         assert spec.heads and spec.kv_heads and spec.head_dim and spec.ffn and spec.vocab
-        self.batch, self.seq = w.batch, w.seq
-        self.n = w.batch * w.seq
-        self.g = Graph(grad=True)
+        self.batch, self.seq = w.batch, seq or w.seq
+        self.cached = cached  # tokens the static KV cache holds before this forward
+        self.keys = self.cached + self.seq
+        self.n = w.batch * self.seq
+        self.g = Graph(grad=grad)
         # torch.utils.checkpoint(block, ..., use_reentrant=False) around each block
-        self.full = w.checkpointing is Checkpointing.full
+        self.full = grad and w.checkpointing is Checkpointing.full
         self.eager = w.attention is Attention.eager
         self.mask: Tensor | None = None
-        self.selective = w.checkpointing is Checkpointing.selective
+        self.selective = grad and w.checkpointing is Checkpointing.selective
         g = self.g
         g.rerun_frame = g.recompute_at_entry = g.frame_dies_with_saved = True
         self.weight = WEIGHT_DTYPE[w.precision]
@@ -280,22 +309,31 @@ class Model:
         h, hd = spec.hidden, spec.head_dim
         self.q_width, self.kv_width = spec.heads * hd, spec.kv_heads * hd
         self.params: dict[str, Tensor] = {}
+        self.fused = spec.arch is Arch.gpt2  # one c_attn projection makes q, k and v
+        self.gated = spec.mlp is Mlp.swiglu
+        self.learned = spec.positions is Positions.learned
 
         def leaf(name: str, numel: int) -> None:
             self.params[name] = self.g.leaf(name, numel, self.weight, requires_grad=True)
 
         leaf("embed", spec.vocab * h)
+        if self.learned:
+            assert spec.max_positions
+            leaf("positions", spec.max_positions * h)
         qkv_bias, bias = bool(spec.bias or spec.qkv_bias), bool(spec.bias)
         for i in range(spec.layers):
             p = f"blocks.{i}"
             widths = (("q", self.q_width), ("k", self.kv_width), ("v", self.kv_width))
+            if self.fused:
+                widths = (("qkv", self.q_width + 2 * self.kv_width),)
             for name, width in widths:
                 leaf(f"{p}.{name}.weight", h * width)
                 if qkv_bias:
                     leaf(f"{p}.{name}.bias", width)
+            mlp = (("gate", h, spec.ffn),) if self.gated else ()
             for name, n_in, n_out in (
                 ("o", self.q_width, h),
-                ("gate", h, spec.ffn),
+                *mlp,
                 ("up", h, spec.ffn),
                 ("down", spec.ffn, h),
             ):
@@ -311,6 +349,9 @@ class Model:
             leaf("lm_head.weight", spec.vocab * h)
         self.ids = self.g.leaf(
             "input ids", self.n, DType.int64, requires_grad=False, component=Component.activations
+        )
+        self.position_ids = self.g.leaf(  # arange(s): not counted by the reference program
+            "position ids", 0, DType.int64, requires_grad=False, component=Component.activations
         )
         self.targets = self.g.leaf(
             "targets", self.n, DType.int64, requires_grad=False, component=Component.activations
@@ -358,29 +399,50 @@ class Model:
         o.keep(*temps)
         return tables[0], tables[1]
 
-    def block(self, i: int, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def block(self, i: int, x: Tensor, cos: Tensor | None, sin: Tensor | None) -> Tensor:
         o, spec, n = self.ops, self.spec, self.n
         p = f"blocks.{i}"
         o.prefix = f"block {i} "
         if self.full:
             self.g.checkpoint_begin()
         normed = self.norm("norm 1", f"{p}.norm_1", x)
-        q = self.linear("q", f"{p}.q", normed, self.q_width, "attention")
-        k = self.linear("k", f"{p}.k", normed, self.kv_width, "attention")
-        v = self.linear("v", f"{p}.v", normed, self.kv_width, "attention")
+        if self.fused:
+            width = self.q_width + 2 * self.kv_width
+            qkv = self.linear("q/k/v", f"{p}.qkv", normed, width, "attention")
+            kv = n * self.kv_width
+            q, k, v = o.split("q/k/v split", qkv, (n * self.q_width, kv, kv))
+        else:
+            q = self.linear("q", f"{p}.q", normed, self.q_width, "attention")
+            k = self.linear("k", f"{p}.k", normed, self.kv_width, "attention")
+            v = self.linear("v", f"{p}.v", normed, self.kv_width, "attention")
         widened = spec.kv_heads < spec.heads
+        rope = cos is not None and sin is not None
         # view + transpose to heads first: a gradient that comes back laid out otherwise is
         # copied by the view's backward (rotary's cat, repeat_kv's sum, eager's bmm)
-        q = o.view(q, "q heads", copy_backward=True)
-        k = o.view(k, "k heads", copy_backward=True)
+        q = o.view(q, "q heads", copy_backward=rope or self.eager)
+        k = o.view(k, "k heads", copy_backward=rope or widened)
         v = o.view(v, "v heads", copy_backward=widened or self.eager)
-        q = o.rope("q", q, cos, sin)
-        k = o.rope("k", k, cos, sin)
+        if cos is not None and sin is not None:
+            q = o.rope("q", q, cos, sin)
+            k = o.rope("k", k, cos, sin)
         rotated = (q, k, v)
+        held: list[Tensor] = []
+        if self.cached:  # decode reads the static cache back, as stored or converted
+            kv = self.batch * self.keys * self.kv_width
+            c = self.compute
+            if kv_bytes(self.w) != c.size:
+                k = self.ops._t("cached k", kv, c)
+                v = self.ops._t("cached v", kv, c)
+                self.g.node(f"{o.prefix}cached K/V to compute dtype", [], [k, v])
+                o.keep(*rotated[1:])  # the new K/V, written to the cache, are rebound
+                held = [k, v]
+            else:
+                k = self.g.leaf("cached k", kv, c, requires_grad=False)
+                v = self.g.leaf("cached v", kv, c, requires_grad=False)
         if self.selective:  # checkpoint(self.core, q, k, v, mask, ...): repeat_kv + attention
             self.g.checkpoint_begin()
         if widened:
-            k, v = o.repeat_kv("repeat_kv", k, v, n * self.q_width)
+            k, v = o.repeat_kv("repeat_kv", k, v, self.batch * self.keys * self.q_width)
         if self.eager:
             att = self.eager_core(q, k, v, copied=not widened)
         else:
@@ -400,20 +462,27 @@ class Model:
         # attn's locals q, k, v live until it returns, but the program that saves drops the
         # un-widened K/V at repeat_kv; the one that does not (a checkpoint's first run)
         # keeps them too (the reference program's two orders)
-        o.keep(*(rotated if not widened else rotated[:1]))
+        # (the cache's converted K/V replace the new ones)
+        kept = rotated if not (widened and self.g.grad) and not held else rotated[:1]
+        o.keep(*kept, *held)
         if self.full and widened:
             o.keep(*rotated[1:])
             self.g.nodes[-1].rerun = False
         x_mid = o.binary("residual 1", x, proj, "add", part="norm")
         normed = self.norm("norm 2", f"{p}.norm_2", x_mid)
         assert spec.ffn
-        gate = self.linear("MLP gate", f"{p}.gate", normed, spec.ffn, "mlp")
-        act = o.unary("MLP activation", gate, saves="input", part="mlp")
-        up = self.linear("MLP up", f"{p}.up", normed, spec.ffn, "mlp")
-        prod = o.mul("MLP gate * up", act, up, part="mlp")
-        down = self.linear("MLP down", f"{p}.down", prod, spec.hidden)
+        if self.gated:  # down(silu(gate(x)) * up(x))
+            gate = self.linear("MLP gate", f"{p}.gate", normed, spec.ffn, "mlp")
+            act = o.unary("MLP activation", gate, saves="input", part="mlp")
+            up = self.linear("MLP up", f"{p}.up", normed, spec.ffn, "mlp")
+            hidden = o.mul("MLP gate * up", act, up, part="mlp")
+        else:  # c_proj(GELU(c_fc(x))), nn.GELU(approximate="tanh"): one kernel, saves its input
+            up = self.linear("MLP up", f"{p}.up", normed, spec.ffn, "mlp")
+            hidden = o.unary("MLP activation", up, saves="input", part="mlp")
+        down = self.linear("MLP down", f"{p}.down", hidden, spec.hidden)
         o.keep(normed)
         out = o.binary("output", x_mid, down, "add", part="norm")
+        o.keep(x)  # the decoder's loop holds the block's input until it returns
         if self.full:
             self.g.checkpoint_end()
         o.prefix = ""
@@ -429,13 +498,17 @@ class Model:
         makes the 16-bit probabilities that multiply V; the output is copied back to
         tokens first for o_proj, which saves it."""
         o, spec = self.ops, self.spec
-        scores = self.batch * spec.heads * self.seq * self.seq
-        qc = o.copy("contiguous q", q, part="attention")
+        scores = self.batch * spec.heads * self.seq * self.keys
+        # one decode token's q and the cache's K/V fold into bmm batches as views
+        prompt = self.seq > 1 or self.g.grad
+        copied = copied and prompt
+        qc = o.copy("contiguous q", q, part="attention") if prompt else q
         kc = o.copy("contiguous k", k, part="attention") if copied else k
         product = o.bmm("q @ k^T", qc, kc, scores)
-        scaled = o.scalar("scaled scores", product)
-        assert self.mask is not None
-        masked = o.masked_fill("masked scores", scaled, self.mask)
+        masked = scaled = o.scalar("scaled scores", product)
+        if prompt:  # a decode token attends to every cached position
+            assert self.mask is not None
+            masked = o.masked_fill("masked scores", scaled, self.mask)
         upcast = o.autocast is not None
         probs = o.softmax_to(
             "softmax",
@@ -450,29 +523,50 @@ class Model:
         o.keep(masked, *([] if copied else [k, v]))
         if self.selective:
             self.g.checkpoint_end()
+        if not prompt:
+            return pv
         return o.unary("attention output", pv, part="attention")
 
-    def forward(self) -> tuple[Tensor, Tensor]:
-        """The loss, and the logits (held by the forward until it returns)."""
+    def forward(self) -> tuple[Tensor | None, Tensor]:
+        """The loss (None without grad mode), and the logits (held by the forward until it
+        returns; without grad mode, the last position's, as ``generate`` computes them)."""
         o, spec = self.ops, self.spec
         assert spec.vocab
         x = o.embedding("embedding output", self.p("embed"), self.ids, self.n, spec.hidden)
-        tied_plain = spec.tied and o.autocast is None
+        tied_plain = spec.tied and o.autocast is None and self.g.grad
         if tied_plain:
             # the tied weight's two gradients meet in its input buffer; without autocast the
             # sum is a new tensor (measured: the fp32 Llama 3.2 3B trace,
             # benchmarks/data/h200-traces/frames4.json.gz)
             _mark_view(x, (0,))
-        cos, sin = self.rope_tables()
-        if self.eager:  # ones(s, s, dtype=bool).triu(1), shared by every block
+        if self.learned:  # x + positions(arange(s)): broadcast over the batch
+            pos = o.embedding(
+                "position embeddings", self.p("positions"), self.position_ids, self.seq,
+                spec.hidden,
+            )
+            x = o.add_broadcast("embeddings sum", x, pos)
+        cos = sin = None
+        if not self.learned:
+            cos, sin = self.rope_tables()
+        if self.eager and not self.cached:  # ones(s, s, dtype=bool).triu(1), for every block
             self.mask = Tensor("causal mask", self.seq * self.seq, DType.bool)
             self.g.node(
                 "causal mask", [], [self.mask], scratch=[("ones", self.seq * self.seq)],
-                new_point=False,  # made with the rotary tables' last op
+                # else made with the rotary tables' (or, inference, the embeddings') last op
+                new_point=self.learned and self.g.grad,
             )
         for i in range(spec.layers):
             x = self.block(i, x, cos, sin)
         normed = self.norm("final norm", "norm_f", x)
+        if not self.g.grad:  # self.lm_head(x[:, -1:]); forward's locals live until then
+            o.keep(*(t for t in (cos, sin, self.mask) if t is not None))
+            last = o.view(normed, "last position", numel=self.batch * spec.hidden)
+            logits = o.linear(
+                "lm_head", last, self.p("lm_head.weight"), None, spec.vocab,
+                component=Component.logits,
+            )
+            o.keep(normed)
+            return None, logits
         logits = o.linear(
             "lm_head", normed, self.p("lm_head.weight"), None, spec.vocab,
             component=Component.logits,
@@ -548,3 +642,47 @@ def _block_bytes(t: Tape, forward_end: int) -> dict[str, int]:
             if r.end is None or r.end > forward_end:
                 parts[r.part] = parts.get(r.part, 0) + sum(r.sizes)
     return parts
+
+
+class _OneThread(Workspaces):
+    """Inference runs every matmul on the caller's thread: one set of workspaces."""
+
+    def matmul(self, thread: str, biased: bool) -> None:
+        super().matmul("", biased)
+
+
+def inference(spec: ModelSpec, w: Workload, workspace_bytes: int) -> Timeline:
+    """A prefill of the prompt under ``inference_mode`` (every tensor dies at its last use,
+    autocast caches nothing) and, with ``gen_tokens``, the largest decode step: the last
+    token against the full static cache (``vramfit measure``'s generate loop)."""
+    spec = spec.resolved()
+    t = Tape(phase="prefill")
+    weight = WEIGHT_DTYPE[w.precision].size
+    shapes = param_tensors(spec).all_shapes(spec.layers)
+    t.op("build")
+    t.persist("weights", Component.weights, [math.prod(s) * weight for s in shapes])
+    t.temp("lm_head copy before tying", Component.weights, tied_copy_bytes(spec, 1, weight))
+    t.op("start")
+    t.persist("input ids", Component.activations, [w.batch * w.seq * INT64])
+    gen = w.gen_tokens or 0
+    if gen:
+        per_tensor = kv_cache_bytes(spec, w) // (2 * spec.layers)
+        t.persist("KV cache", Component.kv_cache, [per_tensor] * (2 * spec.layers))
+    ws = _OneThread(t, workspace_bytes)
+    prefill = Model(spec, w, grad=False)
+    _, logits = prefill.forward()
+    prefill.g.hold(logits, "step")
+    sim = run_forward(prefill.g, t, workspaces=ws)
+    end_forward(sim)
+    if gen:
+        t.phase = "decode"
+        t.op("next token")
+        release_held(sim, "step")
+        step = Model(spec, w, grad=False, seq=1, cached=w.seq + gen - 1)
+        _, logits = step.forward()
+        step.g.hold(logits, "step")
+        sim = run_forward(step.g, t, workspaces=ws)
+        end_forward(sim)
+    t.op("end")
+    release_held(sim, "step")
+    return t.finish()
