@@ -1,22 +1,27 @@
 """vramfit's reference loop (``vramfit.measure.models``) as a graph of ops.
 
-The reference model is plain torch that mirrors Hugging Face's Llama code with fixed choices
-(module docstring of ``vramfit.measure.models``): ``nn.RMSNorm`` (one fused kernel that saves
-its input and per-row fp32 rstd), rotary tables computed in fp32 with autocast off and cast to
-the compute dtype, ``rotate_half`` through ``chunk`` (its backward concatenates the halves'
-gradients), ``repeat_kv`` inside the attention core, ``F.scaled_dot_product_attention`` with
-``is_causal`` (FlashAttention-2 for 16-bit inputs, memory-efficient attention for fp32),
-SwiGLU, no dropout, and ``F.cross_entropy(logits.float(), targets)``.
+The reference model is plain torch that mirrors Hugging Face's GPT-2 and Llama code with
+fixed choices (module docstring of ``vramfit.measure.models``): ``nn.LayerNorm`` /
+``nn.RMSNorm`` (one fused kernel each, saving the input and per-row fp32 statistics), a fused
+q/k/v projection (GPT-2) or three, a learned position table or rotary tables computed in fp32
+with autocast off and cast to the compute dtype, ``rotate_half`` through ``chunk`` (its
+backward concatenates the halves' gradients), ``repeat_kv`` inside the attention core,
+``F.scaled_dot_product_attention(is_causal=True)`` (FlashAttention-2 for 16-bit inputs,
+memory-efficient attention for fp32) or eager attention with a bool mask, tanh GELU or
+SwiGLU, no dropout, ``F.cross_entropy(logits.float(), targets)``; non-reentrant
+checkpointing of each block (full) or of the attention core (selective); inference with a
+static KV cache, its largest decode step being the last token's.
 
-This module covers the part of the reference that it reproduces exactly (``unsupported``
-says which): training steps of the Llama block with fused attention and no checkpointing.
-The rest of the reference is still the op-by-op program of ``vramfit.estimate.training`` and
-``vramfit.estimate.inference``, which stays the one ``--impl reference`` runs;
-tests/estimate/test_reference_profile.py holds this profile's tapes to that program's.
+``unsupported`` names what is not ported yet (mixture-of-experts, a declared ``--params``,
+fused q/k/v with rotary positions and grouped K/V). ``--impl reference`` still runs the
+hand-written program of ``vramfit.estimate.training`` / ``inference``; for everything else
+this profile makes exactly that program's allocator requests, in the same order
+(tests/estimate/test_reference_profile.py), so its replay gives the same bytes.
 
 The order of allocations within an op follows that program, whose replay reproduces the
 H200 allocator traces of the reference model (benchmarks/data/h200-traces,
-tests/estimate/test_traces.py): e.g. ``silu(gate) * up`` makes the gate's gradient first.
+tests/estimate/test_traces.py): e.g. ``silu(gate) * up`` makes the gate's gradient first,
+where the shared ``Ops.binary`` (the hf traces) makes the second operand's first.
 """
 
 from __future__ import annotations
@@ -72,8 +77,10 @@ def unsupported(spec: ModelSpec, w: Workload) -> str | None:
     spec = spec.resolved()
     if spec.experts > 1:
         return "mixture-of-experts is not ported yet"
-    if spec.norms_per_layer != 2:
-        return "blocks with four norms are not ported yet"
+    if spec.arch is Arch.gpt2 and spec.positions is Positions.rope and (
+        spec.kv_heads != spec.heads
+    ):
+        return "fused q/k/v with rotary positions and grouped K/V heads is not ported yet"
     if spec.params and spec.params != count_params(spec).total:
         return "a declared --params is not ported yet"
     return None
@@ -464,6 +471,8 @@ class Model:
         # keeps them too (the reference program's two orders)
         # (the cache's converted K/V replace the new ones)
         kept = rotated if not (widened and self.g.grad) and not held else rotated[:1]
+        if held and self.fused:
+            kept += (qkv,)
         o.keep(*kept, *held)
         if self.full and widened:
             o.keep(*rotated[1:])
