@@ -290,7 +290,9 @@ def _mark_view(t: Tensor, inputs: tuple[int, ...]) -> None:
 
 
 class Model:
-    """Builds the graph of one training forward of the reference ``Decoder``."""
+    """Builds the graph of one forward of the reference ``Decoder``: a training step's (with
+    the loss), or without grad mode a prefill's or a decode step's (``seq`` new tokens after
+    ``cached`` ones)."""
 
     def __init__(
         self, spec: ModelSpec, w: Workload, *, grad: bool = True, seq: int = 0, cached: int = 0
