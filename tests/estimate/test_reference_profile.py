@@ -29,6 +29,10 @@ MODELS = {
         "tied": True, "qkv_bias": True,
     },
     "gpt2": {"arch": "gpt2", "layers": 2, "hidden": 128, "heads": 4, "vocab": 1000},
+    "moe": {
+        "arch": "llama", "layers": 2, "hidden": 128, "heads": 4, "vocab": 1000, "experts": 4,
+        "experts_per_token": 2, "expert_ffn": 96, "shared_experts": 1, "shared_expert_ffn": 64,
+    },
     "pythia-like": {
         "arch": "gpt2", "layers": 2, "hidden": 128, "heads": 4, "vocab": 1000,
         "positions": "rope", "tied": False,
@@ -70,7 +74,7 @@ def _runs() -> list[tuple[str, RunSpec]]:
     runs = []
     cases = [(p, a) for p, attentions in PRECISIONS.items() for a in attentions]
     for (name, model), (precision, attention) in itertools.product(MODELS.items(), cases):
-        for checkpointing in ("none", "selective", "full"):
+        for checkpointing in ("none", "selective") + (() if name == "moe" else ("full",)):
             workload = {"impl": "reference", "batch": 2, "seq": 96, "precision": precision,
                         "attention": attention, "checkpointing": checkpointing}
             runs.append((f"{name}-{precision}-{attention}-{checkpointing}",
@@ -109,7 +113,7 @@ def test_profile_makes_the_hand_written_programs_requests(run: RunSpec) -> None:
     ("model", "workload", "reason"),
     [
         ({"arch": "llama", "layers": 2, "hidden": 64, "heads": 4, "experts": 4,
-          "experts_per_token": 2}, {}, "mixture-of-experts"),
+          "experts_per_token": 2}, {"checkpointing": "full"}, "mixture-of-experts"),
         ({"arch": "llama", "layers": 2, "hidden": 64, "heads": 4, "params": 10**6}, {},
          "--params"),
     ],

@@ -40,6 +40,7 @@ from vramfit.config import (
     Precision,
     Workload,
 )
+from vramfit.estimate.activations import shape_of
 from vramfit.estimate.dtypes import kv_bytes
 from vramfit.estimate.graph import (
     Backward,
@@ -55,7 +56,12 @@ from vramfit.estimate.graph import (
 from vramfit.estimate.inference import Workspaces, kv_cache_bytes
 from vramfit.estimate.kernels import H200, Multiprocessors
 from vramfit.estimate.ops import Ops, promote
-from vramfit.estimate.params import count_params, param_tensors, tied_copy_bytes
+from vramfit.estimate.params import (
+    count_params,
+    param_tensors,
+    projection_shapes,
+    tied_copy_bytes,
+)
 from vramfit.estimate.timeline import Tape, Timeline
 from vramfit.estimate.training import optimizer_state_tensors, optimizer_step_temporaries
 
@@ -75,8 +81,10 @@ def unsupported(spec: ModelSpec, w: Workload) -> str | None:
     """Why this profile does not (yet) reproduce the reference program for ``spec`` under
     ``w``, or None when it does."""
     spec = spec.resolved()
-    if spec.experts > 1:
-        return "mixture-of-experts is not ported yet"
+    if spec.experts > 1 and w.mode.value == "train" and w.checkpointing is Checkpointing.full:
+        return "mixture-of-experts under full checkpointing is not ported yet"
+    if spec.experts > 1 and spec.bias:
+        return "mixture-of-experts with biases is not ported yet"
     if spec.arch is Arch.gpt2 and spec.positions is Positions.rope and (
         spec.kv_heads != spec.heads
     ):
@@ -321,6 +329,7 @@ class Model:
         self.fused = spec.arch is Arch.gpt2  # one c_attn projection makes q, k and v
         self.gated = spec.mlp is Mlp.swiglu
         self.learned = spec.positions is Positions.learned
+        self.moe = spec.experts > 1
 
         def leaf(name: str, numel: int) -> None:
             self.params[name] = self.g.leaf(name, numel, self.weight, requires_grad=True)
@@ -340,12 +349,13 @@ class Model:
                 if qkv_bias:
                     leaf(f"{p}.{name}.bias", width)
             mlp = (("gate", h, spec.ffn),) if self.gated else ()
-            for name, n_in, n_out in (
-                ("o", self.q_width, h),
-                *mlp,
-                ("up", h, spec.ffn),
-                ("down", spec.ffn, h),
-            ):
+            dense = (*mlp, ("up", h, spec.ffn), ("down", spec.ffn, h))
+            if self.moe:  # every expert's projections, and the router's, as one each way
+                for kind in ("up", "down"):
+                    for j, shape in enumerate(projection_shapes(spec, kind)):
+                        leaf(f"{p}.moe.{kind}.{j}", math.prod(shape))
+                dense = ()
+            for name, n_in, n_out in (("o", self.q_width, h), *dense):
                 leaf(f"{p}.{name}.weight", n_in * n_out)
                 if bias:
                     leaf(f"{p}.{name}.bias", n_out)
@@ -482,7 +492,9 @@ class Model:
         x_mid = o.binary("residual 1", x, proj, "add", part="norm")
         normed = self.norm("norm 2", f"{p}.norm_2", x_mid)
         assert spec.ffn
-        if self.gated:  # down(silu(gate(x)) * up(x))
+        if self.moe:
+            down = self.experts(i, normed)
+        elif self.gated:  # down(silu(gate(x)) * up(x))
             gate = self.linear("MLP gate", f"{p}.gate", normed, spec.ffn, "mlp")
             act = o.unary("MLP activation", gate, saves="input", part="mlp")
             up = self.linear("MLP up", f"{p}.up", normed, spec.ffn, "mlp")
@@ -490,13 +502,83 @@ class Model:
         else:  # c_proj(GELU(c_fc(x))), nn.GELU(approximate="tanh"): one kernel, saves its input
             up = self.linear("MLP up", f"{p}.up", normed, spec.ffn, "mlp")
             hidden = o.unary("MLP activation", up, saves="input", part="mlp")
-        down = self.linear("MLP down", f"{p}.down", hidden, spec.hidden)
+        if not self.moe:
+            down = self.linear("MLP down", f"{p}.down", hidden, spec.hidden)
         o.keep(normed)
         out = o.binary("output", x_mid, down, "add", part="norm")
         o.keep(x)  # the decoder's loop holds the block's input until it returns
         if self.full:
             self.g.checkpoint_end()
         o.prefix = ""
+        return out
+
+    def experts(self, i: int, x: Tensor) -> Tensor:
+        """The reference program's mixture-of-experts MLP: a dense MLP as wide as the
+        experts a token passes through (``active_ffn``), whose projections hold every
+        expert's weights (and the router's): in training their 16-bit copies and gradients
+        are all made, and the router's logits, fp32 softmax and top-k weights and indices
+        are one tensor that the up projection keeps for backward; inference casts no
+        expert and has no router."""
+        o, spec, n, p = self.ops, self.spec, self.n, f"blocks.{i}"
+        ups = [self.p(f"{p}.moe.up.{j}") for j in range(len(projection_shapes(spec, "up")))]
+        downs = [
+            self.p(f"{p}.moe.down.{j}") for j in range(len(projection_shapes(spec, "down")))
+        ]
+        if not self.g.grad:
+            ups, downs = [], []
+        width = n * shape_of(spec, self.w).active_ffn
+        router: list[Tensor] = []
+        if self.g.grad:
+            e, k = spec.experts, spec.experts_per_token
+            nbytes = n * e * (self.compute.size + 4) + n * k * (4 + INT64)
+            router = [o._t("router", nbytes, DType.uint8, part="mlp")]
+            self.g.node(f"{o.prefix}router", [x], router)
+        half = len(ups) // 2
+        if self.gated:
+            gate = self.multi_linear("MLP gate", x, ups[:half], width, "mlp")
+            act = o.unary("MLP activation", gate, saves="input", part="mlp")
+            up = self.multi_linear("MLP up", x, ups[half:], width, "mlp", router)
+            hidden = o.mul("MLP gate * up", act, up, part="mlp")
+        else:
+            up = self.multi_linear("MLP up", x, ups, width, "mlp", router)
+            hidden = o.unary("MLP activation", up, saves="input", part="mlp")
+        return self.multi_linear("MLP down", hidden, downs, n * spec.hidden)
+
+    def multi_linear(
+        self,
+        name: str,
+        x: Tensor,
+        weights: list[Tensor],
+        numel: int,
+        part: str = "",
+        extra_saved: list[Tensor] | None = None,
+    ) -> Tensor:
+        """A projection by several weight matrices at once (the experts'), unbiased: under
+        autocast each weight's 16-bit copy (right to left) and the input's; backward makes
+        every weight's gradient, then the input's (a view), as ``mm`` does for one."""
+        o = self.ops
+        ws = weights
+        xi = x
+        if o.autocast:
+            ws = [o.cast(w, o.autocast) for w in reversed(weights)][::-1]
+            xi = o._autocast_low(x, part)
+        out = o._t(name, numel, xi.dtype if o.autocast else promote(xi.dtype, self.weight),
+                   part=part)
+
+        def backward(bw: Backward) -> None:
+            g = bw.out()
+            dtype = g.dtype if g else out.dtype
+            for j in range(len(ws)):
+                bw.new(1 + j, dtype=dtype)
+            bw.sim.matmul("backward", False)
+            bw.new(0, dtype=dtype, view=True)
+
+        node = self.g.node(
+            f"{o.prefix}{name}", [xi, *ws, *(extra_saved or [])], [out],
+            saved=[xi, *ws, *(extra_saved or [])],
+            backward=backward,
+        )
+        node.matmul = False
         return out
 
     def eager_core(self, q: Tensor, k: Tensor, v: Tensor, *, copied: bool) -> Tensor:
