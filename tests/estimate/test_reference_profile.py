@@ -74,7 +74,7 @@ def _runs() -> list[tuple[str, RunSpec]]:
     runs = []
     cases = [(p, a) for p, attentions in PRECISIONS.items() for a in attentions]
     for (name, model), (precision, attention) in itertools.product(MODELS.items(), cases):
-        for checkpointing in ("none", "selective") + (() if name == "moe" else ("full",)):
+        for checkpointing in ("none", "selective", "full"):
             workload = {"impl": "reference", "batch": 2, "seq": 96, "precision": precision,
                         "attention": attention, "checkpointing": checkpointing}
             runs.append((f"{name}-{precision}-{attention}-{checkpointing}",
@@ -113,7 +113,7 @@ def test_profile_makes_the_hand_written_programs_requests(run: RunSpec) -> None:
     ("model", "workload", "reason"),
     [
         ({"arch": "llama", "layers": 2, "hidden": 64, "heads": 4, "experts": 4,
-          "experts_per_token": 2}, {"checkpointing": "full"}, "mixture-of-experts"),
+          "experts_per_token": 2, "bias": True}, {}, "mixture-of-experts with biases"),
         ({"arch": "llama", "layers": 2, "hidden": 64, "heads": 4, "params": 10**6}, {},
          "--params"),
     ],

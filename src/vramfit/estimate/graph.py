@@ -213,7 +213,8 @@ class Node:
     # (bitsandbytes' MatMul8bitLt: ctx.tensors)
     kept: list[Tensor] = field(default_factory=list)
     backward_point: bool = True  # its backward is a point of its own (else: the previous's)
-    rerun: bool = True  # a checkpoint's recompute runs it too (False: a first-run-only hold)
+    rerun: bool = True  # a checkpoint's recompute runs it too (False: the first run's only)
+    first_run: bool = True  # the forward runs it (False: only a checkpoint's recompute)
     # autograd's sequence number: backward runs the ready node with the highest first
     # (engine.cpp ReadyQueue); the creation index unless a profile reorders two nodes
     seq: int = 0
@@ -414,7 +415,11 @@ def run_forward(
     sim = _Sim(graph, tape, mp, adopt)
     sim.workspaces = workspaces
     nodes = graph.nodes
-    last = _last_uses(nodes)
+    last: dict[int, int] = {}
+    for i, n in enumerate(nodes):
+        if n.first_run:
+            for x in n.inputs:
+                last[id(x)] = i
     held = {id(t) for t, _ in graph.held}
     produced_in: dict[int, int | None] = {}
     for n in nodes:
@@ -427,6 +432,8 @@ def run_forward(
             produced_in[id(out)] = n.region
     entered: set[int] = set()
     for i, n in enumerate(nodes):
+        if not n.first_run:
+            continue
         if n.new_point:
             tape.op(n.name)
         if n.region is not None and n.region not in entered:
@@ -629,6 +636,8 @@ def _recompute(sim: _Sim, nodes: list[Node]) -> None:
                 last[id(x)] = k
     local: dict[int, Tensor] = {}
     for k, n in enumerate(nodes[: stop + 1]):
+        if not n.rerun:
+            continue
         if n.new_point:
             tape.op(f"{n.name} (recompute)")
         for name, nbytes in n.scratch:

@@ -47,6 +47,7 @@ from vramfit.estimate.graph import (
     Component,
     DType,
     Graph,
+    Node,
     Tensor,
     end_forward,
     release_held,
@@ -81,8 +82,6 @@ def unsupported(spec: ModelSpec, w: Workload) -> str | None:
     """Why this profile does not (yet) reproduce the reference program for ``spec`` under
     ``w``, or None when it does."""
     spec = spec.resolved()
-    if spec.experts > 1 and w.mode.value == "train" and w.checkpointing is Checkpointing.full:
-        return "mixture-of-experts under full checkpointing is not ported yet"
     if spec.experts > 1 and spec.bias:
         return "mixture-of-experts with biases is not ported yet"
     if spec.arch is Arch.gpt2 and spec.positions is Positions.rope and (
@@ -492,7 +491,10 @@ class Model:
         x_mid = o.binary("residual 1", x, proj, "add", part="norm")
         normed = self.norm("norm 2", f"{p}.norm_2", x_mid)
         assert spec.ffn
-        if self.moe:
+        if self.moe and self.full:
+            down = self.experts_first_run(i, normed)
+            self.experts(i, normed, down)
+        elif self.moe:
             down = self.experts(i, normed)
         elif self.gated:  # down(silu(gate(x)) * up(x))
             gate = self.linear("MLP gate", f"{p}.gate", normed, spec.ffn, "mlp")
@@ -512,7 +514,52 @@ class Model:
         o.prefix = ""
         return out
 
-    def experts(self, i: int, x: Tensor) -> Tensor:
+    def experts_first_run(self, i: int, x: Tensor) -> Tensor:
+        """A checkpointed MoE block's first run, as the reference program has it: under
+        autocast every expert's 16-bit copy in one op (kept to autocast's exit), then the
+        dense MLP without weights or router; the recompute runs ``experts``."""
+        o, g, spec, n, p = self.ops, self.g, self.spec, self.n, f"blocks.{i}"
+        first: list[Node] = []
+        if o.autocast:
+            for j, kind in enumerate(("up", "down")):
+                for m in range(len(projection_shapes(spec, kind))):
+                    w = self.p(f"{p}.moe.{kind}.{m}")
+                    copy = o._t(f"{w.name} to {o.autocast.value}", w.numel, o.autocast,
+                                component=Component.autocast_weight_copies)
+                    first.append(g.node(
+                        f"{o.prefix}experts' 16-bit weights", [w], [copy], cast_cache=True,
+                        new_point=not (j or m),
+                    ))
+        width = n * shape_of(spec, self.w).active_ffn
+
+        def op(name: str, x: Tensor, numel: int, part: str = "", matmul: bool = False) -> Tensor:
+            xi = o._autocast_low(x, part) if matmul else x
+            if xi is not x:
+                assert xi.producer is not None
+                first.append(xi.producer)
+            out = o._t(name, numel, xi.dtype, part=part)
+            node = g.node(f"{o.prefix}{name}", [xi], [out])
+            if matmul:
+                node.matmul = False
+            first.append(node)
+            return out
+
+        if self.gated:
+            gate = op("MLP gate", x, width, "mlp", matmul=True)
+            act = op("MLP activation", gate, width, "mlp")
+            up = op("MLP up", x, width, "mlp", matmul=True)
+            out = o._t("MLP gate * up", width, up.dtype, part="mlp")
+            first.append(g.node(f"{o.prefix}MLP gate * up", [act, up], [out]))
+            hidden = out
+        else:
+            up = op("MLP up", x, width, "mlp", matmul=True)
+            hidden = op("MLP activation", up, width, "mlp")
+        down = op("MLP down", hidden, n * spec.hidden, matmul=True)
+        for node in first:
+            node.rerun = False
+        return down
+
+    def experts(self, i: int, x: Tensor, down: Tensor | None = None) -> Tensor:
         """The reference program's mixture-of-experts MLP: a dense MLP as wide as the
         experts a token passes through (``active_ffn``), whose projections hold every
         expert's weights (and the router's): in training their 16-bit copies and gradients
@@ -526,6 +573,7 @@ class Model:
         ]
         if not self.g.grad:
             ups, downs = [], []
+        start = len(self.g.nodes)
         width = n * shape_of(spec, self.w).active_ffn
         router: list[Tensor] = []
         if self.g.grad:
@@ -542,7 +590,18 @@ class Model:
         else:
             up = self.multi_linear("MLP up", x, ups, width, "mlp", router)
             hidden = o.unary("MLP activation", up, saves="input", part="mlp")
-        return self.multi_linear("MLP down", hidden, downs, n * spec.hidden)
+        out = self.multi_linear("MLP down", hidden, downs, n * spec.hidden)
+        if down is None:
+            return out
+        # the recompute's own nodes; its down projection stands for the first run's, whose
+        # output the block returns (the recompute stops before making it)
+        for node in self.g.nodes[start:]:
+            node.first_run = False
+        node = self.g.nodes[-1]
+        node.outputs = [down]
+        down.producer = node
+        down.requires_grad = out.requires_grad
+        return down
 
     def multi_linear(
         self,
