@@ -103,10 +103,19 @@ class Tensor:
     trainable: bool = False  # a parameter that requires grad (whatever the grad mode)
     part: str = ""  # for saved activations: norm / attention / mlp
     producer: Node | None = None
+    # a parameter (or a copy or gradient of one) of a model declared at another size than
+    # its shapes give (``--params``): bytes are round(numel * scale * itemsize)
+    scale: float = 1.0
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.size
+        return self.bytes_as(self.dtype)
+
+    def bytes_as(self, dtype: DType) -> int:
+        """Bytes of a tensor like this one in ``dtype`` (its gradient, its cast)."""
+        if self.scale == 1.0:
+            return self.numel * dtype.size
+        return round(self.numel * self.scale * dtype.size)
 
     @property
     def root(self) -> Tensor:
@@ -160,10 +169,11 @@ class Backward:
         if not self.needs(i):
             return None
         x = self.node.inputs[i]
-        numel = x.numel if numel is None else numel
         dtype = x.dtype if dtype is None else dtype
+        nbytes = x.bytes_as(dtype) if numel is None else numel * dtype.size
+        numel = x.numel if numel is None else numel
         label = name or f"{self.node.name} grad of {x.name}"
-        key = self.sim.tape.new(label, Component.activation_grads, numel * dtype.size)
+        key = self.sim.tape.new(label, Component.activation_grads, nbytes)
         g = Grad(_GradStorage(key), numel, dtype, view=view)
         self.results.append((i, g))
         return g
@@ -387,8 +397,11 @@ class _Sim:
             self.tape.free(g.storage.key)
             g.storage.key = None
 
-    def new_grad(self, name: str, numel: int, dtype: DType, component: Component) -> Grad:
-        key = self.tape.new(name, component, numel * dtype.size)
+    def new_grad(
+        self, name: str, numel: int, dtype: DType, component: Component, scale: float = 1.0
+    ) -> Grad:
+        nbytes = numel * dtype.size if scale == 1.0 else round(numel * scale * dtype.size)
+        key = self.tape.new(name, component, nbytes)
         return Grad(_GradStorage(key), numel, dtype)
 
 
@@ -551,7 +564,7 @@ def _validate(sim: _Sim, n: Node, i: int, g: Grad) -> Grad:
         rows = g.numel // max(1, x.numel)
         tape.op(f"{n.name} backward: sum to {x.name}")
         reduced = sim.new_grad(
-            f"{n.name} grad of {x.name}", x.numel, g.dtype, Component.activation_grads
+            f"{n.name} grad of {x.name}", x.numel, g.dtype, Component.activation_grads, x.scale
         )
         tape.temp(
             f"{n.name} grad of {x.name} reduction",
@@ -567,6 +580,7 @@ def _validate(sim: _Sim, n: Node, i: int, g: Grad) -> Grad:
             x.numel,
             x.dtype,
             Component.activation_grads,
+            x.scale,
         )
         sim.unref_grad(g)
         g = cast
@@ -593,7 +607,8 @@ def _accumulate(sim: _Sim, x: Tensor, g: Grad) -> None:
     else:
         sim.tape.op(f"gradients of {x.name} summed")
         total = sim.new_grad(
-            f"summed gradient of {x.name}", x.numel, g.dtype, Component.activation_grads
+            f"summed gradient of {x.name}", x.numel, g.dtype, Component.activation_grads,
+            x.scale,
         )
         sim.unref_grad(old)
         sim.unref_grad(g)
@@ -616,7 +631,9 @@ def _accumulate_grad(sim: _Sim, leaf: Tensor, g: Grad) -> None:
         sim.leaf_grads[id(leaf)] = g
         return
     tape.op(f"{leaf.name} gradient clone")
-    grad = sim.new_grad(f"{leaf.name} gradient", leaf.numel, leaf.dtype, Component.gradients)
+    grad = sim.new_grad(
+        f"{leaf.name} gradient", leaf.numel, leaf.dtype, Component.gradients, leaf.scale
+    )
     sim.unref_grad(g)
     sim.leaf_grads[id(leaf)] = grad
 

@@ -88,13 +88,17 @@ def unsupported(spec: ModelSpec, w: Workload) -> str | None:
         spec.kv_heads != spec.heads
     ):
         return "fused q/k/v with rotary positions and grouped K/V heads is not ported yet"
-    if spec.params and spec.params != count_params(spec).total:
-        return "a declared --params is not ported yet"
     return None
 
 
 class RefOps(Ops):
     """The ops the reference model runs that the shared library has in another form."""
+
+    def cast(self, x: Tensor, dtype: DType, name: str = "", *, part: str = "") -> Tensor:
+        """``Ops.cast``; a parameter's copy is as large as the parameter (``--params``)."""
+        out = super().cast(x, dtype, name, part=part)
+        out.scale = x.scale
+        return out
 
     def rms_norm(self, name: str, x: Tensor, w: Tensor, rows: int) -> Tensor:
         """``nn.RMSNorm`` (torch >= 2.4: ``F.rms_norm``, the fused ``_fused_rms_norm``
@@ -280,6 +284,17 @@ class RefOps(Ops):
         return loss
 
 
+def _scale(spec: ModelSpec) -> float:
+    """A declared ``--params`` scales every parameter (and its copies, gradients and
+    optimizer state) by the declared over the implied count."""
+    total = count_params(spec).total
+    return (spec.params or total) / total
+
+
+def _weights(shapes: list[tuple[int, ...]], scale: float, itemsize: int) -> list[int]:
+    return [round(math.prod(s) * scale * itemsize) for s in shapes]
+
+
 def _mark_view(t: Tensor, inputs: tuple[int, ...]) -> None:
     """The gradients that ``t``'s node makes for ``inputs`` are views (autograd cannot add
     into them in place)."""
@@ -330,8 +345,11 @@ class Model:
         self.learned = spec.positions is Positions.learned
         self.moe = spec.experts > 1
 
+        self.scale = _scale(spec)
+
         def leaf(name: str, numel: int) -> None:
             self.params[name] = self.g.leaf(name, numel, self.weight, requires_grad=True)
+            self.params[name].scale = self.scale
 
         leaf("embed", spec.vocab * h)
         if self.learned:
@@ -381,6 +399,7 @@ class Model:
         for name in names:
             key = f"{prefix}.{name}"
             self.params[key] = self.g.leaf(key, h, self.weight, requires_grad=True)
+            self.params[key].scale = self.scale
 
     def p(self, name: str) -> Tensor:
         return self.params[name]
@@ -526,6 +545,7 @@ class Model:
                     w = self.p(f"{p}.moe.{kind}.{m}")
                     copy = o._t(f"{w.name} to {o.autocast.value}", w.numel, o.autocast,
                                 component=Component.autocast_weight_copies)
+                    copy.scale = w.scale
                     first.append(g.node(
                         f"{o.prefix}experts' 16-bit weights", [w], [copy], cast_cache=True,
                         new_point=not (j or m),
@@ -743,7 +763,11 @@ def training_steps(
     weight = model.weight.size
     shapes = param_tensors(spec).all_shapes(spec.layers)
     optimizer = Optimizer(w.optimizer)
-    state = optimizer_state_tensors(optimizer, shapes, weight)
+    scale = model.scale
+    state_shapes = shapes
+    if scale != 1:  # the optimizer state of the declared size: first dimensions scaled
+        state_shapes = [(max(1, round(s[0] * scale)), *s[1:]) for s in shapes]
+    state = optimizer_state_tensors(optimizer, state_shapes, weight)
     n = w.batch * w.seq
     biased = bool(spec.bias or spec.qkv_bias)
     steps = []
@@ -751,9 +775,12 @@ def training_steps(
     for first in (True, False):
         t = Tape()
         t.op("build")
-        t.persist("weights", Component.weights, [math.prod(s) * weight for s in shapes])
+        t.persist("weights", Component.weights, _weights(shapes, scale, weight))
         if first:
-            t.temp("lm_head copy before tying", Component.weights, tied_copy_bytes(spec, 1, weight))
+            t.temp(
+                "lm_head copy before tying", Component.weights,
+                tied_copy_bytes(spec, scale, weight),
+            )
         t.op("start")
         t.persist("input ids and targets", Component.activations, [n * INT64, n * INT64])
         if not first:
@@ -771,9 +798,7 @@ def training_steps(
         t.op("optimizer step")
         if first:  # created lazily by the first step (torch.optim ``_init_group``)
             t.persist("optimizer state", Component.optimizer_state, state)
-        temporaries = optimizer_step_temporaries(
-            optimizer, [math.prod(s) for s in shapes], weight
-        )
+        temporaries = optimizer_step_temporaries(optimizer, _weights(shapes, scale, 1), weight)
         for j, nbytes in enumerate(temporaries):
             if j and optimizer is Optimizer.adafactor:  # one parameter at a time
                 t.op("optimizer step")
@@ -812,8 +837,9 @@ def inference(spec: ModelSpec, w: Workload, workspace_bytes: int) -> Timeline:
     weight = WEIGHT_DTYPE[w.precision].size
     shapes = param_tensors(spec).all_shapes(spec.layers)
     t.op("build")
-    t.persist("weights", Component.weights, [math.prod(s) * weight for s in shapes])
-    t.temp("lm_head copy before tying", Component.weights, tied_copy_bytes(spec, 1, weight))
+    scale = _scale(spec)
+    t.persist("weights", Component.weights, _weights(shapes, scale, weight))
+    t.temp("lm_head copy before tying", Component.weights, tied_copy_bytes(spec, scale, weight))
     t.op("start")
     t.persist("input ids", Component.activations, [w.batch * w.seq * INT64])
     gen = w.gen_tokens or 0
