@@ -34,6 +34,10 @@ MODELS = {
         "experts_per_token": 2, "expert_ffn": 96, "shared_experts": 1, "shared_expert_ffn": 64,
         "params": 1_234_567,  # a declared size scales every parameter's bytes
     },
+    "moe-biased": {
+        "arch": "gpt2", "layers": 2, "hidden": 64, "heads": 4, "vocab": 500, "experts": 3,
+        "experts_per_token": 2, "expert_ffn": 32,
+    },
     "pythia-like": {
         "arch": "gpt2", "layers": 2, "hidden": 128, "heads": 4, "vocab": 1000,
         "positions": "rope", "tied": False,
@@ -113,8 +117,8 @@ def test_profile_makes_the_hand_written_programs_requests(run: RunSpec) -> None:
 @pytest.mark.parametrize(
     ("model", "workload", "reason"),
     [
-        ({"arch": "llama", "layers": 2, "hidden": 64, "heads": 4, "experts": 4,
-          "experts_per_token": 2, "bias": True}, {}, "mixture-of-experts with biases"),
+        ({"arch": "gpt2", "layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2,
+          "positions": "rope"}, {}, "grouped K/V"),
     ],
 )
 def test_unported_options_are_named(model: dict, workload: dict, reason: str) -> None:

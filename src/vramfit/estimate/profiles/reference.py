@@ -55,7 +55,7 @@ from vramfit.estimate.graph import (
     run_forward,
 )
 from vramfit.estimate.inference import Workspaces, kv_cache_bytes
-from vramfit.estimate.kernels import H200, Multiprocessors
+from vramfit.estimate.kernels import H200, Multiprocessors, column_sum_scratch_bytes
 from vramfit.estimate.ops import Ops, promote
 from vramfit.estimate.params import (
     count_params,
@@ -82,8 +82,6 @@ def unsupported(spec: ModelSpec, w: Workload) -> str | None:
     """Why this profile does not (yet) reproduce the reference program for ``spec`` under
     ``w``, or None when it does."""
     spec = spec.resolved()
-    if spec.experts > 1 and spec.bias:
-        return "mixture-of-experts with biases is not ported yet"
     if spec.arch is Arch.gpt2 and spec.positions is Positions.rope and (
         spec.kv_heads != spec.heads
     ):
@@ -344,6 +342,7 @@ class Model:
         self.gated = spec.mlp is Mlp.swiglu
         self.learned = spec.positions is Positions.learned
         self.moe = spec.experts > 1
+        self.vectors: set[str] = set()  # the experts' biases
 
         self.scale = _scale(spec)
 
@@ -371,6 +370,8 @@ class Model:
                 for kind in ("up", "down"):
                     for j, shape in enumerate(projection_shapes(spec, kind)):
                         leaf(f"{p}.moe.{kind}.{j}", math.prod(shape))
+                        if len(shape) == 1:
+                            self.vectors.add(f"{p}.moe.{kind}.{j}")
                 dense = ()
             for name, n_in, n_out in (("o", self.q_width, h), *dense):
                 leaf(f"{p}.{name}.weight", n_in * n_out)
@@ -632,32 +633,62 @@ class Model:
         part: str = "",
         extra_saved: list[Tensor] | None = None,
     ) -> Tensor:
-        """A projection by several weight matrices at once (the experts'), unbiased: under
-        autocast each weight's 16-bit copy (right to left) and the input's; backward makes
-        every weight's gradient, then the input's (a view), as ``mm`` does for one."""
+        """A projection by several weights at once (the experts' matrices and biases): under
+        autocast each one's 16-bit copy (right to left; the biases' are not saved) and the
+        input's. Backward as ``project_backward`` wrote it: unbiased, every matrix's gradient
+        then the input's (a view); biased, the input's first, then the matrices', then each
+        bias's with its column-sum scratch (after the saved tensors die in a checkpointed
+        block); the 16-bit gradients are cast to fp32 matrices first."""
         o = self.ops
+        vector = [w.name in self.vectors for w in weights]
         ws = weights
         xi = x
         if o.autocast:
             ws = [o.cast(w, o.autocast) for w in reversed(weights)][::-1]
             xi = o._autocast_low(x, part)
+            if any(vector):  # matrices' casts run backward first, then the biases'
+                nodes = [w.producer for w in ws]
+                seqs = sorted((nd.seq for nd in nodes if nd is not None), reverse=True)
+                order = [nd for nd, v in zip(nodes, vector, strict=True) if not v]
+                order += [nd for nd, v in zip(nodes, vector, strict=True) if v]
+                for nd, seq in zip(order, seqs, strict=True):
+                    assert nd is not None
+                    nd.seq = seq
         out = o._t(name, numel, xi.dtype if o.autocast else promote(xi.dtype, self.weight),
                    part=part)
+        matrices = [1 + j for j, v in enumerate(vector) if not v]
+        vectors = [1 + j for j, v in enumerate(vector) if v]
+        rows = self.n
 
         def backward(bw: Backward) -> None:
             g = bw.out()
             dtype = g.dtype if g else out.dtype
-            for j in range(len(ws)):
-                bw.new(1 + j, dtype=dtype)
+            if vectors:
+                bw.new(0, dtype=dtype, view=True)
+            for j in matrices:
+                bw.new(j, dtype=dtype)
             bw.sim.matmul("backward", False)
-            bw.new(0, dtype=dtype, view=True)
+            if not vectors:
+                bw.new(0, dtype=dtype, view=True)
+                return
+            sim = bw.sim
+            if bw.node.region is not None:
+                # the checkpoint's unpacked tensors die with the node's locals, before the
+                # bias reduction (fp32 GPT-2 and AMP Qwen2.5 full-checkpoint traces)
+                for t in sim.saved_refs.pop(id(bw.node), []):
+                    sim.unref(t)
+                sim.tape.op(f"{bw.node.name} bias gradient")
+            for j in vectors:
+                bw.new(j, dtype=dtype)
+                cols = bw.node.inputs[j].numel
+                bw.temp("bias gradient reduction", column_sum_scratch_bytes(rows, cols, sim.mp))
 
+        saved = [xi, *(w for w, v in zip(ws, vector, strict=True) if not v), *(extra_saved or [])]
         node = self.g.node(
-            f"{o.prefix}{name}", [xi, *ws, *(extra_saved or [])], [out],
-            saved=[xi, *ws, *(extra_saved or [])],
+            f"{o.prefix}{name}", [xi, *ws, *(extra_saved or [])], [out], saved=saved,
             backward=backward,
         )
-        node.matmul = False
+        node.matmul = any(vector)
         return out
 
     def eager_core(self, q: Tensor, k: Tensor, v: Tensor, *, copied: bool) -> Tensor:
