@@ -82,10 +82,6 @@ def unsupported(spec: ModelSpec, w: Workload) -> str | None:
     """Why this profile does not (yet) reproduce the reference program for ``spec`` under
     ``w``, or None when it does."""
     spec = spec.resolved()
-    if spec.arch is Arch.gpt2 and spec.positions is Positions.rope and (
-        spec.kv_heads != spec.heads
-    ):
-        return "fused q/k/v with rotary positions and grouped K/V heads is not ported yet"
     return None
 
 
@@ -487,6 +483,11 @@ class Model:
             att = o.fused_attention(
                 "attention", q, k, v, batch=self.batch, heads=spec.heads, seq=self.seq
             )
+            if self.fused and rope and widened:
+                # rotary made new q and k, repeat_kv new K/V: nothing reads c_attn's output
+                # any more, but the program that saves keeps it to attention's backward
+                assert att.producer is not None
+                att.producer.saved.append(qkv)
             if self.selective:
                 # the reference program frees the first run's output with the kernel's
                 # backward, after the rerun's (its selective traces' order)
@@ -502,7 +503,7 @@ class Model:
         # keeps them too (the reference program's two orders)
         # (the cache's converted K/V replace the new ones)
         kept = rotated if not (widened and self.g.grad) and not held else rotated[:1]
-        if held and self.fused:
+        if self.fused:  # c_attn's output, which q/k/v view (eager: until attn returns)
             kept += (qkv,)
         o.keep(*kept, *held)
         if self.full and widened:
