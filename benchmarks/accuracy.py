@@ -63,10 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         hardware = Hardware(
             name=gpu.name, memory_bytes=measured["device_total_bytes"], compute_capability=(9, 0)
         )
-        est = estimate(RunSpec(model=case["model"], workload=workload_of(case)), hardware)
+        run = RunSpec(
+            model=case["model"], workload=workload_of(case), parallel=case.get("parallel", {})
+        )
+        est = estimate(run, hardware)
         predicted = {
             "peak_allocated_bytes": est.peak_allocated_bytes,
-            "total_bytes": est.total_bytes,
+            # a fake process group allocates no NCCL memory (zero on one GPU)
+            "total_bytes": est.total_bytes - est.nccl_bytes,
         }
         cells = []
         for key in errors:
@@ -94,11 +98,20 @@ def predict(cases_file: Path) -> int:
     gpu = find_gpu("H200")
     hardware = Hardware(name=gpu.name, memory_bytes=gpu.memory_bytes, compute_capability=(9, 0))
     for case in yaml.safe_load(cases_file.read_text()):
-        est = estimate(RunSpec(model=case["model"], workload=case.get("workload", {})), hardware)
-        print(
+        run = RunSpec(
+            model=case["model"],
+            workload=case.get("workload", {}),
+            parallel=case.get("parallel", {}),
+        )
+        est = estimate(run, hardware)
+        line = (
             f"{case['name'][:58]:58s} peak {est.peak_allocated_bytes / GIB:8.2f} "
             f"total {est.total_bytes / GIB:8.2f}"
         )
+        if "parallel" in case:  # the device total a fake process group can show, and phases
+            phases = " ".join(f"{k} {v / GIB:.2f}" for k, v in est.phases.items())
+            line += f" less-nccl {(est.total_bytes - est.nccl_bytes) / GIB:8.2f} | {phases}"
+        print(line)
     return 0
 
 

@@ -12,7 +12,8 @@ appended to ``--out`` (and flushed) as soon as it finishes:
 ``{"case": {...}, "result": {TrainMeasurement fields}}`` or ``{"case": {...}, "error": "..."}``.
 
 The cases file is a YAML list; each case has a ``name``, a ``model`` (ModelSpec fields), a
-``workload`` (Workload fields) and optionally ``steps`` (default 3). A tiny example:
+``workload`` (Workload fields), optionally a ``parallel`` layout (Parallel fields: an FSDP2
+case runs rank 0 under a fake process group) and ``steps`` (default 3). A tiny example:
 
     - name: gpt2-small-b4-s512-amp-bf16
       model: {arch: gpt2, layers: 12, hidden: 768}
@@ -48,7 +49,13 @@ def _worker() -> int:
         from vramfit.errors import VramfitError
         from vramfit.measure.train import measure_train
 
-        run = RunSpec.model_validate({"model": case["model"], "workload": case.get("workload", {})})
+        run = RunSpec.model_validate(
+            {
+                "model": case["model"],
+                "workload": case.get("workload", {}),
+                "parallel": case.get("parallel", {}),
+            }
+        )
         try:
             result = measure_train(run, steps=int(case.get("steps", 3)))
         except VramfitError as exc:
@@ -71,11 +78,17 @@ def _load_cases(path: Path) -> list[dict[str, Any]]:
     for i, case in enumerate(cases):
         if not isinstance(case, dict) or "name" not in case or "model" not in case:
             raise SystemExit(f"{path}: case {i} needs at least 'name' and 'model'")
-        extra = set(case) - {"name", "model", "workload", "steps"}
+        extra = set(case) - {"name", "model", "workload", "parallel", "steps"}
         if extra:
             raise SystemExit(f"{path}: case {case['name']}: unknown keys {sorted(extra)}")
         # Validate in the parent, so a typo fails before any GPU time is spent.
-        RunSpec.model_validate({"model": case["model"], "workload": case.get("workload", {})})
+        RunSpec.model_validate(
+            {
+                "model": case["model"],
+                "workload": case.get("workload", {}),
+                "parallel": case.get("parallel", {}),
+            }
+        )
     return cases
 
 

@@ -30,14 +30,15 @@ CASES: list[tuple[str, list[str], int]] = [  # name, arguments, runs
     ("train llama h64", [*L512, "--hidden", "64"], 3),
     ("train llama h1024 full ckpt", [*L512, "--hidden", "1024", "--checkpointing", "full"], 3),
     (
-        "train llama h1024 fp32 selective",
-        [*L512, "--hidden", "1024", "--precision", "fp32", "--checkpointing", "selective"],
-        3,
-    ),
-    (
         "train gpt2 h768 eager b8 s1024",
         [*L512, "--hidden", "768", "--arch", "gpt2", "--attention", "eager"]
         + ["--seq", "1024", "--batch", "8"],
+        3,
+    ),
+    ("train llama-3-8b", ["--preset", "llama-3-8b", *L512], 3),
+    (
+        "qlora llama-3-8b r16 nf4",
+        ["--preset", "llama-3-8b", *L512, "--lora-rank", "16"] + ["--quant", "nf4"],
         3,
     ),
     (
@@ -45,10 +46,22 @@ CASES: list[tuple[str, list[str], int]] = [  # name, arguments, runs
         [*L512, "--hidden", "1024", "--mode", "infer", "--gen-tokens", "128"],
         3,
     ),
+    ("reference train llama h64", [*L512, "--hidden", "64", "--impl", "reference"], 3),
+    (
+        "reference h1024 fp32 selective",
+        [*L512, "--hidden", "1024", "--precision", "fp32", "--checkpointing", "selective"]
+        + ["--impl", "reference"],
+        3,
+    ),
     ("solve seq h64 MI300X", [*L512, "--hidden", "64", "--solve", "seq", "--gpu", "MI300X"], 1),
     (
         "solve batch h64 MI300X",
         [*L512, "--hidden", "64", "--solve", "batch", "--gpu", "MI300X"],
+        1,
+    ),
+    (
+        "solve batch llama-3-8b H200",
+        ["--preset", "llama-3-8b", "--solve", "batch", "--gpu", "H200"],
         1,
     ),
 ]

@@ -296,6 +296,7 @@ def test_the_commands() -> None:
         "gpus",
         "import-hf",
         "measure",
+        "plan",
         "presets",
     ]
 

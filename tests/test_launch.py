@@ -127,3 +127,55 @@ def test_torchrun_hang_is_stopped_and_leaves_no_process(tmp_path: Path) -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_measure_gpus_on_enough_gpus_launches_real_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``measure --train --gpus 2`` on a machine with 2 GPUs goes through the launcher (here
+    a stand-in returning two rank records) and compares every rank with the prediction, the
+    device total with NCCL's memory on both sides; the busiest rank comes first."""
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from vramfit import cli
+    from vramfit.measure import launch as launch_module
+    from vramfit.measure.launch import RankResult
+    from vramfit.measure.train import TrainMeasurement
+
+    gib = 2**30
+
+    def record(rank: int, peak: float) -> RankResult:
+        m = TrainMeasurement(
+            params=1, phases={"forward": int(peak * gib)}, phase_end={}, peak_allocated_bytes=
+            int(peak * gib), total_bytes=int((peak + 2) * gib), reserved_peak_bytes=0,
+            context_bytes=0, weights_bytes=0, steps=[], oom=False, reached=None,
+            device_name="NVIDIA H200", device_total_bytes=150 * gib, torch_version="2.11",
+            alloc_conf=None)
+        return RankResult(rank, 2, "nccl", 600 * 2**20, "2.27.7", dataclasses.asdict(m))
+
+    asked = {}
+
+    def fake_launch(request: dict, n: int, **_: object) -> list[RankResult]:
+        asked.update(request=request, n=n)
+        return [record(1, 11.0), record(0, 10.0)]
+
+    monkeypatch.setattr(launch_module, "visible_gpus", lambda: 2)
+    monkeypatch.setattr(launch_module, "launch", fake_launch)
+    args = ["measure", "--train", "--preset", "llama-3.2-1b", "--gpus", "2", "--fsdp", "full",
+            "--loop", "drops", "--batch", "1", "--seq", "512", "--steps", "2"]
+    result = CliRunner().invoke(cli.app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    assert asked["n"] == 2 and asked["request"]["steps"] == 2
+    assert asked["request"]["run"]["parallel"]["gpus"] == 2
+    import json
+
+    doc = json.loads(result.output)
+    assert [r["rank"] for r in doc["ranks"]] == [1, 0]
+    predicted = doc["predicted"]["total_bytes"]
+    assert doc["ranks"][0]["errors"]["total_bytes"] == pytest.approx(
+        (predicted - 13 * gib) / (13 * gib) * 100, abs=0.01)
+    assert doc["ranks"][0]["nccl_bytes"] == 600 * 2**20
+    text = CliRunner().invoke(cli.app, args)
+    assert text.exit_code == 0
+    assert "2 ranks through torchrun, 2 ranks, nccl (NCCL 2.27.7)" in text.output
+    assert "rank 1: peak 11.00 GiB" in text.output

@@ -89,7 +89,7 @@ def test_suggestions_offer_bf16_where_it_is_fast(capsys: pytest.CaptureFixture[s
 def test_inference_suggests_a_smaller_kv_cache(
     capsys: pytest.CaptureFixture[str], gpu: str, kv_dtype: str
 ) -> None:
-    args = ["--mode", "infer", "--gen-tokens", "8192", "--batch", "64", "--gpu", gpu]
+    args = ["--mode", "infer", "--gen-tokens", "256", "--batch", "256", "--gpu", gpu]
     code, out, _ = run(capsys, "estimate", "--preset", "llama-3.1-8b", *args)
     assert code == 1
     assert any(f"--kv-dtype {kv_dtype}" in tip for tip in _suggestions(out)), out
@@ -97,7 +97,7 @@ def test_inference_suggests_a_smaller_kv_cache(
 
 def test_no_kv_suggestion_without_a_fast_8_bit_type(capsys: pytest.CaptureFixture[str]) -> None:
     """V100: no fp8 and no int8 tensor cores in its datasheet."""
-    args = ["--mode", "infer", "--gen-tokens", "8192", "--batch", "64", "--gpu", "V100-SXM2-32GB"]
+    args = ["--mode", "infer", "--gen-tokens", "256", "--batch", "256", "--gpu", "V100-SXM2-32GB"]
     _, out, _ = run(capsys, "estimate", "--preset", "llama-3.1-8b", *args)
     assert not any("--kv-dtype" in tip for tip in _suggestions(out))
 

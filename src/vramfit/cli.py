@@ -27,6 +27,7 @@ from typer.exceptions import Abort, TyperException
 from vramfit.config import (
     MAX_BATCH,
     MAX_FFN,
+    MAX_GPUS,
     MAX_HEADS,
     MAX_INT_DIGITS,
     MAX_LAYERS,
@@ -37,13 +38,16 @@ from vramfit.config import (
     Attention,
     Checkpointing,
     Formula,
+    Fsdp,
     Impl,
     KvDtype,
     Logits,
     Loop,
     Mode,
     ModelSpec,
+    Offload,
     Optimizer,
+    Parallel,
     Precision,
     RunSpec,
     Workload,
@@ -107,6 +111,17 @@ OPTION_NAMES = {
     "params": "--params",
     "optimizer": "--optimizer",
     "quant": "--quant",
+    "gpus": "--gpus",
+    "fsdp": "--fsdp",
+    "reshard_after_forward": "--reshard-after-forward",
+    "hsdp_shard": "--gpus",
+    "zero": "--zero",
+    "ddp": "--ddp",
+    "tp": "--tp",
+    "sp": "--sp",
+    "pp": "--pp",
+    "micro_batches": "--micro-batches",
+    "offload": "--offload",
 }
 
 
@@ -157,8 +172,9 @@ def _option_error(err: ValidationError) -> VramfitError:
     if first["type"] == "value_error":
         # a check across fields (model or workload validators): its message starts with the
         # field it is about, e.g. "hidden (1024) is not divisible by heads (7)"
+        # (unless the error is already located at a field that has its own option)
         leading = message.split(" ", 1)[0].lower()
-        if leading in OPTION_NAMES:
+        if leading in OPTION_NAMES and field not in OPTION_NAMES:
             field = leading
     if "input" in first and not isinstance(first["input"], dict):
         message += f", got {shown(first['input'])}"
@@ -208,6 +224,7 @@ def build_run(
     hf_config: Path | None = None,
     model_overrides: dict[str, Any] | None = None,
     workload_overrides: dict[str, Any] | None = None,
+    parallel_overrides: dict[str, Any] | None = None,
 ) -> RunSpec:
     """Merge a preset / HF config with CLI options (options win) into a validated RunSpec."""
     from vramfit.estimate.shape import infer_shape
@@ -258,12 +275,22 @@ def build_run(
         workload["seq"] = seq
     if batch is not None:
         workload["batch"] = batch
+    parallel = {k: v for k, v in (parallel_overrides or {}).items() if v is not None}
     try:
-        run = RunSpec(model=ModelSpec(**model), workload=Workload(**workload))
+        layout = Parallel.model_validate(parallel)
+    except ValidationError as err:
+        raise _option_error(err) from None
+    try:
+        run = RunSpec(model=ModelSpec(**model), workload=Workload(**workload), parallel=layout)
         # The family defaults (heads = hidden / 64, ...) are checked only once filled in.
         run.model.resolved()
     except ValidationError as err:
         raise _option_error(err) from None
+    except VramfitError as err:
+        if err.field and err.field.startswith("parallel."):
+            name = err.field.removeprefix("parallel.")
+            err.field = PARALLEL_OPTIONS.get(name, f"--{name.replace('_', '-')}")
+        raise
     return run
 
 
@@ -469,8 +496,69 @@ QuantComputeOpt = Annotated[
     ),
 ]
 
+# Multi-GPU layout options (the RunSpec's ``parallel`` block).
+GpusOpt = Annotated[
+    int | None,
+    typer.Option("--gpus", parser=_whole(MAX_GPUS), help="World size: ranks, one per GPU."),
+]
+FsdpOpt = Annotated[
+    Fsdp | None,
+    typer.Option("--fsdp", help="FSDP2 fully_shard on each decoder layer and the root."),
+]
+ReshardOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--reshard-after-forward/--no-reshard-after-forward",
+        help="FSDP2 reshard_after_forward of the layers (default: on for full, off for "
+        "shard-grad-op).",
+        show_default=False,
+    ),
+]
+ZeroOpt = Annotated[
+    int | None,
+    typer.Option("--zero", parser=_whole(3), help="DeepSpeed ZeRO stage 0-3 (modelled only)."),
+]
+DdpOpt = Annotated[
+    bool | None,
+    typer.Option("--ddp", help="DistributedDataParallel over the data-parallel ranks.",
+                 show_default=False),
+]
+TpOpt = Annotated[
+    int | None, typer.Option("--tp", parser=_whole(MAX_GPUS), help="Tensor-parallel degree.")
+]
+SpOpt = Annotated[
+    bool | None,
+    typer.Option("--sp", help="Sequence parallel (with --tp).", show_default=False),
+]
+PpOpt = Annotated[
+    int | None, typer.Option("--pp", parser=_whole(MAX_GPUS), help="Pipeline stages (1F1B).")
+]
+MicroOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--micro-batches", parser=_whole(MAX_BATCH), help="Pipeline micro-batches per step."
+    ),
+]
+OffloadOpt = Annotated[
+    Offload | None,
+    typer.Option("--offload", help="State kept on the CPU: optimizer or params."),
+]
+
 # The RunSpec options of `estimate` and `measure --train`, by parameter name.
+PARALLEL_OPTIONS = {
+    "gpus": "--gpus",
+    "fsdp": "--fsdp",
+    "reshard_after_forward": "--reshard-after-forward",
+    "zero": "--zero",
+    "ddp": "--ddp",
+    "tp": "--tp",
+    "sp": "--sp",
+    "pp": "--pp",
+    "micro_batches": "--micro-batches",
+    "offload": "--offload",
+}
 RUN_OPTIONS = {
+    **PARALLEL_OPTIONS,
     "params": "--params",
     "layers": "--layers",
     "hidden": "--hidden",
@@ -573,6 +661,7 @@ def _run_from_options(**o: Any) -> RunSpec:
             "clip_grad": o["clip_grad"],
             **_lora_and_quant(o),
         },
+        parallel_overrides={name: o.get(name) for name in PARALLEL_OPTIONS},
     )
 
 
@@ -626,6 +715,16 @@ def estimate(
     quant: QuantOpt = None,
     quant_double: QuantDoubleOpt = None,
     quant_compute_dtype: QuantComputeOpt = None,
+    gpus: GpusOpt = None,
+    fsdp: FsdpOpt = None,
+    reshard_after_forward: ReshardOpt = None,
+    zero: ZeroOpt = None,
+    ddp: DdpOpt = None,
+    tp: TpOpt = None,
+    sp: SpOpt = None,
+    pp: PpOpt = None,
+    micro_batches: MicroOpt = None,
+    offload: OffloadOpt = None,
     solve: Annotated[
         SolveField | None,
         typer.Option("--solve", help="batch or seq: the largest value that fits --gpu."),
@@ -653,6 +752,97 @@ def estimate(
         _solve(run, hardware, solve.value, as_json)
     else:
         _default(run, hardware, as_json)
+
+
+@app.command()
+def plan(
+    gpus: Annotated[
+        int, typer.Option("--gpus", parser=_whole(MAX_GPUS, least=2), help="World size.")
+    ],
+    gpu: Annotated[str, typer.Option("--gpu", help="GPU of every rank (see `vramfit gpus`).")],
+    preset: PresetOpt = None,
+    hf_config: HfOpt = None,
+    params: ParamsOpt = None,
+    layers: LayersOpt = None,
+    hidden: HiddenOpt = None,
+    seq: SeqOpt = None,
+    batch: Annotated[
+        int | None,
+        typer.Option(
+            "--batch", parser=_whole(MAX_BATCH), help="Sequences per data-parallel replica "
+            "(default: 1)."
+        ),
+    ] = None,
+    precision: PrecisionOpt = None,
+    optimizer: OptimizerOpt = None,
+    loop: LoopOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the multi-GPU layouts that fit --gpus GPUs, most headroom first, and why the rest
+    do not: FSDP2 (also over tensor-parallel shards), ZeRO 1-3, DDP with tensor and pipeline
+    parallelism, each with and without full checkpointing. Rank 0's peak is extrapolated from
+    3- and 4-layer replays; confirm a choice with `vramfit estimate`.
+
+    Exit code: 0 some layout fits, 1 none fits, 2 bad input.
+    """
+    import time
+
+    from vramfit.estimate.plan import make_plan
+
+    try:
+        run = build_run(
+            params=params, layers=layers, hidden=hidden, seq=seq, batch=batch, preset=preset,
+            hf_config=hf_config,
+            workload_overrides={
+                "precision": precision, "optimizer": optimizer, "loop": loop or "drops",
+            },
+        )
+        hardware = _hardware(gpu)
+        assert hardware is not None
+        started = time.perf_counter()
+        result = make_plan(run.model, run.workload, gpus, hardware)
+        elapsed = time.perf_counter() - started
+    except VramfitError as err:
+        _fail(err)
+        return
+    rows = [_candidate_json(c) for c in result.fits + result.rejected]
+    if as_json:
+        _print_json(
+            {
+                "gpus": gpus,
+                "gpu": _gpu_json(hardware),
+                "workload": run.workload.model_dump(mode="json"),
+                "fits": [r for r in rows if r["fits"]],
+                "does_not_fit": [r for r in rows if not r["fits"]],
+                "replays": result.replays,
+                "elapsed_s": round(elapsed, 3),
+                "notes": [
+                    "rank 0 (the busiest); peak extrapolated from 3- and 4-layer replays, device "
+                    "total approximate: confirm with vramfit estimate",
+                    "FSDP2 is measured (fake process group); ZeRO, DDP, TP and PP are modelled "
+                    "only; NCCL is a model",
+                ],
+            }
+        )
+    else:
+        from vramfit.render import render_plan
+
+        render_plan(_console(), run, hardware, gpus, rows, elapsed)
+    raise typer.Exit(EXIT_FITS if result.fits else EXIT_DOES_NOT_FIT)
+
+
+def _candidate_json(c: Any) -> dict[str, Any]:
+    par = c.parallel
+    return {
+        "layout": c.layout,
+        "checkpointing": c.checkpointing.value,
+        "parallel": {**par.model_dump(mode="json"), "dp": par.dp},
+        "fits": c.reason is None,
+        "peak_allocated_bytes": c.peak_allocated_bytes,
+        "total_bytes": c.total_bytes,
+        "headroom_bytes": c.headroom_bytes,
+        "reason": c.reason,
+    }
 
 
 def _print_json(document: Any) -> None:
@@ -831,6 +1021,25 @@ def estimate_json(est: Estimate) -> dict[str, Any]:
         "fits": est.fits,
         "headroom_bytes": est.headroom_bytes,
         "notes": list(est.notes),
+        **_parallel_json(est),
+    }
+
+
+def _parallel_json(est: Estimate) -> dict[str, Any]:
+    """The multi-GPU keys (absent on one GPU): the layout, rank 0's NCCL bytes (a model,
+    included in ``total_bytes``), each stream's reserved pool, what is offloaded to the CPU."""
+    par = est.run.parallel
+    if par.single:
+        return {}
+    from vramfit.estimate.parallel import describe
+
+    return {
+        "parallel": {**par.model_dump(mode="json"), "dp": par.dp, "layout": describe(par)},
+        "rank": 0,
+        "nccl_bytes": est.nccl_bytes,
+        "nccl_measured": False,
+        "stream_reserved_bytes": est.stream_reserved_bytes,
+        "cpu_bytes": est.cpu_bytes,
     }
 
 
@@ -1069,7 +1278,9 @@ def matmul_json(
     tflops: dict[str, float],
 ) -> dict[str, Any]:
     """The matmul table as one JSON-ready dict: bytes predicted (itemised) and measured per
-    cell, and achieved TFLOP/s against the catalog's dense peak."""
+    cell, and achieved TFLOP/s against the catalog's dense peak (and how they were timed)."""
+    from vramfit.measure.matmul import TIMING
+
     gpu = _catalog_gpu(device_name)
     rows = []
     for cell in cells:
@@ -1111,6 +1322,7 @@ def matmul_json(
         "torch": _torch_version(),
         "cells": rows,
         "tflops": throughput,
+        "tflops_timing": TIMING,
     }
 
 
@@ -1144,7 +1356,11 @@ def train_comparison(est: Estimate, measured: TrainMeasurement) -> dict[str, Any
         errors["peak_allocated_bytes"] = _signed_error_pct(
             est.peak_allocated_bytes, measured.peak_allocated_bytes
         )
-        errors["total_bytes"] = _signed_error_pct(est.total_bytes, measured.total_bytes)
+        # a fake process group allocates no NCCL memory: the device total is compared with
+        # the prediction less NCCL's (zero on one GPU)
+        errors["total_bytes"] = _signed_error_pct(
+            est.total_bytes - est.nccl_bytes, measured.total_bytes
+        )
     return {
         "predicted": estimate_json(est),
         "measured": dataclasses.asdict(measured),
@@ -1220,6 +1436,16 @@ def measure(
     quant: QuantOpt = None,
     quant_double: QuantDoubleOpt = None,
     quant_compute_dtype: QuantComputeOpt = None,
+    gpus: GpusOpt = None,
+    fsdp: FsdpOpt = None,
+    reshard_after_forward: ReshardOpt = None,
+    zero: ZeroOpt = None,
+    ddp: DdpOpt = None,
+    tp: TpOpt = None,
+    sp: SpOpt = None,
+    pp: PpOpt = None,
+    micro_batches: MicroOpt = None,
+    offload: OffloadOpt = None,
     steps: Annotated[
         int | None,
         typer.Option(
@@ -1302,6 +1528,12 @@ def _measure_train(run: RunSpec, steps: int, as_json: bool) -> None:
     from vramfit.estimate.core import estimate as run_estimate
     from vramfit.measure.train import measure_train
 
+    if not run.parallel.single:
+        from vramfit.measure.launch import visible_gpus
+
+        if visible_gpus() >= run.parallel.gpus:
+            _measure_ranks(run, steps, as_json)
+            return
     backend = _cuda_backend()
     if as_json:
         measured = measure_train(run, steps=steps, backend=backend)
@@ -1326,6 +1558,61 @@ def _measure_train(run: RunSpec, steps: int, as_json: bool) -> None:
 
         render_train_comparison(_console(), comparison)
     raise typer.Exit(EXIT_DOES_NOT_FIT if measured.oom else EXIT_FITS)
+
+
+def _measure_ranks(run: RunSpec, steps: int, as_json: bool) -> None:
+    """``--gpus N`` on a machine with N GPUs: the real engine through torchrun and NCCL,
+    every rank measured against the prediction (vramfit models the busiest rank), the device
+    total with NCCL's memory included on both sides."""
+    import dataclasses
+
+    from vramfit.estimate.core import Hardware
+    from vramfit.estimate.core import estimate as run_estimate
+    from vramfit.measure.launch import launch
+    from vramfit.measure.train import TrainMeasurement
+    from vramfit.units import format_bytes
+
+    n = run.parallel.gpus
+    ranks = launch({"run": run.model_dump(mode="json"), "steps": steps}, n)
+    measured = [TrainMeasurement(**r.result) for r in ranks]
+    hardware = Hardware(
+        name=measured[0].device_name, memory_bytes=measured[0].device_total_bytes
+    )
+    est = run_estimate(run, hardware)
+    document = {
+        "launcher": f"torchrun, {n} ranks, {ranks[0].backend}",
+        "nccl_version": ranks[0].nccl_version,
+        "predicted": estimate_json(est),
+        "ranks": [
+            {
+                "rank": r.rank,
+                "nccl_bytes": r.nccl_bytes,
+                "measured": dataclasses.asdict(m),
+                "errors": {
+                    "peak_allocated_bytes": _signed_error_pct(
+                        est.peak_allocated_bytes, m.peak_allocated_bytes
+                    ),
+                    "total_bytes": _signed_error_pct(est.total_bytes, m.total_bytes),
+                    "nccl_bytes": _signed_error_pct(est.nccl_bytes, r.nccl_bytes),
+                },
+            }
+            for r, m in zip(ranks, measured, strict=True)
+        ],
+    }
+    if as_json:
+        _print_json(document)
+    else:
+        print(
+            f"{n} ranks through {document['launcher']} (NCCL {document['nccl_version']}), "
+            f"busiest first; predicted per rank: peak {format_bytes(est.peak_allocated_bytes)}"
+            f", device {format_bytes(est.total_bytes)} (NCCL {format_bytes(est.nccl_bytes)})"
+        )
+        for r, m in zip(document["ranks"], measured, strict=True):
+            print(
+                f"  rank {r['rank']}: peak {format_bytes(m.peak_allocated_bytes)}, device "
+                f"{format_bytes(m.total_bytes)}, NCCL measured {format_bytes(r['nccl_bytes'])}"
+            )
+    raise typer.Exit(EXIT_DOES_NOT_FIT if any(m.oom for m in measured) else EXIT_FITS)
 
 
 def oom_line(measured: TrainMeasurement, predicted_total_bytes: int) -> str:

@@ -15,7 +15,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vramfit.errors import VramfitError
@@ -433,11 +432,130 @@ class Workload(_Strict):
         return self.trainer if self.clip_grad is None else self.clip_grad
 
 
+class Fsdp(str, Enum):
+    """PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``) on each decoder layer and the root."""
+
+    none = "none"
+    full = "full"  # FULL_SHARD: parameters resharded after forward, re-gathered in backward
+    shard_grad_op = "shard-grad-op"  # reshard_after_forward=False: kept from forward to backward
+    hybrid = "hybrid"  # HSDP: sharded within a group of hsdp_shard ranks, replicated across
+
+
+class Offload(str, Enum):
+    none = "none"
+    optimizer = "optimizer"  # DeepSpeed offload_optimizer: fp32 master + Adam states on the CPU
+    params = "params"  # FSDP2 CPUOffloadPolicy / ZeRO-3 offload_param: sharded states on the CPU
+
+
+MAX_GPUS = 2**17  # 131,072 ranks: above the largest published training runs (~100k GPUs)
+
+
+class Parallel(_Strict):
+    """How a training step is spread over ``gpus`` ranks (the world size).
+
+    ``gpus = tp * pp * dp``: tensor parallel (``tp``), pipeline stages (``pp``) and the
+    data-parallel size that is left, over which DDP replicates, or FSDP2 / ZeRO shard.
+    At most one data-parallel engine: ``fsdp``, ``zero`` or ``ddp``.
+    """
+
+    gpus: int = Field(default=1, ge=1, le=MAX_GPUS, description="world size (ranks, one per GPU)")
+    fsdp: Fsdp = Field(default=Fsdp.none, description="FSDP2 fully_shard on each decoder layer")
+    reshard_after_forward: bool | None = Field(
+        default=None,
+        description="FSDP2 reshard_after_forward of the decoder layers (default: by --fsdp)",
+    )
+    hsdp_shard: int | None = Field(
+        default=None, ge=1, le=MAX_GPUS, description="ranks a hybrid FSDP shard group spans"
+    )
+    zero: int = Field(default=0, ge=0, le=3, description="DeepSpeed ZeRO stage (0: off)")
+    ddp: bool = Field(default=False, description="DistributedDataParallel (replicated)")
+    bucket_mib: int = Field(default=25, ge=1, le=2**14, description="DDP bucket_cap_mb")
+    gradient_as_bucket_view: bool = Field(
+        default=False, description="DDP gradient_as_bucket_view: .grad views the buckets"
+    )
+    tp: int = Field(default=1, ge=1, le=MAX_GPUS, description="tensor-parallel degree")
+    sp: bool = Field(default=False, description="sequence parallel (with tp > 1)")
+    pp: int = Field(default=1, ge=1, le=MAX_GPUS, description="pipeline stages")
+    micro_batches: int | None = Field(
+        default=None, ge=1, le=MAX_BATCH, description="pipeline micro-batches per step (1F1B)"
+    )
+    offload: Offload = Field(default=Offload.none, description="state offloaded to the CPU")
+
+    @model_validator(mode="after")
+    def _layout_is_possible(self) -> Parallel:
+        if self.gpus % (self.tp * self.pp):
+            _field_error(
+                "gpus", f"{self.gpus} is not divisible by tp x pp = {self.tp * self.pp}", self.gpus
+            )
+        engines = [name for name, on in (
+            ("fsdp", self.fsdp is not Fsdp.none), ("zero", self.zero > 0), ("ddp", self.ddp)
+        ) if on]
+        if len(engines) > 1:
+            _field_error(engines[1], f"choose one of {' / '.join(engines)}", True)
+        if self.dp > 1 and not engines:
+            _field_error(
+                "gpus",
+                f"the data-parallel size {self.dp} needs an engine: fsdp, zero or ddp",
+                self.gpus,
+            )
+        if self.reshard_after_forward is not None and self.fsdp is Fsdp.none:
+            _field_error("reshard_after_forward", "applies with fsdp only", True)
+        if self.hsdp_shard is not None:
+            if self.fsdp is not Fsdp.hybrid:
+                _field_error("hsdp_shard", "applies with fsdp hybrid only", self.hsdp_shard)
+            if self.dp % self.hsdp_shard:
+                _field_error(
+                    "hsdp_shard",
+                    f"the data-parallel size {self.dp} is not divisible by {self.hsdp_shard}",
+                    self.hsdp_shard,
+                )
+        if self.sp and self.tp == 1:
+            _field_error("sp", "sequence parallel needs tp > 1", True)
+        if self.micro_batches is not None and self.pp == 1:
+            _field_error("micro_batches", "applies with pp > 1 (pipeline stages)", True)
+        if self.offload is Offload.optimizer and self.zero == 0:
+            _field_error("offload", "optimizer offload is DeepSpeed's: needs zero 1-3", "optimizer")
+        if self.offload is Offload.params and not (self.zero == 3 or self.fsdp is not Fsdp.none):
+            _field_error("offload", "params offload needs zero 3 or fsdp", "params")
+        if (self.tp > 1 or self.pp > 1) and self.zero > 0:
+            _field_error("zero", "ZeRO is modelled without tp / pp (use fsdp)", self.zero)
+        if self.pp > 1 and self.fsdp is not Fsdp.none:
+            _field_error("pp", "pipeline stages are modelled with DDP-style replicas only", self.pp)
+        return self
+
+    @property
+    def dp(self) -> int:
+        """The data-parallel size: ranks that hold the same tensor-parallel shard and stage."""
+        return self.gpus // (self.tp * self.pp)
+
+    @property
+    def shard(self) -> int:
+        """How many ranks a data-parallel engine shards its states over (1: replicated)."""
+        if self.fsdp is Fsdp.hybrid:
+            return self.hsdp_shard or min(8, self.dp)
+        if self.fsdp is not Fsdp.none or self.zero > 0:
+            return self.dp
+        return 1
+
+    @property
+    def reshards(self) -> bool:
+        """FSDP2's reshard_after_forward for the decoder layers."""
+        if self.reshard_after_forward is not None:
+            return self.reshard_after_forward
+        return self.fsdp is not Fsdp.shard_grad_op
+
+    @property
+    def single(self) -> bool:
+        """One GPU and no engine: the single-device model, unchanged."""
+        return self.gpus == 1 and self.fsdp is Fsdp.none and self.zero == 0 and not self.ddp
+
+
 class RunSpec(_Strict):
     """Everything an estimate needs: the model and the workload."""
 
     model: ModelSpec
     workload: Workload = Field(default_factory=Workload)
+    parallel: Parallel = Field(default_factory=Parallel)
 
     @model_validator(mode="before")
     @classmethod
@@ -498,6 +616,46 @@ class RunSpec(_Strict):
                     f"seq + gen_tokens ({w.seq + w.gen_tokens}) exceeds the model's "
                     f"{spec.max_positions} learned positions"
                 )
+        return self
+
+
+    @model_validator(mode="after")
+    def _layout_fits_the_model(self) -> RunSpec:
+        """Tensor parallel splits heads, K/V heads and the MLP width over ``tp`` ranks
+        (DTensor colwise/rowwise); pipeline stages split the layers; micro-batches split the
+        batch. A layout that cannot split them fails naming the field."""
+        par, w = self.parallel, self.workload
+        if par.single:
+            return self
+        spec = self.model.resolved()
+        where = "parallel."
+        if w.mode is not Mode.train:
+            raise VramfitError("multi-GPU layouts are modelled for training (mode train)",
+                               field=f"{where}gpus")
+        if w.impl is not Impl.hf:
+            raise VramfitError("multi-GPU layouts are modelled for impl hf", field=f"{where}gpus")
+        if w.lora is not None or w.quant is not None:
+            raise VramfitError("multi-GPU layouts are modelled without lora / quant",
+                               field=f"{where}gpus")
+        if spec.experts > 1:
+            raise VramfitError("multi-GPU layouts are modelled for dense models",
+                               field=f"{where}gpus")
+        assert spec.heads and spec.kv_heads and spec.ffn
+        for name, value in (("heads", spec.heads), ("kv_heads", spec.kv_heads),
+                            ("ffn", spec.ffn)):
+            if value % par.tp:
+                raise VramfitError(f"model.{name} ({value}) is not divisible by tp ({par.tp})",
+                                   field=f"{where}tp")
+        if par.sp and w.seq % par.tp:
+            raise VramfitError(f"seq ({w.seq}) is not divisible by tp ({par.tp})",
+                               field=f"{where}sp")
+        if par.pp > spec.layers:
+            raise VramfitError(f"{par.pp} stages for {spec.layers} layers", field=f"{where}pp")
+        if par.micro_batches is not None and w.batch % par.micro_batches:
+            raise VramfitError(
+                f"batch ({w.batch}) is not divisible by micro_batches ({par.micro_batches})",
+                field=f"{where}micro_batches",
+            )
         return self
 
 
@@ -609,6 +767,8 @@ def scan_yaml(text: str) -> tuple[int, str] | None:
     (billion laughs), deep nesting (the composer recurses), huge documents, and integers of
     more than ``MAX_INT_DIGITS`` digits (Python refuses to parse 4,300). Returns (line, reason)
     or None. Raises yaml.YAMLError for invalid YAML."""
+    import yaml  # only where YAML is read: an estimate from options alone never needs it
+
     depth = 0
     for count, event in enumerate(yaml.parse(text, Loader=yaml.SafeLoader)):
         line = event.start_mark.line + 1
@@ -632,6 +792,8 @@ def scan_yaml(text: str) -> tuple[int, str] | None:
 def read_yaml(path: Path) -> Any:
     """Read one YAML document with ``yaml.safe_load``, guarded by ``scan_yaml``; every failure
     is a VramfitError."""
+    import yaml
+
     try:
         text = read_text_bounded(path, limit=MAX_YAML_BYTES)
     except VramfitError as err:

@@ -46,6 +46,12 @@ COMPONENT_LABELS = {
     "allocator_reserve": "allocator reserve",
     "managed_optimizer_state": "paged optimizer state",  # CUDA managed memory
     "cuda_context": "CUDA context",
+    "sharded_weights": "weight shards (this rank)",
+    "sharded_gradients": "gradient shards (this rank)",
+    "unsharded_weights": "gathered weights (layers in flight)",
+    "unsharded_gradients": "gathered gradients (layers in flight)",
+    "collective_buffers": "all-gather / reduce-scatter buffers",
+    "nccl": "NCCL buffers (model, unmeasured)",
 }
 
 
@@ -90,6 +96,14 @@ def render_estimate(
         f"{spec.layers} layers · hidden {spec.hidden} · {wl.mode.value} · "
         f"batch {wl.batch} × seq {wl.seq} · {wl.precision.value} · {how}"
     )
+    if not est.run.parallel.single:
+        from vramfit.estimate.parallel import describe
+
+        pools = ", ".join(f"{k} {_gib(v)}" for k, v in est.stream_reserved_bytes.items())
+        console.print(
+            f"Rank 0 of {est.run.parallel.gpus} ({describe(est.run.parallel)}); "
+            f"batch and seq per rank; reserved by stream (GiB): {pools}"
+        )
     table = Table(
         title=f"Memory at the peak ({est.peak_phase}: {est.peak_point})", title_justify="left"
     )
@@ -356,6 +370,8 @@ def render_matmul(console: Console, document: dict[str, Any]) -> None:
             peak, share = f"{row['peak_tflops']:g}", f"{row['percent_of_peak']:.1f}%"
         flops.add_row(row["dtype"], f"{row['achieved_tflops']:.1f}", peak, share)
     console.print(flops)
+    if document.get("tflops_timing"):
+        console.print(Text(f"Timed as: {document['tflops_timing']}."))
     if gpu is None:
         console.print(
             Text(f"{document['device']} is not in the GPU catalog: no peak to compare with.")
@@ -409,13 +425,20 @@ def render_train_comparison(console: Console, comparison: dict[str, Any]) -> Non
         _gib(measured["peak_allocated_bytes"]),
         _pct(errors.get("peak_allocated_bytes")),
     )
+    nccl = predicted.get("nccl_bytes", 0)
     table.add_row(
-        "device total (used after the run)",
-        _gib(predicted["total_bytes"]),
+        "device total (used after the run)" + (" less NCCL" if nccl else ""),
+        _gib(predicted["total_bytes"] - nccl),
         _gib(measured["total_bytes"]),
         _pct(errors.get("total_bytes")),
     )
     console.print(table)
+    if "parallel" in predicted:
+        console.print(
+            f"[yellow]rank 0 of {predicted['parallel']['gpus']} "
+            f"({predicted['parallel']['layout']}); communication is faked; NCCL's "
+            f"{format_bytes(nccl)} is predicted only[/]"
+        )
     console.print(
         f"measured: CUDA context {format_bytes(measured['context_bytes'])}, "
         f"weights {format_bytes(measured['weights_bytes'])}, "
@@ -466,3 +489,44 @@ def measure_progress(console: Console) -> Iterator[Callable[[str, int, int], Non
             progress.refresh()  # phases can take minutes: show the new one at once
 
         yield on_progress
+
+
+def render_plan(
+    console: Console,
+    run: Any,
+    hardware: Any,
+    gpus: int,
+    rows: list[dict[str, Any]],
+    elapsed_s: float,
+) -> None:
+    """The layouts that fit (most headroom first), then the rest with their reason."""
+    wl = run.workload
+    console.print(
+        f"{format_count(run.model.params or 0) if run.model.params else ''} "
+        f"{run.model.layers} layers · hidden {run.model.hidden} on {gpus} x {hardware.name} "
+        f"({_gib(hardware.memory_bytes)} GiB) · batch {wl.batch} x seq {wl.seq} per replica · "
+        f"{wl.precision.value} · {wl.optimizer.value}"
+    )
+    table = Table(title="Layouts that fit (rank 0, GiB)", title_justify="left")
+    for name in ("layout", "checkpointing", "peak allocated", "device total", "headroom"):
+        table.add_column(name, justify="left" if name in ("layout", "checkpointing") else "right")
+    for r in rows:
+        if r["fits"]:
+            table.add_row(
+                r["layout"], r["checkpointing"], _gib(r["peak_allocated_bytes"]),
+                _gib(r["total_bytes"]), _gib(r["headroom_bytes"]),
+            )
+    console.print(table)
+    rest = Table(title="Layouts that do not fit", title_justify="left")
+    rest.add_column("layout")
+    rest.add_column("checkpointing")
+    rest.add_column("why")
+    for r in rows:
+        if not r["fits"]:
+            rest.add_row(r["layout"], r["checkpointing"], escape(r["reason"] or ""))
+    console.print(rest)
+    console.print(
+        f"[yellow]note:[/] {len(rows)} layouts in {elapsed_s:.2f} s; peaks extrapolated from 3- "
+        "and 4-layer replays, device totals approximate: confirm with `vramfit estimate`. "
+        "FSDP2 is measured (fake process group); ZeRO, DDP, TP and PP are modelled only."
+    )

@@ -13,7 +13,11 @@ the allocations and frees of a step through the allocator's documented rules
   ``get_free_block``), split when the rest is at least 512 B (small pool) or more than
   1 MiB (large pool) (``should_split``); otherwise the whole block is handed out;
 - freed blocks merge with free neighbours of the same segment and stay cached: segments
-  are never returned (no ``empty_cache``), so reserved memory only grows.
+  are never returned (no ``empty_cache``), so reserved memory only grows;
+- every stream has its own pools: a block freed by one stream is never handed to another
+  (``BlockPool`` entries compare by stream first, ``get_free_block`` searches the request's
+  stream only), so a side stream's segments (FSDP2's all-gather copy-in, its reduce-scatter)
+  stay reserved beside the default stream's.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def segment_size(size: int) -> int:
 class _Block:
     """A block of a segment: a plain class with slots, as millions are made per estimate."""
 
-    __slots__ = ("segment", "address", "size", "small", "free", "prev", "next")
+    __slots__ = ("segment", "address", "size", "small", "free", "prev", "next", "pool")
 
     def __init__(
         self,
@@ -64,6 +68,7 @@ class _Block:
         self.free = True
         self.prev = prev
         self.next = next
+        self.pool: list[tuple[int, int, _Block]] = []  # the free list it returns to
 
 
 @dataclass
@@ -75,11 +80,24 @@ class CachingAllocator:
     peak_allocated: int = 0
     _free: dict[bool, list[tuple[int, int, _Block]]] = field(
         default_factory=lambda: {True: [], False: []}
-    )  # small pool?, sorted (size, address, block)
+    )  # small pool?, sorted (size, address, block): the default stream's
     _live: dict[int, _Block] = field(default_factory=dict)
+    _streams: dict[int, dict[bool, list[tuple[int, int, _Block]]]] = field(default_factory=dict)
+    reserved_by_stream: dict[int, int] = field(default_factory=dict)
+    _segments: list[_Block] = field(default_factory=list)  # each segment's first block
 
-    def malloc(self, handle: int, size: int, segment_address: int | None = None) -> None:
-        """Allocate ``size`` bytes under ``handle`` (freed later with ``free(handle)``).
+    def unlink(self) -> None:
+        """Break the links between neighbouring blocks once the replay is done: they are
+        reference cycles, which reference counting alone cannot free."""
+        for block in self._segments:
+            while block is not None:
+                block.prev, block = None, block.next
+
+    def malloc(
+        self, handle: int, size: int, segment_address: int | None = None, stream: int = 0
+    ) -> None:
+        """Allocate ``size`` bytes under ``handle`` (freed later with ``free(handle)``), from
+        ``stream``'s pools (0: the default stream).
 
         A new segment goes below every earlier one (our model of cudaMalloc's addresses),
         unless ``segment_address`` says where the driver put it (replaying a real trace).
@@ -87,7 +105,13 @@ class CachingAllocator:
         # round_size and segment_size, inlined: this is the estimator's innermost loop
         size = -(-size // MIN_BLOCK) * MIN_BLOCK if size > MIN_BLOCK else MIN_BLOCK
         small = size <= SMALL_SIZE
-        pool = self._free[small]
+        if stream:
+            pools = self._streams.get(stream)
+            if pools is None:
+                pools = self._streams[stream] = {True: [], False: []}
+            pool = pools[small]
+        else:
+            pool = self._free[small]
         i = bisect.bisect_left(pool, (size, -1))
         if i < len(pool):
             block = pool.pop(i)[2]
@@ -102,11 +126,15 @@ class CachingAllocator:
             # new segments in the recorded traces (it decides which equal free block is taken)
             base = (1 << 62) - self.reserved - seg if segment_address is None else segment_address
             block = _Block(base, base, seg, small)
+            block.pool = pool
+            self._segments.append(block)
             self.reserved += seg
+            self.reserved_by_stream[stream] = self.reserved_by_stream.get(stream, 0) + seg
         remaining = block.size - size
         if (remaining >= MIN_BLOCK) if small else (remaining > SMALL_SIZE):
             after = block.next
             rest = _Block(block.segment, block.address + size, remaining, small, block, after)
+            rest.pool = pool
             if after is not None:
                 after.prev = rest
             block.next = rest
@@ -122,7 +150,7 @@ class CachingAllocator:
         """Return a block to its pool, merging it with free neighbours of its segment."""
         block = self._live.pop(handle)
         self.allocated -= block.size
-        pool = self._free[block.small]
+        pool = block.pool
         block.free = True
         before, after = block.prev, block.next
         # equal sizes go lowest address first (BlockComparatorSize: stream, size, ptr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 
 from vramfit.config import Attention, Impl, Mode, Precision, RunSpec
@@ -22,6 +23,7 @@ COMPONENTS = (
     "allocator_reserve",
     "managed_optimizer_state",
     "cuda_context",
+    "nccl",
 )
 
 
@@ -66,6 +68,11 @@ class Estimate:
     hardware: Hardware | None = None
     notes: tuple[str, ...] = field(default=())
     managed_bytes: int = 0
+    # multi-GPU (rank 0, the busiest): NCCL's buffers (a model, outside PyTorch's allocator;
+    # part of total_bytes), the reserve of each stream's pools, what is offloaded to the CPU
+    nccl_bytes: int = 0
+    stream_reserved_bytes: dict[str, int] = field(default_factory=dict)
+    cpu_bytes: int = 0
 
     @property
     def fits(self) -> bool | None:
@@ -81,7 +88,22 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
 
     Training replays three steps (the first creates the optimizer state and workspaces,
     the next two are steady), as ``vramfit measure --train`` runs them.
+
+    Python's cycle collector is paused meanwhile: an estimate makes hundreds of thousands of
+    long-lived objects (graph nodes, tape records, allocator blocks linked to their
+    neighbours), and each full collection walked all of them again, a third of a 512-layer
+    estimate's time. What they leave behind is collected once it is resumed.
     """
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _estimate(run, hardware)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _estimate(run: RunSpec, hardware: Hardware | None) -> Estimate:
     spec = run.model.resolved()
     workload = run.workload
     counts = count_params(spec)
@@ -99,7 +121,17 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
         hf_impl = False
     if hf_impl:
         notes += hf_caveats(spec, workload)
-    if training:
+    par = run.parallel
+    nccl = cpu = 0
+    if training and not par.single:
+        from vramfit.estimate import parallel
+
+        layout = parallel.training_steps(spec, workload, par, workspace, mp)
+        first, steady, block_bytes = layout.first, layout.steady, layout.block_bytes
+        steps = [first, steady, steady]
+        nccl, cpu = layout.nccl_bytes, layout.cpu_bytes
+        notes += layout.notes
+    elif training:
         build = hf_training_steps if hf_impl else reference.training_steps
         first, steady, block_bytes = build(spec, workload, workspace, mp)
         steps = [first, steady, steady]
@@ -131,6 +163,7 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
     managed = managed_state_bytes(spec, workload) if training and hf_impl else 0
     breakdown["managed_optimizer_state"] = managed
     breakdown["cuda_context"] = context
+    breakdown["nccl"] = nccl
     breakdown = {k: v for k, v in breakdown.items() if v}
 
     if spec.params and abs(spec.params - counts.total) > 0.01 * counts.total:
@@ -147,7 +180,7 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
             "driver evicts its pages to host memory, so the run may still fit, more slowly"
         )
     return Estimate(
-        run=RunSpec(model=spec, workload=workload),
+        run=RunSpec(model=spec, workload=workload, parallel=par),
         counts=counts,
         params=params,
         phases=phases,
@@ -162,4 +195,13 @@ def estimate(run: RunSpec, hardware: Hardware | None = None) -> Estimate:
         hardware=hardware,
         notes=tuple(notes),
         managed_bytes=managed,
+        nccl_bytes=nccl,
+        stream_reserved_bytes=_stream_names(rep.reserved_by_stream) if not par.single else {},
+        cpu_bytes=cpu,
     )
+
+
+def _stream_names(reserved: dict[int, int]) -> dict[str, int]:
+    from vramfit.estimate.fsdp import STREAM_NAMES
+
+    return {STREAM_NAMES.get(k, str(k)): v for k, v in sorted(reserved.items())}

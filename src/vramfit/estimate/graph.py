@@ -87,6 +87,13 @@ class Component(str, Enum):
     logits = "logits"
     kv_cache = "kv_cache"
     cublas_workspace = "cublas_workspace"
+    # a data-parallel engine's (FSDP2, ZeRO): this rank's shards, and the unsharded copies of
+    # the layers in flight, the all-gather / reduce-scatter buffers
+    sharded_weights = "sharded_weights"
+    sharded_gradients = "sharded_gradients"
+    unsharded_weights = "unsharded_weights"
+    unsharded_gradients = "unsharded_gradients"
+    collective_buffers = "collective_buffers"
 
 
 @dataclass(eq=False)
@@ -102,7 +109,6 @@ class Tensor:
     leaf: bool = False  # a parameter (or other leaf) that lives outside the step
     trainable: bool = False  # a parameter that requires grad (whatever the grad mode)
     part: str = ""  # for saved activations: norm / attention / mlp
-    producer: Node | None = None
     # a parameter (or a copy or gradient of one) of a model declared at another size than
     # its shapes give (``--params``): bytes are round(numel * scale * itemsize)
     scale: float = 1.0
@@ -203,6 +209,24 @@ class Backward:
 BackwardRule = Callable[[Backward], None]
 
 
+class Hooks:
+    """What a parallel engine does around the modules it wraps (no-ops here): FSDP2's
+    pre/post-forward hooks (``_fsdp_state.py`` ``_pre_forward`` / ``_post_forward``), its
+    pre-backward hook on a module's outputs and its post-backward function on its inputs
+    (``RegisterPostBackwardFunction``), and the root's final backward callback. ``unit`` is a
+    decoder layer; the root (everything outside the layers) has ``forward_start`` /
+    ``forward_end`` and ``backward_start`` / ``backward_end``."""
+
+    def forward_start(self, sim: _Sim) -> None: ...
+    def unit_forward(self, sim: _Sim, unit: int) -> None: ...
+    def unit_forward_done(self, sim: _Sim, unit: int) -> None: ...
+    def forward_end(self, sim: _Sim) -> None: ...
+    def backward_start(self, sim: _Sim) -> None: ...
+    def unit_backward(self, sim: _Sim, unit: int) -> None: ...
+    def unit_backward_done(self, sim: _Sim, unit: int) -> None: ...
+    def backward_end(self, sim: _Sim) -> None: ...
+
+
 @dataclass(eq=False)
 class Node:
     """One autograd node (or an op that records none) of the forward graph."""
@@ -222,6 +246,7 @@ class Node:
     # saved-tensor hooks never see them, so a non-reentrant checkpoint cannot drop them
     # (bitsandbytes' MatMul8bitLt: ctx.tensors)
     kept: list[Tensor] = field(default_factory=list)
+    unit: int | None = None  # the decoder layer (a sharding unit) the op runs in
     backward_point: bool = True  # its backward is a point of its own (else: the previous's)
     rerun: bool = True  # a checkpoint's recompute runs it too (False: the first run's only)
     first_run: bool = True  # the forward runs it (False: only a checkpoint's recompute)
@@ -242,6 +267,7 @@ class Graph:
         self.held: list[tuple[Tensor, str]] = []  # tensors a caller keeps: (tensor, until)
         # reentrant torch.utils.checkpoint reruns a whole region (no early stop)
         self.reentrant = False
+        self._unit: int | None = None
         # a non-reentrant rerun stops by raising (_StopRecomputationError): the region's
         # Python frame, with every local it still names, lives until the stop
         self.rerun_frame = False
@@ -296,10 +322,10 @@ class Graph:
             cast_cache and self.grad,
             new_point,
             kept=list(kept) if grad else [],
+            unit=self._unit,
             seq=len(self.nodes),
         )
         for out in (*outputs, *hidden):
-            out.producer = n
             out.requires_grad = grad and out.dtype.floating and out not in hidden
         self.nodes.append(n)
         return n
@@ -312,6 +338,14 @@ class Graph:
 
     def checkpoint_end(self) -> None:
         self._region = None
+
+    def unit_begin(self, unit: int) -> None:
+        """Ops from here to ``unit_end`` run inside decoder layer ``unit``: the module a
+        data-parallel engine hooks (FSDP2's ``fully_shard`` unit)."""
+        self._unit = unit
+
+    def unit_end(self) -> None:
+        self._unit = None
 
     def hold(self, tensor: Tensor, until: str) -> None:
         """The caller keeps ``tensor``: until ``"forward"`` ends, ``"backward"`` ends or the
@@ -344,6 +378,7 @@ class _Sim:
         self.cast_cache: list[Tensor] = []
         self.region_inputs: dict[int, list[Tensor]] = {}
         self.workspaces: Workspaces | None = None
+        self.hooks: Hooks | None = None
         for leaf in graph.leaves:
             self.storage[id(leaf)] = _Storage(None, refs=1, persistent=True)
 
@@ -420,13 +455,19 @@ def run_forward(
     mp: Multiprocessors = H200,
     workspaces: Workspaces | None = None,
     adopt: dict[int, int] | None = None,
+    hooks: Hooks | None = None,
 ) -> _Sim:
     """Replay the forward of ``graph`` onto ``tape`` (in the tape's current phase), keeping
     what autograd saves. Returns the state that ``end_forward`` and ``run_backward`` take.
     ``adopt`` maps tensors the graph makes to tensors already on the tape (a decode step's
-    cache is the one the previous step left)."""
+    cache is the one the previous step left). ``hooks``: a parallel engine's module hooks
+    (``Hooks``), kept for the backward."""
     sim = _Sim(graph, tape, mp, adopt)
     sim.workspaces = workspaces
+    sim.hooks = hooks
+    unit: int | None = None
+    if hooks is not None:
+        hooks.forward_start(sim)
     nodes = graph.nodes
     last: dict[int, int] = {}
     for i, n in enumerate(nodes):
@@ -447,6 +488,12 @@ def run_forward(
     for i, n in enumerate(nodes):
         if not n.first_run:
             continue
+        if hooks is not None and n.unit != unit:
+            if unit is not None:
+                hooks.unit_forward_done(sim, unit)
+            if n.unit is not None:
+                hooks.unit_forward(sim, n.unit)
+            unit = n.unit
         if n.new_point:
             tape.op(n.name)
         if n.region is not None and n.region not in entered:
@@ -477,6 +524,10 @@ def run_forward(
         for x in {id(x): x for x in n.inputs}.values():
             if last[id(x)] == i and not x.leaf and id(x) not in held:
                 sim.unref(x)
+    if hooks is not None:
+        if unit is not None:
+            hooks.unit_forward_done(sim, unit)
+        hooks.forward_end(sim)
     return sim
 
 
@@ -517,10 +568,23 @@ def run_backward(sim: _Sim, loss: Tensor) -> None:
         if n.region is not None and (n.saved or not sim.g.frame_dies_with_saved):
             region_first.setdefault(n.region, n)
     skipped: list[Node] = []
+    hooks = sim.hooks
+    unit_first: dict[int, Node] = {}  # each unit's first node (its last to run backward)
+    for n in nodes:
+        if n.unit is not None:
+            unit_first.setdefault(n.unit, n)
+    started: set[int] = set()
+    if hooks is not None:
+        hooks.backward_start(sim)
     for n in sorted(nodes, key=lambda n: n.seq, reverse=True):
+        if hooks is not None and n.unit is not None and n.unit not in started:
+            started.add(n.unit)
+            hooks.unit_backward(sim, n.unit)
         grads_out = [sim.buffers.pop(id(o), None) for o in n.outputs]
         if all(g is None for g in grads_out):
             skipped.append(n)
+            if hooks is not None and n.unit is not None and unit_first[n.unit] is n:
+                hooks.unit_backward_done(sim, n.unit)
             continue
         needs = n.saved or (sim.g.reentrant and n.kept) or sim.g.recompute_at_entry
         if n.region is not None and n.region not in recomputed and needs:
@@ -544,9 +608,13 @@ def run_backward(sim: _Sim, loss: Tensor) -> None:
         if n.region is not None and region_first[n.region] is n:
             for x in sim.region_inputs[n.region]:
                 sim.unref(x)  # the checkpoint's frame lets its inputs go
+        if hooks is not None and n.unit is not None and unit_first[n.unit] is n:
+            hooks.unit_backward_done(sim, n.unit)
     for n in skipped:  # the graph is freed
         _drop_saved(sim, n)
         sim.unpin(n)
+    if hooks is not None:
+        hooks.backward_end(sim)
     release_held(sim, "backward")
 
 

@@ -11,13 +11,24 @@ decode step against the grown cache.
 
 from __future__ import annotations
 
-from vramfit.config import Checkpointing, Loop, ModelSpec, Optimizer, Precision, Workload
+from vramfit.config import (
+    Checkpointing,
+    Loop,
+    ModelSpec,
+    Offload,
+    Optimizer,
+    Parallel,
+    Precision,
+    Workload,
+)
 from vramfit.estimate import finetune
 from vramfit.estimate.graph import (
     Component,
     DType,
     Graph,
+    Hooks,
     Tensor,
+    _Sim,
     end_forward,
     release_held,
     run_backward,
@@ -353,3 +364,225 @@ def hf_inference(spec: ModelSpec, w: Workload, workspace_bytes: int) -> Timeline
         t.free(*caches, scores)
     t.op("end")
     return t.finish()
+
+
+def fsdp_training_steps(
+    spec: ModelSpec,
+    w: Workload,
+    par: Parallel,
+    workspace_bytes: int,
+    mp: Multiprocessors = H200,
+) -> tuple[Timeline, Timeline, dict[str, int]]:
+    """The first and a steady training step of rank 0 under FSDP2 (``vramfit.estimate.fsdp``):
+    the hf profile's graph in ``param_dtype``, whose parameters the FSDP hooks all-gather and
+    free around each layer, and an optimizer over the fp32 shards."""
+    from vramfit.estimate import fsdp, parallel
+
+    spec = parallel.tp_block(spec, par)  # with tp > 1, the 2-D layout: FSDP over TP shards
+    b = hf.resolve(spec)
+    cw = fsdp.compute_workload(w)
+    graph, model, logits, loss = hf.build(
+        spec, cw, grad=True, batch=w.batch, seq=w.seq, sp=par.tp if par.sp else 1
+    )
+    assert loss is not None
+    if w.loop is Loop.keeps_logits:
+        graph.hold(logits, "step")
+        for kv in model.cache:
+            graph.hold(kv, "step")
+    steps = []
+    block_bytes: dict[str, int] = {}
+    for first in (True, False):
+        hooks = fsdp.attach(model, par, w.precision)
+        shards = fsdp.sharded_params(hooks)
+        t = Tape()
+        t.op("build")
+        # to_empty + FSDPParam.reset_sharded_param: each padded shard, in the orig dtype
+        t.persist("sharded weights", Component.sharded_weights, [p.nbytes for p in shards])
+        t.op("start")
+        t.persist("input ids and labels", Component.activations, [w.batch * w.seq * INT64] * 2)
+        if not first:
+            t.persist(
+                "optimizer state",
+                Component.optimizer_state,
+                _optimizer_state(w.optimizer, model, shards),
+            )
+            made = Workspaces(t, workspace_bytes)
+            made.matmul("forward", _uses_bias(b))
+            made.matmul("backward", _uses_bias(b) and w.checkpointing is Checkpointing.full)
+        ws = Workspaces(t, workspace_bytes, active=first)
+        sim = run_forward(graph, t, mp=mp, workspaces=ws, hooks=hooks)
+        forward_end = len(t.timeline.points) - 1
+        end_forward(sim)
+        t.phase = "backward"
+        run_backward(sim, loss)
+        _step(t, w, model, shards, first)
+        release_held(sim, "step")
+        steps.append(t.finish())
+        if not first:
+            block_bytes = _block_bytes(t, forward_end)
+    return steps[0], steps[1], block_bytes
+
+
+_HEAD_PARAMS = ("lm_head.", "model.norm.", "transformer.ln_f.")
+
+
+class _GradientReducer(Hooks):
+    """Gradients that leave ``.grad`` once a layer's backward is done: DDP with
+    ``gradient_as_bucket_view`` (AccumulateGrad's fresh gradient is copied into its bucket
+    view and dies), ZeRO-2 (each layer's gradients are reduced through the IPG bucket into
+    this rank's 16-bit partition, ``partition_grads`` in stage_1_and_2.py)."""
+
+    def __init__(self, model: hf.Model, partition_ranks: int) -> None:
+        from vramfit.estimate.fsdp import ROOT, unit_of
+
+        self.units: dict[int, list[Tensor]] = {}
+        for leaf in model.param_list:
+            self.units.setdefault(unit_of(leaf.name), []).append(leaf)
+        self.root = ROOT
+        self.ranks = partition_ranks  # 0: no partition kept (a bucket view)
+
+    def _reduce(self, sim: _Sim, unit: int) -> None:
+        t = sim.tape
+        leaves = self.units.get(unit, [])
+        grads = [sim.leaf_grads.pop(id(p), None) for p in leaves]
+        if not any(grads):
+            return
+        t.op(f"reduce gradients of {'root' if unit == self.root else f'block {unit}'}")
+        if self.ranks:
+            numel = sum(p.numel for p in leaves)
+            t.new("gradient partition", Component.sharded_gradients,
+                  -(-numel // self.ranks) * leaves[0].dtype.size)
+        for g in grads:
+            if g is not None:
+                sim.unref_grad(g)
+
+    def unit_backward_done(self, sim: _Sim, unit: int) -> None:
+        self._reduce(sim, unit)
+
+    def backward_end(self, sim: _Sim) -> None:
+        self._reduce(sim, self.root)
+
+
+def replicated_training_steps(
+    spec: ModelSpec,
+    w: Workload,
+    par: Parallel,
+    workspace_bytes: int,
+    mp: Multiprocessors = H200,
+    in_flight: int | None = None,
+) -> tuple[Timeline, Timeline, dict[str, int], int]:
+    """Rank 0's steps under DDP, ZeRO 1-3 (DeepSpeed), tensor and pipeline parallelism
+    (``vramfit.estimate.parallel``); the last item is the bytes offloaded to the CPU. Modelled
+    from the engines' documented allocations, not measured. ``in_flight`` overrides the
+    micro-batches the first stage holds (``vramfit plan`` replays 1 and 2 and extrapolates)."""
+    from vramfit.estimate import fsdp, parallel
+
+    rank_spec = parallel.tp_block(spec, par)
+    b = hf.resolve(rank_spec)
+    zero = par.zero
+    # DeepSpeed runs the module in 16 bits (its bf16 / fp16 modes); DDP runs the user's recipe
+    cw = fsdp.compute_workload(w) if zero else w
+    held = 1
+    batch = w.batch
+    if par.pp > 1:
+        micro = par.micro_batches or par.pp
+        batch = w.batch // micro
+        held = min(par.pp, micro)  # 1F1B: the first stage's warm-up forwards
+    in_flight = held if in_flight is None else in_flight
+    head = par.pp == 1
+    graph, model, logits, loss = hf.build(
+        rank_spec, cw, grad=True, batch=batch, seq=w.seq, head=head,
+        sp=par.tp if par.sp else 1,
+    )
+    assert loss is not None
+    if not head:
+        model.param_list = [
+            p for p in model.param_list if not p.name.startswith(_HEAD_PARAMS)
+        ]
+    ranks = par.dp
+    cpu = 0
+    steps = []
+    block_bytes: dict[str, int] = {}
+    for first in (True, False):
+        t = Tape()
+        hooks: Hooks | None = None
+        if zero == 3:
+            zpar = Parallel.model_validate({"gpus": ranks, "fsdp": "full"})
+            z3 = fsdp.attach(model, zpar, cw.precision)
+            hooks = z3
+            params = fsdp.sharded_params(z3)
+            t.op("build")
+            t.persist("weight partitions", Component.sharded_weights, [p.nbytes for p in params])
+        else:
+            params = _weights(t, model, rank_spec, first)
+        if zero == 2:
+            hooks = _GradientReducer(model, ranks)
+        elif par.ddp and par.gradient_as_bucket_view:
+            hooks = _GradientReducer(model, 0)
+        if par.ddp:  # the Reducer's buckets: one more copy of the gradients
+            buckets = parallel.ddp_buckets(
+                [p.nbytes for p in params if p.trainable], par.bucket_mib * 2**20
+            )
+            t.persist("DDP gradient buckets", Component.collective_buffers, buckets)
+        t.op("start")
+        t.persist("input ids and labels", Component.activations, [batch * w.seq * INT64] * 2)
+        numel = sum(p.numel for p in model.param_list)
+        partition = -(-numel // ranks) if zero else 0
+        if zero:  # fp32 master weights, momentum and variance of this rank's partition
+            states = [partition * 4] * 3
+            if par.offload is not Offload.none:
+                cpu = sum(states) + partition * 4  # and the fp32 gradient partition
+                states = []
+            if zero in (1, 2):
+                # stage_1_and_2.py reduces through the IPG bucket (contiguous_gradients, on by
+                # default): reduce_bucket_size elements (5e8) in the 16-bit dtype, kept
+                t.persist("IPG bucket", Component.collective_buffers,
+                          [500_000_000 * params[0].dtype.size])
+        if not first:
+            if zero:
+                t.persist("optimizer state", Component.optimizer_state, states)
+            else:
+                t.persist("optimizer state", Component.optimizer_state,
+                          _optimizer_state(w.optimizer, model, params))
+            made = Workspaces(t, workspace_bytes)
+            made.matmul("forward", _uses_bias(b))
+            made.matmul("backward", _uses_bias(b) and w.checkpointing is Checkpointing.full)
+        ws = Workspaces(t, workspace_bytes, active=first)
+        sims = []
+        forward_end = 0
+        for k in range(in_flight):
+            if k:
+                t.op(f"micro-batch {k + 1} forward")
+            if zero == 3 and k:
+                hooks = fsdp.attach(model, zpar, cw.precision)
+            sim = run_forward(graph, t, mp=mp, workspaces=ws, hooks=hooks)
+            forward_end = len(t.timeline.points) - 1
+            end_forward(sim)
+            sims.append(sim)
+        t.phase = "backward"
+        kept: dict[int, object] = {}
+        for k, sim in enumerate(sims):
+            run_backward(sim, loss)
+            if k == 0:
+                kept = dict(sim.leaf_grads)
+            else:  # AccumulateGrad adds into the existing .grad: the new one dies
+                t.op("gradient accumulation")
+                for key, g in list(sim.leaf_grads.items()):
+                    if key in kept:
+                        sim.unref_grad(g)
+        if zero:
+            t.phase = "optimizer"
+            t.op("optimizer step")
+            if first:
+                t.persist("optimizer state", Component.optimizer_state, states)
+            # the fp32 copy of this rank's gradient partition the step reads
+            t.temp("fp32 gradient partition", Component.optimizer_temp,
+                   0 if par.offload is not Offload.none else partition * 4)
+        else:
+            _step(t, w, model, params, first)
+        for sim in sims:
+            release_held(sim, "step")
+        steps.append(t.finish())
+        if not first:
+            block_bytes = _block_bytes(t, forward_end)
+    return steps[0], steps[1], block_bytes, cpu

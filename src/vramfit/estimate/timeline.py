@@ -30,6 +30,11 @@ TENSOR_COMPONENTS = (
     "logits",
     "kv_cache",
     "cublas_workspace",
+    "sharded_weights",
+    "sharded_gradients",
+    "unsharded_weights",
+    "unsharded_gradients",
+    "collective_buffers",
 )
 COMPONENT_NAMES = frozenset(TENSOR_COMPONENTS)
 
@@ -51,6 +56,7 @@ class Allocation:
     end: int | None = None
     persistent: bool = False
     part: str = ""
+    stream: int = 0  # the CUDA stream that allocates it (0: the default stream)
 
     @property
     def n_bytes(self) -> int:
@@ -112,16 +118,19 @@ class Tape:
     def now(self) -> int:
         return len(self.timeline.points) - 1
 
-    def new(self, name: str, component: str, size: int, part: str = "") -> int | None:
-        """Create a tensor at the current op; its key, or None for an empty one. A component
-        that is not one of ``COMPONENT_NAMES`` is an error, not bytes lost from a total."""
+    def new(
+        self, name: str, component: str, size: int, part: str = "", stream: int = 0
+    ) -> int | None:
+        """Create a tensor at the current op (on ``stream``); its key, or None for an empty
+        one. A component that is not one of ``COMPONENT_NAMES`` is an error, not bytes lost
+        from a total."""
         if component not in COMPONENT_NAMES:
             raise ValueError(f"unknown memory component {component!r}")
         if size <= 0:
             return None
         records = self.records
         now = len(self.timeline.points) - 1
-        records.append(Allocation(name, component, (int(size),), now, None, False, part))
+        records.append(Allocation(name, component, (int(size),), now, None, False, part, stream))
         return len(records) - 1
 
     def free(self, *keys: int | None) -> None:
@@ -137,13 +146,17 @@ class Tape:
         """A tensor created and freed within the current op."""
         self.free(self.new(name, component, size))
 
-    def persist(self, name: str, component: str, sizes: Sequence[int]) -> None:
+    def persist(
+        self, name: str, component: str, sizes: Sequence[int], stream: int = 0
+    ) -> None:
         """Tensors that outlive the step (weights, optimizer state, workspaces), from now on."""
         if component not in COMPONENT_NAMES:
             raise ValueError(f"unknown memory component {component!r}")
         sizes = tuple(int(s) for s in sizes if s > 0)
         if sizes:
-            self.records.append(Allocation(name, component, sizes, self.now, None, True))
+            self.records.append(
+                Allocation(name, component, sizes, self.now, None, True, "", stream)
+            )
 
     def finish(self) -> Timeline:
         """Close what is still open at the step's end (gradients: the next zero_grad)."""
@@ -167,6 +180,7 @@ class Replay:
     allocated: list[list[int]]
     peak_allocated: int
     reserved: int
+    reserved_by_stream: dict[int, int] = field(default_factory=dict)
 
 
 def replay(steps: Sequence[Timeline]) -> Replay:
@@ -196,10 +210,11 @@ def replay(steps: Sequence[Timeline]) -> Replay:
         for i in range(n_points):
             a = todo[k]
             while a.start == i:
+                stream = a.stream
                 if a.persistent:
                     for size in a.sizes:
                         handle += 1
-                        malloc(handle, size)
+                        malloc(handle, size, None, stream)
                     made.add(a.name)
                 else:
                     end = a.end if a.end < last else n_points
@@ -208,7 +223,7 @@ def replay(steps: Sequence[Timeline]) -> Replay:
                         freed = ends[end] = []
                     for size in a.sizes:
                         handle += 1
-                        malloc(handle, size)
+                        malloc(handle, size, None, stream)
                         freed.append(handle)
                 k += 1
                 a = todo[k]
@@ -218,7 +233,13 @@ def replay(steps: Sequence[Timeline]) -> Replay:
         for h in ends.pop(n_points, ()):
             release(h)
         allocated.append(per_point)
-    return Replay(allocated=allocated, peak_allocated=alloc.peak_allocated, reserved=alloc.reserved)
+    alloc.unlink()
+    return Replay(
+        allocated=allocated,
+        peak_allocated=alloc.peak_allocated,
+        reserved=alloc.reserved,
+        reserved_by_stream=dict(alloc.reserved_by_stream),
+    )
 
 
 def _start(a: Allocation) -> int:

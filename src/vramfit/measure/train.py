@@ -231,6 +231,11 @@ def measure_train(
         if reason:
             raise VramfitError(f"measure --impl hf: {reason}", field="--preset")
     _check_workload(spec, workload)
+    par = run.parallel
+    if not par.single:
+        from vramfit.measure.fsdp import check_fsdp_measurable
+
+        check_fsdp_measurable(run)
     if steps < 1:
         raise VramfitError("must be at least 1", field="--steps")
     make_optimizer = (
@@ -257,7 +262,13 @@ def measure_train(
     try:
         torch.manual_seed(0)
         rec.reached = "building the model"
-        if workload.impl is Impl.hf:
+        if not par.single:
+            from vramfit.measure import fsdp
+
+            state["model"] = fsdp.build_fsdp_model(torch, spec, workload, par, backend.device)
+            if fsdp.fake_group():
+                rec.notes.append(fsdp.COMMUNICATION_NOTE.format(n=par.shard))
+        elif workload.impl is Impl.hf:
             from vramfit.measure.hf import build_hf_model, run_hf
 
             state["model"] = build_hf_model(spec, workload, backend.device, _dtype(torch, workload))
@@ -265,7 +276,15 @@ def measure_train(
             state["model"] = build_model(spec, workload, backend.device, _dtype(torch, workload))
         backend.synchronize()
         rec.weights_bytes = backend.memory_allocated()
-        if workload.impl is Impl.hf:
+        if not par.single:
+            from vramfit.measure.fsdp import compute_workload
+            from vramfit.measure.hf import plain_loop
+
+            plain_loop(
+                torch, state["model"], compute_workload(workload), backend.device,
+                make_optimizer, phase, steps, state,
+            )
+        elif workload.impl is Impl.hf:
             run_hf(
                 torch, state["model"], workload, backend.device, make_optimizer, phase, steps,
                 state,
@@ -320,8 +339,14 @@ def measure_train(
         device_total_bytes=device_total,
         torch_version=str(torch.__version__),
         alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", os.environ.get("PYTORCH_ALLOC_CONF")),
-        notes=_notes(workload) + rec.notes,
+        notes=_notes(workload if par.single else _fsdp_compute(workload)) + rec.notes,
     )
+
+
+def _fsdp_compute(workload: Workload) -> Workload:
+    from vramfit.measure.fsdp import compute_workload
+
+    return compute_workload(workload)
 
 
 def _dtype(torch: Any, workload: Workload) -> Any:

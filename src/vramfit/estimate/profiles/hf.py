@@ -169,6 +169,13 @@ def param_shapes(b: Block) -> list[tuple[str, int]]:
     return [(name, math.prod(shape)) for name, shape in param_dims(b)]
 
 
+def param_rows(b: Block) -> list[tuple[str, int, int]]:
+    """(name, size of dim 0, elements) of every parameter: dim 0 is what FSDP2 shards (an
+    ``nn.Linear`` weight is (out, in), GPT-2's ``Conv1D`` weight (in, out), an embedding
+    (vocab, hidden))."""
+    return [(name, shape[0], math.prod(shape)) for name, shape in param_dims(b)]
+
+
 def param_dims(b: Block) -> list[tuple[str, tuple[int, ...]]]:
     """Every parameter as ``model.parameters()`` yields it: (name, shape). Linear weights are
     (out, in); GPT-2's Conv1D stores (in, out)."""
@@ -307,6 +314,9 @@ class Model:
                 else ("model.embed_tokens.weight")
             )
             self.params["lm_head.weight"] = self.params[key]
+        self.head = True  # the final norm, lm_head and loss run here (not a first PP stage)
+        self.sp = 1  # sequence-parallel degree (tensor parallel with --sp)
+        self._seq_sharded = False
         self.cache: list[Tensor] = []  # the DynamicCache's K/V tensors
         self.returned_weights: Tensor | None = None  # eager attention's probabilities
         self.past: list[tuple[Tensor, Tensor]] = []  # a decode step's cached K/V (inputs)
@@ -367,7 +377,24 @@ class Model:
 
     @property
     def n(self) -> int:
-        return self.batch * self.seq
+        """Tokens the current op sees: a sequence-parallel rank's norms and residuals see
+        seq / sp of them."""
+        return self.batch * self.seq // (self.sp if self._seq_sharded else 1)
+
+    def gather(self, name: str, x: Tensor, part: str) -> Tensor:
+        """Sequence parallel's all-gather before a colwise projection (DTensor
+        ``PrepareModuleInput`` with ``Shard(1)`` in, ``Replicate`` out): a new full-sequence
+        tensor, which the projections save; its backward reduce-scatters the gradient."""
+        if self.sp == 1:
+            return x
+        return self.ops.unary(f"{name} all-gather", x, numel=x.numel * self.sp, part=part)
+
+    def scatter(self, name: str, x: Tensor) -> Tensor:
+        """Sequence parallel's reduce-scatter after a rowwise projection (``output_layouts
+        Shard(1)``): this rank's seq / sp rows; the backward all-gathers the gradient."""
+        if self.sp == 1:
+            return x
+        return self.ops.unary(f"{name} reduce-scatter", x, numel=x.numel // self.sp)
 
     def p(self, name: str) -> Tensor:
         return self.params[name]
@@ -634,12 +661,18 @@ class Model:
         gpt2 = b.model_type is ModelType.gpt2
         prefix = f"transformer.h.{i}" if gpt2 else f"model.layers.{i}"
         o.prefix = f"block {i} "
+        self.g.unit_begin(i)
         if self.checkpoint:
             self.g.checkpoint_begin()
+        self._seq_sharded = self.sp > 1
         layer_input = x
         self.returned_weights = None
         normed = self.norm(f"{prefix}.ln_1" if gpt2 else f"{prefix}.input_layernorm", x)
-        attn = self.attention(i, prefix, normed, cos, sin, mask)
+        self._seq_sharded = False
+        gathered = self.gather(f"{prefix} attention input", normed, "attention")
+        attn = self.attention(i, prefix, gathered, cos, sin, mask)
+        attn = self.scatter(f"{prefix} attention output", attn)
+        self._seq_sharded = self.sp > 1
         o.keep(normed)  # the layer's hidden_states still names it
         if b.norms_per_layer == 4:
             attn = self.norm(f"{prefix}.post_attention_layernorm", attn)
@@ -656,11 +689,15 @@ class Model:
             normed = self.norm(
                 f"{prefix}.ln_2" if gpt2 else f"{prefix}.post_attention_layernorm", x
             )
-        m = self.mlp(prefix, normed)
+        self._seq_sharded = False
+        m = self.mlp(prefix, self.gather(f"{prefix} MLP input", normed, "mlp"))
+        m = self.scatter(f"{prefix} MLP output", m)
+        self._seq_sharded = self.sp > 1
         if b.norms_per_layer == 4:
             m = self.norm(f"{prefix}.post_feedforward_layernorm", m)
         m = o.dropout("MLP dropout", m, b.resid_dropout if self.training else 0)
         out = o.binary("residual 2", x, m, "add", part="norm")
+        self._seq_sharded = False
         o.keep(normed)
         # the model's loop (`hidden_states = decoder_layer(hidden_states, ...)`) holds the
         # layer's input until the layer returns; GPT2Block's `attn_output` is a local too
@@ -669,6 +706,7 @@ class Model:
             o.keep(self.returned_weights)
         if self.checkpoint:
             self.g.checkpoint_end()
+        self.g.unit_end()
         o.prefix = ""
         return out
 
@@ -724,13 +762,23 @@ class Model:
             keys = self.seq + self.cached
             mask = Tensor("causal mask", self.seq * keys, DType.fp32)
             g.node("causal mask", [], [mask], scratch=[("bool mask", self.seq * keys)])
+        # sequence parallel: the embedding's output is reduce-scattered to this rank's rows
+        # (RowwiseParallel, output_layouts Shard(1)), the final norm runs on them and lm_head
+        # gathers them back
+        x = self.scatter("embeddings", x)
         for i in range(b.layers):
             x = self.block(i, x, cos, sin, mask)
         if mask is not None:
             o.keep(mask)
+        if not self.head:  # a first pipeline stage: its output goes to the next stage
+            o.keep(*model_locals)
+            return x, x
+        self._seq_sharded = self.sp > 1
         x = self.norm("transformer.ln_f" if gpt2 else "model.norm", x)
+        self._seq_sharded = False
         o.keep(*model_locals)
         hidden = x  # ForCausalLM's `hidden_states = outputs.last_hidden_state`, to its return
+        x = self.gather("lm_head input", x, "")
         if not self.all_logits:
             x = o.slice(x, self.batch * h, "last position")
         logits = o.linear(
@@ -791,8 +839,12 @@ def build(
     use_cache: bool | None = None,
     generate: bool = False,
     layer_cached: list[int] | None = None,
+    head: bool = True,
+    sp: int = 1,
 ) -> tuple[Graph, Model, Tensor, Tensor | None]:
-    """The graph of one forward of ``spec``: (graph, model, logits, loss or None)."""
+    """The graph of one forward of ``spec``: (graph, model, logits, loss or None). Without
+    ``head`` (a first pipeline stage) the graph stops at the last block, whose output stands
+    for both."""
     b = resolve(spec)
     g = Graph(grad=grad)
     if use_cache is None:  # the config default (True), which the Trainer turns off
@@ -810,6 +862,8 @@ def build(
         layer_cached=layer_cached,
         spec=spec,
     )
+    m.head = head
+    m.sp = sp
     ids = g.leaf(
         "input ids", batch * seq, DType.int64, requires_grad=False, component=Component.activations
     )

@@ -134,6 +134,7 @@ class RefOps(Ops):
             backward=lambda bw: bw.new(0), new_point=False,
         )
         neg = self.unary(f"{name} -x2", x2)
+        neg_node = self.g.nodes[-1]
         rot = self._t(f"{name} rotate_half", x.numel, x.dtype)
 
         def cat_backward(bw: Backward) -> None:
@@ -146,10 +147,10 @@ class RefOps(Ops):
             new_point=False,
         )
         rot_sin = self.binary(f"{name} rotate_half * sin", rot, sin, "mul")
+        rot_sin_node = self.g.nodes[-1]
         out = self.binary(f"{name} rotated", x_cos, rot_sin, "add", part="attention")
         self.keep(x)
-        for node in (split, cat, neg.producer, rot_sin.producer):
-            assert node is not None
+        for node in (split, cat, neg_node, rot_sin_node):
             node.backward_point = False
         return out
 
@@ -282,11 +283,10 @@ def _weights(shapes: list[tuple[int, ...]], scale: float, itemsize: int) -> list
     return [round(math.prod(s) * scale * itemsize) for s in shapes]
 
 
-def _mark_view(t: Tensor, inputs: tuple[int, ...]) -> None:
-    """The gradients that ``t``'s node makes for ``inputs`` are views (autograd cannot add
-    into them in place)."""
-    node = t.producer
-    assert node is not None and node.backward is not None
+def _mark_view(node: Node, inputs: tuple[int, ...]) -> None:
+    """The gradients that ``node`` makes for ``inputs`` are views (autograd cannot add into
+    them in place)."""
+    assert node.backward is not None
     rule = node.backward
 
     def backward(bw: Backward) -> None:
@@ -476,16 +476,15 @@ class Model:
             att = o.fused_attention(
                 "attention", q, k, v, batch=self.batch, heads=spec.heads, seq=self.seq
             )
+            attention = self.g.nodes[-1]
             if self.fused and rope and widened:
                 # rotary made new q and k, repeat_kv new K/V: nothing reads c_attn's output
                 # any more, but the program that saves keeps it to attention's backward
-                assert att.producer is not None
-                att.producer.saved.append(qkv)
+                attention.saved.append(qkv)
             if self.selective:
                 # the reference program frees the first run's output with the kernel's
                 # backward, after the rerun's (its selective traces' order)
-                assert att.producer is not None
-                att.producer.kept.append(att)
+                attention.kept.append(att)
                 self.g.checkpoint_end()
         if self.selective:  # the program that does not save tags no part
             att.part = ""
@@ -549,9 +548,8 @@ class Model:
 
         def op(name: str, x: Tensor, numel: int, part: str = "", matmul: bool = False) -> Tensor:
             xi = o._autocast_low(x, part) if matmul else x
-            if xi is not x:
-                assert xi.producer is not None
-                first.append(xi.producer)
+            if xi is not x:  # its cast
+                first.append(g.nodes[-1])
             out = o._t(name, numel, xi.dtype, part=part)
             node = g.node(f"{o.prefix}{name}", [xi], [out])
             if matmul:
@@ -614,7 +612,6 @@ class Model:
             node.first_run = False
         node = self.g.nodes[-1]
         node.outputs = [down]
-        down.producer = node
         down.requires_grad = out.requires_grad
         return down
 
@@ -638,15 +635,18 @@ class Model:
         ws = weights
         xi = x
         if o.autocast:
-            ws = [o.cast(w, o.autocast) for w in reversed(weights)][::-1]
+            casts: list[tuple[Tensor, Node]] = []
+            for w in reversed(weights):  # made right to left
+                casts.append((o.cast(w, o.autocast), self.g.nodes[-1]))
+            casts.reverse()
+            ws = [c for c, _ in casts]
             xi = o._autocast_low(x, part)
             if any(vector):  # matrices' casts run backward first, then the biases'
-                nodes = [w.producer for w in ws]
-                seqs = sorted((nd.seq for nd in nodes if nd is not None), reverse=True)
+                nodes = [nd for _, nd in casts]
+                seqs = sorted((nd.seq for nd in nodes), reverse=True)
                 order = [nd for nd, v in zip(nodes, vector, strict=True) if not v]
                 order += [nd for nd, v in zip(nodes, vector, strict=True) if v]
                 for nd, seq in zip(order, seqs, strict=True):
-                    assert nd is not None
                     nd.seq = seq
         out = o._t(name, numel, xi.dtype if o.autocast else promote(xi.dtype, self.weight),
                    part=part)
@@ -735,7 +735,7 @@ class Model:
             # the tied weight's two gradients meet in its input buffer; without autocast the
             # sum is a new tensor (measured: the fp32 Llama 3.2 3B trace,
             # benchmarks/data/h200-traces/frames4.json.gz)
-            _mark_view(x, (0,))
+            _mark_view(self.g.nodes[-1], (0,))
         if self.learned:  # x + positions(arange(s)): broadcast over the batch
             pos = o.embedding(
                 "position embeddings", self.p("positions"), self.position_ids, self.seq,
@@ -769,7 +769,7 @@ class Model:
             component=Component.logits,
         )
         if tied_plain:
-            _mark_view(logits, (1,))
+            _mark_view(self.g.nodes[-1], (1,))
         up = o.cast(logits, DType.fp32, "fp32 logits")
         up.component = Component.logits
         loss = o.cross_entropy(up, self.targets)
