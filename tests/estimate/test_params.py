@@ -73,9 +73,9 @@ def test_training_gradients_cover_every_parameter_including_all_experts() -> Non
         run = RunSpec(
             model=spec, workload=Workload(batch=2, seq=64, precision="fp32", optimizer="sgd")
         )
-        from vramfit.estimate.training import build_training_steps
+        from vramfit.estimate.profiles.reference import training_steps
 
-        _, steady, _ = build_training_steps(spec, run.workload, 0)
+        _, steady, _ = training_steps(spec, run.workload, 0)
         step = len(steady.points) - 1
         grads = steady.components_at(step)["gradients"]
         assert grads == 4 * count_params(spec).total

@@ -22,9 +22,8 @@ from hypothesis import strategies as st
 
 from vramfit.config import Mode, RunSpec
 from vramfit.estimate.allocator import CachingAllocator
-from vramfit.estimate.inference import build_inference_timeline
+from vramfit.estimate.profiles.reference import inference, training_steps
 from vramfit.estimate.timeline import Timeline, replay
-from vramfit.estimate.training import build_training_steps
 
 KIB, MIB = 1 << 10, 1 << 20
 
@@ -175,9 +174,9 @@ def _runs() -> list[dict]:
 def _steps(case: dict) -> list[Timeline]:
     run = RunSpec.model_validate(case)
     if run.workload.mode is Mode.train:
-        first, steady, _ = build_training_steps(run.model, run.workload, 8 * MIB)
+        first, steady, _ = training_steps(run.model, run.workload, 8 * MIB)
         return [first, steady, steady]
-    return [build_inference_timeline(run.model.resolved(), run.workload, 8 * MIB)]
+    return [inference(run.model.resolved(), run.workload, 8 * MIB)]
 
 
 @pytest.mark.parametrize("case", _runs(), ids=lambda c: str(sorted(c["workload"].items())))

@@ -18,10 +18,9 @@ import pytest
 import yaml
 
 from vramfit.config import Mode, RunSpec
-from vramfit.estimate.inference import build_inference_timeline
 from vramfit.estimate.overhead import cublas_workspace_bytes
+from vramfit.estimate.profiles.reference import inference, training_steps
 from vramfit.estimate.timeline import replay
-from vramfit.estimate.training import build_training_steps
 
 ROOT = Path(__file__).parents[2] / "benchmarks"
 TRACES = ROOT / "data" / "h200-traces"
@@ -69,10 +68,10 @@ def test_the_step_program_reproduces_a_recorded_run(trace: dict) -> None:
     )
     workspace = cublas_workspace_bytes(None, (9, 0))  # the H200's
     if run.workload.mode is Mode.train:
-        first, steady, _ = build_training_steps(run.model, run.workload, workspace)
+        first, steady, _ = training_steps(run.model, run.workload, workspace)
         rep = replay([first] + [steady] * (int(case.get("steps", 3)) - 1))
     else:
-        rep = replay([build_inference_timeline(run.model.resolved(), run.workload, workspace)])
+        rep = replay([inference(run.model.resolved(), run.workload, workspace)])
 
     peak, reserved = trace["peak_allocated_bytes"], trace["reserved_peak_bytes"]
     # requests of a few KiB (index sorting, semaphores, scalars) are not modelled

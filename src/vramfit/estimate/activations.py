@@ -1,30 +1,17 @@
-"""Block shapes and the small per-block tensors the training and inference programs share.
+"""Block shapes: the sizes one transformer block works with (``shape_of``).
 
-``shape_of`` gives the sizes one transformer block works with; ``norm_stats`` and
-``attention_stats`` give the statistics that norms and attention kernels keep. What a block
-saves and frees, op by op, is written in ``vramfit.estimate.training`` and
-``vramfit.estimate.inference``.
+What a block saves and frees, op by op, is the op library's (``vramfit.estimate.ops``) and
+each profile's (``vramfit.estimate.profiles``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vramfit.config import (
-    Attention,
-    ModelSpec,
-    Norm,
-    Precision,
-    Workload,
-)
-from vramfit.estimate.dtypes import dtypes_for
+from vramfit.config import ModelSpec, Workload
 
 FP32 = 4
 INT64 = 8
-
-# Memory-efficient attention (used for fp32, where flash kernels do not exist) pads its
-# logsumexp to a multiple of 32 queries (PyTorch aten/.../mem_eff_attention kernel_forward.h).
-MEM_EFF_LSE_PAD = 32
 
 
 @dataclass(frozen=True)
@@ -80,30 +67,3 @@ def shape_of(spec: ModelSpec, workload: Workload) -> Shape:
         active_ffn=active,
         vocab=spec.vocab,
     )
-
-
-def norm_stats(tokens: int, norm: Norm) -> list[int]:
-    """Per-row fp32 statistics a norm saves besides its input: LayerNorm mean and rstd
-    (native_layer_norm), RMSNorm rstd (fused rms_norm)."""
-    return [tokens * FP32] * (2 if norm is Norm.layernorm else 1)
-
-
-def attention_stats(sh: Shape, workload: Workload) -> list[int]:
-    """What attention itself saves besides q, k, v and its output.
-
-    Flash (16-bit) saves a (b, heads, s) fp32 logsumexp; memory-efficient attention (fp32)
-    pads it to 32 queries. Eager saves the softmax output (fp32 under autocast, which runs
-    softmax in fp32) and, under autocast, the 16-bit copy that multiplies V.
-    """
-    dt = dtypes_for(workload.precision)
-    if workload.attention is Attention.flash:
-        padded = (
-            sh.seq
-            if workload.precision is not Precision.fp32
-            else -(-sh.seq // MEM_EFF_LSE_PAD) * MEM_EFF_LSE_PAD
-        )
-        return [sh.batch * sh.heads * padded * FP32]
-    saved = [sh.scores * dt.softmax]
-    if dt.autocast:
-        saved.append(sh.scores * dt.compute)
-    return saved

@@ -6,14 +6,14 @@ import gc
 from dataclasses import dataclass, field
 
 from vramfit.config import Attention, Impl, Mode, Precision, RunSpec
-from vramfit.estimate.inference import build_inference_timeline, kv_cache_bytes
+from vramfit.estimate.inference import kv_cache_bytes
 from vramfit.estimate.kernels import H200, Multiprocessors
 from vramfit.estimate.overhead import cublas_workspace_bytes, cuda_context_bytes
 from vramfit.estimate.params import ParamCounts, count_params
+from vramfit.estimate.profiles import reference
 from vramfit.estimate.profiles.hf import hf_caveats, hf_unsupported
 from vramfit.estimate.schedule import hf_inference, hf_training_steps, managed_state_bytes
 from vramfit.estimate.timeline import TENSOR_COMPONENTS, replay
-from vramfit.estimate.training import build_training_steps
 
 # Components in display order; the breakdown at the peak uses these keys. Managed memory
 # (a paged optimizer's state) is outside PyTorch's allocator: in the device total only.
@@ -132,11 +132,11 @@ def _estimate(run: RunSpec, hardware: Hardware | None) -> Estimate:
         nccl, cpu = layout.nccl_bytes, layout.cpu_bytes
         notes += layout.notes
     elif training:
-        build = hf_training_steps if hf_impl else build_training_steps
+        build = hf_training_steps if hf_impl else reference.training_steps
         first, steady, block_bytes = build(spec, workload, workspace, mp)
         steps = [first, steady, steady]
     else:
-        steady = (hf_inference if hf_impl else build_inference_timeline)(
+        steady = (hf_inference if hf_impl else reference.inference)(
             spec, workload, workspace
         )
         steps = [steady]

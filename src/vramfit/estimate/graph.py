@@ -109,10 +109,19 @@ class Tensor:
     leaf: bool = False  # a parameter (or other leaf) that lives outside the step
     trainable: bool = False  # a parameter that requires grad (whatever the grad mode)
     part: str = ""  # for saved activations: norm / attention / mlp
+    # a parameter (or a copy or gradient of one) of a model declared at another size than
+    # its shapes give (``--params``): bytes are round(numel * scale * itemsize)
+    scale: float = 1.0
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.size
+        return self.bytes_as(self.dtype)
+
+    def bytes_as(self, dtype: DType) -> int:
+        """Bytes of a tensor like this one in ``dtype`` (its gradient, its cast)."""
+        if self.scale == 1.0:
+            return self.numel * dtype.size
+        return round(self.numel * self.scale * dtype.size)
 
     @property
     def root(self) -> Tensor:
@@ -166,10 +175,11 @@ class Backward:
         if not self.needs(i):
             return None
         x = self.node.inputs[i]
-        numel = x.numel if numel is None else numel
         dtype = x.dtype if dtype is None else dtype
+        nbytes = x.bytes_as(dtype) if numel is None else numel * dtype.size
+        numel = x.numel if numel is None else numel
         label = name or f"{self.node.name} grad of {x.name}"
-        key = self.sim.tape.new(label, Component.activation_grads, numel * dtype.size)
+        key = self.sim.tape.new(label, Component.activation_grads, nbytes)
         g = Grad(_GradStorage(key), numel, dtype, view=view)
         self.results.append((i, g))
         return g
@@ -237,6 +247,12 @@ class Node:
     # (bitsandbytes' MatMul8bitLt: ctx.tensors)
     kept: list[Tensor] = field(default_factory=list)
     unit: int | None = None  # the decoder layer (a sharding unit) the op runs in
+    backward_point: bool = True  # its backward is a point of its own (else: the previous's)
+    rerun: bool = True  # a checkpoint's recompute runs it too (False: the first run's only)
+    first_run: bool = True  # the forward runs it (False: only a checkpoint's recompute)
+    # autograd's sequence number: backward runs the ready node with the highest first
+    # (engine.cpp ReadyQueue); the creation index unless a profile reorders two nodes
+    seq: int = 0
 
 
 class Graph:
@@ -252,6 +268,15 @@ class Graph:
         # reentrant torch.utils.checkpoint reruns a whole region (no early stop)
         self.reentrant = False
         self._unit: int | None = None
+        # a non-reentrant rerun stops by raising (_StopRecomputationError): the region's
+        # Python frame, with every local it still names, lives until the stop
+        self.rerun_frame = False
+        # the rerun starts at the region's first backward node, not at the first that
+        # unpacks a saved tensor (the reference program's order)
+        self.recompute_at_entry = False
+        # the checkpoint's frame (holding the region's inputs) dies with the last saved
+        # tensor of the region, not with the region's first node
+        self.frame_dies_with_saved = False
 
     def leaf(
         self,
@@ -298,6 +323,7 @@ class Graph:
             new_point,
             kept=list(kept) if grad else [],
             unit=self._unit,
+            seq=len(self.nodes),
         )
         for out in (*outputs, *hidden):
             out.requires_grad = grad and out.dtype.floating and out not in hidden
@@ -406,8 +432,11 @@ class _Sim:
             self.tape.free(g.storage.key)
             g.storage.key = None
 
-    def new_grad(self, name: str, numel: int, dtype: DType, component: Component) -> Grad:
-        key = self.tape.new(name, component, numel * dtype.size)
+    def new_grad(
+        self, name: str, numel: int, dtype: DType, component: Component, scale: float = 1.0
+    ) -> Grad:
+        nbytes = numel * dtype.size if scale == 1.0 else round(numel * scale * dtype.size)
+        key = self.tape.new(name, component, nbytes)
         return Grad(_GradStorage(key), numel, dtype)
 
 
@@ -440,7 +469,11 @@ def run_forward(
     if hooks is not None:
         hooks.forward_start(sim)
     nodes = graph.nodes
-    last = _last_uses(nodes)
+    last: dict[int, int] = {}
+    for i, n in enumerate(nodes):
+        if n.first_run:
+            for x in n.inputs:
+                last[id(x)] = i
     held = {id(t) for t, _ in graph.held}
     produced_in: dict[int, int | None] = {}
     for n in nodes:
@@ -453,6 +486,8 @@ def run_forward(
             produced_in[id(out)] = n.region
     entered: set[int] = set()
     for i, n in enumerate(nodes):
+        if not n.first_run:
+            continue
         if hooks is not None and n.unit != unit:
             if unit is not None:
                 hooks.unit_forward_done(sim, unit)
@@ -530,7 +565,7 @@ def run_backward(sim: _Sim, loss: Tensor) -> None:
         if n.region is not None:
             region_nodes.setdefault(n.region, []).append(n)
     for n in nodes:
-        if n.region is not None:
+        if n.region is not None and (n.saved or not sim.g.frame_dies_with_saved):
             region_first.setdefault(n.region, n)
     skipped: list[Node] = []
     hooks = sim.hooks
@@ -541,7 +576,7 @@ def run_backward(sim: _Sim, loss: Tensor) -> None:
     started: set[int] = set()
     if hooks is not None:
         hooks.backward_start(sim)
-    for n in reversed(nodes):
+    for n in sorted(nodes, key=lambda n: n.seq, reverse=True):
         if hooks is not None and n.unit is not None and n.unit not in started:
             started.add(n.unit)
             hooks.unit_backward(sim, n.unit)
@@ -551,11 +586,12 @@ def run_backward(sim: _Sim, loss: Tensor) -> None:
             if hooks is not None and n.unit is not None and unit_first[n.unit] is n:
                 hooks.unit_backward_done(sim, n.unit)
             continue
-        needs = n.saved or (sim.g.reentrant and n.kept)
+        needs = n.saved or (sim.g.reentrant and n.kept) or sim.g.recompute_at_entry
         if n.region is not None and n.region not in recomputed and needs:
             recomputed.add(n.region)
             _recompute(sim, region_nodes[n.region])
-        tape.op(f"{n.name} backward")
+        if n.backward_point:
+            tape.op(f"{n.name} backward")
         bw = Backward(sim, n, grads_out)
         assert n.backward is not None
         n.backward(bw)
@@ -596,7 +632,7 @@ def _validate(sim: _Sim, n: Node, i: int, g: Grad) -> Grad:
         rows = g.numel // max(1, x.numel)
         tape.op(f"{n.name} backward: sum to {x.name}")
         reduced = sim.new_grad(
-            f"{n.name} grad of {x.name}", x.numel, g.dtype, Component.activation_grads
+            f"{n.name} grad of {x.name}", x.numel, g.dtype, Component.activation_grads, x.scale
         )
         tape.temp(
             f"{n.name} grad of {x.name} reduction",
@@ -612,6 +648,7 @@ def _validate(sim: _Sim, n: Node, i: int, g: Grad) -> Grad:
             x.numel,
             x.dtype,
             Component.activation_grads,
+            x.scale,
         )
         sim.unref_grad(g)
         g = cast
@@ -638,7 +675,8 @@ def _accumulate(sim: _Sim, x: Tensor, g: Grad) -> None:
     else:
         sim.tape.op(f"gradients of {x.name} summed")
         total = sim.new_grad(
-            f"summed gradient of {x.name}", x.numel, g.dtype, Component.activation_grads
+            f"summed gradient of {x.name}", x.numel, g.dtype, Component.activation_grads,
+            x.scale,
         )
         sim.unref_grad(old)
         sim.unref_grad(g)
@@ -661,7 +699,9 @@ def _accumulate_grad(sim: _Sim, leaf: Tensor, g: Grad) -> None:
         sim.leaf_grads[id(leaf)] = g
         return
     tape.op(f"{leaf.name} gradient clone")
-    grad = sim.new_grad(f"{leaf.name} gradient", leaf.numel, leaf.dtype, Component.gradients)
+    grad = sim.new_grad(
+        f"{leaf.name} gradient", leaf.numel, leaf.dtype, Component.gradients, leaf.scale
+    )
     sim.unref_grad(g)
     sim.leaf_grads[id(leaf)] = grad
 
@@ -674,10 +714,17 @@ def _recompute(sim: _Sim, nodes: list[Node]) -> None:
     stop = len(nodes) - 1 if sim.g.reentrant else saving[-1]
     outputs_of = {id(o) for o in (*nodes[stop].outputs, *nodes[stop].hidden)}
     after = sim.g.reentrant or any(id(s) in outputs_of for s in nodes[stop].saved)
-    last = _last_uses(nodes[: stop + 1])
+    last: dict[int, int] = {}
+    for k, m in enumerate(nodes if sim.g.rerun_frame else nodes[: stop + 1]):
+        if m.rerun:
+            for x in m.inputs:
+                last[id(x)] = k
     local: dict[int, Tensor] = {}
     for k, n in enumerate(nodes[: stop + 1]):
-        tape.op(f"{n.name} (recompute)")
+        if not n.rerun:
+            continue
+        if n.new_point:
+            tape.op(f"{n.name} (recompute)")
         for name, nbytes in n.scratch:
             tape.temp(f"{n.name} {name}", Component.activations, nbytes)
         if k < stop or after:
