@@ -36,20 +36,11 @@ from vramfit.config import (
     ModelType,
     PeftModelType,
     Positions,
-    Precision,
     Workload,
 )
+from vramfit.estimate.dtypes import AUTOCAST_DTYPE, WEIGHT_DTYPE
 from vramfit.estimate.graph import Component, DType, Graph, Tensor
 from vramfit.estimate.ops import Ops
-
-WEIGHT_DTYPE = {
-    Precision.fp32: DType.fp32,
-    Precision.amp_bf16: DType.fp32,
-    Precision.amp_fp16: DType.fp32,
-    Precision.bf16: DType.bf16,
-    Precision.fp16: DType.fp16,
-}
-AUTOCAST_DTYPE = {Precision.amp_bf16: DType.bf16, Precision.amp_fp16: DType.fp16}
 
 
 @dataclass(frozen=True)

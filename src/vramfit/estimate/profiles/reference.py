@@ -41,7 +41,7 @@ from vramfit.config import (
     Workload,
 )
 from vramfit.estimate.activations import shape_of
-from vramfit.estimate.dtypes import kv_bytes
+from vramfit.estimate.dtypes import AUTOCAST_DTYPE, WEIGHT_DTYPE, kv_bytes
 from vramfit.estimate.graph import (
     Backward,
     Component,
@@ -66,14 +66,6 @@ from vramfit.estimate.params import (
 from vramfit.estimate.timeline import Tape, Timeline
 from vramfit.estimate.training import optimizer_state_tensors, optimizer_step_temporaries
 
-WEIGHT_DTYPE = {
-    Precision.fp32: DType.fp32,
-    Precision.amp_bf16: DType.fp32,
-    Precision.amp_fp16: DType.fp32,
-    Precision.bf16: DType.bf16,
-    Precision.fp16: DType.fp16,
-}
-AUTOCAST_DTYPE = {Precision.amp_bf16: DType.bf16, Precision.amp_fp16: DType.fp16}
 MEM_EFF_LSE_PAD = 32  # memory-efficient attention pads its logsumexp to 32 queries
 INT64 = 8
 
