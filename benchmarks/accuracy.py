@@ -24,7 +24,7 @@ from pathlib import Path
 
 from vramfit.catalog import find_gpu
 from vramfit.config import RunSpec
-from vramfit.estimate.core import Hardware, estimate
+from vramfit.estimate.core import Estimate, Hardware, estimate
 
 GIB = 2**30
 
@@ -33,6 +33,18 @@ def workload_of(case: dict) -> dict:
     """A case's workload. Cases measured before implementation profiles existed ran
     vramfit's reference loop: they name no ``impl``."""
     return {"impl": "reference", **case.get("workload", {})}
+
+
+_ESTIMATES: dict[tuple[str, Hardware], Estimate] = {}
+
+
+def _estimate(run: RunSpec, hardware: Hardware) -> Estimate:
+    """``estimate``, remembered: the tests print several tables over the same cases in one
+    process (the estimator is pure, so a case's estimate never changes within it)."""
+    key = (run.model_dump_json(), hardware)
+    if key not in _ESTIMATES:
+        _ESTIMATES[key] = estimate(run, hardware)
+    return _ESTIMATES[key]
 
 
 def load(paths: list[Path]) -> list[dict]:
@@ -66,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         run = RunSpec(
             model=case["model"], workload=workload_of(case), parallel=case.get("parallel", {})
         )
-        est = estimate(run, hardware)
+        est = _estimate(run, hardware)
         predicted = {
             "peak_allocated_bytes": est.peak_allocated_bytes,
             # a fake process group allocates no NCCL memory (zero on one GPU)

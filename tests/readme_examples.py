@@ -16,6 +16,7 @@ or the tables, regenerate the blocks with one command:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import re
@@ -24,6 +25,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -78,9 +80,38 @@ def blocks(text: str) -> list[tuple[re.Match[str], list[Example]]]:
     return [(match, parse_block(match.group(1))) for match in _BLOCK.finditer(text)]
 
 
+def benchmark(path: str) -> Any:
+    """A script under benchmarks/ imported once per process (``main(argv)`` runs it)."""
+    name = "_benchmark_" + Path(path).stem
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def run_benchmark(path: str, args: list[str]) -> tuple[int, list[str], str]:
+    """``python <path> args`` from the checkout, in this process: (exit code, stdout lines,
+    stderr). benchmarks/accuracy.py remembers its estimates, so tables that share cases
+    (the README's and the committed ones) are estimated once per test run."""
+    out, err = io.StringIO(), io.StringIO()
+    cwd = Path.cwd()
+    try:
+        os.chdir(ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = benchmark(path).main(args)
+    finally:
+        os.chdir(cwd)
+    return code, [line.rstrip() for line in out.getvalue().splitlines()], err.getvalue()
+
+
 def run(argv: list[str]) -> tuple[int, list[str], str]:
     """``vramfit argv[1:]`` in-process at 80 columns, or ``python benchmarks/...`` in a child
     process: (exit code, stdout lines, stderr)."""
+    if argv[0] == "python" and argv[1:2] == ["benchmarks/accuracy.py"]:
+        return run_benchmark(argv[1], argv[2:])
     if argv[0] == "python":
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "COLUMNS": WIDTH, "NO_COLOR": "1"}
         done = subprocess.run(

@@ -34,7 +34,7 @@ from vramfit.cli import main
 from vramfit.config import Attention, Checkpointing, KvDtype, Mode, Optimizer, Precision
 
 FAST = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
-FUZZ_FACTOR = 10 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 1
+FUZZ_FACTOR = 20 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 1
 MAX_LINE = 300  # the longest error line (vramfit.cli.MAX_ERROR_CHARS)
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,7 +166,7 @@ def estimate_argv(draw: st.DrawFn) -> list[str]:
     return argv
 
 
-@budget(600)
+@budget(300)
 @given(estimate_argv())
 def test_estimate_options(argv: list[str]) -> None:
     check_outcome(argv, *invoke(argv))
@@ -502,7 +502,7 @@ def scratch() -> Any:
         yield Path(folder)
 
 
-@budget(200)
+@budget(100)
 @given(
     data=hf_file(), how=st.sampled_from(["estimate", "import-hf", "folder"]), extras=ESTIMATE_EXTRAS
 )
@@ -524,7 +524,7 @@ def test_hf_config_files(scratch: Path, data: bytes, how: str, extras: list[str]
         check_outcome(argv, code, out, err)
 
 
-@budget(200)
+@budget(100)
 @given(
     data=preset_file(), how=st.sampled_from(["check", "estimate", "folder"]), extras=ESTIMATE_EXTRAS
 )

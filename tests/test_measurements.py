@@ -5,11 +5,11 @@ any measured prediction fails here until the tables are re-committed with it."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from readme_examples import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks" / "data"
@@ -38,11 +38,6 @@ SETS = {
 @pytest.mark.parametrize("table", sorted(SETS))
 def test_every_measured_case_is_predicted_as_committed(table: str) -> None:
     files = [str(DATA / f) for f in SETS[table]]
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), *files],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""},
-    ).stdout
-    assert out.splitlines() == (DATA / table).read_text().splitlines()
+    code, out, err = run_benchmark("benchmarks/accuracy.py", files)
+    assert code == 0, err
+    assert out == [line.rstrip() for line in (DATA / table).read_text().splitlines()]
