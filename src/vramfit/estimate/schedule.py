@@ -209,6 +209,14 @@ def _adafactor_hf_step(t: Tape, model: hf.Model, params: list[Tensor]) -> None:
         t.free(update, estimate, *copies)
 
 
+def _warm_workspaces(t: Tape, w: Workload, b: hf.Block, workspace_bytes: int) -> None:
+    """A steady step starts with the cuBLAS workspaces the first step made: the forward's
+    and the backward thread's (a bias epilogue, cuBLASLt, makes its own)."""
+    made = Workspaces(t, workspace_bytes)
+    made.matmul("forward", _uses_bias(b))
+    made.matmul("backward", _uses_bias(b) and w.checkpointing is Checkpointing.full)
+
+
 def _uses_bias(b: hf.Block) -> bool:
     return b.qkv_bias or b.bias
 
@@ -245,9 +253,7 @@ def hf_training_steps(
                 Component.optimizer_state,
                 _optimizer_state(w.optimizer, model, params),
             )
-            made = Workspaces(t, workspace_bytes)
-            made.matmul("forward", _uses_bias(b))
-            made.matmul("backward", _uses_bias(b) and w.checkpointing is Checkpointing.full)
+            _warm_workspaces(t, w, b, workspace_bytes)
         ws = Workspaces(t, workspace_bytes, active=first)
         sim = run_forward(graph, t, mp=mp, workspaces=ws)
         forward_end = len(t.timeline.points) - 1
@@ -258,18 +264,8 @@ def hf_training_steps(
         release_held(sim, "step")
         steps.append(t.finish())
         if not first:
-            block_bytes = _block_bytes(t, forward_end)
+            block_bytes = t.block_bytes(forward_end)
     return steps[0], steps[1], block_bytes
-
-
-def _block_bytes(t: Tape, forward_end: int) -> dict[str, int]:
-    """Bytes made by block 0's forward and still alive at the forward's end, by part."""
-    parts: dict[str, int] = {}
-    for r in t.records:
-        if r.part and r.name.startswith("block 0 ") and r.start <= forward_end:
-            if r.end is None or r.end > forward_end:
-                parts[r.part] = parts.get(r.part, 0) + sum(r.sizes)
-    return parts
 
 
 def hf_inference(spec: ModelSpec, w: Workload, workspace_bytes: int) -> Timeline:
@@ -406,9 +402,7 @@ def fsdp_training_steps(
                 Component.optimizer_state,
                 _optimizer_state(w.optimizer, model, shards),
             )
-            made = Workspaces(t, workspace_bytes)
-            made.matmul("forward", _uses_bias(b))
-            made.matmul("backward", _uses_bias(b) and w.checkpointing is Checkpointing.full)
+            _warm_workspaces(t, w, b, workspace_bytes)
         ws = Workspaces(t, workspace_bytes, active=first)
         sim = run_forward(graph, t, mp=mp, workspaces=ws, hooks=hooks)
         forward_end = len(t.timeline.points) - 1
@@ -419,7 +413,7 @@ def fsdp_training_steps(
         release_held(sim, "step")
         steps.append(t.finish())
         if not first:
-            block_bytes = _block_bytes(t, forward_end)
+            block_bytes = t.block_bytes(forward_end)
     return steps[0], steps[1], block_bytes
 
 
@@ -544,9 +538,7 @@ def replicated_training_steps(
             else:
                 t.persist("optimizer state", Component.optimizer_state,
                           _optimizer_state(w.optimizer, model, params))
-            made = Workspaces(t, workspace_bytes)
-            made.matmul("forward", _uses_bias(b))
-            made.matmul("backward", _uses_bias(b) and w.checkpointing is Checkpointing.full)
+            _warm_workspaces(t, w, b, workspace_bytes)
         ws = Workspaces(t, workspace_bytes, active=first)
         sims = []
         forward_end = 0
@@ -584,5 +576,5 @@ def replicated_training_steps(
             release_held(sim, "step")
         steps.append(t.finish())
         if not first:
-            block_bytes = _block_bytes(t, forward_end)
+            block_bytes = t.block_bytes(forward_end)
     return steps[0], steps[1], block_bytes, cpu

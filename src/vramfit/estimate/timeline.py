@@ -167,6 +167,15 @@ class Tape:
         self.timeline.allocations.extend(self.records)
         return self.timeline
 
+    def block_bytes(self, forward_end: int) -> dict[str, int]:
+        """Bytes made by block 0's forward and still alive at the forward's end, by part."""
+        parts: dict[str, int] = {}
+        for r in self.records:
+            if r.part and r.name.startswith("block 0 ") and r.start <= forward_end:
+                if r.end is None or r.end > forward_end:
+                    parts[r.part] = parts.get(r.part, 0) + sum(r.sizes)
+        return parts
+
 
 @dataclass(frozen=True)
 class Replay:

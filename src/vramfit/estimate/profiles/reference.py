@@ -827,20 +827,10 @@ def training_steps(
             t.temp("optimizer step temporary", Component.optimizer_temp, nbytes)
         steps.append(t.finish())
         if not first:
-            block_bytes = _block_bytes(t, forward_end)
+            block_bytes = t.block_bytes(forward_end)
             if model.full:  # a checkpointed block keeps only its input
                 block_bytes = {"norm": n * spec.hidden * weight}
     return steps[0], steps[1], block_bytes
-
-
-def _block_bytes(t: Tape, forward_end: int) -> dict[str, int]:
-    """Bytes made by block 0's forward and still alive at the forward's end, by part."""
-    parts: dict[str, int] = {}
-    for r in t.records:
-        if r.part and r.name.startswith("block 0 ") and r.start <= forward_end:
-            if r.end is None or r.end > forward_end:
-                parts[r.part] = parts.get(r.part, 0) + sum(r.sizes)
-    return parts
 
 
 class _OneThread(Workspaces):
