@@ -44,6 +44,7 @@ class Workspaces:
     def __init__(self, t: Tape, cublas_bytes: int, active: bool = True) -> None:
         self.t, self.cublas_bytes, self.active = t, cublas_bytes, active
         self.made: set[str] = set()
+        self.keys: set[int] = set()  # the tape keys of those made
 
     def matmul(self, thread: str, biased: bool) -> None:
         """A matmul on ``thread`` ("" for the only one), of a projection with a bias or not."""
@@ -55,5 +56,7 @@ class Workspaces:
             (f"cuBLASLt workspace{suffix}", CUBLASLT_WORKSPACE_BYTES, biased),
         ):
             if needed and name not in self.made:
-                self.t.persist(name, "cublas_workspace", [size])
+                key = self.t.persist(name, "cublas_workspace", [size])
+                if key is not None:
+                    self.keys.add(key)
                 self.made.add(name)

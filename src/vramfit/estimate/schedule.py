@@ -38,7 +38,7 @@ from vramfit.estimate.inference import Workspaces
 from vramfit.estimate.kernels import H200, Multiprocessors
 from vramfit.estimate.params import count_params
 from vramfit.estimate.profiles import hf
-from vramfit.estimate.timeline import Tape, Timeline
+from vramfit.estimate.timeline import Span, Tape, Timeline
 from vramfit.estimate.training import optimizer_state_tensors, optimizer_step_temporaries
 
 INT64 = 8
@@ -221,6 +221,15 @@ def _uses_bias(b: hf.Block) -> bool:
     return b.qkv_bias or b.bias
 
 
+# Steady steps simulate nothing: their forward and backward are the first step's. A simulation
+# (``run_forward``, ``run_backward``, a parallel engine's hooks) makes tape calls that depend
+# only on the graph, the hooks and the calls that drive it, never on what the tape holds, and a
+# steady step's tape has the first's points up to its forward (its own persistent tensors are
+# records, not points). So the steady step plays the first's span back (``Tape.play``: the same
+# records, whose ends are the same points in both), less the workspaces the first step made at
+# its first matmul (a steady step starts with them): a second simulation records just that.
+
+
 def hf_training_steps(
     spec: ModelSpec, w: Workload, workspace_bytes: int, mp: Multiprocessors = H200
 ) -> tuple[Timeline, Timeline, dict[str, int]]:
@@ -242,6 +251,8 @@ def hf_training_steps(
         up = model.ops.cast(logits, DType.fp32, "accelerate fp32 logits")
         up.component = Component.logits
         graph.hold(up, "forward")
+    span: Span | None = None  # the first step's forward and backward (see above)
+    forward_end = 0
     for first in (True, False):
         t = Tape()
         params = _weights(t, model, spec, first)
@@ -254,14 +265,21 @@ def hf_training_steps(
                 _optimizer_state(w.optimizer, model, params),
             )
             _warm_workspaces(t, w, b, workspace_bytes)
-        ws = Workspaces(t, workspace_bytes, active=first)
-        sim = run_forward(graph, t, mp=mp, workspaces=ws)
-        forward_end = len(t.timeline.points) - 1
-        end_forward(sim)
-        t.phase = "backward"
-        run_backward(sim, loss)
+        sim: _Sim | None = None  # a step that plays the first's back simulates nothing
+        if span is None:
+            start = t.mark()
+            ws = Workspaces(t, workspace_bytes, active=first)
+            sim = run_forward(graph, t, mp=mp, workspaces=ws)
+            forward_end = len(t.timeline.points) - 1
+            end_forward(sim)
+            t.phase = "backward"
+            run_backward(sim, loss)
+            span = t.span(start, leave_out=ws.keys)
+        else:
+            t.play(span)
         _step(t, w, model, params, first)
-        release_held(sim, "step")
+        if sim is not None:
+            release_held(sim, "step")
         steps.append(t.finish())
         if not first:
             block_bytes = t.block_bytes(forward_end)
@@ -387,6 +405,8 @@ def fsdp_training_steps(
             graph.hold(kv, "step")
     steps = []
     block_bytes: dict[str, int] = {}
+    span: Span | None = None  # the first step's forward and backward (see hf_training_steps)
+    forward_end = 0
     for first in (True, False):
         hooks = fsdp.attach(model, par, w.precision)
         shards = fsdp.sharded_params(hooks)
@@ -403,14 +423,21 @@ def fsdp_training_steps(
                 _optimizer_state(w.optimizer, model, shards),
             )
             _warm_workspaces(t, w, b, workspace_bytes)
-        ws = Workspaces(t, workspace_bytes, active=first)
-        sim = run_forward(graph, t, mp=mp, workspaces=ws, hooks=hooks)
-        forward_end = len(t.timeline.points) - 1
-        end_forward(sim)
-        t.phase = "backward"
-        run_backward(sim, loss)
+        sim: _Sim | None = None  # a step that plays the first's back simulates nothing
+        if span is None:
+            start = t.mark()
+            ws = Workspaces(t, workspace_bytes, active=first)
+            sim = run_forward(graph, t, mp=mp, workspaces=ws, hooks=hooks)
+            forward_end = len(t.timeline.points) - 1
+            end_forward(sim)
+            t.phase = "backward"
+            run_backward(sim, loss)
+            span = t.span(start, leave_out=ws.keys)
+        else:
+            t.play(span)
         _step(t, w, model, shards, first)
-        release_held(sim, "step")
+        if sim is not None:
+            release_held(sim, "step")
         steps.append(t.finish())
         if not first:
             block_bytes = t.block_bytes(forward_end)
@@ -497,6 +524,8 @@ def replicated_training_steps(
     cpu = 0
     steps = []
     block_bytes: dict[str, int] = {}
+    span: Span | None = None  # the first step's forward and backward (see hf_training_steps)
+    forward_end = 0
     for first in (True, False):
         t = Tape()
         hooks: Hooks | None = None
@@ -539,29 +568,33 @@ def replicated_training_steps(
                 t.persist("optimizer state", Component.optimizer_state,
                           _optimizer_state(w.optimizer, model, params))
             _warm_workspaces(t, w, b, workspace_bytes)
-        ws = Workspaces(t, workspace_bytes, active=first)
-        sims = []
-        forward_end = 0
-        for k in range(in_flight):
-            if k:
-                t.op(f"micro-batch {k + 1} forward")
-            if zero == 3 and k:
-                hooks = fsdp.attach(model, zpar, cw.precision)
-            sim = run_forward(graph, t, mp=mp, workspaces=ws, hooks=hooks)
-            forward_end = len(t.timeline.points) - 1
-            end_forward(sim)
-            sims.append(sim)
-        t.phase = "backward"
-        kept: dict[int, object] = {}
-        for k, sim in enumerate(sims):
-            run_backward(sim, loss)
-            if k == 0:
-                kept = dict(sim.leaf_grads)
-            else:  # AccumulateGrad adds into the existing .grad: the new one dies
-                t.op("gradient accumulation")
-                for key, g in list(sim.leaf_grads.items()):
-                    if key in kept:
-                        sim.unref_grad(g)
+        sims: list[_Sim] = []  # a step that plays the first's back simulates nothing
+        if span is None:
+            start = t.mark()
+            ws = Workspaces(t, workspace_bytes, active=first)
+            for k in range(in_flight):
+                if k:
+                    t.op(f"micro-batch {k + 1} forward")
+                if zero == 3 and k:
+                    hooks = fsdp.attach(model, zpar, cw.precision)
+                sim = run_forward(graph, t, mp=mp, workspaces=ws, hooks=hooks)
+                forward_end = len(t.timeline.points) - 1
+                end_forward(sim)
+                sims.append(sim)
+            t.phase = "backward"
+            kept: dict[int, object] = {}
+            for k, sim in enumerate(sims):
+                run_backward(sim, loss)
+                if k == 0:
+                    kept = dict(sim.leaf_grads)
+                else:  # AccumulateGrad adds into the existing .grad: the new one dies
+                    t.op("gradient accumulation")
+                    for key, g in list(sim.leaf_grads.items()):
+                        if key in kept:
+                            sim.unref_grad(g)
+            span = t.span(start, leave_out=ws.keys)
+        else:
+            t.play(span)
         if zero:
             t.phase = "optimizer"
             t.op("optimizer step")

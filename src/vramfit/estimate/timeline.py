@@ -11,7 +11,7 @@ tensor by tensor, through the caching allocator model to get what PyTorch report
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from vramfit.estimate.allocator import CachingAllocator
@@ -148,15 +148,43 @@ class Tape:
 
     def persist(
         self, name: str, component: str, sizes: Sequence[int], stream: int = 0
-    ) -> None:
-        """Tensors that outlive the step (weights, optimizer state, workspaces), from now on."""
+    ) -> int | None:
+        """Tensors that outlive the step (weights, optimizer state, workspaces), from now on;
+        their key, or None when all are empty."""
         if component not in COMPONENT_NAMES:
             raise ValueError(f"unknown memory component {component!r}")
         sizes = tuple(int(s) for s in sizes if s > 0)
-        if sizes:
-            self.records.append(
-                Allocation(name, component, sizes, self.now, None, True, "", stream)
-            )
+        if not sizes:
+            return None
+        self.records.append(Allocation(name, component, sizes, self.now, None, True, "", stream))
+        return len(self.records) - 1
+
+    def mark(self) -> tuple[int, int]:
+        """Where the tape is: its record and point counts (the start of a ``span``)."""
+        return len(self.records), len(self.timeline.points)
+
+    def span(self, start: tuple[int, int], leave_out: Collection[int] = ()) -> Span:
+        """What the tape recorded since ``start``, less the records under the keys
+        ``leave_out``: to be played onto a later step's tape (``play``)."""
+        first_record, first_point = start
+        records = self.records
+        return Span(
+            first_point,
+            self.timeline.points[first_point:],
+            [records[k] for k in range(first_record, len(records)) if k not in leave_out],
+            self.phase,
+        )
+
+    def play(self, span: Span) -> None:
+        """Append ``span``'s points and records, recorded on a tape whose points before it
+        were this one's. The records themselves are shared, not copied: their ends are the
+        same points on both tapes, and the tape they were recorded on has set the last of
+        them (its frees after the span, its ``finish``) before a later step plays them."""
+        if len(self.timeline.points) != span.first_point:
+            raise ValueError("a span plays onto a tape at the point where it was recorded")
+        self.timeline.points.extend(span.points)
+        self.records.extend(span.records)
+        self.phase = span.phase
 
     def finish(self) -> Timeline:
         """Close what is still open at the step's end (gradients: the next zero_grad)."""
@@ -175,6 +203,17 @@ class Tape:
                 if r.end is None or r.end > forward_end:
                     parts[r.part] = parts.get(r.part, 0) + sum(r.sizes)
         return parts
+
+
+@dataclass(frozen=True)
+class Span:
+    """Points and records one tape made in a row (``Tape.span``): the simulated forward and
+    backward of a first training step, which a steady step repeats (``Tape.play``)."""
+
+    first_point: int
+    points: list[tuple[str, str]]
+    records: list[Allocation]
+    phase: str  # the tape's phase at its end
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ from vramfit.estimate.params import (
     projection_shapes,
     tied_copy_bytes,
 )
-from vramfit.estimate.timeline import Tape, Timeline
+from vramfit.estimate.timeline import Span, Tape, Timeline
 from vramfit.estimate.training import optimizer_state_tensors, optimizer_step_temporaries
 
 MEM_EFF_LSE_PAD = 32  # memory-efficient attention pads its logsumexp to 32 queries
@@ -794,6 +794,8 @@ def training_steps(
     biased = bool(spec.bias or spec.qkv_bias)
     steps = []
     block_bytes: dict[str, int] = {}
+    span: Span | None = None  # the first step's forward and backward
+    forward_end = 0
     for first in (True, False):
         t = Tape()
         t.op("build")
@@ -810,12 +812,17 @@ def training_steps(
             made = Workspaces(t, workspace_bytes)
             made.matmul("forward", biased)
             made.matmul("backward", biased and model.full)
-        ws = Workspaces(t, workspace_bytes, active=first)
-        sim = run_forward(model.g, t, mp=mp, workspaces=ws)
-        forward_end = len(t.timeline.points) - 1
-        end_forward(sim)
-        t.phase = "backward"
-        run_backward(sim, loss)
+        if span is None:  # simulated once (see schedule.hf_training_steps)
+            start = t.mark()
+            ws = Workspaces(t, workspace_bytes, active=first)
+            sim = run_forward(model.g, t, mp=mp, workspaces=ws)
+            forward_end = len(t.timeline.points) - 1
+            end_forward(sim)
+            t.phase = "backward"
+            run_backward(sim, loss)
+            span = t.span(start, leave_out=ws.keys)
+        else:
+            t.play(span)
         t.phase = "optimizer"
         t.op("optimizer step")
         if first:  # created lazily by the first step (torch.optim ``_init_group``)
