@@ -102,6 +102,15 @@ class CachingAllocator:
         A new segment goes below every earlier one (our model of cudaMalloc's addresses),
         unless ``segment_address`` says where the driver put it (replaying a real trace).
         """
+        self._live[handle] = self.take(size, stream, segment_address)
+
+    def free(self, handle: int) -> None:
+        """Return the block of ``handle`` to its pool."""
+        self.give(self._live.pop(handle))
+
+    def take(self, size: int, stream: int = 0, segment_address: int | None = None) -> _Block:
+        """``malloc`` without a handle: the block itself, for ``give`` (a replay holds the
+        blocks it allocates rather than looking each up by handle)."""
         # round_size and segment_size, inlined: this is the estimator's innermost loop
         size = -(-size // MIN_BLOCK) * MIN_BLOCK if size > MIN_BLOCK else MIN_BLOCK
         small = size <= SMALL_SIZE
@@ -141,14 +150,14 @@ class CachingAllocator:
             block.size = size
             bisect.insort(pool, (remaining, rest.address, rest))
         block.free = False
-        self._live[handle] = block
-        self.allocated += block.size
-        if self.allocated > self.peak_allocated:
-            self.peak_allocated = self.allocated
+        allocated = self.allocated + block.size
+        self.allocated = allocated
+        if allocated > self.peak_allocated:
+            self.peak_allocated = allocated
+        return block
 
-    def free(self, handle: int) -> None:
+    def give(self, block: _Block) -> None:
         """Return a block to its pool, merging it with free neighbours of its segment."""
-        block = self._live.pop(handle)
         self.allocated -= block.size
         pool = block.pool
         block.free = True

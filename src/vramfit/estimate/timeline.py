@@ -239,47 +239,27 @@ def replay(steps: Sequence[Timeline]) -> Replay:
     ``zero_grad(set_to_none=True)``). Persistent allocations are made once and kept.
     """
     alloc = CachingAllocator()
-    malloc, release = alloc.malloc, alloc.free
-    handle = 0
+    take, give = alloc.take, alloc.give
     made: set[str] = set()
+    programs: dict[tuple[int, frozenset[str]], _Program] = {}
     allocated: list[list[int]] = []
     for timeline in steps:
-        n_points = len(timeline.points)
-        last = n_points - 1
-        # in point order, keeping the order within a point (a Tape already records so)
-        todo = sorted(
-            (a for a in timeline.allocations if not (a.persistent and a.name in made)),
-            key=_start,
-        )
-        todo.append(Allocation("", "", (), n_points, n_points))  # a sentinel past the end
-        ends: dict[int, list[int]] = {}  # point -> handles freed after it
+        # a training replay has the steady step twice: its program is compiled once
+        key = (id(timeline), frozenset(made))
+        program = programs.get(key)
+        if program is None:
+            program = programs[key] = _Program.compile(timeline, made)
+        made |= program.made
+        blocks: list = [None] * (program.slots + 1)
         per_point = []
-        k = 0
-        for i in range(n_points):
-            a = todo[k]
-            while a.start == i:
-                stream = a.stream
-                if a.persistent:
-                    for size in a.sizes:
-                        handle += 1
-                        malloc(handle, size, None, stream)
-                    made.add(a.name)
-                else:
-                    end = a.end if a.end < last else n_points
-                    freed = ends.get(end)
-                    if freed is None:
-                        freed = ends[end] = []
-                    for size in a.sizes:
-                        handle += 1
-                        malloc(handle, size, None, stream)
-                        freed.append(handle)
-                k += 1
-                a = todo[k]
+        for requests, frees in zip(program.requests, program.frees, strict=False):
+            for slot, size, stream in requests:
+                blocks[slot] = take(size, stream)
             per_point.append(alloc.allocated)
-            for h in ends.pop(i, ()):
-                release(h)
-        for h in ends.pop(n_points, ()):
-            release(h)
+            for slot in frees:
+                give(blocks[slot])
+        for slot in program.frees[-1]:  # after the step's last point
+            give(blocks[slot])
         allocated.append(per_point)
     alloc.unlink()
     return Replay(
@@ -288,6 +268,46 @@ def replay(steps: Sequence[Timeline]) -> Replay:
         reserved=alloc.reserved,
         reserved_by_stream=dict(alloc.reserved_by_stream),
     )
+
+
+@dataclass(frozen=True)
+class _Program:
+    """A step's allocator requests, point by point: what ``replay`` runs.
+
+    Each request is ``(slot, bytes, stream)``: the block it gets is kept in ``slot`` until a
+    free names that slot. ``frees[i]``: the slots freed after point ``i`` (one list more than
+    points: those freed after the step). A persistent tensor is never freed: its requests all
+    write the spare slot ``slots``.
+    """
+
+    requests: list[list[tuple[int, int, int]]]
+    frees: list[list[int]]
+    slots: int
+    made: frozenset[str]  # the persistent tensors' names it makes
+
+    @staticmethod
+    def compile(timeline: Timeline, made: set[str]) -> _Program:
+        """``timeline``'s requests after steps that made the persistent tensors ``made``."""
+        n_points = len(timeline.points)
+        last = n_points - 1
+        requests: list[list[tuple[int, int, int]]] = [[] for _ in range(n_points)]
+        frees: list[list[int]] = [[] for _ in range(n_points + 1)]
+        persistent: list[Allocation] = []
+        spare = sum(len(a.sizes) for a in timeline.allocations if not a.persistent)
+        slot = 0
+        # in point order, keeping the order within a point (a Tape already records so)
+        for a in sorted(timeline.allocations, key=_start):
+            if a.persistent:
+                if a.name not in made:
+                    persistent.append(a)
+                    requests[a.start] += [(spare, size, a.stream) for size in a.sizes]
+                continue
+            freed = frees[a.end if a.end < last else n_points]
+            for size in a.sizes:
+                requests[a.start].append((slot, size, a.stream))
+                freed.append(slot)
+                slot += 1
+        return _Program(requests, frees, spare, frozenset(a.name for a in persistent))
 
 
 def _start(a: Allocation) -> int:
