@@ -144,11 +144,12 @@ def _estimate(run: RunSpec, hardware: Hardware | None) -> Estimate:
 
     phases: dict[str, int] = {}
     for timeline, allocated in zip(steps, rep.allocated, strict=True):
-        for (phase, _), n_bytes in zip(timeline.points, allocated, strict=True):
+        for phase, start, end in timeline.phase_runs():
+            n_bytes = max(allocated[start:end])
             if n_bytes > phases.get(phase, -1):
                 phases[phase] = n_bytes
     steady_allocated = rep.allocated[-1]
-    peak_index = max(range(len(steady_allocated)), key=lambda i: (steady_allocated[i], -i))
+    peak_index = steady_allocated.index(max(steady_allocated))  # the first point at the peak
     peak_phase, peak_point = steady.points[peak_index]
     live = steady.components_at(peak_index)
     flash = workload.attention is Attention.flash and workload.precision is not Precision.fp32

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
+from operator import attrgetter, itemgetter
 
 from vramfit.estimate.allocator import CachingAllocator
 
@@ -78,6 +80,17 @@ class Timeline:
     @property
     def last(self) -> int:
         return len(self.points) - 1
+
+    def phase_runs(self) -> list[tuple[str, int, int]]:
+        """``(phase, start, end)``: each run of consecutive points of one phase, ``end``
+        excluded."""
+        runs: list[tuple[str, int, int]] = []
+        start = 0
+        for phase, group in groupby(self.points, key=itemgetter(0)):
+            end = start + len(list(group))
+            runs.append((phase, start, end))
+            start = end
+        return runs
 
     def live_bytes(self) -> list[int]:
         """Requested bytes live at each point (difference array: O(points + allocations))."""
@@ -296,19 +309,15 @@ class _Program:
         spare = sum(len(a.sizes) for a in timeline.allocations if not a.persistent)
         slot = 0
         # in point order, keeping the order within a point (a Tape already records so)
-        for a in sorted(timeline.allocations, key=_start):
+        for a in sorted(timeline.allocations, key=attrgetter("start")):
             if a.persistent:
                 if a.name not in made:
                     persistent.append(a)
                     requests[a.start] += [(spare, size, a.stream) for size in a.sizes]
                 continue
-            freed = frees[a.end if a.end < last else n_points]
+            made_at, freed = requests[a.start], frees[a.end if a.end < last else n_points]
             for size in a.sizes:
-                requests[a.start].append((slot, size, a.stream))
+                made_at.append((slot, size, a.stream))
                 freed.append(slot)
                 slot += 1
         return _Program(requests, frees, spare, frozenset(a.name for a in persistent))
-
-
-def _start(a: Allocation) -> int:
-    return a.start
