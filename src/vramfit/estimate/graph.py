@@ -96,7 +96,7 @@ class Component(str, Enum):
     collective_buffers = "collective_buffers"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Tensor:
     """A tensor of the forward graph. A view shares its ``base``'s storage."""
 
@@ -131,13 +131,13 @@ class Tensor:
         return t
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _GradStorage:
     key: int | None
     refs: int = 1
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Grad:
     """A gradient during backward: one holder's reference to a gradient storage."""
 
@@ -227,7 +227,7 @@ class Hooks:
     def backward_end(self, sim: _Sim) -> None: ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
     """One autograd node (or an op that records none) of the forward graph."""
 
@@ -353,7 +353,7 @@ class Graph:
         self.held.append((tensor, until))
 
 
-@dataclass
+@dataclass(slots=True)
 class _Storage:
     key: int | None
     refs: int = 0
