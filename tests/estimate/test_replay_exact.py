@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from vramfit.config import Mode, RunSpec
 from vramfit.estimate.allocator import CachingAllocator
 from vramfit.estimate.profiles.reference import inference, training_steps
-from vramfit.estimate.timeline import Timeline, replay
+from vramfit.estimate.timeline import Allocation, Timeline, replay
 
 KIB, MIB = 1 << 10, 1 << 20
 
@@ -184,6 +184,27 @@ def test_the_fast_replay_is_the_plain_replay_to_the_byte(case: dict) -> None:
     steps = _steps(case)
     fast = replay(steps)
     allocated, peak, reserved = plain_replay(steps)
+    assert fast.allocated == allocated
+    assert (fast.peak_allocated, fast.reserved) == (peak, reserved)
+
+
+def _one_point(*sizes: int) -> Timeline:
+    return Timeline(
+        points=[("forward", "op")],
+        allocations=[Allocation(f"t{i}", "activations", (n,), 0, 0) for i, n in enumerate(sizes)],
+    )
+
+
+def test_a_repeated_step_from_another_state_is_replayed_again() -> None:
+    # after a first step that leaves one free 30 MiB segment, the steady step's 13 MiB
+    # request finds no room and gets a segment of its own, 14 MiB, whole (1 MiB left is not
+    # split off); the next steady step starts with that segment cached, fits its 12 MiB
+    # request there and splits the 30 MiB one for the 13 MiB: 1 MiB less allocated. A replay
+    # that took the second steady step for the first (same program) would miss it.
+    first, steady = _one_point(30 * MIB), _one_point(12 * MIB, 25 * MIB // 2, 13 * MIB)
+    fast = replay([first, steady, steady])
+    allocated, peak, reserved = plain_replay([first, steady, steady])
+    assert allocated[1] != allocated[2]
     assert fast.allocated == allocated
     assert (fast.peak_allocated, fast.reserved) == (peak, reserved)
 

@@ -93,6 +93,16 @@ class CachingAllocator:
             while block is not None:
                 block.prev, block = None, block.next
 
+    def state(self) -> tuple[int, int, list[tuple[int, bool, list[tuple[int, int]]]]]:
+        """Reserved and allocated bytes and every pool's free blocks ``(size, address)``.
+
+        Between two steps (nothing live but tensors never freed) this is all that decides
+        the allocator's next moves: the live blocks are the rest of the segments."""
+        pools = [(0, small, [(s, a) for s, a, _ in pool]) for small, pool in self._free.items()]
+        for stream, by_size in sorted(self._streams.items()):
+            pools += [(stream, small, [(s, a) for s, a, _ in p]) for small, p in by_size.items()]
+        return self.reserved, self.allocated, pools
+
     def malloc(
         self, handle: int, size: int, segment_address: int | None = None, stream: int = 0
     ) -> None:

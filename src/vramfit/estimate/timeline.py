@@ -256,6 +256,7 @@ def replay(steps: Sequence[Timeline]) -> Replay:
     made: set[str] = set()
     programs: dict[tuple[int, frozenset[str]], _Program] = {}
     allocated: list[list[int]] = []
+    last: tuple[_Program, object, list[int]] | None = None  # the last step: program, state
     for timeline in steps:
         # a training replay has the steady step twice: its program is compiled once
         key = (id(timeline), frozenset(made))
@@ -263,6 +264,12 @@ def replay(steps: Sequence[Timeline]) -> Replay:
         if program is None:
             program = programs[key] = _Program.compile(timeline, made)
         made |= program.made
+        state = alloc.state()
+        if last is not None and last[0] is program and last[1] == state:
+            # the last step's program from the last step's state: a replay is deterministic,
+            # so this step is that one (and leaves the state as it found it)
+            allocated.append(last[2])
+            continue
         blocks: list = [None] * (program.slots + 1)
         per_point = []
         for requests, frees in zip(program.requests, program.frees, strict=False):
@@ -274,6 +281,7 @@ def replay(steps: Sequence[Timeline]) -> Replay:
         for slot in program.frees[-1]:  # after the step's last point
             give(blocks[slot])
         allocated.append(per_point)
+        last = program, state, per_point
     alloc.unlink()
     return Replay(
         allocated=allocated,
