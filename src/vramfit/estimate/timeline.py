@@ -249,39 +249,59 @@ def replay(steps: Sequence[Timeline]) -> Replay:
 
     At each point the allocations starting there are made in order, then those ending
     there are freed; what ends at a step's last point is freed after it (the next step's
-    ``zero_grad(set_to_none=True)``). Persistent allocations are made once and kept.
+    ``zero_grad(set_to_none=True)``). Persistent allocations are made once and kept. The
+    replay holds the blocks the allocator hands out (``take``), not handles.
     """
     alloc = CachingAllocator()
     take, give = alloc.take, alloc.give
     made: set[str] = set()
-    programs: dict[tuple[int, frozenset[str]], _Program] = {}
     allocated: list[list[int]] = []
-    last: tuple[_Program, object, list[int]] | None = None  # the last step: program, state
+    last: tuple[Timeline, frozenset[str], object, list[int]] | None = None  # step, its start
     for timeline in steps:
-        # a training replay has the steady step twice: its program is compiled once
-        key = (id(timeline), frozenset(made))
-        program = programs.get(key)
-        if program is None:
-            program = programs[key] = _Program.compile(timeline, made)
-        made |= program.made
         state = alloc.state()
-        if last is not None and last[0] is program and last[1] == state:
-            # the last step's program from the last step's state: a replay is deterministic,
-            # so this step is that one (and leaves the state as it found it)
-            allocated.append(last[2])
+        if last is not None and last[0] is timeline and last[1] == made and last[2] == state:
+            # the last step again, from the state it started in (it left the allocator as it
+            # found it): a replay is deterministic, so this step is that one
+            allocated.append(last[3])
             continue
-        blocks: list = [None] * (program.slots + 1)
+        before = frozenset(made)
+        n_points = len(timeline.points)
+        final = n_points - 1
+        # in point order, keeping the order within a point (a Tape already records so)
+        todo = sorted(
+            (a for a in timeline.allocations if not (a.persistent and a.name in made)),
+            key=attrgetter("start"),
+        )
+        todo.append(Allocation("", "", (), n_points, n_points))  # a sentinel past the end
+        ends: dict[int, list] = {}  # point -> blocks freed after it
         per_point = []
-        for requests, frees in zip(program.requests, program.frees, strict=False):
-            for slot, size, stream in requests:
-                blocks[slot] = take(size, stream)
+        k = 0
+        for i in range(n_points):
+            a = todo[k]
+            while a.start == i:
+                stream = a.stream
+                if a.persistent:
+                    for size in a.sizes:
+                        take(size, stream)
+                    made.add(a.name)
+                else:
+                    end = a.end if a.end < final else n_points
+                    freed = ends.get(end)
+                    if freed is None:
+                        freed = ends[end] = []
+                    for size in a.sizes:
+                        freed.append(take(size, stream))
+                k += 1
+                a = todo[k]
             per_point.append(alloc.allocated)
-            for slot in frees:
-                give(blocks[slot])
-        for slot in program.frees[-1]:  # after the step's last point
-            give(blocks[slot])
+            blocks = ends.pop(i, None)
+            if blocks is not None:
+                for block in blocks:
+                    give(block)
+        for block in ends.pop(n_points, ()):
+            give(block)
         allocated.append(per_point)
-        last = program, state, per_point
+        last = timeline, before, state, per_point
     alloc.unlink()
     return Replay(
         allocated=allocated,
@@ -289,43 +309,3 @@ def replay(steps: Sequence[Timeline]) -> Replay:
         reserved=alloc.reserved,
         reserved_by_stream=dict(alloc.reserved_by_stream),
     )
-
-
-@dataclass(frozen=True)
-class _Program:
-    """A step's allocator requests, point by point: what ``replay`` runs.
-
-    Each request is ``(slot, bytes, stream)``: the block it gets is kept in ``slot`` until a
-    free names that slot. ``frees[i]``: the slots freed after point ``i`` (one list more than
-    points: those freed after the step). A persistent tensor is never freed: its requests all
-    write the spare slot ``slots``.
-    """
-
-    requests: list[list[tuple[int, int, int]]]
-    frees: list[list[int]]
-    slots: int
-    made: frozenset[str]  # the persistent tensors' names it makes
-
-    @staticmethod
-    def compile(timeline: Timeline, made: set[str]) -> _Program:
-        """``timeline``'s requests after steps that made the persistent tensors ``made``."""
-        n_points = len(timeline.points)
-        last = n_points - 1
-        requests: list[list[tuple[int, int, int]]] = [[] for _ in range(n_points)]
-        frees: list[list[int]] = [[] for _ in range(n_points + 1)]
-        persistent: list[Allocation] = []
-        spare = sum(len(a.sizes) for a in timeline.allocations if not a.persistent)
-        slot = 0
-        # in point order, keeping the order within a point (a Tape already records so)
-        for a in sorted(timeline.allocations, key=attrgetter("start")):
-            if a.persistent:
-                if a.name not in made:
-                    persistent.append(a)
-                    requests[a.start] += [(spare, size, a.stream) for size in a.sizes]
-                continue
-            made_at, freed = requests[a.start], frees[a.end if a.end < last else n_points]
-            for size in a.sizes:
-                made_at.append((slot, size, a.stream))
-                freed.append(slot)
-                slot += 1
-        return _Program(requests, frees, spare, frozenset(a.name for a in persistent))
