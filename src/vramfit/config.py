@@ -945,6 +945,22 @@ class Quant(BaseModel):
     int8_threshold: float = Field(
         default=6.0, ge=0.0, description="llm_int8_threshold: outlier columns kept in fp16"
     )
+    # Which input columns reach the threshold is up to the data: none in a well-conditioned
+    # model; nearly every down_proj column of a randomly initialised 4096-wide Llama
+    # (benchmarks/int8_outliers.py). bitsandbytes keeps those columns of x for backward.
+    int8_outliers: dict[str, float] = Field(
+        default_factory=dict,
+        description="LLM.int8: per block linear (peft-style name, e.g. down_proj), the "
+        "fraction of its input columns holding a value >= int8_threshold",
+    )
+
+    @field_validator("int8_outliers")
+    @classmethod
+    def _fractions(cls, outliers: dict[str, float]) -> dict[str, float]:
+        for name, fraction in outliers.items():
+            if not 0.0 <= fraction <= 1.0:
+                _field_error(("int8_outliers", name), "must be a fraction in [0, 1]", fraction)
+        return outliers
 
     @model_validator(mode="after")
     def _four_bit_options(self) -> Quant:
@@ -963,6 +979,8 @@ class Quant(BaseModel):
                 _field_error("compute_dtype", four_bit_only, self.compute_dtype.value)
         elif self.int8_threshold != 6.0:  # (the default: a dumped Quant carries it)
             _field_error("int8_threshold", "applies to int8 (LLM.int8) only", self.int8_threshold)
+        elif self.int8_outliers:
+            _field_error("int8_outliers", "applies to int8 (LLM.int8) only", self.int8_outliers)
         return self
 
     @property
@@ -1009,6 +1027,20 @@ class FinetuneSpec(_Strict):
         except LoraTargetError as exc:
             _field_error(exc.field, exc.reason, exc.value)
         return lora
+
+    @field_validator("quant")
+    @classmethod
+    def _outliers_name_layers(cls, quant: Quant | None, info: ValidationInfo) -> Quant | None:
+        spec = info.data.get("model")
+        if quant is None or spec is None or spec.experts > 1 or not quant.int8_outliers:
+            return quant
+        from vramfit.estimate.finetune import LoraTargetError, int8_outlier_columns
+
+        try:
+            int8_outlier_columns(spec, quant.int8_outliers)
+        except LoraTargetError as exc:
+            _field_error(("quant", exc.field), exc.reason, exc.value)
+        return quant
 
     @model_validator(mode="after")
     def _dense_models_only(self) -> FinetuneSpec:

@@ -297,6 +297,16 @@ def measure_train(
         free, _ = backend.mem_get_info()  # no empty_cache: the reserved pool counts
         total_bytes = device_total - free
         rec.note_reserved()
+        quant = workload.quant
+        if workload.impl is Impl.hf and quant is not None and quant.kind.value == "int8":
+            from vramfit.measure.hf import int8_outlier_fractions
+
+            found = int8_outlier_fractions(torch, state["model"], workload, backend.device)
+            listed = ",".join(f"{k}={v:g}" for k, v in found.items() if v)
+            rec.notes.append(
+                "LLM.int8 outlier columns (fraction of each layer's input, mean over layers), "
+                f"measured after the run: --int8-outliers {listed or 'none'}"
+            )
         managed = paged_bytes()
         if managed:
             rec.notes.append(

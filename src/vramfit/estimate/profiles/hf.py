@@ -287,6 +287,7 @@ class Model:
         self.quant = w.quant
         self.lora_targets: set[str] = set()
         self.quantized: dict[str, tuple[int, int]] = {}  # module path -> (out, in)
+        self.int8_outliers: dict[str, int] = {}  # block path -> outlier input columns
         if w.lora is not None or w.quant is not None:
             assert spec is not None
             self._finetune_params(spec)
@@ -320,11 +321,14 @@ class Model:
         fp32 (peft/utils/other.py)."""
         from vramfit.estimate.finetune import (
             block_linears,
+            int8_outlier_columns,
             lora_target_shapes,
             quantized_weight_tensors,
         )
 
         b, g, w = self.b, self.g, self.w
+        if w.quant is not None:
+            self.int8_outliers = int8_outlier_columns(spec, w.quant.int8_outliers)
         lora = w.lora
         if lora is not None and lora.model_type is None:
             lora = Lora.model_validate(
@@ -435,6 +439,7 @@ class Model:
                     out_f,
                     in_f,
                     threshold=quant.int8_threshold,
+                    outlier_cols=self.int8_outliers.get(_block_path(name), 0),
                 )
                 adapted = False
             else:
