@@ -65,16 +65,17 @@ def layer_plan(sp: bool) -> dict[str, Any]:
     plan["self_attn.o_proj"] = RowwiseParallel(**rowwise)
     plan["mlp.down_proj"] = RowwiseParallel(**rowwise)
     if sp:
-        plan["input_layernorm"] = SequenceParallel(use_local_output=True)
-        plan["post_attention_layernorm"] = SequenceParallel(use_local_output=True)
-        # LlamaDecoderLayer calls self_attn(hidden_states=...) and self.mlp(hidden_states)
+        plan["input_layernorm"] = SequenceParallel()
+        plan["post_attention_layernorm"] = SequenceParallel()
+        # LlamaDecoderLayer calls self_attn(hidden_states=...) and self.mlp(hidden_states);
+        # the gathered input stays a DTensor, so that q/k/v (gate/up) share it and its
+        # backward reduce-scatters their summed Partial gradient once (torchtitan's plan)
         plan["self_attn"] = PrepareModuleInput(
             input_kwarg_layouts={"hidden_states": Shard(1)},
             desired_input_kwarg_layouts={"hidden_states": Replicate()},
-            use_local_output=True,
         )
         plan["mlp"] = PrepareModuleInput(
-            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
         )
     return plan
 
