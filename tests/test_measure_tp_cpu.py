@@ -59,6 +59,7 @@ def test_tp_measure_path_runs_on_cpu(parallel: dict, workload: dict) -> None:
         ({"gpus": 4, "tp": 2, "ddp": True}, None, "measure runs FSDP2 full or shard-grad-op"),
         ({"gpus": 4, "tp": 2, "pp": 2}, None, "measure runs FSDP2 full or shard-grad-op"),
         ({"gpus": 4, "zero": 3}, None, "measure runs FSDP2 full or shard-grad-op"),
+        ({"gpus": 4, "fsdp": "full", "offload": "params"}, None, "measure runs FSDP2 without"),
         ({"gpus": 2, "tp": 2},
          {"arch": "gpt2", "layers": 2, "hidden": 64, "heads": 4, "vocab": 128},
          "measure --tp runs Llama-style models"),

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vramfit.config import Checkpointing, Fsdp, Parallel, Precision, RunSpec, Workload
+from vramfit.config import Checkpointing, Fsdp, Offload, Parallel, Precision, RunSpec, Workload
 from vramfit.errors import VramfitError
 
 COMMUNICATION_NOTE = (
@@ -44,6 +44,8 @@ def check_fsdp_measurable(run: RunSpec) -> None:
             "HSDP and PP are modelled)",
             field="--fsdp",
         )
+    if par.offload is not Offload.none:  # CPUOffloadPolicy is neither modelled nor built
+        raise VramfitError("measure runs FSDP2 without offload", field="--offload")
     if par.tp > 1:
         from vramfit.measure.tp import check_tp_measurable
 
