@@ -460,9 +460,10 @@ class Parallel(_Strict):
 
     gpus: int = Field(default=1, ge=1, le=MAX_GPUS, description="world size (ranks, one per GPU)")
     fsdp: Fsdp = Field(default=Fsdp.none, description="FSDP2 fully_shard on each decoder layer")
-    reshard_after_forward: bool | None = Field(
+    reshard_after_forward: bool | int | None = Field(
         default=None,
-        description="FSDP2 reshard_after_forward of the decoder layers (default: by --fsdp)",
+        description="FSDP2 reshard_after_forward of the decoder layers (default: by --fsdp); "
+        "an integer K reshards to groups of K ranks after forward",
     )
     hsdp_shard: int | None = Field(
         default=None, ge=1, le=MAX_GPUS, description="ranks a hybrid FSDP shard group spans"
@@ -500,6 +501,17 @@ class Parallel(_Strict):
             )
         if self.reshard_after_forward is not None and self.fsdp is Fsdp.none:
             _field_error("reshard_after_forward", "applies with fsdp only", True)
+        k = self.reshard_after_forward
+        if k is not None and not isinstance(k, bool):
+            # fully_shard: a non-trivial divisor of the shard mesh size; DTensor (TP)
+            # parameters cannot reshard to a smaller mesh (FSDPParam.to_sharded_post_forward)
+            if k < 2 or self.shard % k or k == self.shard or self.tp > 1:
+                _field_error(
+                    "reshard_after_forward",
+                    f"an integer must divide the shard group ({self.shard}) and lie strictly "
+                    "between 1 and it, without tp",
+                    k,
+                )
         if self.hsdp_shard is not None:
             if self.fsdp is not Fsdp.hybrid:
                 _field_error("hsdp_shard", "applies with fsdp hybrid only", self.hsdp_shard)
@@ -538,8 +550,8 @@ class Parallel(_Strict):
         return 1
 
     @property
-    def reshards(self) -> bool:
-        """FSDP2's reshard_after_forward for the decoder layers."""
+    def reshards(self) -> bool | int:
+        """FSDP2's reshard_after_forward for the decoder layers (an int: to K ranks)."""
         if self.reshard_after_forward is not None:
             return self.reshard_after_forward
         return self.fsdp is not Fsdp.shard_grad_op
