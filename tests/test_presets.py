@@ -107,6 +107,12 @@ def test_lookup_is_case_insensitive(name: str) -> None:
     assert get_preset(name).name == ALIASES.get(name.strip().lower(), name.strip().lower())
 
 
+def test_lookup_by_file_finds_what_the_full_list_holds() -> None:
+    # get_preset reads only the file named after the preset; list_presets reads them all
+    for preset in list_presets():
+        assert get_preset(preset.name.upper()) == preset
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [
