@@ -61,7 +61,7 @@ def _load_all() -> tuple[Preset, ...]:
     for entry in _preset_dir().iterdir():
         if entry.is_file() and entry.name.endswith((".yaml", ".yml")):
             with resources.as_file(entry) as path:
-                loaded.append(load_yaml(path, Preset))
+                loaded.append(load_yaml(path, Preset, packaged=True))
     return tuple(sorted(loaded, key=lambda preset: preset.name))
 
 
@@ -74,7 +74,7 @@ def _load_one(key: str) -> Preset | None:
     if not entry.is_file():
         return None
     with resources.as_file(entry) as path:
-        preset = load_yaml(path, Preset)
+        preset = load_yaml(path, Preset, packaged=True)
     return preset if preset.name.lower() == key else None
 
 
