@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import gc
 import os
 import re
 import sys
@@ -1687,8 +1686,7 @@ def _command_for(args: list[str]) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: one-line errors for bad usage, exit codes as documented. Without ``argv``
-    it reads ``sys.argv`` and is the process (``vramfit``, ``python -m vramfit``)."""
+    """Entry point: one-line errors for bad usage, exit codes as documented."""
     # pydantic looks for plugins in every installed distribution's entry points when it builds
     # the first validator (importlib.metadata: ~10 ms at start-up); vramfit's command line
     # uses none. An explicit setting is kept.
@@ -1707,10 +1705,4 @@ def main(argv: list[str] | None = None) -> None:
     except (Abort, KeyboardInterrupt):
         print("aborted", file=sys.stderr)
         code = 130
-    if argv is None:
-        # The process ends here. Frozen, the ~35,000 objects of typer, pydantic and the config
-        # models are not searched for reference cycles at interpreter shutdown (~40 ms of a
-        # 0.3 s estimate); the memory goes back with the process. A caller that passes argv
-        # keeps its collector as it was.
-        gc.freeze()
     sys.exit(code if isinstance(code, int) else 0)
