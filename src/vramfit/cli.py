@@ -9,8 +9,9 @@ pydantic and the config models is imported inside the command that needs it, and
 inside ``measure``.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` in this module: typer reads the commands'
+# annotations at every start, and strings are compiled and evaluated first (~100 of them, read
+# twice, for `estimate`: ~2 ms). The few names imported only for type checking are quoted.
 import copy
 import functools
 import os
@@ -126,7 +127,7 @@ OPTION_NAMES = {
 }
 
 
-def _console(*, stderr: bool = False) -> Console:
+def _console(*, stderr: bool = False) -> "Console":
     from rich.console import Console
 
     return Console(highlight=False, soft_wrap=False, stderr=stderr)
@@ -194,7 +195,7 @@ COMPUTE_CAPABILITY = {
 }
 
 
-def _hardware(gpu_name: str | None) -> Hardware | None:
+def _hardware(gpu_name: str | None) -> "Hardware | None":
     """Catalog row -> estimator Hardware (None without --gpu)."""
     if gpu_name is None:
         return None
@@ -852,7 +853,7 @@ def _print_json(document: Any) -> None:
     print(json.dumps(document, indent=2))
 
 
-def _gpu_json(hardware: Hardware | None) -> dict[str, Any] | None:
+def _gpu_json(hardware: "Hardware | None") -> dict[str, Any] | None:
     if hardware is None:
         return None
     return {"name": hardware.name, "memory_bytes": hardware.memory_bytes}
@@ -868,7 +869,7 @@ MATMUL_DTYPE = {
 }
 
 
-def _fast_dtypes(hardware: Hardware | None) -> set[str] | None:
+def _fast_dtypes(hardware: "Hardware | None") -> set[str] | None:
     """The dtypes the GPU has tensor cores for (catalog ``tflops`` not null); None without one."""
     if hardware is None:
         return None
@@ -881,7 +882,7 @@ def _fast_dtypes(hardware: Hardware | None) -> set[str] | None:
     return {dtype for dtype in DTYPES if gpu.peak_tflops(dtype) is not None}
 
 
-def dtype_notes(run: RunSpec, hardware: Hardware | None) -> list[str]:
+def dtype_notes(run: RunSpec, hardware: "Hardware | None") -> list[str]:
     """A note when the run's 16-bit matmul dtype has no tensor cores on the GPU (bf16 on a T4 or
     V100): the memory is the same, but PyTorch runs those matmuls without tensor cores."""
     fast = _fast_dtypes(hardware)
@@ -920,7 +921,7 @@ def _apply_change(run: RunSpec, change: str) -> RunSpec:
     return RunSpec(model=run.model, workload=workload)
 
 
-def honest_suggestions(run: RunSpec, hardware: Hardware) -> list[Any]:
+def honest_suggestions(run: RunSpec, hardware: "Hardware") -> list[Any]:
     """``estimate.solve.suggestions``, kept to dtypes the GPU runs fast (on a GPU without bf16
     tensor cores, ``--precision bf16`` becomes ``fp16``, which needs the same memory), and for
     inference with a KV cache, a smaller ``--kv-dtype`` too."""
@@ -961,7 +962,7 @@ def honest_suggestions(run: RunSpec, hardware: Hardware) -> list[Any]:
     return sorted(tips, key=lambda tip: (not tip.fits, tip.total_bytes))
 
 
-def _default(run: RunSpec, hardware: Hardware | None, as_json: bool) -> None:
+def _default(run: RunSpec, hardware: "Hardware | None", as_json: bool) -> None:
     from vramfit.estimate.core import estimate as run_estimate
 
     est = run_estimate(run, hardware)
@@ -999,7 +1000,7 @@ OPTIMIZER_IMPLEMENTATION = {
 }
 
 
-def estimate_json(est: Estimate) -> dict[str, Any]:
+def estimate_json(est: "Estimate") -> dict[str, Any]:
     """The documented JSON object for a default estimate (see README, "JSON output")."""
     return {
         "formula": "default",
@@ -1026,7 +1027,7 @@ def estimate_json(est: Estimate) -> dict[str, Any]:
     }
 
 
-def _parallel_json(est: Estimate) -> dict[str, Any]:
+def _parallel_json(est: "Estimate") -> dict[str, Any]:
     """The multi-GPU keys (absent on one GPU): the layout, rank 0's NCCL bytes (a model,
     included in ``total_bytes``), each stream's reserved pool, what is offloaded to the CPU."""
     par = est.run.parallel
@@ -1044,7 +1045,7 @@ def _parallel_json(est: Estimate) -> dict[str, Any]:
     }
 
 
-def _seed(run: RunSpec, hardware: Hardware | None, as_json: bool) -> None:
+def _seed(run: RunSpec, hardware: "Hardware | None", as_json: bool) -> None:
     from vramfit.estimate.params import count_params
     from vramfit.estimate.seed import UNDERCOUNT_WARNING, seed_estimate
 
@@ -1081,7 +1082,7 @@ def _seed(run: RunSpec, hardware: Hardware | None, as_json: bool) -> None:
     raise typer.Exit(EXIT_DOES_NOT_FIT if fits is False else EXIT_FITS)
 
 
-def _solve(run: RunSpec, hardware: Hardware, field: str, as_json: bool) -> None:
+def _solve(run: RunSpec, hardware: "Hardware", field: str, as_json: bool) -> None:
     from vramfit.estimate.solve import solve_max
 
     solution = solve_max(run, hardware, field)  # type: ignore[arg-type]
@@ -1200,7 +1201,7 @@ _SHAPE_RE = re.compile(r"^\s*(\d+)\s*[x×]\s*(\d+)\s*[x×]\s*(\d+)\s*$", re.IGNO
 MAX_MATMUL_DIM = 1_000_000
 
 
-def _cuda_backend() -> Backend:
+def _cuda_backend() -> "Backend":
     """The first CUDA device; one-line VramfitErrors without torch or without CUDA."""
     import warnings
 
@@ -1275,7 +1276,7 @@ def _catalog_gpu(device_name: str) -> Any:
 
 def matmul_json(
     device_name: str,
-    cells: list[MatmulMeasurement],
+    cells: "list[MatmulMeasurement]",
     tflops: dict[str, float],
 ) -> dict[str, Any]:
     """The matmul table as one JSON-ready dict: bytes predicted (itemised) and measured per
@@ -1342,7 +1343,7 @@ def _signed_error_pct(predicted: int | None, measured: int | None) -> float | No
 PHASE_ORDER = ("forward", "backward", "optimizer", "kv_cache", "prefill", "decode")
 
 
-def train_comparison(est: Estimate, measured: TrainMeasurement) -> dict[str, Any]:
+def train_comparison(est: "Estimate", measured: "TrainMeasurement") -> dict[str, Any]:
     """``{predicted, measured, errors}``: the estimate's JSON, the measurement (all fields),
     and the signed error in percent, (predicted - measured) / measured, per phase peak and for
     ``peak_allocated_bytes`` and ``total_bytes`` (null where there is nothing to compare)."""
@@ -1616,7 +1617,7 @@ def _measure_ranks(run: RunSpec, steps: int, as_json: bool) -> None:
     raise typer.Exit(EXIT_DOES_NOT_FIT if any(m.oom for m in measured) else EXIT_FITS)
 
 
-def oom_line(measured: TrainMeasurement, predicted_total_bytes: int) -> str:
+def oom_line(measured: "TrainMeasurement", predicted_total_bytes: int) -> str:
     """One line for an out-of-memory measurement: where it stopped, and the prediction."""
     from vramfit.units import format_bytes
 
