@@ -23,7 +23,7 @@ import typer.main
 from typer.testing import CliRunner
 
 from vramfit import cli
-from vramfit.cli import app, main
+from vramfit.cli import SHARED_RUN_OPTIONS, app, main
 from vramfit.estimate.seed import UNDERCOUNT_WARNING
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,6 +311,14 @@ def test_every_command_has_help(name: str) -> None:
     for param in command.params:
         if param.name != "help":
             assert getattr(param, "help", None), f"{name}: {param.name} has no help text"
+
+
+@pytest.mark.parametrize("name", ["estimate", "measure"])
+def test_estimate_and_measure_take_the_shared_run_options(name: str) -> None:
+    command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
+    names = [param.name for param in command.params]
+    at = names.index("hf_config") + 1
+    assert names[at : at + len(SHARED_RUN_OPTIONS)] == list(SHARED_RUN_OPTIONS)
 
 
 def test_measure_help_says_how_to_install_torch() -> None:

@@ -14,9 +14,11 @@ inside ``measure``.
 # twice, for `estimate`: ~2 ms). The few names imported only for type checking are quoted.
 import copy
 import functools
+import inspect
 import os
 import re
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -546,6 +548,71 @@ OffloadOpt = Annotated[
     typer.Option("--offload", help="State kept on the CPU: optimizer or params."),
 ]
 
+# The options `estimate` and `measure` (with --train) share, in --help order: the model beyond
+# its size, the workload, fine-tuning and the multi-GPU layout. Each defaults to None (the
+# preset's value, else the config model's default).
+SHARED_RUN_OPTIONS: dict[str, Any] = {
+    "arch": ArchOpt,
+    "heads": HeadsOpt,
+    "kv_heads": KvHeadsOpt,
+    "ffn": FfnOpt,
+    "vocab": VocabOpt,
+    "tied": TiedOpt,
+    "precision": PrecisionOpt,
+    "optimizer": OptimizerOpt,
+    "attention": AttentionOpt,
+    "checkpointing": CkptOpt,
+    "mode": ModeOpt,
+    "gen_tokens": GenOpt,
+    "kv_dtype": KvDtypeOpt,
+    "impl": ImplOpt,
+    "loop": LoopOpt,
+    "logits": LogitsOpt,
+    "dropout": DropoutOpt,
+    "max_positions": MaxPosOpt,
+    "clip_grad": ClipOpt,
+    "lora_rank": LoraRankOpt,
+    "lora_alpha": LoraAlphaOpt,
+    "lora_dropout": LoraDropoutOpt,
+    "lora_targets": LoraTargetsOpt,
+    "quant": QuantOpt,
+    "quant_double": QuantDoubleOpt,
+    "quant_compute_dtype": QuantComputeOpt,
+    "gpus": GpusOpt,
+    "fsdp": FsdpOpt,
+    "reshard_after_forward": ReshardOpt,
+    "zero": ZeroOpt,
+    "ddp": DdpOpt,
+    "tp": TpOpt,
+    "sp": SpOpt,
+    "pp": PpOpt,
+    "micro_batches": MicroOpt,
+    "offload": OffloadOpt,
+}
+
+
+def _shared_run_options(after: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A command decorator: the command takes ``SHARED_RUN_OPTIONS`` right after its option
+    ``after``. typer reads a command's options from its signature, so they are added there;
+    they reach the command in its ``**shared`` keyword arguments."""
+
+    def add(command: Callable[..., None]) -> Callable[..., None]:
+        signature = inspect.signature(command)
+        own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        at = [p.name for p in own].index(after) + 1
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        shared = [
+            inspect.Parameter(name, kind, default=None, annotation=annotation)
+            for name, annotation in SHARED_RUN_OPTIONS.items()
+        ]
+        command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[*own[:at], *shared, *own[at:]]
+        )
+        return command
+
+    return add
+
+
 # The RunSpec options of `estimate` and `measure --train`, by parameter name.
 PARALLEL_OPTIONS = {
     "gpus": "--gpus",
@@ -675,6 +742,7 @@ class SolveField(str, Enum):
 
 
 @app.command()
+@_shared_run_options(after="hf_config")
 def estimate(
     params: ParamsOpt = None,
     layers: LayersOpt = None,
@@ -691,54 +759,28 @@ def estimate(
     ] = Formula.default,
     preset: PresetOpt = None,
     hf_config: HfOpt = None,
-    arch: ArchOpt = None,
-    heads: HeadsOpt = None,
-    kv_heads: KvHeadsOpt = None,
-    ffn: FfnOpt = None,
-    vocab: VocabOpt = None,
-    tied: TiedOpt = None,
-    precision: PrecisionOpt = None,
-    optimizer: OptimizerOpt = None,
-    attention: AttentionOpt = None,
-    checkpointing: CkptOpt = None,
-    mode: ModeOpt = None,
-    gen_tokens: GenOpt = None,
-    kv_dtype: KvDtypeOpt = None,
-    impl: ImplOpt = None,
-    loop: LoopOpt = None,
-    logits: LogitsOpt = None,
-    dropout: DropoutOpt = None,
-    max_positions: MaxPosOpt = None,
-    clip_grad: ClipOpt = None,
-    lora_rank: LoraRankOpt = None,
-    lora_alpha: LoraAlphaOpt = None,
-    lora_dropout: LoraDropoutOpt = None,
-    lora_targets: LoraTargetsOpt = None,
-    quant: QuantOpt = None,
-    quant_double: QuantDoubleOpt = None,
-    quant_compute_dtype: QuantComputeOpt = None,
-    gpus: GpusOpt = None,
-    fsdp: FsdpOpt = None,
-    reshard_after_forward: ReshardOpt = None,
-    zero: ZeroOpt = None,
-    ddp: DdpOpt = None,
-    tp: TpOpt = None,
-    sp: SpOpt = None,
-    pp: PpOpt = None,
-    micro_batches: MicroOpt = None,
-    offload: OffloadOpt = None,
     solve: Annotated[
         SolveField | None,
         typer.Option("--solve", help="batch or seq: the largest value that fits --gpu."),
     ] = None,
     as_json: JsonOpt = False,
+    **shared: Any,
 ) -> None:
     """Estimate the GPU memory a training step or inference pass needs, and whether it fits.
 
     Exit code: 0 fits (or no --gpu), 1 does not fit, 2 bad input.
     """
     try:
-        run = _run_from_options(**locals())
+        run = _run_from_options(
+            params=params,
+            layers=layers,
+            hidden=hidden,
+            seq=seq,
+            batch=batch,
+            preset=preset,
+            hf_config=hf_config,
+            **shared,
+        )
         hardware = _hardware(gpu)
         if solve is not None and hardware is None:
             raise VramfitError("needs --gpu", field="--solve")
@@ -1371,6 +1413,7 @@ def train_comparison(est: "Estimate", measured: "TrainMeasurement") -> dict[str,
 
 
 @app.command()
+@_shared_run_options(after="hf_config")
 def measure(
     train: Annotated[
         bool,
@@ -1412,42 +1455,6 @@ def measure(
     seq: SeqOpt = None,
     preset: PresetOpt = None,
     hf_config: HfOpt = None,
-    arch: ArchOpt = None,
-    heads: HeadsOpt = None,
-    kv_heads: KvHeadsOpt = None,
-    ffn: FfnOpt = None,
-    vocab: VocabOpt = None,
-    tied: TiedOpt = None,
-    precision: PrecisionOpt = None,
-    optimizer: OptimizerOpt = None,
-    attention: AttentionOpt = None,
-    checkpointing: CkptOpt = None,
-    mode: ModeOpt = None,
-    gen_tokens: GenOpt = None,
-    kv_dtype: KvDtypeOpt = None,
-    impl: ImplOpt = None,
-    loop: LoopOpt = None,
-    logits: LogitsOpt = None,
-    dropout: DropoutOpt = None,
-    max_positions: MaxPosOpt = None,
-    clip_grad: ClipOpt = None,
-    lora_rank: LoraRankOpt = None,
-    lora_alpha: LoraAlphaOpt = None,
-    lora_dropout: LoraDropoutOpt = None,
-    lora_targets: LoraTargetsOpt = None,
-    quant: QuantOpt = None,
-    quant_double: QuantDoubleOpt = None,
-    quant_compute_dtype: QuantComputeOpt = None,
-    gpus: GpusOpt = None,
-    fsdp: FsdpOpt = None,
-    reshard_after_forward: ReshardOpt = None,
-    zero: ZeroOpt = None,
-    ddp: DdpOpt = None,
-    tp: TpOpt = None,
-    sp: SpOpt = None,
-    pp: PpOpt = None,
-    micro_batches: MicroOpt = None,
-    offload: OffloadOpt = None,
     steps: Annotated[
         int | None,
         typer.Option(
@@ -1457,6 +1464,7 @@ def measure(
         ),
     ] = None,
     as_json: JsonOpt = False,
+    **shared: Any,
 ) -> None:
     """Measure real GPU memory with PyTorch (CUDA), next to vramfit's prediction.
 
@@ -1468,7 +1476,7 @@ def measure(
     Needs torch: pip install 'vramfit\\[measure]'. Exit code: 0 measured, 1 out of memory,
     2 bad input / no torch / no CUDA.
     """
-    options = locals()
+    options = {**locals(), **shared}  # every option by parameter name
     try:
         if train:
             for name, flag in (("dtype", "--dtype"), ("shape", "--shape")):
