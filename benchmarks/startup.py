@@ -19,11 +19,16 @@ bytecode (``PYTHONDONTWRITEBYTECODE=1``) and none is cached: installed wheels co
 a source checkout does not. The report says which case it measured; ``--pycache-prefix DIR``
 runs every command with its bytecode cached under DIR (``PYTHONPYCACHEPREFIX``, written on
 the warm-up runs), as an installed vramfit would have it.
+
+``--stages N`` adds where the ``--json`` run's time goes: N more processes of
+``benchmarks/startup_stages.py``, which runs the same estimate step by step with a clock read
+between the steps (see its docstring), and the median of each step.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -69,6 +74,44 @@ def measure(repeat: int, warmup: int, env: dict[str, str]) -> dict[str, list[flo
         for name, argv in COMMANDS.items():
             times[name].append(_time_once(argv, env))
     return times
+
+
+STAGES_SCRIPT = Path(__file__).with_name("startup_stages.py")
+
+
+def _stages_once(env: dict[str, str]) -> dict[str, float]:
+    """One process of startup_stages.py: its stages, shutdown and the rest of its wall, in ms."""
+    argv = [sys.executable, str(STAGES_SCRIPT), "estimate", *ESTIMATE_ARGS, "--json"]
+    began = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
+    ended_wall, ended = time.time(), time.perf_counter()
+    if done.returncode != 0:
+        raise SystemExit(f"{shlex.join(argv)} exited {done.returncode}: {done.stderr}")
+    found = json.loads(done.stdout)
+    stages = dict(found["stages_ms"])
+    stages["shutdown"] = (ended_wall - float(done.stderr.split()[-1])) * 1000
+    wall = (ended - began) * 1000
+    stages["interpreter, site, rest"] = wall - sum(stages.values())
+    stages["(gc, within the stages)"] = found["gc_ms"]
+    stages["process wall"] = wall
+    return stages
+
+
+def measure_stages(samples: int, env: dict[str, str]) -> list[str]:
+    """Report lines: the median of each stage over ``samples`` processes (after one warm-up)."""
+    warm_env = dict(env)
+    if "PYTHONPYCACHEPREFIX" in env:
+        warm_env.pop("PYTHONDONTWRITEBYTECODE", None)
+    _stages_once(warm_env)
+    runs = [_stages_once(env) for _ in range(samples)]
+    lines = [
+        "",
+        f"where the --json run's time goes: medians of {samples} processes of "
+        f"{STAGES_SCRIPT.name}, ms",
+    ]
+    for name in runs[0]:
+        lines.append(f"  {name:<24} {statistics.median(r[name] for r in runs):7.1f}")
+    return lines
 
 
 def _bytecode(env: dict[str, str]) -> str:
@@ -122,12 +165,17 @@ def main() -> int:
     parser.add_argument(
         "--pycache-prefix", type=Path, help="cache every module's bytecode under this directory"
     )
+    parser.add_argument(
+        "--stages", type=int, default=0, help="also time the --json run's stages in N processes"
+    )
     args = parser.parse_args()
     env = dict(os.environ)
     if args.pycache_prefix is not None:
         env["PYTHONPYCACHEPREFIX"] = str(args.pycache_prefix)
     times = measure(args.repeat, args.warmup, env)
     text, ratio = report(times, shlex.join(["python", *sys.argv]), env)
+    if args.stages:
+        text += "\n".join(measure_stages(args.stages, env)) + "\n"
     sys.stdout.write(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
