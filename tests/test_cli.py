@@ -627,6 +627,36 @@ def test_never_imports_torch(args: list[str]) -> None:
     assert re.search(r"exit [01]$", done.stderr.strip()), done.stderr
 
 
+# What a JSON estimate from options or a config.json leaves out of its start-up (each costs
+# milliseconds there): PyYAML (no YAML is read), rich's renderables and the measuring code.
+NOT_IMPORTED = ("yaml", "rich.console", "rich.table", "vramfit.render", "vramfit.measure")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["estimate", "--params", "1B", "--layers", "24", "--hidden", "1024", "--json"],
+        ["estimate", "--hf-config", str(HF / "gpt2"), "--json"],
+    ],
+    ids=" ".join,
+)
+def test_json_estimate_imports_only_what_it_needs(args: list[str]) -> None:
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from vramfit.cli import main
+        try:
+            main({args!r})
+        except SystemExit as exc:
+            assert exc.code == 0, exc.code
+        print(sorted(set({NOT_IMPORTED!r}) & set(sys.modules)), file=sys.stderr)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "[]"
+
+
 # --- measure: no torch, no CUDA, out of memory ------------------------------------------------
 
 
