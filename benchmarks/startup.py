@@ -5,6 +5,8 @@ All run as whole processes, interleaved in one run so that machine noise hits th
     vramfit --json: python -m vramfit estimate --params 1B --layers 24 --hidden 1024 --seq 128 \
                     --batch 4 --json
     vramfit table:  the same without --json (rich's tables)
+    preset and gpu: python -m vramfit estimate --preset llama-3.2-1b --gpu H100 --json (a
+                    preset file and the GPU catalog read)
     baseline:       python -c "import typer, rich, pydantic, yaml"
 
 It prints the median (and minimum) wall time of each and the ratio of the medians to the
@@ -41,9 +43,11 @@ from pathlib import Path
 
 ESTIMATE_ARGS = ["--params", "1B", "--layers", "24", "--hidden", "1024", "--seq", "128"]
 ESTIMATE_ARGS += ["--batch", "4"]
+PRESET_ARGS = ["--preset", "llama-3.2-1b", "--gpu", "H100"]
 COMMANDS = {
     "vramfit --json": [sys.executable, "-m", "vramfit", "estimate", *ESTIMATE_ARGS, "--json"],
     "vramfit table": [sys.executable, "-m", "vramfit", "estimate", *ESTIMATE_ARGS],
+    "preset and gpu": [sys.executable, "-m", "vramfit", "estimate", *PRESET_ARGS, "--json"],
     "bare import": [sys.executable, "-c", "import typer, rich, pydantic, yaml"],
 }
 TARGET = "vramfit --json"
