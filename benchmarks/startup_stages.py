@@ -4,7 +4,8 @@ Run by ``benchmarks/startup.py --stages`` (one fresh process per sample). It doe
 ``python -m vramfit estimate ... --json`` does, in the same order and with the same collector
 policy as ``vramfit.__main__.run``, with a clock read between the steps:
 
-    deps         import typer, rich, pydantic, yaml (what the bare-import baseline does)
+    deps         import typer, pydantic (the bare-import baseline also imports rich and yaml,
+                 which an estimate from options with --json never does)
     models       pydantic's model machinery (``import pydantic`` alone loads almost none of it)
     config       vramfit.config: the config models' classes
     cli          vramfit.cli
@@ -46,9 +47,7 @@ def main() -> None:
 
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")  # as vramfit.cli.main
     import pydantic  # noqa: F401
-    import rich  # noqa: F401
     import typer  # noqa: F401
-    import yaml  # noqa: F401
 
     _lap("deps")
     from pydantic import BaseModel  # noqa: F401
