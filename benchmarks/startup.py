@@ -5,6 +5,8 @@ All run as whole processes, interleaved in one run so that machine noise hits th
     vramfit --json: python -m vramfit estimate --params 1B --layers 24 --hidden 1024 --seq 128 \
                     --batch 4 --json
     vramfit table:  the same without --json (rich's tables)
+    preset and gpu: python -m vramfit estimate --preset llama-3.2-1b --gpu H100 --json (a
+                    preset file and the GPU catalog read)
     baseline:       python -c "import typer, rich, pydantic, yaml"
 
 It prints the median (and minimum) wall time of each and the ratio of the medians to the
@@ -19,11 +21,16 @@ bytecode (``PYTHONDONTWRITEBYTECODE=1``) and none is cached: installed wheels co
 a source checkout does not. The report says which case it measured; ``--pycache-prefix DIR``
 runs every command with its bytecode cached under DIR (``PYTHONPYCACHEPREFIX``, written on
 the warm-up runs), as an installed vramfit would have it.
+
+``--stages N`` adds where the ``--json`` run's time goes: N more processes of
+``benchmarks/startup_stages.py``, which runs the same estimate step by step with a clock read
+between the steps (see its docstring), and the median of each step.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -36,9 +43,11 @@ from pathlib import Path
 
 ESTIMATE_ARGS = ["--params", "1B", "--layers", "24", "--hidden", "1024", "--seq", "128"]
 ESTIMATE_ARGS += ["--batch", "4"]
+PRESET_ARGS = ["--preset", "llama-3.2-1b", "--gpu", "H100"]
 COMMANDS = {
     "vramfit --json": [sys.executable, "-m", "vramfit", "estimate", *ESTIMATE_ARGS, "--json"],
     "vramfit table": [sys.executable, "-m", "vramfit", "estimate", *ESTIMATE_ARGS],
+    "preset and gpu": [sys.executable, "-m", "vramfit", "estimate", *PRESET_ARGS, "--json"],
     "bare import": [sys.executable, "-c", "import typer, rich, pydantic, yaml"],
 }
 TARGET = "vramfit --json"
@@ -69,6 +78,44 @@ def measure(repeat: int, warmup: int, env: dict[str, str]) -> dict[str, list[flo
         for name, argv in COMMANDS.items():
             times[name].append(_time_once(argv, env))
     return times
+
+
+STAGES_SCRIPT = Path(__file__).with_name("startup_stages.py")
+
+
+def _stages_once(env: dict[str, str]) -> dict[str, float]:
+    """One process of startup_stages.py: its stages, shutdown and the rest of its wall, in ms."""
+    argv = [sys.executable, str(STAGES_SCRIPT), "estimate", *ESTIMATE_ARGS, "--json"]
+    began = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
+    ended_wall, ended = time.time(), time.perf_counter()
+    if done.returncode != 0:
+        raise SystemExit(f"{shlex.join(argv)} exited {done.returncode}: {done.stderr}")
+    found = json.loads(done.stdout)
+    stages = dict(found["stages_ms"])
+    stages["shutdown"] = (ended_wall - float(done.stderr.split()[-1])) * 1000
+    wall = (ended - began) * 1000
+    stages["interpreter, site, rest"] = wall - sum(stages.values())
+    stages["(gc, within the stages)"] = found["gc_ms"]
+    stages["process wall"] = wall
+    return stages
+
+
+def measure_stages(samples: int, env: dict[str, str]) -> list[str]:
+    """Report lines: the median of each stage over ``samples`` processes (after one warm-up)."""
+    warm_env = dict(env)
+    if "PYTHONPYCACHEPREFIX" in env:
+        warm_env.pop("PYTHONDONTWRITEBYTECODE", None)
+    _stages_once(warm_env)
+    runs = [_stages_once(env) for _ in range(samples)]
+    lines = [
+        "",
+        f"where the --json run's time goes: medians of {samples} processes of "
+        f"{STAGES_SCRIPT.name}, ms",
+    ]
+    for name in runs[0]:
+        lines.append(f"  {name:<24} {statistics.median(r[name] for r in runs):7.1f}")
+    return lines
 
 
 def _bytecode(env: dict[str, str]) -> str:
@@ -122,12 +169,17 @@ def main() -> int:
     parser.add_argument(
         "--pycache-prefix", type=Path, help="cache every module's bytecode under this directory"
     )
+    parser.add_argument(
+        "--stages", type=int, default=0, help="also time the --json run's stages in N processes"
+    )
     args = parser.parse_args()
     env = dict(os.environ)
     if args.pycache_prefix is not None:
         env["PYTHONPYCACHEPREFIX"] = str(args.pycache_prefix)
     times = measure(args.repeat, args.warmup, env)
     text, ratio = report(times, shlex.join(["python", *sys.argv]), env)
+    if args.stages:
+        text += "\n".join(measure_stages(args.stages, env)) + "\n"
     sys.stdout.write(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import copy
 import json
 import re
+from importlib import resources
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -25,6 +27,7 @@ from vramfit.catalog import (
     normalize,
     parse_catalog,
 )
+from vramfit.config import parse_packaged_yaml
 from vramfit.errors import VramfitError
 
 MIB = 2**20
@@ -195,6 +198,12 @@ def test_every_row_is_complete(gpu: Gpu) -> None:
     assert gpu.memory_bandwidth_gb_s > 0
     assert gpu.peak_tflops("fp32") is not None  # every GPU does FP32
     assert gpu.source
+
+
+def test_catalog_reads_the_same_with_libyaml() -> None:
+    text = (resources.files("vramfit") / "data" / "gpus.yaml").read_text(encoding="utf-8")
+    assert parse_packaged_yaml(text) == yaml.safe_load(text)
+    assert load_catalog() == parse_catalog(yaml.safe_load(text))
 
 
 def test_catalog_is_loaded_once() -> None:

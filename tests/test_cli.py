@@ -23,7 +23,7 @@ import typer.main
 from typer.testing import CliRunner
 
 from vramfit import cli
-from vramfit.cli import app, main
+from vramfit.cli import SHARED_RUN_OPTIONS, app, main
 from vramfit.estimate.seed import UNDERCOUNT_WARNING
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,6 +311,14 @@ def test_every_command_has_help(name: str) -> None:
     for param in command.params:
         if param.name != "help":
             assert getattr(param, "help", None), f"{name}: {param.name} has no help text"
+
+
+@pytest.mark.parametrize("name", ["estimate", "measure"])
+def test_estimate_and_measure_take_the_shared_run_options(name: str) -> None:
+    command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
+    names = [param.name for param in command.params]
+    at = names.index("hf_config") + 1
+    assert names[at : at + len(SHARED_RUN_OPTIONS)] == list(SHARED_RUN_OPTIONS)
 
 
 def test_measure_help_says_how_to_install_torch() -> None:
@@ -617,6 +625,36 @@ def test_never_imports_torch(args: list[str]) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert re.search(r"exit [01]$", done.stderr.strip()), done.stderr
+
+
+# What a JSON estimate from options or a config.json leaves out of its start-up (each costs
+# milliseconds there): PyYAML (no YAML is read), rich's renderables and the measuring code.
+NOT_IMPORTED = ("yaml", "rich.console", "rich.table", "vramfit.render", "vramfit.measure")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["estimate", "--params", "1B", "--layers", "24", "--hidden", "1024", "--json"],
+        ["estimate", "--hf-config", str(HF / "gpt2"), "--json"],
+    ],
+    ids=" ".join,
+)
+def test_json_estimate_imports_only_what_it_needs(args: list[str]) -> None:
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from vramfit.cli import main
+        try:
+            main({args!r})
+        except SystemExit as exc:
+            assert exc.code == 0, exc.code
+        print(sorted(set({NOT_IMPORTED!r}) & set(sys.modules)), file=sys.stderr)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "[]"
 
 
 # --- measure: no torch, no CUDA, out of memory ------------------------------------------------

@@ -36,3 +36,26 @@ def test_inference_options_are_refused_in_training(field: str) -> None:
     with pytest.raises(ValidationError) as info:
         Workload(**{field: value})
     assert f"{field} only applies with mode infer" in str(info.value)
+
+
+def test_int8_outliers_name_block_linears_and_are_fractions() -> None:
+    from vramfit.errors import VramfitError
+
+    model = {"arch": "llama", "layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "ffn": 176,
+             "vocab": 128}
+
+    def run(quant: dict) -> RunSpec:
+        return RunSpec.model_validate(
+            {"model": model, "workload": {"impl": "hf", "mode": "infer", "quant": quant}}
+        )
+
+    ok = run({"kind": "int8", "int8_outliers": {"down_proj": 0.5, "mlp.up_proj": 0.0}})
+    assert ok.workload.quant.int8_outliers == {"down_proj": 0.5, "mlp.up_proj": 0.0}
+    for quant, field in [
+        ({"kind": "int8", "int8_outliers": {"c_fc": 0.5}}, "int8_outliers"),
+        ({"kind": "int8", "int8_outliers": {"down_proj": 1.5}}, "int8_outliers"),
+        ({"kind": "nf4", "int8_outliers": {"down_proj": 0.5}}, "int8_outliers"),
+    ]:
+        with pytest.raises((ValueError, VramfitError)) as err:
+            run(quant)
+        assert field in str(err.value)

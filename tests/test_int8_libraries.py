@@ -286,3 +286,44 @@ def test_checkpointing_keeps_what_matmul8bitlt_keeps(
     }
     assert kept == alive
     assert bool(alive) is not reentrant
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_outlier_columns_are_kept_as_matmul8bitlt_keeps_them(dtype: Any) -> None:
+    """With input columns at or above the threshold, MatMul8bitLt keeps ``subA`` (those
+    columns of x, in x's dtype) in ctx.tensors beside x; the estimator keeps the same, and
+    its forward makes subB's chain and the addmm output besides."""
+    from bitsandbytes.autograd._functions import MatMul8bitLt
+
+    from vramfit.estimate.graph import run_forward
+    from vramfit.estimate.timeline import Tape
+
+    n, k, m, cols = 40, 96, 72, 7
+    layer = bnb.nn.Linear8bitLt(k, m, bias=False, has_fp16_weights=False, threshold=6.0)
+    layer.init_8bit_state()
+    x = torch.randn(n, k, dtype=dtype) * 0.5
+    x[3, :cols] = 8.0  # one row reaches the threshold in the first `cols` columns
+    x.requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = MatMul8bitLt.apply(x, layer.weight, None, None, layer.state)
+    cat, sub_a, a = out.grad_fn.tensors
+    assert cat is None and a.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    real = (sub_a.numel(), NAMES[sub_a.dtype])
+    assert real == (n * cols, NAMES[dtype])
+
+    def kept(outlier_cols: int) -> tuple[list[tuple[int, str]], int]:
+        g = Graph(grad=True)
+        ops = Ops(g, None)
+        xt = g.leaf("x", n * k, DType(NAMES[dtype]), requires_grad=True)
+        w = g.leaf("weight", m * k, DType.int8, requires_grad=False)
+        y = ops.linear_8bit("layer", xt, w, m, k, threshold=6.0, outlier_cols=outlier_cols)
+        tape = Tape()
+        run_forward(g, tape)
+        node = next(nd for nd in g.nodes if y in nd.outputs)
+        return [(t.numel, t.dtype.value) for t in node.kept], max(tape.finish().live_bytes())
+
+    with_outliers, peak = kept(cols)
+    assert with_outliers == [(n * k, NAMES[dtype]), real]
+    without, peak_without = kept(0)
+    assert without == [(n * k, NAMES[dtype])] and peak > peak_without

@@ -1,6 +1,7 @@
 """The committed H200 measurements as a test: every case's prediction stays where it was
 committed (``benchmarks/data/accuracy.txt`` for the reference loop, ``accuracy-hf.txt`` for the
-hf profile, both written by ``benchmarks/accuracy.py``), so a change to the estimator that moves
+hf profile, ``accuracy-parallel.txt`` for rank 0 of FSDP2 and tensor parallel, all written by
+``benchmarks/accuracy.py``), so a change to the estimator that moves
 any measured prediction fails here until the tables are re-committed with it."""
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ SETS = {
         "h200-ft-validation1/ft-validation1-rerun.jsonl",
         "h200-hf-validation2/hf-validation2.jsonl",
         "h200-ft-validation2/ft-validation2.jsonl",
+        "h200-ft-validation3/ft-validation3.jsonl",
+        "h200-ft-validation4/ft-validation4.jsonl",
+    ],
+    "accuracy-parallel.txt": [
+        "h200-fsdp-validation1/fsdp-validation1.jsonl",
+        "h200-fsdp-validation2/fsdp-validation2.jsonl",
+        "h200-tp-validation1/tp-validation1.jsonl",
     ],
 }
 

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from vramfit.config import Preset, load_yaml
+from vramfit.config import Preset, load_yaml, parse_packaged_yaml
 from vramfit.errors import VramfitError
 from vramfit.estimate.params import count_params
 from vramfit.presets import (
@@ -105,6 +106,19 @@ def test_aliases_resolve_to_presets_and_shadow_none() -> None:
 @pytest.mark.parametrize("name", ["GPT2", "Llama-3-8B", " mistral-7b "])
 def test_lookup_is_case_insensitive(name: str) -> None:
     assert get_preset(name).name == ALIASES.get(name.strip().lower(), name.strip().lower())
+
+
+@pytest.mark.parametrize("file", PRESET_FILES, ids=lambda f: f.stem)
+def test_shipped_files_read_the_same_with_libyaml(file: Path) -> None:
+    # vramfit reads its own files with libyaml where PyYAML has it, users' files without
+    text = file.read_text(encoding="utf-8")
+    assert parse_packaged_yaml(text) == yaml.safe_load(text)
+
+
+def test_lookup_by_file_finds_what_the_full_list_holds() -> None:
+    # get_preset reads only the file named after the preset; list_presets reads them all
+    for preset in list_presets():
+        assert get_preset(preset.name.upper()) == preset
 
 
 @pytest.mark.parametrize(

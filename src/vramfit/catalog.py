@@ -14,10 +14,9 @@ import math
 from importlib import resources
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from vramfit.config import validation_error
+from vramfit.config import parse_packaged_yaml, validation_error
 from vramfit.errors import VramfitError, shown
 
 # The throughput columns every row carries, in display order.
@@ -125,7 +124,7 @@ def load_catalog() -> tuple[Gpu, ...]:
         .joinpath(CATALOG_FILE)
         .read_text(encoding="utf-8")
     )
-    return parse_catalog(yaml.safe_load(text), source=CATALOG_FILE)
+    return parse_catalog(parse_packaged_yaml(text), source=CATALOG_FILE)
 
 
 @functools.cache

@@ -9,12 +9,16 @@ pydantic and the config models is imported inside the command that needs it, and
 inside ``measure``.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` in this module: typer reads the commands'
+# annotations at every start, and strings are compiled and evaluated first (~100 of them, read
+# twice, for `estimate`: ~2 ms). The few names imported only for type checking are quoted.
+import copy
 import functools
+import inspect
 import os
 import re
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -125,7 +129,7 @@ OPTION_NAMES = {
 }
 
 
-def _console(*, stderr: bool = False) -> Console:
+def _console(*, stderr: bool = False) -> "Console":
     from rich.console import Console
 
     return Console(highlight=False, soft_wrap=False, stderr=stderr)
@@ -193,7 +197,7 @@ COMPUTE_CAPABILITY = {
 }
 
 
-def _hardware(gpu_name: str | None) -> Hardware | None:
+def _hardware(gpu_name: str | None) -> "Hardware | None":
     """Catalog row -> estimator Hardware (None without --gpu)."""
     if gpu_name is None:
         return None
@@ -544,6 +548,71 @@ OffloadOpt = Annotated[
     typer.Option("--offload", help="State kept on the CPU: optimizer or params."),
 ]
 
+# The options `estimate` and `measure` (with --train) share, in --help order: the model beyond
+# its size, the workload, fine-tuning and the multi-GPU layout. Each defaults to None (the
+# preset's value, else the config model's default).
+SHARED_RUN_OPTIONS: dict[str, Any] = {
+    "arch": ArchOpt,
+    "heads": HeadsOpt,
+    "kv_heads": KvHeadsOpt,
+    "ffn": FfnOpt,
+    "vocab": VocabOpt,
+    "tied": TiedOpt,
+    "precision": PrecisionOpt,
+    "optimizer": OptimizerOpt,
+    "attention": AttentionOpt,
+    "checkpointing": CkptOpt,
+    "mode": ModeOpt,
+    "gen_tokens": GenOpt,
+    "kv_dtype": KvDtypeOpt,
+    "impl": ImplOpt,
+    "loop": LoopOpt,
+    "logits": LogitsOpt,
+    "dropout": DropoutOpt,
+    "max_positions": MaxPosOpt,
+    "clip_grad": ClipOpt,
+    "lora_rank": LoraRankOpt,
+    "lora_alpha": LoraAlphaOpt,
+    "lora_dropout": LoraDropoutOpt,
+    "lora_targets": LoraTargetsOpt,
+    "quant": QuantOpt,
+    "quant_double": QuantDoubleOpt,
+    "quant_compute_dtype": QuantComputeOpt,
+    "gpus": GpusOpt,
+    "fsdp": FsdpOpt,
+    "reshard_after_forward": ReshardOpt,
+    "zero": ZeroOpt,
+    "ddp": DdpOpt,
+    "tp": TpOpt,
+    "sp": SpOpt,
+    "pp": PpOpt,
+    "micro_batches": MicroOpt,
+    "offload": OffloadOpt,
+}
+
+
+def _shared_run_options(after: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A command decorator: the command takes ``SHARED_RUN_OPTIONS`` right after its option
+    ``after``. typer reads a command's options from its signature, so they are added there;
+    they reach the command in its ``**shared`` keyword arguments."""
+
+    def add(command: Callable[..., None]) -> Callable[..., None]:
+        signature = inspect.signature(command)
+        own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        at = [p.name for p in own].index(after) + 1
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        shared = [
+            inspect.Parameter(name, kind, default=None, annotation=annotation)
+            for name, annotation in SHARED_RUN_OPTIONS.items()
+        ]
+        command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[*own[:at], *shared, *own[at:]]
+        )
+        return command
+
+    return add
+
+
 # The RunSpec options of `estimate` and `measure --train`, by parameter name.
 PARALLEL_OPTIONS = {
     "gpus": "--gpus",
@@ -673,6 +742,7 @@ class SolveField(str, Enum):
 
 
 @app.command()
+@_shared_run_options(after="hf_config")
 def estimate(
     params: ParamsOpt = None,
     layers: LayersOpt = None,
@@ -689,54 +759,28 @@ def estimate(
     ] = Formula.default,
     preset: PresetOpt = None,
     hf_config: HfOpt = None,
-    arch: ArchOpt = None,
-    heads: HeadsOpt = None,
-    kv_heads: KvHeadsOpt = None,
-    ffn: FfnOpt = None,
-    vocab: VocabOpt = None,
-    tied: TiedOpt = None,
-    precision: PrecisionOpt = None,
-    optimizer: OptimizerOpt = None,
-    attention: AttentionOpt = None,
-    checkpointing: CkptOpt = None,
-    mode: ModeOpt = None,
-    gen_tokens: GenOpt = None,
-    kv_dtype: KvDtypeOpt = None,
-    impl: ImplOpt = None,
-    loop: LoopOpt = None,
-    logits: LogitsOpt = None,
-    dropout: DropoutOpt = None,
-    max_positions: MaxPosOpt = None,
-    clip_grad: ClipOpt = None,
-    lora_rank: LoraRankOpt = None,
-    lora_alpha: LoraAlphaOpt = None,
-    lora_dropout: LoraDropoutOpt = None,
-    lora_targets: LoraTargetsOpt = None,
-    quant: QuantOpt = None,
-    quant_double: QuantDoubleOpt = None,
-    quant_compute_dtype: QuantComputeOpt = None,
-    gpus: GpusOpt = None,
-    fsdp: FsdpOpt = None,
-    reshard_after_forward: ReshardOpt = None,
-    zero: ZeroOpt = None,
-    ddp: DdpOpt = None,
-    tp: TpOpt = None,
-    sp: SpOpt = None,
-    pp: PpOpt = None,
-    micro_batches: MicroOpt = None,
-    offload: OffloadOpt = None,
     solve: Annotated[
         SolveField | None,
         typer.Option("--solve", help="batch or seq: the largest value that fits --gpu."),
     ] = None,
     as_json: JsonOpt = False,
+    **shared: Any,
 ) -> None:
     """Estimate the GPU memory a training step or inference pass needs, and whether it fits.
 
     Exit code: 0 fits (or no --gpu), 1 does not fit, 2 bad input.
     """
     try:
-        run = _run_from_options(**locals())
+        run = _run_from_options(
+            params=params,
+            layers=layers,
+            hidden=hidden,
+            seq=seq,
+            batch=batch,
+            preset=preset,
+            hf_config=hf_config,
+            **shared,
+        )
         hardware = _hardware(gpu)
         if solve is not None and hardware is None:
             raise VramfitError("needs --gpu", field="--solve")
@@ -851,7 +895,7 @@ def _print_json(document: Any) -> None:
     print(json.dumps(document, indent=2))
 
 
-def _gpu_json(hardware: Hardware | None) -> dict[str, Any] | None:
+def _gpu_json(hardware: "Hardware | None") -> dict[str, Any] | None:
     if hardware is None:
         return None
     return {"name": hardware.name, "memory_bytes": hardware.memory_bytes}
@@ -867,7 +911,7 @@ MATMUL_DTYPE = {
 }
 
 
-def _fast_dtypes(hardware: Hardware | None) -> set[str] | None:
+def _fast_dtypes(hardware: "Hardware | None") -> set[str] | None:
     """The dtypes the GPU has tensor cores for (catalog ``tflops`` not null); None without one."""
     if hardware is None:
         return None
@@ -880,7 +924,7 @@ def _fast_dtypes(hardware: Hardware | None) -> set[str] | None:
     return {dtype for dtype in DTYPES if gpu.peak_tflops(dtype) is not None}
 
 
-def dtype_notes(run: RunSpec, hardware: Hardware | None) -> list[str]:
+def dtype_notes(run: RunSpec, hardware: "Hardware | None") -> list[str]:
     """A note when the run's 16-bit matmul dtype has no tensor cores on the GPU (bf16 on a T4 or
     V100): the memory is the same, but PyTorch runs those matmuls without tensor cores."""
     fast = _fast_dtypes(hardware)
@@ -919,7 +963,7 @@ def _apply_change(run: RunSpec, change: str) -> RunSpec:
     return RunSpec(model=run.model, workload=workload)
 
 
-def honest_suggestions(run: RunSpec, hardware: Hardware) -> list[Any]:
+def honest_suggestions(run: RunSpec, hardware: "Hardware") -> list[Any]:
     """``estimate.solve.suggestions``, kept to dtypes the GPU runs fast (on a GPU without bf16
     tensor cores, ``--precision bf16`` becomes ``fp16``, which needs the same memory), and for
     inference with a KV cache, a smaller ``--kv-dtype`` too."""
@@ -960,7 +1004,7 @@ def honest_suggestions(run: RunSpec, hardware: Hardware) -> list[Any]:
     return sorted(tips, key=lambda tip: (not tip.fits, tip.total_bytes))
 
 
-def _default(run: RunSpec, hardware: Hardware | None, as_json: bool) -> None:
+def _default(run: RunSpec, hardware: "Hardware | None", as_json: bool) -> None:
     from vramfit.estimate.core import estimate as run_estimate
 
     est = run_estimate(run, hardware)
@@ -998,7 +1042,7 @@ OPTIMIZER_IMPLEMENTATION = {
 }
 
 
-def estimate_json(est: Estimate) -> dict[str, Any]:
+def estimate_json(est: "Estimate") -> dict[str, Any]:
     """The documented JSON object for a default estimate (see README, "JSON output")."""
     return {
         "formula": "default",
@@ -1025,7 +1069,7 @@ def estimate_json(est: Estimate) -> dict[str, Any]:
     }
 
 
-def _parallel_json(est: Estimate) -> dict[str, Any]:
+def _parallel_json(est: "Estimate") -> dict[str, Any]:
     """The multi-GPU keys (absent on one GPU): the layout, rank 0's NCCL bytes (a model,
     included in ``total_bytes``), each stream's reserved pool, what is offloaded to the CPU."""
     par = est.run.parallel
@@ -1043,7 +1087,7 @@ def _parallel_json(est: Estimate) -> dict[str, Any]:
     }
 
 
-def _seed(run: RunSpec, hardware: Hardware | None, as_json: bool) -> None:
+def _seed(run: RunSpec, hardware: "Hardware | None", as_json: bool) -> None:
     from vramfit.estimate.params import count_params
     from vramfit.estimate.seed import UNDERCOUNT_WARNING, seed_estimate
 
@@ -1080,7 +1124,7 @@ def _seed(run: RunSpec, hardware: Hardware | None, as_json: bool) -> None:
     raise typer.Exit(EXIT_DOES_NOT_FIT if fits is False else EXIT_FITS)
 
 
-def _solve(run: RunSpec, hardware: Hardware, field: str, as_json: bool) -> None:
+def _solve(run: RunSpec, hardware: "Hardware", field: str, as_json: bool) -> None:
     from vramfit.estimate.solve import solve_max
 
     solution = solve_max(run, hardware, field)  # type: ignore[arg-type]
@@ -1199,7 +1243,7 @@ _SHAPE_RE = re.compile(r"^\s*(\d+)\s*[x×]\s*(\d+)\s*[x×]\s*(\d+)\s*$", re.IGNO
 MAX_MATMUL_DIM = 1_000_000
 
 
-def _cuda_backend() -> Backend:
+def _cuda_backend() -> "Backend":
     """The first CUDA device; one-line VramfitErrors without torch or without CUDA."""
     import warnings
 
@@ -1274,7 +1318,7 @@ def _catalog_gpu(device_name: str) -> Any:
 
 def matmul_json(
     device_name: str,
-    cells: list[MatmulMeasurement],
+    cells: "list[MatmulMeasurement]",
     tflops: dict[str, float],
 ) -> dict[str, Any]:
     """The matmul table as one JSON-ready dict: bytes predicted (itemised) and measured per
@@ -1341,7 +1385,7 @@ def _signed_error_pct(predicted: int | None, measured: int | None) -> float | No
 PHASE_ORDER = ("forward", "backward", "optimizer", "kv_cache", "prefill", "decode")
 
 
-def train_comparison(est: Estimate, measured: TrainMeasurement) -> dict[str, Any]:
+def train_comparison(est: "Estimate", measured: "TrainMeasurement") -> dict[str, Any]:
     """``{predicted, measured, errors}``: the estimate's JSON, the measurement (all fields),
     and the signed error in percent, (predicted - measured) / measured, per phase peak and for
     ``peak_allocated_bytes`` and ``total_bytes`` (null where there is nothing to compare)."""
@@ -1369,6 +1413,7 @@ def train_comparison(est: Estimate, measured: TrainMeasurement) -> dict[str, Any
 
 
 @app.command()
+@_shared_run_options(after="hf_config")
 def measure(
     train: Annotated[
         bool,
@@ -1410,42 +1455,6 @@ def measure(
     seq: SeqOpt = None,
     preset: PresetOpt = None,
     hf_config: HfOpt = None,
-    arch: ArchOpt = None,
-    heads: HeadsOpt = None,
-    kv_heads: KvHeadsOpt = None,
-    ffn: FfnOpt = None,
-    vocab: VocabOpt = None,
-    tied: TiedOpt = None,
-    precision: PrecisionOpt = None,
-    optimizer: OptimizerOpt = None,
-    attention: AttentionOpt = None,
-    checkpointing: CkptOpt = None,
-    mode: ModeOpt = None,
-    gen_tokens: GenOpt = None,
-    kv_dtype: KvDtypeOpt = None,
-    impl: ImplOpt = None,
-    loop: LoopOpt = None,
-    logits: LogitsOpt = None,
-    dropout: DropoutOpt = None,
-    max_positions: MaxPosOpt = None,
-    clip_grad: ClipOpt = None,
-    lora_rank: LoraRankOpt = None,
-    lora_alpha: LoraAlphaOpt = None,
-    lora_dropout: LoraDropoutOpt = None,
-    lora_targets: LoraTargetsOpt = None,
-    quant: QuantOpt = None,
-    quant_double: QuantDoubleOpt = None,
-    quant_compute_dtype: QuantComputeOpt = None,
-    gpus: GpusOpt = None,
-    fsdp: FsdpOpt = None,
-    reshard_after_forward: ReshardOpt = None,
-    zero: ZeroOpt = None,
-    ddp: DdpOpt = None,
-    tp: TpOpt = None,
-    sp: SpOpt = None,
-    pp: PpOpt = None,
-    micro_batches: MicroOpt = None,
-    offload: OffloadOpt = None,
     steps: Annotated[
         int | None,
         typer.Option(
@@ -1455,6 +1464,7 @@ def measure(
         ),
     ] = None,
     as_json: JsonOpt = False,
+    **shared: Any,
 ) -> None:
     """Measure real GPU memory with PyTorch (CUDA), next to vramfit's prediction.
 
@@ -1466,7 +1476,7 @@ def measure(
     Needs torch: pip install 'vramfit\\[measure]'. Exit code: 0 measured, 1 out of memory,
     2 bad input / no torch / no CUDA.
     """
-    options = locals()
+    options = {**locals(), **shared}  # every option by parameter name
     try:
         if train:
             for name, flag in (("dtype", "--dtype"), ("shape", "--shape")):
@@ -1615,7 +1625,7 @@ def _measure_ranks(run: RunSpec, steps: int, as_json: bool) -> None:
     raise typer.Exit(EXIT_DOES_NOT_FIT if any(m.oom for m in measured) else EXIT_FITS)
 
 
-def oom_line(measured: TrainMeasurement, predicted_total_bytes: int) -> str:
+def oom_line(measured: "TrainMeasurement", predicted_total_bytes: int) -> str:
     """One line for an out-of-memory measurement: where it stopped, and the prediction."""
     from vramfit.units import format_bytes
 
@@ -1660,21 +1670,42 @@ def usage_error_line(err: TyperException) -> str:
     return f"usage: {_sentence(err.format_message())}"
 
 
+def _command_name(info: typer.models.CommandInfo) -> str:
+    return info.name or typer.main.get_command_name(info.callback.__name__)
+
+
 @functools.cache
-def _command() -> Any:
-    """The click command typer builds from ``app`` (built once: tests call ``main`` often)."""
-    return typer.main.get_command(app)
+def _command(name: str | None = None) -> Any:
+    """The click command typer builds from ``app`` (built once: tests call ``main`` often);
+    with ``name``, a group that holds only that subcommand."""
+    if name is None:
+        return typer.main.get_command(app)
+    only = copy.copy(app)
+    only.registered_commands = [i for i in app.registered_commands if _command_name(i) == name]
+    return typer.main.get_command(only)
+
+
+def _command_for(args: list[str]) -> Any:
+    """The command that runs ``args``. Typer builds every option of every command up front
+    (~10 ms, half of it for `measure`'s): when ``args`` start with a subcommand's name, only
+    that one is built. Everything else (``--help``, ``--version``, an unknown command) gets
+    the whole group."""
+    named = [_command_name(info) for info in app.registered_commands]
+    return _command(args[0] if args and args[0] in named else None)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors for bad usage, exit codes as documented."""
     # pydantic looks for plugins in every installed distribution's entry points when it builds
-    # the first validator (importlib.metadata: ~10 ms at start-up); vramfit's command line
-    # uses none. An explicit setting is kept.
+    # the first validator (~3.5 ms for 131 distributions); vramfit's command line uses none.
+    # An explicit setting is kept. (The vramfit process sets it before importing this module,
+    # whose config models build validators at import.)
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     args = sys.argv[1:] if argv is None else list(argv)
     try:
-        code = _command().main(args=args or ["--help"], prog_name="vramfit", standalone_mode=False)
+        code = _command_for(args).main(
+            args=args or ["--help"], prog_name="vramfit", standalone_mode=False
+        )
     except VramfitError as err:
         _print_error(str(err))
         code = err.exit_code

@@ -460,9 +460,10 @@ class Parallel(_Strict):
 
     gpus: int = Field(default=1, ge=1, le=MAX_GPUS, description="world size (ranks, one per GPU)")
     fsdp: Fsdp = Field(default=Fsdp.none, description="FSDP2 fully_shard on each decoder layer")
-    reshard_after_forward: bool | None = Field(
+    reshard_after_forward: bool | int | None = Field(
         default=None,
-        description="FSDP2 reshard_after_forward of the decoder layers (default: by --fsdp)",
+        description="FSDP2 reshard_after_forward of the decoder layers (default: by --fsdp); "
+        "an integer K reshards to groups of K ranks after forward",
     )
     hsdp_shard: int | None = Field(
         default=None, ge=1, le=MAX_GPUS, description="ranks a hybrid FSDP shard group spans"
@@ -500,6 +501,17 @@ class Parallel(_Strict):
             )
         if self.reshard_after_forward is not None and self.fsdp is Fsdp.none:
             _field_error("reshard_after_forward", "applies with fsdp only", True)
+        k = self.reshard_after_forward
+        if k is not None and not isinstance(k, bool):
+            # fully_shard: a non-trivial divisor of the shard mesh size; DTensor (TP)
+            # parameters cannot reshard to a smaller mesh (FSDPParam.to_sharded_post_forward)
+            if k < 2 or self.shard % k or k == self.shard or self.tp > 1:
+                _field_error(
+                    "reshard_after_forward",
+                    f"an integer must divide the shard group ({self.shard}) and lie strictly "
+                    "between 1 and it, without tp",
+                    k,
+                )
         if self.hsdp_shard is not None:
             if self.fsdp is not Fsdp.hybrid:
                 _field_error("hsdp_shard", "applies with fsdp hybrid only", self.hsdp_shard)
@@ -538,8 +550,8 @@ class Parallel(_Strict):
         return 1
 
     @property
-    def reshards(self) -> bool:
-        """FSDP2's reshard_after_forward for the decoder layers."""
+    def reshards(self) -> bool | int:
+        """FSDP2's reshard_after_forward for the decoder layers (an int: to K ranks)."""
         if self.reshard_after_forward is not None:
             return self.reshard_after_forward
         return self.fsdp is not Fsdp.shard_grad_op
@@ -789,9 +801,20 @@ def scan_yaml(text: str) -> tuple[int, str] | None:
     return None
 
 
-def read_yaml(path: Path) -> Any:
-    """Read one YAML document with ``yaml.safe_load``, guarded by ``scan_yaml``; every failure
-    is a VramfitError."""
+def parse_packaged_yaml(text: str) -> Any:
+    """A YAML document shipped with vramfit (a preset, the GPU catalog), parsed by libyaml where
+    PyYAML was built with it: ~8x faster than its pure-Python parser (the catalog: 16 ms ->
+    2 ms). CI checks these files, so they skip ``scan_yaml``; a user's file keeps the
+    pure-Python parser, whose error messages vramfit quotes. Both parsers build the same
+    documents from the shipped files (tests/test_presets.py, tests/test_catalog.py)."""
+    import yaml
+
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def read_yaml(path: Path, *, packaged: bool = False) -> Any:
+    """Read one YAML document with ``yaml.safe_load``, guarded by ``scan_yaml`` (or with
+    ``parse_packaged_yaml`` for a ``packaged`` file); every failure is a VramfitError."""
     import yaml
 
     try:
@@ -801,6 +824,8 @@ def read_yaml(path: Path) -> Any:
             err.message = "is a directory, expected a YAML file"
         raise
     try:
+        if packaged:
+            return parse_packaged_yaml(text)
         unsafe = scan_yaml(text)
         if unsafe is not None:
             line, reason = unsafe
@@ -814,9 +839,10 @@ def read_yaml(path: Path) -> Any:
         raise VramfitError(f"invalid YAML: {type(exc).__name__}", field=str(path)) from None
 
 
-def load_yaml(path: Path, model: type[BaseModel]) -> Any:
-    """Load ``path`` and validate it as ``model``; one VramfitError for any failure."""
-    data = read_yaml(path)
+def load_yaml(path: Path, model: type[BaseModel], *, packaged: bool = False) -> Any:
+    """Load ``path`` (see ``read_yaml``) and validate it as ``model``; one VramfitError for
+    any failure."""
+    data = read_yaml(path, packaged=packaged)
     if data is None:
         raise VramfitError("empty file", field=str(path))
     if not isinstance(data, dict):
@@ -945,6 +971,22 @@ class Quant(BaseModel):
     int8_threshold: float = Field(
         default=6.0, ge=0.0, description="llm_int8_threshold: outlier columns kept in fp16"
     )
+    # Which input columns reach the threshold is up to the data: none in a well-conditioned
+    # model; nearly every down_proj column of a randomly initialised 4096-wide Llama
+    # (benchmarks/int8_outliers.py). bitsandbytes keeps those columns of x for backward.
+    int8_outliers: dict[str, float] = Field(
+        default_factory=dict,
+        description="LLM.int8: per block linear (peft-style name, e.g. down_proj), the "
+        "fraction of its input columns holding a value >= int8_threshold",
+    )
+
+    @field_validator("int8_outliers")
+    @classmethod
+    def _fractions(cls, outliers: dict[str, float]) -> dict[str, float]:
+        for name, fraction in outliers.items():
+            if not 0.0 <= fraction <= 1.0:
+                _field_error(("int8_outliers", name), "must be a fraction in [0, 1]", fraction)
+        return outliers
 
     @model_validator(mode="after")
     def _four_bit_options(self) -> Quant:
@@ -963,6 +1005,8 @@ class Quant(BaseModel):
                 _field_error("compute_dtype", four_bit_only, self.compute_dtype.value)
         elif self.int8_threshold != 6.0:  # (the default: a dumped Quant carries it)
             _field_error("int8_threshold", "applies to int8 (LLM.int8) only", self.int8_threshold)
+        elif self.int8_outliers:
+            _field_error("int8_outliers", "applies to int8 (LLM.int8) only", self.int8_outliers)
         return self
 
     @property
@@ -1009,6 +1053,20 @@ class FinetuneSpec(_Strict):
         except LoraTargetError as exc:
             _field_error(exc.field, exc.reason, exc.value)
         return lora
+
+    @field_validator("quant")
+    @classmethod
+    def _outliers_name_layers(cls, quant: Quant | None, info: ValidationInfo) -> Quant | None:
+        spec = info.data.get("model")
+        if quant is None or spec is None or spec.experts > 1 or not quant.int8_outliers:
+            return quant
+        from vramfit.estimate.finetune import LoraTargetError, int8_outlier_columns
+
+        try:
+            int8_outlier_columns(spec, quant.int8_outliers)
+        except LoraTargetError as exc:
+            _field_error(("quant", exc.field), exc.reason, exc.value)
+        return quant
 
     @model_validator(mode="after")
     def _dense_models_only(self) -> FinetuneSpec:

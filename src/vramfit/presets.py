@@ -61,8 +61,21 @@ def _load_all() -> tuple[Preset, ...]:
     for entry in _preset_dir().iterdir():
         if entry.is_file() and entry.name.endswith((".yaml", ".yml")):
             with resources.as_file(entry) as path:
-                loaded.append(load_yaml(path, Preset))
+                loaded.append(load_yaml(path, Preset, packaged=True))
     return tuple(sorted(loaded, key=lambda preset: preset.name))
+
+
+@functools.cache
+def _load_one(key: str) -> Preset | None:
+    """The shipped preset called ``key`` read from its own file, or None when no file has that
+    name. Each file is named after its preset (tests/test_presets.py holds that), so a lookup
+    need not parse all ~30 files (~60 ms in PyYAML's pure-Python parser)."""
+    entry = _preset_dir().joinpath(f"{key}.yaml")
+    if not entry.is_file():
+        return None
+    with resources.as_file(entry) as path:
+        preset = load_yaml(path, Preset, packaged=True)
+    return preset if preset.name.lower() == key else None
 
 
 def list_presets() -> list[Preset]:
@@ -105,6 +118,9 @@ def get_preset(name: str) -> Preset:
         return load_yaml(Path(name), Preset)
     key = name.strip().lower()[:200]  # a preset name is short; difflib below is quadratic
     key = ALIASES.get(key, key)
+    found = _load_one(key)
+    if found is not None:
+        return found
     by_name = {preset.name.lower(): preset for preset in _load_all()}
     if key in by_name:
         return by_name[key]

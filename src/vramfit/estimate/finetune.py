@@ -191,6 +191,27 @@ def lora_target_shapes(spec: ModelSpec, lora: Lora) -> list[BlockLinear]:
     return chosen
 
 
+def int8_outlier_columns(spec: ModelSpec, outliers: dict[str, float]) -> dict[str, int]:
+    """``Quant.int8_outliers`` as a column count per block-linear path (``mlp.down_proj``):
+    each name matches as a peft target does (the path or its last parts); the fraction is
+    of the layer's in_features. Raises LoraTargetError (field ``int8_outliers``) for a name
+    the block lacks."""
+    if not outliers:
+        return {}
+    linears = block_linears(spec)
+    counts: dict[str, int] = {}
+    for name, fraction in outliers.items():
+        matched = [x for x in linears if _matches(x.path, name)]
+        if not matched:
+            names = ", ".join(x.name for x in linears)
+            raise LoraTargetError(
+                "int8_outliers", f"{name!r} is not a linear layer of the block ({names})", name
+            )
+        for x in matched:
+            counts[x.path] = round(fraction * x.shape[1])
+    return counts
+
+
 def lora_tensors(spec: ModelSpec, lora: Lora) -> list[tuple[str, int, Shape2, Shape2]]:
     """``(module path, layer index, lora_A.weight shape, lora_B.weight shape)`` of every adapter
     in ``model.parameters()`` order: peft's lora.Linear registers ``lora_A`` as

@@ -20,6 +20,11 @@ follows is read from torch/distributed/fsdp/_fully_shard/ (torch 2.11 and 2.13 a
 - ``FSDPParamGroup.reshard``: a layer's unsharded tensors are freed after its forward when
   ``reshard_after_forward`` (the root never reshards after forward: ``FSDPState._lazy_init``
   sets its ``post_forward_mesh_info = None``), and after its backward always.
+- ``reshard_after_forward=K`` (an int): ``FSDPParam.to_sharded_post_forward`` keeps a
+  ``clone`` of this rank's 1/K of each padded all-gather output (``param_dtype``, default
+  stream) and frees the unsharded tensor; the backward's all-gather runs over the K-rank
+  post-forward mesh from those shards (already in ``param_dtype``: no copy-in cast), and
+  ``to_unsharded`` frees them after the copy-out.
 - backward prefetch (``_backward_prefetch``): a layer's pre-backward hook unshards it and
   starts the all-gather of the layer before it (the root's starts the last layer's).
 - ``post_backward`` then ``foreach_reduce``: reshard; free the previous reduce-scatter input
@@ -109,8 +114,9 @@ class Group:
 
     unit: int
     params: list[ShardedParam]
-    reshard_after_forward: bool
+    reshard_after_forward: bool | int  # an int K: to groups of K ranks
     unsharded: list[int | None] = field(default_factory=list)
+    post_forward: list[int | None] = field(default_factory=list)  # the 1/K shards
     pending: int | None = None  # an issued all-gather's output, waiting for its copy-out
     is_unsharded: bool = False
 
@@ -127,7 +133,9 @@ class Group:
         return sum(p.padded_numel for p in self.params)
 
 
-def shard_groups(b: hf.Block, world: int, reshard_after_forward: bool) -> dict[int, Group]:
+def shard_groups(
+    b: hf.Block, world: int, reshard_after_forward: bool | int
+) -> dict[int, Group]:
     """Every parameter of ``b`` in its group; rank 0's shards."""
     groups: dict[int, Group] = {}
     for name, dim0, numel in hf.param_rows(b):
@@ -135,7 +143,8 @@ def shard_groups(b: hf.Block, world: int, reshard_after_forward: bool) -> dict[i
         group = groups.get(unit)
         if group is None:
             # the root is never resharded after forward (see the module docstring)
-            group = groups[unit] = Group(unit, [], reshard_after_forward and unit != ROOT)
+            reshards = reshard_after_forward if unit != ROOT else False
+            group = groups[unit] = Group(unit, [], reshards)
         group.params.append(ShardedParam(name, dim0, numel, world))
     return groups
 
@@ -167,6 +176,12 @@ class FsdpHooks(Hooks):
         t.op(f"FSDP all-gather {g.name}")
         copy_in = None
         nbytes = g.shard_numel * self.param_dtype.size
+        if g.post_forward:  # from the post-forward shards, over their K-rank mesh
+            g.pending = t.new(
+                f"{g.name} all-gather output", Component.collective_buffers,
+                g.padded_numel * self.param_dtype.size, stream=COPY_IN_STREAM,
+            )
+            return
         if self.param_dtype is not self.orig_dtype:  # _get_param_all_gather_inputs
             copy_in = t.new(
                 f"{g.name} all-gather input", Component.collective_buffers, nbytes,
@@ -194,6 +209,9 @@ class FsdpHooks(Hooks):
             for p in g.params
         ]
         g.is_unsharded = True
+        if g.post_forward:  # to_unsharded frees them after the copy-out
+            t.free(*g.post_forward)
+            g.post_forward = []
         if forward:  # kept to overlap this copy-out with the next all-gather
             self.all_gather_state = g.pending
         else:
@@ -254,7 +272,19 @@ class FsdpHooks(Hooks):
 
     def unit_forward_done(self, sim: _Sim, unit: int) -> None:
         g = self.groups[unit]
-        if g.reshard_after_forward:
+        k = g.reshard_after_forward
+        if k is not True and k and g.is_unsharded:  # to_sharded_post_forward
+            t = sim.tape
+            t.op(f"FSDP reshard {g.name} to {k} ranks")
+            g.post_forward = [
+                t.new(
+                    f"{p.name} post-forward shard", Component.unsharded_weights,
+                    p.padded_numel // k * self.param_dtype.size,
+                )
+                for p in g.params
+            ]
+            self._reshard(t, g)
+        elif k:
             self._reshard(sim.tape, g)
 
     def forward_end(self, sim: _Sim) -> None:

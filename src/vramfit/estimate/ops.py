@@ -242,6 +242,7 @@ class Ops:
         in_features: int,
         *,
         threshold: float,
+        outlier_cols: int = 0,
     ) -> Tensor:
         """bitsandbytes ``Linear8bitLt`` (LLM.int8(), 0.50.2) on CUDA: ``MatMul8bitLt``
         (autograd/_functions.py) with frozen ``Int8Params`` (CB int8, SCB fp32 per row).
@@ -253,14 +254,19 @@ class Ops:
         an fp16 ``|A|`` and a bool mask alive together; the fp16 copy dies as it returns.
         ``int8_scaled_mm``: ``int8_linear_matmul`` makes an int32 output, ``int8_mm_dequant``
         an fp16 one and casts it to x's dtype while the int32 one is still alive. CA and its
-        statistics are locals of the forward: they live to its end. Outlier columns
-        (``subA``) depend on the data; a random or well-conditioned model has none, and
-        they are not modelled (with some, ``output.addmm(subA, subB)`` makes one more
-        output-sized tensor). bitsandbytes' own cuBLASLt handle runs the int8 matmul: no
-        PyTorch workspace.
-        Kept: ``ctx.tensors = (CAt, subA, A)`` when x requires grad, i.e. x itself (CAt is
-        None for a frozen weight), as a ctx attribute: outside the saved-tensor hooks, so a
-        non-reentrant checkpoint (the Trainer's) keeps x to the node's backward.
+        statistics are locals of the forward: they live to its end. bitsandbytes' own
+        cuBLASLt handle runs the int8 matmul: no PyTorch workspace.
+        ``outlier_cols``: how many of the ``in_features`` input columns hold a value at or
+        above the threshold in some row (``outliers.any(dim=0)``); the data decide, so it is
+        an input (``Quant.int8_outliers``). With any, ``int8_mixed_scaled_mm``
+        (backends/default/ops.py) first copies them, ``subA = A[:, outlier_cols]``, in x's
+        dtype; then dequantizes the weight's matching columns, ``CB[:, outlier_cols]``
+        (int8) times SCB (fp32) times 1/127 (fp32, the first product dying) ``.to(x's
+        dtype)``; then ``output.addmm(subA, subB)`` makes a new output after the int8 one.
+        Kept: ``ctx.tensors = (CAt, subA, A)`` when x requires grad, i.e. x itself and subA
+        (CAt is None for a frozen weight), as a ctx attribute: outside the saved-tensor
+        hooks, so a non-reentrant checkpoint (the Trainer's) keeps them to the node's
+        backward.
         Backward: ``CB.to(x.dtype, copy=True)`` (the whole weight dequantized),
         ``grad.to(x.dtype)`` where they differ, and the matmul's input gradient (a view)."""
         n = x.numel // in_features
@@ -280,6 +286,20 @@ class Ops:
             g.node(f"{prefix} A.abs()", [a16], [magnitude])
             mask = self._t(f"{name} outlier mask", x.numel, DType.bool)
             g.node(f"{prefix} |A| >= threshold", [magnitude, a16], [mask])
+        kept = [x]
+        sub_b = None
+        if threshold > 0 and outlier_cols:
+            sub_a = self._t(f"{name} outlier columns of A", n * outlier_cols, dtype)
+            g.node(f"{prefix} A[:, outlier_cols]", [x], [sub_a])
+            kept.append(sub_a)
+            k_weight = out_features * outlier_cols
+            cb_cols = self._t(f"{name} CB[:, outlier_cols]", k_weight, DType.int8)
+            g.node(f"{prefix} CB[:, outlier_cols]", [weight], [cb_cols])
+            scaled = self._t(f"{name} CB columns * SCB", k_weight, DType.fp32)
+            g.node(f"{prefix} CB columns * SCB", [cb_cols, weight], [scaled])
+            sub_b = self._t(f"{name} dequantized columns", k_weight, DType.fp32)
+            g.node(f"{prefix} * 1/127", [scaled, cb_cols], [sub_b])
+            sub_b = self.cast(sub_b, dtype, f"{name} subB")
         out32 = self._t(f"{name} int32 output", n * out_features, DType.int32)
         g.node(f"{prefix} int8_linear_matmul", [ca, weight], [out32])
         out16 = self._t(f"{name} fp16 output", n * out_features, fp16)
@@ -298,12 +318,27 @@ class Ops:
             for key in keys:
                 bw.free(key)
 
+        if sub_b is not None:  # the int8 output, then output.addmm(subA, subB)
+            g.node(f"{prefix} int8_mm_dequant", [out32, sca, scb], [out16])
+            if dtype is not fp16:  # cast while the int32 output is alive, as below
+                cast = self._t(f"{name} int8 output", n * out_features, dtype)
+                g.node(f"{prefix} int8 output to input dtype", [out16, out32], [cast])
+                out16 = cast
+            out = self._t(name, n * out_features, dtype)
+            g.node(
+                f"{prefix} output.addmm(subA, subB)",
+                [x, out16, sub_b, *kept, ca, sca],
+                [out],
+                kept=kept,
+                backward=backward,
+            )
+            return out
         if dtype is fp16:
             g.node(
                 f"{prefix} int8_mm_dequant",
                 [x, *internals, scb],
                 [out16],
-                kept=[x],
+                kept=kept,
                 backward=backward,
             )
             return out16
@@ -313,7 +348,7 @@ class Ops:
             f"{prefix} output to input dtype",
             [x, out16, *internals],
             [out],
-            kept=[x],
+            kept=kept,
             backward=backward,
         )
         return out

@@ -396,7 +396,7 @@ def fsdp_training_steps(
     b = hf.resolve(spec)
     cw = fsdp.compute_workload(w)
     graph, model, logits, loss = hf.build(
-        spec, cw, grad=True, batch=w.batch, seq=w.seq, sp=par.tp if par.sp else 1
+        spec, cw, grad=True, batch=w.batch, seq=w.seq, sp=par.tp if par.sp else 1, tp=par.tp
     )
     assert loss is not None
     if w.loop is Loop.keeps_logits:
@@ -513,7 +513,7 @@ def replicated_training_steps(
     head = par.pp == 1
     graph, model, logits, loss = hf.build(
         rank_spec, cw, grad=True, batch=batch, seq=w.seq, head=head,
-        sp=par.tp if par.sp else 1,
+        sp=par.tp if par.sp else 1, tp=par.tp,
     )
     assert loss is not None
     if not head:

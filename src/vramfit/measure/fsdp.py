@@ -1,4 +1,5 @@
-"""Rank 0 of an FSDP2 run, on one GPU: a fake process group stands in for the other ranks.
+"""Rank 0 of an FSDP2 and / or tensor-parallel run, on one GPU: a fake process group stands in
+for the other ranks.
 
 ``torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=N)``
 (``torch.testing._internal.distributed.fake_pg``) makes every collective a no-op that returns
@@ -11,32 +12,44 @@ The model is built as torchtitan and accelerate build large models: the transfor
 the meta device, ``fully_shard`` on each decoder layer and then on the model, with a
 ``MixedPrecisionPolicy``, then ``to_empty`` on the GPU and a random initialisation of the
 local shards.
+
+Tensor parallel (``vramfit.measure.tp``) is DTensor's ``parallelize_module`` over a 1-D "tp"
+mesh, or over the "tp" dimension of a 2-D ("dp", "tp") mesh whose "dp" dimension
+``fully_shard`` shards over (FSDP2 over TP shards, as torchtitan composes them).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from vramfit.config import Checkpointing, Fsdp, Parallel, Precision, RunSpec, Workload
+from vramfit.config import Checkpointing, Fsdp, Offload, Parallel, Precision, RunSpec, Workload
 from vramfit.errors import VramfitError
 
 COMMUNICATION_NOTE = (
     "communication is faked: a fake process group of {n} ranks runs rank 0 alone on this GPU "
-    "(no all-gather or reduce-scatter moves data, NCCL allocates nothing); compare the device "
-    "total with the prediction less nccl_bytes"
+    "(no all-gather, reduce-scatter or all-reduce moves data, NCCL allocates nothing); compare "
+    "the device total with the prediction less nccl_bytes"
 )
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def check_fsdp_measurable(run: RunSpec) -> None:
-    """Only FSDP2 full / shard-grad-op training, without TP / PP, runs on one GPU here."""
+    """FSDP2 full / shard-grad-op, tensor parallel (with or without sequence parallel) and
+    FSDP2 over TP shards run here; ZeRO, DDP, HSDP and PP are modelled only."""
     par = run.parallel
-    if par.fsdp not in (Fsdp.full, Fsdp.shard_grad_op) or par.tp > 1 or par.pp > 1:
+    if par.zero or par.ddp or par.pp > 1 or par.fsdp is Fsdp.hybrid:
         raise VramfitError(
-            "measure runs FSDP2 full or shard-grad-op only (ZeRO, DDP, TP and PP are modelled)",
+            "measure runs FSDP2 full or shard-grad-op and tensor parallel only (ZeRO, DDP, "
+            "HSDP and PP are modelled)",
             field="--fsdp",
         )
+    if par.offload is not Offload.none:  # CPUOffloadPolicy is neither modelled nor built
+        raise VramfitError("measure runs FSDP2 without offload", field="--offload")
+    if par.tp > 1:
+        from vramfit.measure.tp import check_tp_measurable
+
+        check_tp_measurable(run.model.resolved())
     if run.workload.loop.value == "trainer":
         raise VramfitError("measure --gpus runs a plain loop: use --loop drops", field="--loop")
 
@@ -72,31 +85,45 @@ def decoder_layers(model: Any) -> list[Any]:
 def build_fsdp_model(
     torch: Any, spec: Any, workload: Workload, par: Parallel, device: str
 ) -> Any:
-    """The transformers model of ``spec`` under FSDP2 on ``device`` (see the module
-    docstring); ``fully_shard(layer)`` for each decoder layer, then ``fully_shard(model)``."""
+    """The transformers model of ``spec`` under FSDP2 and / or tensor parallel on ``device``
+    (see the module docstring): with ``tp > 1`` the TP plan first (``vramfit.measure.tp``);
+    with FSDP ``fully_shard(layer)`` for each decoder layer, then ``fully_shard(model)``."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from vramfit.estimate.fsdp import POLICY
     from vramfit.measure.hf import hf_config, import_transformers
 
     transformers = import_transformers()
-    init_fake_group(torch, par.shard)
-    param_dtype, reduce_dtype, orig_dtype = POLICY[workload.precision]
+    init_fake_group(torch, par.gpus)
+    if par.fsdp is Fsdp.none:  # TP alone: the user's recipe (autocast over fp32 weights)
+        from vramfit.measure.train import _WEIGHT_DTYPE
+
+        orig_name = _WEIGHT_DTYPE[workload.precision]
+    else:
+        param_dtype, reduce_dtype, orig_dtype = POLICY[workload.precision]
+        orig_name = _DTYPES[orig_dtype.value]
     cfg = hf_config(spec, workload)
     attn = "eager" if workload.attention.value == "eager" else "sdpa"
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(
-            cfg, attn_implementation=attn, dtype=getattr(torch, _DTYPES[orig_dtype.value])
+            cfg, attn_implementation=attn, dtype=getattr(torch, orig_name)
         )
     if workload.checkpointing is Checkpointing.full:
         model.gradient_checkpointing_enable()  # non-reentrant: transformers' default
-    mp = MixedPrecisionPolicy(
-        param_dtype=getattr(torch, _DTYPES[param_dtype.value]),
-        reduce_dtype=getattr(torch, _DTYPES[reduce_dtype.value]),
-    )
-    for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=mp, reshard_after_forward=par.reshards)
-    fully_shard(model, mp_policy=mp)  # the root: not resharded after forward
+    mesh = None
+    if par.tp > 1:
+        from vramfit.measure.tp import parallelize
+
+        mesh = parallelize(torch, model, par, device)
+    if par.fsdp is not Fsdp.none:
+        mp = MixedPrecisionPolicy(
+            param_dtype=getattr(torch, _DTYPES[param_dtype.value]),
+            reduce_dtype=getattr(torch, _DTYPES[reduce_dtype.value]),
+        )
+        dp = {} if mesh is None else {"mesh": mesh["dp"]}
+        for layer in decoder_layers(model):
+            fully_shard(layer, mp_policy=mp, reshard_after_forward=par.reshards, **dp)
+        fully_shard(model, mp_policy=mp, **dp)  # the root: not resharded after forward
     model.to_empty(device=device)
     with torch.no_grad():
         for p in model.parameters():
@@ -110,10 +137,13 @@ def build_fsdp_model(
     return model
 
 
-def compute_workload(workload: Workload) -> Workload:
-    """What the loop runs: the MixedPrecisionPolicy casts, so no autocast and no scaler."""
+def compute_workload(workload: Workload, par: Parallel | None = None) -> Workload:
+    """What the loop runs: under FSDP the MixedPrecisionPolicy casts, so no autocast and no
+    scaler; tensor parallel alone runs the workload as it is (``schedule`` models it so)."""
     from vramfit.estimate.fsdp import compute_workload as cw
 
+    if par is not None and par.fsdp is Fsdp.none:
+        return workload
     if workload.precision is Precision.amp_fp16:
         raise VramfitError(
             "FSDP2 with fp16 needs a sharded grad scaler: use amp-bf16", field="--precision"

@@ -386,3 +386,39 @@ def run_hf(
         else:
             with phase(1, "prefill"):
                 state["out"] = model(input_ids=x)
+
+
+def int8_outlier_fractions(torch: Any, model: Any, workload: Workload, device: str) -> dict[str, float]:
+    """For each LLM.int8 block linear (by its own name: ``down_proj``), the mean over layers of
+    the fraction of its input columns in which some row reaches ``llm_int8_threshold``:
+    what ``int8_vectorwise_quant`` finds (``(A.abs() >= threshold).any(dim=0)`` on A in
+    fp16). One forward without grad on fresh random tokens of the run's shape, after the
+    measurement, so its own temporaries are not in the figures. The data decide these; the
+    estimator takes them as ``quant.int8_outliers`` (``--int8-outliers``)."""
+    import bitsandbytes as bnb
+
+    assert workload.quant is not None
+    threshold = workload.quant.int8_threshold
+    fractions: dict[str, list[float]] = {}
+    handles = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def count(module: Any, args: Any) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float16)
+            cols = int((x.abs() >= threshold).any(dim=0).sum())
+            fractions.setdefault(name, []).append(cols / x.shape[-1])
+
+        return count
+
+    for path, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            name = path.removesuffix(".base_layer").rsplit(".", 1)[-1]
+            handles.append(module.register_forward_pre_hook(hook(name)))
+    try:
+        ids = torch.randint(0, model.config.vocab_size, (workload.batch, workload.seq), device=device)
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: round(sum(v) / len(v), 4) for name, v in sorted(fractions.items())}

@@ -267,7 +267,7 @@ def measure_train(
 
             state["model"] = fsdp.build_fsdp_model(torch, spec, workload, par, backend.device)
             if fsdp.fake_group():
-                rec.notes.append(fsdp.COMMUNICATION_NOTE.format(n=par.shard))
+                rec.notes.append(fsdp.COMMUNICATION_NOTE.format(n=par.gpus))
         elif workload.impl is Impl.hf:
             from vramfit.measure.hf import build_hf_model, run_hf
 
@@ -281,7 +281,7 @@ def measure_train(
             from vramfit.measure.hf import plain_loop
 
             plain_loop(
-                torch, state["model"], compute_workload(workload), backend.device,
+                torch, state["model"], compute_workload(workload, par), backend.device,
                 make_optimizer, phase, steps, state,
             )
         elif workload.impl is Impl.hf:
@@ -297,6 +297,16 @@ def measure_train(
         free, _ = backend.mem_get_info()  # no empty_cache: the reserved pool counts
         total_bytes = device_total - free
         rec.note_reserved()
+        quant = workload.quant
+        if workload.impl is Impl.hf and quant is not None and quant.kind.value == "int8":
+            from vramfit.measure.hf import int8_outlier_fractions
+
+            found = int8_outlier_fractions(torch, state["model"], workload, backend.device)
+            listed = ",".join(f"{k}={v:g}" for k, v in found.items() if v)
+            rec.notes.append(
+                "LLM.int8 outlier columns (fraction of each layer's input, mean over layers), "
+                f"measured after the run: --int8-outliers {listed or 'none'}"
+            )
         managed = paged_bytes()
         if managed:
             rec.notes.append(
@@ -339,14 +349,14 @@ def measure_train(
         device_total_bytes=device_total,
         torch_version=str(torch.__version__),
         alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", os.environ.get("PYTORCH_ALLOC_CONF")),
-        notes=_notes(workload if par.single else _fsdp_compute(workload)) + rec.notes,
+        notes=_notes(workload if par.single else _fsdp_compute(workload, par)) + rec.notes,
     )
 
 
-def _fsdp_compute(workload: Workload) -> Workload:
+def _fsdp_compute(workload: Workload, par: Any) -> Workload:
     from vramfit.measure.fsdp import compute_workload
 
-    return compute_workload(workload)
+    return compute_workload(workload, par)
 
 
 def _dtype(torch: Any, workload: Workload) -> Any:

@@ -39,7 +39,7 @@ from vramfit.config import (
     Workload,
 )
 from vramfit.estimate.dtypes import AUTOCAST_DTYPE, WEIGHT_DTYPE
-from vramfit.estimate.graph import Component, DType, Graph, Tensor
+from vramfit.estimate.graph import Backward, Component, DType, Graph, Tensor
 from vramfit.estimate.ops import Ops
 
 
@@ -223,6 +223,10 @@ def param_dims(b: Block) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+# The projections tensor parallel splits by output column (ColwiseParallel); o_proj and
+# down_proj are rowwise (vramfit.estimate.parallel).
+_COLWISE = (".q_proj", ".k_proj", ".v_proj", ".gate_proj", ".up_proj")
+
 PEFT_TYPE = {
     mt: PeftModelType(mt.value) for mt in ModelType if mt.value in PeftModelType._value2member_map_
 }
@@ -287,6 +291,7 @@ class Model:
         self.quant = w.quant
         self.lora_targets: set[str] = set()
         self.quantized: dict[str, tuple[int, int]] = {}  # module path -> (out, in)
+        self.int8_outliers: dict[str, int] = {}  # block path -> outlier input columns
         if w.lora is not None or w.quant is not None:
             assert spec is not None
             self._finetune_params(spec)
@@ -307,6 +312,7 @@ class Model:
             self.params["lm_head.weight"] = self.params[key]
         self.head = True  # the final norm, lm_head and loss run here (not a first PP stage)
         self.sp = 1  # sequence-parallel degree (tensor parallel with --sp)
+        self.tp = 1  # tensor-parallel degree (the shapes are a rank's: parallel.tp_block)
         self._seq_sharded = False
         self.cache: list[Tensor] = []  # the DynamicCache's K/V tensors
         self.returned_weights: Tensor | None = None  # eager attention's probabilities
@@ -320,11 +326,14 @@ class Model:
         fp32 (peft/utils/other.py)."""
         from vramfit.estimate.finetune import (
             block_linears,
+            int8_outlier_columns,
             lora_target_shapes,
             quantized_weight_tensors,
         )
 
         b, g, w = self.b, self.g, self.w
+        if w.quant is not None:
+            self.int8_outliers = int8_outlier_columns(spec, w.quant.int8_outliers)
         lora = w.lora
         if lora is not None and lora.model_type is None:
             lora = Lora.model_validate(
@@ -375,17 +384,71 @@ class Model:
     def gather(self, name: str, x: Tensor, part: str) -> Tensor:
         """Sequence parallel's all-gather before a colwise projection (DTensor
         ``PrepareModuleInput`` with ``Shard(1)`` in, ``Replicate`` out): a new full-sequence
-        tensor, which the projections save; its backward reduce-scatters the gradient."""
+        tensor, which the projections save. ``_c10d_functional`` gathers along dim 0 and
+        ``torch.cat``s the chunks along dim 1 (``all_gather_tensor`` in
+        torch/distributed/_functional_collectives.py): the dim-0 buffer is scratch of the
+        output's size. The backward reduce-scatters the projections' summed gradient:
+        ``reduce_scatter_tensor`` first ``cat``s its dim-1 chunks along dim 0, a full-size
+        copy, beside the seq / sp result."""
         if self.sp == 1:
             return x
-        return self.ops.unary(f"{name} all-gather", x, numel=x.numel * self.sp, part=part)
+        full = x.numel * self.sp
+        out = Tensor(f"{self.ops.prefix}{name} all-gather", full, x.dtype, part=part)
+
+        def backward(bw: Backward) -> None:
+            g = bw.out()
+            bw.new(0, dtype=g.dtype if g else None)
+            if g is not None:
+                bw.temp("chunks along dim 0", full * g.dtype.size)
+
+        self.g.node(
+            f"{self.ops.prefix}{name} all-gather", [x], [out], backward=backward,
+            scratch=[("output along dim 0", full * x.dtype.size)],
+        )
+        return out
 
     def scatter(self, name: str, x: Tensor) -> Tensor:
         """Sequence parallel's reduce-scatter after a rowwise projection (``output_layouts
-        Shard(1)``): this rank's seq / sp rows; the backward all-gathers the gradient."""
+        Shard(1)``): this rank's seq / sp rows, after a full-size ``cat`` of the dim-1
+        chunks along dim 0 (scratch); the backward all-gathers the gradient (a full-size
+        gradient and the dim-0 buffer it is ``cat`` from, see ``gather``). The embeddings'
+        ``Replicate`` to ``Shard(1)`` is a local split (``Shard._split_tensor``), copied
+        contiguous: no scratch. Without sequence parallel, ``RowwiseParallel``'s
+        ``Partial`` to ``Replicate`` all-reduce: functional collectives reduce out of place
+        (``_c10d_functional.all_reduce`` clones its input), a second tensor of the output's
+        size; its backward passes the gradient on."""
+        o = self.ops
         if self.sp == 1:
+            if self.tp == 1 or name == "embeddings":
+                return x
+            out = Tensor(f"{o.prefix}{name} all-reduce", x.numel, x.dtype, part=x.part)
+            self.g.node(
+                f"{o.prefix}{name} all-reduce", [x], [out],
+                backward=lambda bw: bw.alias(0, bw.out()),
+            )
+            return out
+        local = "split" if name == "embeddings" else "reduce-scatter"
+        out = Tensor(f"{o.prefix}{name} {local}", x.numel // self.sp, x.dtype, part=x.part)
+
+        def backward(bw: Backward) -> None:
+            g = bw.out()
+            bw.new(0, dtype=g.dtype if g else None)
+            if g is not None:
+                bw.temp("all-gather output along dim 0", x.numel * g.dtype.size)
+
+        scratch = [] if local == "split" else [("chunks along dim 0", x.numel * x.dtype.size)]
+        self.g.node(f"{o.prefix}{name} {local}", [x], [out], backward=backward, scratch=scratch)
+        return out
+
+    def colwise_input(self, name: str, x: Tensor) -> Tensor:
+        """``ColwiseParallel``'s input without sequence parallel: ``DTensor.from_local(x,
+        Replicate)``, a view; in backward ``_FromTorchTensor`` redistributes the projection's
+        ``Partial`` input gradient to ``Replicate``, an all-reduce that copies it (out of
+        place), once per projection. With sequence parallel the projections share the one
+        all-gathered DTensor, whose backward reduce-scatters their summed gradient."""
+        if self.tp == 1 or self.sp > 1 or not name.endswith(_COLWISE):
             return x
-        return self.ops.unary(f"{name} reduce-scatter", x, numel=x.numel // self.sp)
+        return self.ops.view(x, f"{name} input (Replicate)", copy_backward=True)
 
     def p(self, name: str) -> Tensor:
         return self.params[name]
@@ -411,6 +474,12 @@ class Model:
         return o.binary(f"{prefix} output", w, normed, "mul", part="norm")
 
     def norm(self, prefix: str, x: Tensor) -> Tensor:
+        if self.tp > 1:
+            # a replicated or SequenceParallel norm takes ``DTensor.from_local(x)``, a view
+            # with its own autograd node: the norm's two gradients of x sum there, apart
+            # from the residual's, which waits in x's input buffer until the view's
+            # backward hands the sum over (_FromTorchTensor.backward returns it as it is)
+            x = self.ops.view(x, f"{prefix} input (DTensor)")
         if self.b.layernorm:
             return self.ops.layer_norm(
                 prefix, x, self.p(f"{prefix}.weight"), self.p(f"{prefix}.bias"), self.n
@@ -423,6 +492,7 @@ class Model:
         Linear.forward, lora/bnb.py Linear8bitLt.forward and Linear4bit.forward)."""
         o = self.ops
         quant = self.quant
+        x = self.colwise_input(name, x)
         if name in self.quantized and quant is not None:
             out_f, in_f = self.quantized[name]
             adapted = self.lora is not None and _block_path(name) in self.lora_targets
@@ -435,6 +505,7 @@ class Model:
                     out_f,
                     in_f,
                     threshold=quant.int8_threshold,
+                    outlier_cols=self.int8_outliers.get(_block_path(name), 0),
                 )
                 adapted = False
             else:
@@ -832,6 +903,7 @@ def build(
     layer_cached: list[int] | None = None,
     head: bool = True,
     sp: int = 1,
+    tp: int = 1,
 ) -> tuple[Graph, Model, Tensor, Tensor | None]:
     """The graph of one forward of ``spec``: (graph, model, logits, loss or None). Without
     ``head`` (a first pipeline stage) the graph stops at the last block, whose output stands
@@ -855,6 +927,7 @@ def build(
     )
     m.head = head
     m.sp = sp
+    m.tp = tp
     ids = g.leaf(
         "input ids", batch * seq, DType.int64, requires_grad=False, component=Component.activations
     )
