@@ -76,10 +76,12 @@ def _workload(rng: random.Random, learned: bool) -> list[str]:
         return args
     if extra < 0.15:
         args += ["--lora-rank", "16", "--lora-targets", "all-linear"]
-        if rng.random() < 0.5:
-            args += ["--quant", "nf4"]
+        if rng.random() < 0.6:
+            args += ["--quant", rng.choice(["nf4", "int8"])]
     elif extra < 0.22:
         args += ["--gpus", "8", "--fsdp", "full"]
+        if rng.random() < 0.3:
+            args += ["--no-reshard-after-forward"]
     elif extra < 0.27:
         args += ["--gpus", "2", "--tp", "2"]
     elif extra < 0.32:

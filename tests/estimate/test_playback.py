@@ -24,6 +24,8 @@ RUNS = [
     ({"impl": "reference", "checkpointing": "selective", "precision": "fp32"}, {}),
     ({"impl": "reference", "checkpointing": "full", "optimizer": "adafactor"}, {}),
     ({}, {"gpus": 4, "fsdp": "full"}),
+    ({}, {"gpus": 4, "fsdp": "full", "reshard_after_forward": 2}),
+    ({"lora": {"r": 8}, "quant": {"kind": "int8"}, "precision": "bf16"}, {}),
     ({"checkpointing": "full"}, {"gpus": 4, "zero": 3}),
     ({}, {"gpus": 4, "zero": 2}),
     ({}, {"gpus": 2, "ddp": True}),
