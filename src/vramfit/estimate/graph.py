@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from vramfit.estimate.kernels import H200, Multiprocessors, column_sum_scratch_bytes
@@ -404,10 +405,12 @@ class _Sim:
     def unref(self, t: Tensor) -> None:
         s = self.st(t)
         s.refs -= 1
-        self.free_if_unused(t)
+        self._free_if_unused(s)
 
     def free_if_unused(self, t: Tensor) -> None:
-        s = self.st(t)
+        self._free_if_unused(self.st(t))
+
+    def _free_if_unused(self, s: _Storage) -> None:
         if s.refs <= 0 and not s.persistent and s.key is not None:
             self.tape.free(s.key)
             s.key = None
@@ -422,9 +425,7 @@ class _Sim:
     def unpin(self, n: Node) -> None:
         for st in self.pinned.pop(id(n), []):
             st.refs -= 1
-            if st.refs <= 0 and not st.persistent and st.key is not None:
-                self.tape.free(st.key)
-                st.key = None
+            self._free_if_unused(st)
 
     def unref_grad(self, g: Grad) -> None:
         g.storage.refs -= 1
@@ -576,7 +577,7 @@ def run_backward(sim: _Sim, loss: Tensor) -> None:
     started: set[int] = set()
     if hooks is not None:
         hooks.backward_start(sim)
-    for n in sorted(nodes, key=lambda n: n.seq, reverse=True):
+    for n in sorted(nodes, key=attrgetter("seq"), reverse=True):
         if hooks is not None and n.unit is not None and n.unit not in started:
             started.add(n.unit)
             hooks.unit_backward(sim, n.unit)
