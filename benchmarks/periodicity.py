@@ -27,9 +27,9 @@ from collections import Counter
 from vramfit.config import RunSpec
 from vramfit.estimate.allocator import CachingAllocator
 from vramfit.estimate.overhead import cublas_workspace_bytes
+from vramfit.estimate.profiles.reference import training_steps as reference_training_steps
 from vramfit.estimate.schedule import hf_training_steps
 from vramfit.estimate.timeline import Timeline
-from vramfit.estimate.training import build_training_steps
 
 BLOCK = re.compile(r"block (\d+) ")
 
@@ -50,7 +50,7 @@ def main() -> int:
         {"model": {"layers": args.layers, "hidden": args.hidden}, "workload": {"impl": args.impl}}
     )
     spec = run.model.resolved()
-    build = hf_training_steps if args.impl == "hf" else build_training_steps
+    build = hf_training_steps if args.impl == "hf" else reference_training_steps
     first, steady, _ = build(spec, run.workload, cublas_workspace_bytes(None, (9, 0)))
     print(f"$ {shlex.join(['python', *sys.argv])}")
     print(
