@@ -78,15 +78,15 @@ def _workload(rng: random.Random, learned: bool) -> list[str]:
         args += ["--lora-rank", "16", "--lora-targets", "all-linear"]
         if rng.random() < 0.6:
             args += ["--quant", rng.choice(["nf4", "int8"])]
-    elif extra < 0.22:
+    elif extra < 0.30:
         args += ["--gpus", "8", "--fsdp", "full"]
-        if rng.random() < 0.3:
-            args += ["--no-reshard-after-forward"]
-    elif extra < 0.27:
+        args += rng.choice([[], ["--reshard-after-forward", "false"],
+                            ["--reshard-after-forward", "2"], ["--offload", "params"]])
+    elif extra < 0.36:
         args += ["--gpus", "2", "--tp", "2"]
-    elif extra < 0.32:
+    elif extra < 0.42:
         args += ["--gpus", "4", "--zero", "2"]
-    elif extra < 0.37:
+    elif extra < 0.48:
         args += ["--gpus", "2", "--pp", "2"]
     return args
 

@@ -57,6 +57,24 @@ def test_int8_generate() -> None:
             ["--impl", "reference", "--optimizer", "paged-adamw-8bit"],
             "--optimizer: optimizer paged-adamw-8bit is modelled by the hf profile",
         ),
+        (["--int8-outliers", "down_proj=0.5"], "--quant: give --quant nf4|fp4|int8"),
+        (
+            ["--quant", "nf4", "--lora-rank", "8", "--int8-outliers", "down_proj=0.5"],
+            "--int8-outliers: applies to int8 (LLM.int8) only",
+        ),
+        (
+            ["--quant", "int8", "--lora-rank", "8", "--int8-outliers", "c_fc=0.5"],
+            "--int8-outliers: 'c_fc' is not a linear layer of the block",
+        ),
+        (
+            ["--quant", "int8", "--lora-rank", "8", "--int8-outliers", "down_proj"],
+            "--int8-outliers: expected NAME=FRACTION",
+        ),
+        (
+            ["--quant", "int8", "--lora-rank", "8", "--int8-outliers", "down_proj=1.5"],
+            "--int8-outliers: must be a fraction in [0, 1]",
+        ),
+        (["--lora-rank", "8", "--lora-targets", "c_fc"], "--lora-targets: 'c_fc' is not a"),
     ],
 )
 def test_bad_combinations_name_the_option(args: list[str], message: str) -> None:
@@ -82,3 +100,26 @@ def test_paged_optimizer_state_is_managed_memory() -> None:
 def test_kv_dtype_falls_back_with_the_reason() -> None:
     doc = _json("--mode", "infer", "--gen-tokens", "16", "--kv-dtype", "fp8")
     assert any("optimum-quanto or HQQ" in n and "reference" in n for n in doc["notes"])
+
+
+def test_int8_outlier_columns_are_kept_for_backward() -> None:
+    """Each outlier column of an int8 layer's input is kept (x's dtype) until backward: the
+    peak grows with the fraction, by about tokens x columns x 4 bytes per layer at most."""
+    base = _json("--quant", "int8", "--lora-rank", "8")
+    some = _json("--quant", "int8", "--lora-rank", "8", "--int8-outliers", "down_proj=0.5")
+    every = _json("--quant", "int8", "--lora-rank", "8", "--int8-outliers", "down_proj=1")
+    assert some["workload"]["quant"]["int8_outliers"] == {"down_proj": 0.5}
+    peaks = [doc["peak_allocated_bytes"] for doc in (base, some, every)]
+    assert peaks[0] < peaks[1] < peaks[2]
+    # Llama-3.2-1B: 16 layers, ffn 8192, 2 x 512 tokens, fp32 inputs after
+    # prepare_model_for_kbit_training: subA of every down_proj is at most 16 x 1024 x 8192 x 4
+    assert peaks[2] - peaks[0] <= 16 * 1024 * 8192 * 4 * 1.1
+
+
+def test_reshard_after_forward_takes_true_false_or_k() -> None:
+    layout = ["--gpus", "8", "--fsdp", "full", "--reshard-after-forward"]
+    peaks = {k: _json(*layout, k)["peak_allocated_bytes"] for k in ("true", "2", "false")}
+    # keeping 1/2 of each layer between forward and backward sits between both ends
+    assert peaks["true"] < peaks["2"] < peaks["false"]
+    result = runner.invoke(app, [*SMALL, *layout, "3"])
+    assert result.exit_code == 2 and "--reshard-after-forward" in result.stderr

@@ -1,8 +1,9 @@
 """``vramfit measure --gpus N --tp T``'s code path on the CPU (no memory is measured): the
 real DTensor plan, FSDP2 over it and the training loop run end to end under a fake process
-group, so that a GPU run cannot die of a Python error; what cannot be measured is refused in
-one line. And FSDP2's integer ``reshard_after_forward``, held against the real FSDPParam
-state after forward."""
+group, so that a GPU run cannot die of a Python error (FSDP2's CPUOffloadPolicy too: its
+shards and optimizer then stay on the CPU); what cannot be measured is refused in one line.
+And FSDP2's integer ``reshard_after_forward``, held against the real FSDPParam state after
+forward."""
 
 from __future__ import annotations
 
@@ -32,8 +33,10 @@ def _run(parallel: dict, model: dict | None = None, **workload: object) -> RunSp
         ({"gpus": 2, "tp": 2}, {"precision": "amp-bf16"}),
         ({"gpus": 4, "tp": 2, "sp": True, "fsdp": "full"},
          {"precision": "bf16", "checkpointing": "full"}),
+        ({"gpus": 4, "fsdp": "full", "offload": "params"},
+         {"precision": "amp-bf16", "checkpointing": "full"}),
     ],
-    ids=["tp-amp", "fsdp-tp-sp-ckpt"],
+    ids=["tp-amp", "fsdp-tp-sp-ckpt", "fsdp-cpu-offload-ckpt"],
 )
 def test_tp_measure_path_runs_on_cpu(parallel: dict, workload: dict) -> None:
     pytest.importorskip("torch")
@@ -59,7 +62,8 @@ def test_tp_measure_path_runs_on_cpu(parallel: dict, workload: dict) -> None:
         ({"gpus": 4, "tp": 2, "ddp": True}, None, "measure runs FSDP2 full or shard-grad-op"),
         ({"gpus": 4, "tp": 2, "pp": 2}, None, "measure runs FSDP2 full or shard-grad-op"),
         ({"gpus": 4, "zero": 3}, None, "measure runs FSDP2 full or shard-grad-op"),
-        ({"gpus": 4, "fsdp": "full", "offload": "params"}, None, "measure runs FSDP2 without"),
+        ({"gpus": 4, "tp": 2, "fsdp": "full", "offload": "params"}, None,
+         "measure runs --offload params without --tp"),
         ({"gpus": 2, "tp": 2},
          {"arch": "gpt2", "layers": 2, "hidden": 64, "heads": 4, "vocab": 128},
          "measure --tp runs Llama-style models"),
@@ -72,6 +76,14 @@ def test_what_cannot_be_measured_is_refused(
 
     with pytest.raises(VramfitError, match=message):
         check_fsdp_measurable(_run(parallel, model))
+
+
+def test_cpu_offload_needs_an_optimizer_that_steps_cpu_tensors() -> None:
+    from vramfit.measure.fsdp import check_fsdp_measurable
+
+    run = _run({"gpus": 4, "fsdp": "full", "offload": "params"}, optimizer="adam-8bit")
+    with pytest.raises(VramfitError, match="steps on the CPU: use a torch.optim optimizer"):
+        check_fsdp_measurable(run)
 
 
 @pytest.mark.parametrize("k", [2, 4])

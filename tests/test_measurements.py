@@ -38,6 +38,7 @@ SETS = {
     "accuracy-parallel.txt": [
         "h200-fsdp-validation1/fsdp-validation1.jsonl",
         "h200-fsdp-validation2/fsdp-validation2.jsonl",
+        "h200-fsdp-validation3/fsdp-validation3.jsonl",
         "h200-tp-validation1/tp-validation1.jsonl",
     ],
 }

@@ -159,6 +159,8 @@ NESTED_OPTIONS = {
     ("quant", "kind"): "--quant",
     ("quant", "double_quant"): "--quant-double",
     ("quant", "compute_dtype"): "--quant-compute-dtype",
+    ("quant", "int8_threshold"): "--int8-threshold",
+    ("quant", "int8_outliers"): "--int8-outliers",
     ("lora", "r"): "--lora-rank",
     ("lora", "alpha"): "--lora-alpha",
     ("lora", "dropout"): "--lora-dropout",
@@ -294,6 +296,9 @@ def build_run(
         if err.field and err.field.startswith("parallel."):
             name = err.field.removeprefix("parallel.")
             err.field = PARALLEL_OPTIONS.get(name, f"--{name.replace('_', '-')}")
+        elif err.field and err.field.startswith("workload."):  # a LoRA / quant check
+            nested = tuple(err.field.removeprefix("workload.").split(".")[:2])
+            err.field = NESTED_OPTIONS.get(nested, err.field)
         raise
     return run
 
@@ -499,6 +504,47 @@ QuantComputeOpt = Annotated[
         help="bnb_4bit_compute_dtype: fp32 (BitsAndBytesConfig's default), bf16 or fp16.",
     ),
 ]
+Int8ThresholdOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--int8-threshold",
+        help="llm_int8_threshold of --quant int8 (default: 6.0, as BitsAndBytesConfig).",
+    ),
+]
+Int8OutliersOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--int8-outliers",
+        help="With --quant int8: down_proj=0.9,... the fraction of each layer's input columns "
+        "that reach the threshold (the data decide; default: none). measure reports them.",
+    ),
+]
+
+
+def _outlier_fractions(text: str) -> dict[str, float]:
+    """``--int8-outliers down_proj=0.9,o_proj=0.01`` as a mapping; ranges and names are
+    checked by the config models."""
+    out: dict[str, float] = {}
+    for item in (i for i in text.split(",") if i):
+        name, eq, value = item.partition("=")
+        try:
+            if not eq or not name:
+                raise ValueError
+            out[name] = float(value)
+        except ValueError:
+            raise VramfitError(
+                f"expected NAME=FRACTION, got {shown(item)}", field="--int8-outliers"
+            ) from None
+    return out
+
+
+def _reshard(text: str) -> bool | int:
+    """``--reshard-after-forward true|false|K``: FSDP2 takes a bool or an integer."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    return _whole(MAX_GPUS)(text)
+
 
 # Multi-GPU layout options (the RunSpec's ``parallel`` block).
 GpusOpt = Annotated[
@@ -510,11 +556,12 @@ FsdpOpt = Annotated[
     typer.Option("--fsdp", help="FSDP2 fully_shard on each decoder layer and the root."),
 ]
 ReshardOpt = Annotated[
-    bool | None,
+    str | None,
     typer.Option(
-        "--reshard-after-forward/--no-reshard-after-forward",
-        help="FSDP2 reshard_after_forward of the layers (default: on for full, off for "
-        "shard-grad-op).",
+        "--reshard-after-forward",
+        parser=_reshard,
+        help="FSDP2 reshard_after_forward of the layers: true, false, or K (reshard to "
+        "groups of K ranks) (default: true for full, false for shard-grad-op).",
         show_default=False,
     ),
 ]
@@ -578,6 +625,8 @@ SHARED_RUN_OPTIONS: dict[str, Any] = {
     "quant": QuantOpt,
     "quant_double": QuantDoubleOpt,
     "quant_compute_dtype": QuantComputeOpt,
+    "int8_threshold": Int8ThresholdOpt,
+    "int8_outliers": Int8OutliersOpt,
     "gpus": GpusOpt,
     "fsdp": FsdpOpt,
     "reshard_after_forward": ReshardOpt,
@@ -660,6 +709,8 @@ RUN_OPTIONS = {
     "quant": "--quant",
     "quant_double": "--quant-double",
     "quant_compute_dtype": "--quant-compute-dtype",
+    "int8_threshold": "--int8-threshold",
+    "int8_outliers": "--int8-outliers",
 }
 
 
@@ -687,8 +738,15 @@ def _lora_and_quant(o: dict[str, Any]) -> dict[str, Any]:
             quant["double_quant"] = o["quant_double"]
         if o["quant_compute_dtype"] is not None:
             quant["compute_dtype"] = o["quant_compute_dtype"]
+        if o["int8_threshold"] is not None:
+            quant["int8_threshold"] = o["int8_threshold"]
+        if o["int8_outliers"] is not None:
+            quant["int8_outliers"] = _outlier_fractions(o["int8_outliers"])
         out["quant"] = quant
-    elif o["quant_double"] is not None or o["quant_compute_dtype"] is not None:
+    elif any(
+        o[k] is not None
+        for k in ("quant_double", "quant_compute_dtype", "int8_threshold", "int8_outliers")
+    ):
         raise VramfitError(
             "give --quant nf4|fp4|int8 with the other quantization options", field="--quant"
         )
@@ -957,6 +1015,8 @@ def _apply_change(run: RunSpec, change: str) -> RunSpec:
         "quant",
         "quant_double",
         "quant_compute_dtype",
+        "int8_threshold",
+        "int8_outliers",
     )
     adapters = _lora_and_quant({k: options.pop(k, None) for k in adapter_keys})
     workload = {**run.workload.model_dump(), **options, **adapters}

@@ -1065,7 +1065,7 @@ class FinetuneSpec(_Strict):
         try:
             int8_outlier_columns(spec, quant.int8_outliers)
         except LoraTargetError as exc:
-            _field_error(("quant", exc.field), exc.reason, exc.value)
+            _field_error(exc.field, exc.reason, exc.value)
         return quant
 
     @model_validator(mode="after")

@@ -40,3 +40,31 @@ def test_a_short_reduction_needs_no_scratch() -> None:
 def test_fewer_multiprocessors_split_a_wide_reduction_less() -> None:
     t4 = Multiprocessors(count=40, max_threads=1024)  # Turing: 40 SMs, 1024 threads each
     assert 0 < column_sum_scratch_bytes(4096, 5120, t4) < column_sum_scratch_bytes(4096, 5120, H200)
+
+
+def test_a_per_row_gradient_is_reduced_without_a_column_sum_scratch() -> None:
+    """RMSNorm's ``x * rsqrt(mean(x^2))``: the gradient of the (rows, 1) factor sums along
+    the fastest-moving dimension, which stages nothing (no such request in the H200 trace of
+    Gemma-2's norm backward); a (width,) factor's gradient is a column sum that does."""
+    from vramfit.estimate.graph import DType, Graph, run_backward, run_forward
+    from vramfit.estimate.ops import Ops
+    from vramfit.estimate.timeline import Tape
+
+    rows, width = 4096, 2304
+
+    def scratch(per_row: bool) -> list[int]:
+        g = Graph(grad=True)
+        ops = Ops(g, None)
+        x = g.leaf("x", rows * width, DType.fp32, requires_grad=True)
+        if per_row:
+            factor = ops.mean("variance", ops.pow("x^2", x), rows)
+        else:
+            factor = g.leaf("weight", width, DType.fp32, requires_grad=True)
+        y = ops.binary("x * factor", x, factor, "mul")
+        tape = Tape()
+        sim = run_forward(g, tape)
+        run_backward(sim, y)
+        return [sum(r.sizes) for r in tape.records if r.name.endswith("reduction")]
+
+    assert scratch(per_row=False) == [column_sum_scratch_bytes(rows, width)] != [0]
+    assert scratch(per_row=True) == []

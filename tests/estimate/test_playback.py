@@ -25,6 +25,7 @@ RUNS = [
     ({"impl": "reference", "checkpointing": "full", "optimizer": "adafactor"}, {}),
     ({}, {"gpus": 4, "fsdp": "full"}),
     ({}, {"gpus": 4, "fsdp": "full", "reshard_after_forward": 2}),
+    ({}, {"gpus": 4, "fsdp": "full", "offload": "params"}),
     ({"lora": {"r": 8}, "quant": {"kind": "int8"}, "precision": "bf16"}, {}),
     ({"checkpointing": "full"}, {"gpus": 4, "zero": 3}),
     ({}, {"gpus": 4, "zero": 2}),

@@ -18,8 +18,10 @@ from vramfit.measure.train import measure_train  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("mode", ["full", "shard-grad-op"])
-def test_fsdp2_rank0_matches_the_prediction(mode: str) -> None:
+@pytest.mark.parametrize(
+    ("mode", "offload"), [("full", "none"), ("shard-grad-op", "none"), ("full", "params")]
+)
+def test_fsdp2_rank0_matches_the_prediction(mode: str, offload: str) -> None:
     import torch.distributed as dist
 
     run = RunSpec.model_validate(
@@ -28,7 +30,7 @@ def test_fsdp2_rank0_matches_the_prediction(mode: str) -> None:
                       "vocab": 32000},
             "workload": {"impl": "hf", "loop": "drops", "optimizer": "adamw", "batch": 4,
                          "seq": 1024, "checkpointing": "full"},
-            "parallel": {"gpus": 4, "fsdp": mode},
+            "parallel": {"gpus": 4, "fsdp": mode, "offload": offload},
         }
     )
     try:

@@ -35,6 +35,19 @@ follows is read from torch/distributed/fsdp/_fully_shard/ (torch 2.11 and 2.13 a
   reduce-scatter stream: it becomes the sharded ``.grad`` (a cast to the orig dtype, on the
   same stream, when they differ). The root's runs in the final backward callback, which then
   drops the last input.
+- ``offload_policy=CPUOffloadPolicy()`` (``--offload params``): ``_init_sharded_param`` moves
+  each padded shard to the CPU (``.cpu()``, then ``.pin_memory()``), so the GPU holds no
+  sharded parameter. ``_get_param_all_gather_inputs`` then skips its foreach fast path
+  (``not fsdp_param.offload_to_cpu``): per parameter, ``FSDPParam.all_gather_inputs`` copies
+  the shard to the GPU in the orig dtype (``_sharded_param_data.to(device,
+  non_blocking=True)``, on the copy-in stream: ``foreach_all_gather``'s stream context) and
+  ``_to_dtype_if_needed`` casts it to ``param_dtype`` (the orig-dtype copy dies at once when
+  they differ); every parameter's input lives until ``foreach_all_gather`` returns, after the
+  all-gather output is allocated and filled. In ``foreach_reduce`` each sharded gradient is
+  copied to the CPU (``new_sharded_grad.to("cpu", non_blocking=...)``) and the GPU shard
+  (``reduce_output``, in the orig dtype after any cast) dies when the function returns. The
+  optimizer then steps the CPU parameters with CPU gradients: no GPU state or temporaries.
+  The post-forward 1/K shards of an integer ``reshard_after_forward`` stay on the GPU.
 - The caching allocator keeps each stream's blocks apart (``allocator.py``), which is why the
   device holds much more than the peak of allocated memory.
 
@@ -48,7 +61,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from vramfit.config import Parallel, Precision, Workload
+from vramfit.config import Offload, Parallel, Precision, Workload
 from vramfit.estimate.graph import Component, DType, Hooks, Tensor, _Sim
 from vramfit.estimate.profiles import hf
 from vramfit.estimate.timeline import Tape
@@ -160,9 +173,12 @@ def compute_workload(w: Workload) -> Workload:
 class FsdpHooks(Hooks):
     """FSDP2's hooks, replayed onto the tape of one rank."""
 
-    def __init__(self, groups: dict[int, Group], world: int, precision: Precision) -> None:
+    def __init__(
+        self, groups: dict[int, Group], world: int, precision: Precision, offload: bool = False
+    ) -> None:
         self.groups = groups
         self.world = world
+        self.offload = offload  # CPUOffloadPolicy: the shards and their gradients on the CPU
         self.param_dtype, self.reduce_dtype, self.orig_dtype = POLICY[precision]
         self.layers = sorted(u for u in groups if u != ROOT)
         self.all_gather_state: int | None = None
@@ -181,6 +197,28 @@ class FsdpHooks(Hooks):
                 f"{g.name} all-gather output", Component.collective_buffers,
                 g.padded_numel * self.param_dtype.size, stream=COPY_IN_STREAM,
             )
+            return
+        if self.offload:  # FSDPParam.all_gather_inputs, one parameter at a time
+            inputs = []
+            for p in g.params:
+                on_gpu = t.new(
+                    f"{p.name} shard copied to the GPU", Component.collective_buffers,
+                    p.shard_numel * self.orig_dtype.size, stream=COPY_IN_STREAM,
+                )
+                if self.param_dtype is not self.orig_dtype:  # _to_dtype_if_needed
+                    cast = t.new(
+                        f"{p.name} shard ({self.param_dtype.value})",
+                        Component.collective_buffers, p.shard_numel * self.param_dtype.size,
+                        stream=COPY_IN_STREAM,
+                    )
+                    t.free(on_gpu)
+                    on_gpu = cast
+                inputs.append(on_gpu)
+            g.pending = t.new(
+                f"{g.name} all-gather output", Component.collective_buffers,
+                nbytes * self.world, stream=COPY_IN_STREAM,
+            )
+            t.free(*inputs)  # foreach_all_gather returns
             return
         if self.param_dtype is not self.orig_dtype:  # _get_param_all_gather_inputs
             copy_in = t.new(
@@ -251,11 +289,15 @@ class FsdpHooks(Hooks):
         )
         if self.reduce_dtype is not self.orig_dtype:  # _to_dtype_if_needed
             t.op(f"FSDP gradients to {self.orig_dtype.value} {g.name}")
-            t.new(
+            cast = t.new(
                 f"{g.name} sharded gradients ({self.orig_dtype.value})",
                 Component.sharded_gradients, g.shard_numel * self.orig_dtype.size,
                 stream=REDUCE_SCATTER_STREAM,
             )
+            t.free(out)
+            out = cast
+        if self.offload:  # copied to the CPU; the GPU shard dies as foreach_reduce returns
+            t.op(f"FSDP gradients to the CPU {g.name}")
             t.free(out)
         self.reduce_scatter_states.append(rs_input)
 
@@ -321,7 +363,7 @@ def attach(model: hf.Model, par: Parallel, precision: Precision) -> FsdpHooks:
     parameters, in ``model.parameters()`` order like ``param_rows``)."""
     groups = shard_groups(model.b, par.shard, par.reshards)
     by_name = {p.name: p for g in groups.values() for p in g.params}
-    hooks = FsdpHooks(groups, par.shard, precision)
+    hooks = FsdpHooks(groups, par.shard, precision, par.offload is Offload.params)
     for leaf in model.param_list:
         by_name[leaf.name].leaf = leaf
         hooks.ordered.append(by_name[leaf.name])

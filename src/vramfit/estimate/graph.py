@@ -113,6 +113,10 @@ class Tensor:
     # a parameter (or a copy or gradient of one) of a model declared at another size than
     # its shapes give (``--params``): bytes are round(numel * scale * itemsize)
     scale: float = 1.0
+    # one value per row, (..., 1): ``mean(-1, keepdim=True)`` and elementwise ops on it. A
+    # gradient broadcast from it is reduced along the fastest-moving dimension, which
+    # stages nothing in global memory (unlike a bias's column sum)
+    per_row: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -635,11 +639,12 @@ def _validate(sim: _Sim, n: Node, i: int, g: Grad) -> Grad:
         reduced = sim.new_grad(
             f"{n.name} grad of {x.name}", x.numel, g.dtype, Component.activation_grads, x.scale
         )
-        tape.temp(
-            f"{n.name} grad of {x.name} reduction",
-            Component.activation_grads,
-            column_sum_scratch_bytes(rows, x.numel, sim.mp),
-        )
+        if not x.per_row:  # a column sum: its blocks may stage partial sums
+            tape.temp(
+                f"{n.name} grad of {x.name} reduction",
+                Component.activation_grads,
+                column_sum_scratch_bytes(rows, x.numel, sim.mp),
+            )
         sim.unref_grad(g)
         g = reduced
     if g.dtype != x.dtype:

@@ -391,6 +391,7 @@ class Ops:
         if fp32:
             x = self._autocast_fp32(x)
         out = self._t(name, x.numel if numel is None else numel, dtype or x.dtype, part=part)
+        out.per_row = x.per_row and numel is None
         saved = {"input": [x], "output": [out], "none": []}[saves]
 
         def backward(bw: Backward) -> None:
@@ -407,6 +408,7 @@ class Ops:
 
     def add_scalar(self, name: str, x: Tensor, *, part: str = "") -> Tensor:
         out = self._t(name, x.numel, x.dtype, part=part)
+        out.per_row = x.per_row
         self.g.node(
             f"{self.prefix}{name}", [x], [out], backward=lambda bw: bw.alias(0, bw.out())
         )
@@ -460,6 +462,7 @@ class Ops:
         """``x.mean(-1, keepdim=True)``: one value per row; backward expands and divides:
         a full-size gradient (MeanBackward1)."""
         out = self._t(name, rows, x.dtype)
+        out.per_row = True
         self.g.node(f"{self.prefix}{name}", [x], [out], backward=lambda bw: bw.new(0))
         return out
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vramfit.config import Fsdp, ModelSpec, Offload, Parallel, Workload
+from vramfit.config import Fsdp, ModelSpec, Parallel, Workload
 from vramfit.estimate.kernels import H200, Multiprocessors
 from vramfit.estimate.timeline import Timeline
 
@@ -166,14 +166,13 @@ def training_steps(
 
     notes = []
     if par.fsdp is not Fsdp.none:
-        first, steady, block = schedule.fsdp_training_steps(spec, w, par, workspace_bytes, mp)
+        first, steady, block, cpu = schedule.fsdp_training_steps(
+            spec, w, par, workspace_bytes, mp
+        )
         notes.append(
             "FSDP2: measured on one GPU with a fake process group (no communication); NCCL's "
             "memory is a model, unmeasured"
         )
-        cpu = 0
-        if par.offload is Offload.params:
-            notes.append("offload params: modelled as the GPU layout (CPUOffloadPolicy is not)")
         return LayoutSteps(first, steady, block, nccl_bytes(par), cpu, notes)
     first, steady, block, cpu = schedule.replicated_training_steps(
         spec, w, par, workspace_bytes, mp, in_flight

@@ -386,10 +386,12 @@ def fsdp_training_steps(
     par: Parallel,
     workspace_bytes: int,
     mp: Multiprocessors = H200,
-) -> tuple[Timeline, Timeline, dict[str, int]]:
+) -> tuple[Timeline, Timeline, dict[str, int], int]:
     """The first and a steady training step of rank 0 under FSDP2 (``vramfit.estimate.fsdp``):
     the hf profile's graph in ``param_dtype``, whose parameters the FSDP hooks all-gather and
-    free around each layer, and an optimizer over the fp32 shards."""
+    free around each layer, and an optimizer over the fp32 shards. The last item is what
+    ``--offload params`` (``CPUOffloadPolicy``) keeps on the CPU: the shards, their gradients
+    (both in the orig dtype) and the optimizer state, which then steps there."""
     from vramfit.estimate import fsdp, parallel
 
     spec = parallel.tp_block(spec, par)  # with tp > 1, the 2-D layout: FSDP over TP shards
@@ -403,25 +405,32 @@ def fsdp_training_steps(
         graph.hold(logits, "step")
         for kv in model.cache:
             graph.hold(kv, "step")
+    offload = par.offload is Offload.params
     steps = []
     block_bytes: dict[str, int] = {}
+    cpu = 0
     span: Span | None = None  # the first step's forward and backward (see hf_training_steps)
     forward_end = 0
     for first in (True, False):
         hooks = fsdp.attach(model, par, w.precision)
         shards = fsdp.sharded_params(hooks)
+        if offload:  # pinned CPU shards, their CPU gradients and the CPU optimizer's state
+            shard_bytes = sum(p.nbytes for p in shards)
+            cpu = 2 * shard_bytes + sum(_optimizer_state(w.optimizer, model, shards))
         t = Tape()
         t.op("build")
         # to_empty + FSDPParam.reset_sharded_param: each padded shard, in the orig dtype
-        t.persist("sharded weights", Component.sharded_weights, [p.nbytes for p in shards])
+        t.persist("sharded weights", Component.sharded_weights,
+                  [] if offload else [p.nbytes for p in shards])
         t.op("start")
         t.persist("input ids and labels", Component.activations, [w.batch * w.seq * INT64] * 2)
         if not first:
-            t.persist(
-                "optimizer state",
-                Component.optimizer_state,
-                _optimizer_state(w.optimizer, model, shards),
-            )
+            if not offload:
+                t.persist(
+                    "optimizer state",
+                    Component.optimizer_state,
+                    _optimizer_state(w.optimizer, model, shards),
+                )
             _warm_workspaces(t, w, b, workspace_bytes)
         sim: _Sim | None = None  # a step that plays the first's back simulates nothing
         if span is None:
@@ -435,13 +444,17 @@ def fsdp_training_steps(
             span = t.span(start, leave_out=ws.keys)
         else:
             t.play(span)
-        _step(t, w, model, shards, first)
+        if offload:  # clipping and the step run on the CPU tensors
+            t.phase = "optimizer"
+            t.op("optimizer step (on the CPU)")
+        else:
+            _step(t, w, model, shards, first)
         if sim is not None:
             release_held(sim, "step")
         steps.append(t.finish())
         if not first:
             block_bytes = t.block_bytes(forward_end)
-    return steps[0], steps[1], block_bytes
+    return steps[0], steps[1], block_bytes, cpu
 
 
 _HEAD_PARAMS = ("lm_head.", "model.norm.", "transformer.ln_f.")

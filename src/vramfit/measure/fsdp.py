@@ -11,7 +11,9 @@ communicated. torchtitan's memory estimator (scripts/estimate/estimation.py) wor
 The model is built as torchtitan and accelerate build large models: the transformers model on
 the meta device, ``fully_shard`` on each decoder layer and then on the model, with a
 ``MixedPrecisionPolicy``, then ``to_empty`` on the GPU and a random initialisation of the
-local shards.
+local shards. With ``--offload params`` each ``fully_shard`` also gets a ``CPUOffloadPolicy``
+(pinned shards on the CPU, gradients copied there, the optimizer stepping there), and
+``to_empty`` materialises the shards on the CPU and the buffers on the GPU.
 
 Tensor parallel (``vramfit.measure.tp``) is DTensor's ``parallelize_module`` over a 1-D "tp"
 mesh, or over the "tp" dimension of a 2-D ("dp", "tp") mesh whose "dp" dimension
@@ -22,7 +24,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from vramfit.config import Checkpointing, Fsdp, Offload, Parallel, Precision, RunSpec, Workload
+from vramfit.config import (
+    Checkpointing,
+    Fsdp,
+    Offload,
+    Optimizer,
+    Parallel,
+    Precision,
+    RunSpec,
+    Workload,
+)
 from vramfit.errors import VramfitError
 
 COMMUNICATION_NOTE = (
@@ -32,6 +43,11 @@ COMMUNICATION_NOTE = (
 )
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# what steps CPU tensors under CPUOffloadPolicy (bitsandbytes' optimizers are CUDA kernels)
+TORCH_OPTIMIZERS = (
+    Optimizer.adamw, Optimizer.adamw_foreach, Optimizer.adamw_forloop, Optimizer.adamw_fused,
+    Optimizer.sgd, Optimizer.sgd_momentum, Optimizer.adafactor, Optimizer.none,
+)
 
 
 def check_fsdp_measurable(run: RunSpec) -> None:
@@ -44,8 +60,12 @@ def check_fsdp_measurable(run: RunSpec) -> None:
             "HSDP and PP are modelled)",
             field="--fsdp",
         )
-    if par.offload is not Offload.none:  # CPUOffloadPolicy is neither modelled nor built
-        raise VramfitError("measure runs FSDP2 without offload", field="--offload")
+    if par.offload is Offload.params and par.tp > 1:
+        raise VramfitError("measure runs --offload params without --tp", field="--offload")
+    if par.offload is Offload.params and run.workload.optimizer not in TORCH_OPTIMIZERS:
+        raise VramfitError(
+            "--offload params steps on the CPU: use a torch.optim optimizer", field="--optimizer"
+        )
     if par.tp > 1:
         from vramfit.measure.tp import check_tp_measurable
 
@@ -88,13 +108,14 @@ def build_fsdp_model(
     """The transformers model of ``spec`` under FSDP2 and / or tensor parallel on ``device``
     (see the module docstring): with ``tp > 1`` the TP plan first (``vramfit.measure.tp``);
     with FSDP ``fully_shard(layer)`` for each decoder layer, then ``fully_shard(model)``."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     from vramfit.estimate.fsdp import POLICY
     from vramfit.measure.hf import hf_config, import_transformers
 
     transformers = import_transformers()
     init_fake_group(torch, par.gpus)
+    offload = par.offload is Offload.params
     if par.fsdp is Fsdp.none:  # TP alone: the user's recipe (autocast over fp32 weights)
         from vramfit.measure.train import _WEIGHT_DTYPE
 
@@ -120,14 +141,23 @@ def build_fsdp_model(
             param_dtype=getattr(torch, _DTYPES[param_dtype.value]),
             reduce_dtype=getattr(torch, _DTYPES[reduce_dtype.value]),
         )
-        dp = {} if mesh is None else {"mesh": mesh["dp"]}
+        dp: dict[str, Any] = {} if mesh is None else {"mesh": mesh["dp"]}
+        if offload:  # pinning needs an accelerator: unpinned on a CPU-only run
+            dp["offload_policy"] = CPUOffloadPolicy(pin_memory=device != "cpu")
         for layer in decoder_layers(model):
             fully_shard(layer, mp_policy=mp, reshard_after_forward=par.reshards, **dp)
         fully_shard(model, mp_policy=mp, **dp)  # the root: not resharded after forward
-    model.to_empty(device=device)
+    # CPUOffloadPolicy wants the shards materialised on the CPU (as torchtitan does:
+    # to_empty(device="cpu"), the buffers on the GPU); fully_shard pins them at lazy init
+    model.to_empty(device="cpu" if offload else device)
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0.0, 0.02)
+            # offloaded: the CPU local shards of DTensors on a GPU mesh, initialised locally
+            (p.to_local() if offload and hasattr(p, "to_local") else p).normal_(0.0, 0.02)
+        if offload:
+            for module in model.modules():
+                for name, buf in module.named_buffers(recurse=False):
+                    module._buffers[name] = buf.to(device)
         for module in model.modules():  # buffers are not parameters: rebuild RoPE's
             init = getattr(module, "rope_init_fn", None)
             if init is not None and hasattr(module, "inv_freq"):

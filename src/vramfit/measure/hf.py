@@ -388,7 +388,9 @@ def run_hf(
                 state["out"] = model(input_ids=x)
 
 
-def int8_outlier_fractions(torch: Any, model: Any, workload: Workload, device: str) -> dict[str, float]:
+def int8_outlier_fractions(
+    torch: Any, model: Any, workload: Workload, device: str
+) -> dict[str, float]:
     """For each LLM.int8 block linear (by its own name: ``down_proj``), the mean over layers of
     the fraction of its input columns in which some row reaches ``llm_int8_threshold``:
     what ``int8_vectorwise_quant`` finds (``(A.abs() >= threshold).any(dim=0)`` on A in
@@ -415,7 +417,8 @@ def int8_outlier_fractions(torch: Any, model: Any, workload: Workload, device: s
             name = path.removesuffix(".base_layer").rsplit(".", 1)[-1]
             handles.append(module.register_forward_pre_hook(hook(name)))
     try:
-        ids = torch.randint(0, model.config.vocab_size, (workload.batch, workload.seq), device=device)
+        shape = (workload.batch, workload.seq)
+        ids = torch.randint(0, model.config.vocab_size, shape, device=device)
         with torch.no_grad():
             model(input_ids=ids)
     finally:
