@@ -72,6 +72,16 @@ def test_impossible_layouts_name_the_field(
     assert err.startswith(line)
 
 
+@pytest.mark.parametrize("layout", [["--zero", "2"], ["--tp", "2"], ["--fsdp", "full"]])
+def test_a_model_the_hf_profile_lacks_is_refused_for_a_layout(
+    capsys: pytest.CaptureFixture[str], layout: list[str]
+) -> None:
+    # one GPU falls back to the reference loop (a note); the layouts have no such fallback
+    code, out, err = cli(capsys, "estimate", "--preset", "pythia-160m", "--gpus", "2", *layout)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: --gpus: multi-GPU layouts are modelled by the hf profile")
+
+
 def test_tp_pp_dp_multiply_to_the_world() -> None:
     for gpus in (8, 64, 1024):
         for tp in (1, 2, 4, 8):

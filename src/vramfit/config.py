@@ -652,6 +652,14 @@ class RunSpec(_Strict):
         if spec.experts > 1:
             raise VramfitError("multi-GPU layouts are modelled for dense models",
                                field=f"{where}gpus")
+        from vramfit.estimate.profiles.hf import hf_unsupported
+
+        unsupported = hf_unsupported(spec, w)
+        if unsupported:  # one GPU falls back to the reference loop; the layouts do not
+            raise VramfitError(
+                f"multi-GPU layouts are modelled by the hf profile, and {unsupported}",
+                field=f"{where}gpus",
+            )
         assert spec.heads and spec.kv_heads and spec.ffn
         for name, value in (("heads", spec.heads), ("kv_heads", spec.kv_heads),
                             ("ffn", spec.ffn)):
