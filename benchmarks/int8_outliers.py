@@ -28,7 +28,7 @@ from vramfit.config import ModelSpec, Workload
 def fractions(spec: ModelSpec, workload: Workload, layers: int, threshold: float) -> dict:
     import torch
 
-    from vramfit.measure.hf import hf_config, import_transformers
+    from vramfit.measure.hf import block_path, hf_config, import_transformers
 
     transformers = import_transformers()
     cfg = hf_config(spec.model_copy(update={"layers": layers}), workload)
@@ -46,7 +46,7 @@ def fractions(spec: ModelSpec, workload: Workload, layers: int, threshold: float
 
     for path, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in f".{path}":
-            module.register_forward_pre_hook(hook(path.rsplit(".", 1)[-1]))
+            module.register_forward_pre_hook(hook(block_path(path)))
     ids = torch.randint(0, cfg.vocab_size, (workload.batch, workload.seq))
     with torch.no_grad():
         model(input_ids=ids)

@@ -131,6 +131,15 @@ CASES = [
         + "a" * 40
         + "'; run 'vramfit presets' to list them",
     ),
+    (  # 150 characters, 300 bytes: under a length cap in characters, over the file system's
+        ["estimate", "--preset", "é" * 150],
+        2,
+        "--preset: unknown preset '"
+        + "é" * 79
+        + "…"
+        + "é" * 40
+        + "'; run 'vramfit presets' to list them",
+    ),
     (
         ["estimate", "--layers", "2", "--hidden", "64", "--ffn", "1" + "0" * 320],
         2,

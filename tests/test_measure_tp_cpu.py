@@ -132,17 +132,29 @@ def test_reshard_after_forward_to_k_ranks_keeps_what_fsdp2_keeps(k: int) -> None
 @pytest.mark.parametrize(
     "parallel",
     [
-        {"gpus": 8, "fsdp": "full", "reshard_after_forward": 1},
-        {"gpus": 8, "fsdp": "full", "reshard_after_forward": 3},
-        {"gpus": 8, "fsdp": "full", "reshard_after_forward": 8},
-        {"gpus": 8, "tp": 2, "fsdp": "full", "reshard_after_forward": 2},
+        ({"gpus": 8, "fsdp": "full", "reshard_after_forward": 3}, "must divide the shard group"),
+        ({"gpus": 8, "fsdp": "full", "reshard_after_forward": 0}, "must divide the shard group"),
+        (
+            {"gpus": 8, "tp": 2, "fsdp": "full", "reshard_after_forward": 2},
+            "not possible with tp",
+        ),
     ],
 )
-def test_an_integer_reshard_after_forward_must_divide_the_shard_group(parallel: dict) -> None:
+def test_an_integer_reshard_after_forward_must_divide_the_shard_group(
+    parallel: tuple[dict, str],
+) -> None:
     from pydantic import ValidationError
 
+    layout, message = parallel
     with pytest.raises(ValidationError) as err:
-        _run(parallel)
+        _run(layout)
     (error,) = err.value.errors()
     assert error["loc"] == ("parallel", "reshard_after_forward")
-    assert "must divide the shard group" in error["msg"]
+    assert message in error["msg"]
+
+
+def test_reshard_after_forward_one_and_the_group_size_are_false_and_true() -> None:
+    # fully_shard's _get_post_forward_mesh_info: 1 is False, the shard mesh size is True
+    for k, same in ((1, False), (8, True)):
+        layout = {"gpus": 8, "fsdp": "full"}
+        assert _run({**layout, "reshard_after_forward": k}).parallel.reshards is same

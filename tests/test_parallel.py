@@ -312,3 +312,24 @@ def test_tensor_parallel_divides_attention_and_mlp_not_the_norms() -> None:
     assert tp["attention"] * 8 == one["attention"] and tp["mlp"] * 8 == one["mlp"]
     assert sp["norm"] * 8 < tp["norm"]
     assert sum(sp.values()) < sum(tp.values())
+
+
+@pytest.mark.parametrize(
+    ("preset", "layout", "measured"),
+    [
+        ("llama-3.2-1b", ["--fsdp", "full"], True),
+        ("llama-3.2-1b", ["--tp", "8"], True),
+        ("llama-3.2-1b", ["--tp", "2", "--fsdp", "full"], True),
+        ("llama-3.2-1b", ["--zero", "2"], False),
+        ("llama-3.2-1b", ["--fsdp", "hybrid"], False),
+        ("gpt2", ["--tp", "4", "--ddp"], False),  # fused c_attn: not the measured plan
+    ],
+)
+def test_the_note_says_whether_the_layout_was_measured(
+    capsys: pytest.CaptureFixture[str], preset: str, layout: list[str], measured: bool
+) -> None:
+    code, out, _ = cli(capsys, "estimate", "--preset", preset, "--seq", "1024", "--gpus", "8",
+                       *layout, "--json")
+    assert code == 0
+    (note,) = [n for n in json.loads(out)["notes"] if "measured" in n]
+    assert note.startswith("modelled only") is not measured

@@ -115,6 +115,7 @@ OPTION_NAMES = {
     "params": "--params",
     "optimizer": "--optimizer",
     "quant": "--quant",
+    "lora": "--lora-rank",
     "gpus": "--gpus",
     "fsdp": "--fsdp",
     "reshard_after_forward": "--reshard-after-forward",
@@ -525,16 +526,19 @@ def _outlier_fractions(text: str) -> dict[str, float]:
     """``--int8-outliers down_proj=0.9,o_proj=0.01`` as a mapping; ranges and names are
     checked by the config models."""
     out: dict[str, float] = {}
-    for item in (i for i in text.split(",") if i):
+    for item in text.split(","):
         name, eq, value = item.partition("=")
         try:
             if not eq or not name:
                 raise ValueError
-            out[name] = float(value)
+            fraction = float(value)
         except ValueError:
             raise VramfitError(
                 f"expected NAME=FRACTION, got {shown(item)}", field="--int8-outliers"
             ) from None
+        if name in out:
+            raise VramfitError(f"{shown(name)} is given twice", field="--int8-outliers")
+        out[name] = fraction
     return out
 
 

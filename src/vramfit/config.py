@@ -503,13 +503,20 @@ class Parallel(_Strict):
             _field_error("reshard_after_forward", "applies with fsdp only", True)
         k = self.reshard_after_forward
         if k is not None and not isinstance(k, bool):
-            # fully_shard: a non-trivial divisor of the shard mesh size; DTensor (TP)
-            # parameters cannot reshard to a smaller mesh (FSDPParam.to_sharded_post_forward)
-            if k < 2 or self.shard % k or k == self.shard or self.tp > 1:
+            # fully_shard (_get_post_forward_mesh_info): a divisor of the shard mesh size, 1
+            # meaning False and the size itself True; DTensor (TP) parameters cannot reshard
+            # to a smaller mesh (FSDPParam.to_sharded_post_forward)
+            if k < 1 or self.shard % k:
                 _field_error(
                     "reshard_after_forward",
-                    f"an integer must divide the shard group ({self.shard}) and lie strictly "
-                    "between 1 and it, without tp",
+                    f"an integer must divide the shard group ({self.shard})",
+                    k,
+                )
+            if self.tp > 1 and 1 < k < self.shard:
+                _field_error(
+                    "reshard_after_forward",
+                    "resharding to a smaller group is not possible with tp (DTensor "
+                    "parameters)",
                     k,
                 )
         if self.hsdp_shard is not None:
@@ -552,9 +559,12 @@ class Parallel(_Strict):
     @property
     def reshards(self) -> bool | int:
         """FSDP2's reshard_after_forward for the decoder layers (an int: to K ranks)."""
-        if self.reshard_after_forward is not None:
-            return self.reshard_after_forward
-        return self.fsdp is not Fsdp.shard_grad_op
+        k = self.reshard_after_forward
+        if k is None:
+            return self.fsdp is not Fsdp.shard_grad_op
+        if not isinstance(k, bool) and k in (1, self.shard):  # as fully_shard reads them
+            return k == self.shard
+        return k
 
     @property
     def single(self) -> bool:
@@ -601,6 +611,12 @@ class RunSpec(_Strict):
             return self
         if w.impl is not Impl.hf:
             raise ValueError("lora and quant are modelled by the hf profile (impl hf)")
+        from vramfit.estimate.profiles.hf import hf_unsupported
+
+        unsupported = hf_unsupported(self.model.resolved(), w)
+        if unsupported:  # the reference loop it would fall back to has neither
+            what = "quant" if w.quant is not None else "lora"
+            raise ValueError(f"{what} is modelled by the hf profile, and {unsupported}")
         if w.mode is Mode.train and w.quant is not None and w.lora is None:
             # prepare_model_for_kbit_training freezes every parameter (peft/utils/other.py) and
             # the Trainer refuses "purely quantized models" (trainer_utils.py)
@@ -1011,6 +1027,9 @@ class Quant(BaseModel):
             if self.compute_dtype is not ComputeDtype.fp32:
                 # Linear8bitLt quantizes x from fp16 and returns x's dtype: no compute dtype
                 _field_error("compute_dtype", four_bit_only, self.compute_dtype.value)
+            if self.int8_threshold == 0 and any(self.int8_outliers.values()):
+                # MatMul8bitLt looks for outlier columns only with threshold > 0
+                _field_error("int8_outliers", "need int8_threshold > 0", self.int8_outliers)
         elif self.int8_threshold != 6.0:  # (the default: a dumped Quant carries it)
             _field_error("int8_threshold", "applies to int8 (LLM.int8) only", self.int8_threshold)
         elif self.int8_outliers:

@@ -71,7 +71,10 @@ def _load_one(key: str) -> Preset | None:
     name. Each file is named after its preset (tests/test_presets.py holds that), so a lookup
     need not parse all ~30 files (~60 ms in PyYAML's pure-Python parser)."""
     entry = _preset_dir().joinpath(f"{key}.yaml")
-    if not entry.is_file():
+    try:
+        if not entry.is_file():
+            return None
+    except (OSError, ValueError):  # a name too long for the file system (in bytes), a NUL
         return None
     with resources.as_file(entry) as path:
         preset = load_yaml(path, Preset, packaged=True)

@@ -1,9 +1,11 @@
 """Multi-GPU layouts: the step of the busiest rank (rank 0) under FSDP2, DeepSpeed ZeRO, DDP,
 tensor and pipeline parallelism, plus the memory NCCL takes outside PyTorch's allocator.
 
-What is measured and what is modelled only (README, "Multi-GPU"): FSDP2 is replayed event by
-event (``vramfit.estimate.fsdp``) and was measured on one GPU under a fake process group. ZeRO,
-DDP, TP and PP are models of the engines' documented allocations, unmeasured.
+What is measured and what is modelled only (README, "Multi-GPU"; ``measured`` below): FSDP2
+is replayed event by event (``vramfit.estimate.fsdp``) and DTensor tensor parallel (alone and
+under FSDP2, Llama-style projections) op by op; both were measured on one GPU under a fake
+process group. ZeRO, DDP, HSDP and PP are models of the engines' documented allocations,
+unmeasured.
 
 - **ZeRO** (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
   Parameter Models", Section 5 and Figure 1): with mixed-precision Adam, Ψ parameters and N
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vramfit.config import Fsdp, ModelSpec, Parallel, Workload
+from vramfit.config import Fsdp, ModelSpec, Offload, Parallel, Workload
 from vramfit.estimate.kernels import H200, Multiprocessors
 from vramfit.estimate.timeline import Timeline
 
@@ -164,21 +166,41 @@ def training_steps(
     ``schedule.replicated_training_steps``)."""
     from vramfit.estimate import schedule
 
-    notes = []
     if par.fsdp is not Fsdp.none:
         first, steady, block, cpu = schedule.fsdp_training_steps(
             spec, w, par, workspace_bytes, mp
         )
-        notes.append(
-            "FSDP2: measured on one GPU with a fake process group (no communication); NCCL's "
-            "memory is a model, unmeasured"
+    else:
+        first, steady, block, cpu = schedule.replicated_training_steps(
+            spec, w, par, workspace_bytes, mp, in_flight
         )
-        return LayoutSteps(first, steady, block, nccl_bytes(par), cpu, notes)
-    first, steady, block, cpu = schedule.replicated_training_steps(
-        spec, w, par, workspace_bytes, mp, in_flight
-    )
-    notes.append("modelled only (not measured): " + describe(par))
-    return LayoutSteps(first, steady, block, nccl_bytes(par), cpu, notes)
+    if measured(spec, par):
+        note = (
+            f"{describe(par)}: this layout was measured on one GPU with a fake process group "
+            "(no communication); NCCL's memory is a model, unmeasured"
+        )
+    else:
+        note = "modelled only (not measured): " + describe(par)
+    return LayoutSteps(first, steady, block, nccl_bytes(par), cpu, [note])
+
+
+# The model types whose tensor-parallel plan (transformers' Llama base_model_tp_plan:
+# separate q/k/v/gate/up/o/down projections) vramfit.measure.tp runs and measured.
+TP_MEASURED_TYPES = ("llama", "mistral", "qwen2")
+
+
+def measured(spec: ModelSpec, par: Parallel) -> bool:
+    """Whether rank 0 of this layout was measured on the H200 under a fake process group
+    (README, "Multi-GPU"): FSDP2 full / shard-grad-op (any reshard_after_forward, CPU
+    offload), DTensor tensor parallel alone or under FSDP2 for Llama-style projections;
+    not HSDP, ZeRO, DDP or pipelines."""
+    if par.zero or par.ddp or par.pp > 1 or par.fsdp is Fsdp.hybrid:
+        return False
+    if par.tp > 1:
+        spec = spec.resolved()
+        model_type = spec.model_type.value if spec.model_type else spec.arch.value
+        return model_type in TP_MEASURED_TYPES and par.offload is Offload.none
+    return par.fsdp is not Fsdp.none
 
 
 def describe(par: Parallel) -> str:

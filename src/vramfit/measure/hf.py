@@ -391,7 +391,8 @@ def run_hf(
 def int8_outlier_fractions(
     torch: Any, model: Any, workload: Workload, device: str
 ) -> dict[str, float]:
-    """For each LLM.int8 block linear (by its own name: ``down_proj``), the mean over layers of
+    """For each LLM.int8 block linear (by its path in the block: ``mlp.down_proj``, as GPT-2
+    has two ``c_proj``), the mean over layers of
     the fraction of its input columns in which some row reaches ``llm_int8_threshold``:
     what ``int8_vectorwise_quant`` finds (``(A.abs() >= threshold).any(dim=0)`` on A in
     fp16). One forward without grad on fresh random tokens of the run's shape, after the
@@ -414,8 +415,7 @@ def int8_outlier_fractions(
 
     for path, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear8bitLt):
-            name = path.removesuffix(".base_layer").rsplit(".", 1)[-1]
-            handles.append(module.register_forward_pre_hook(hook(name)))
+            handles.append(module.register_forward_pre_hook(hook(block_path(path))))
     try:
         shape = (workload.batch, workload.seq)
         ids = torch.randint(0, model.config.vocab_size, shape, device=device)
@@ -425,3 +425,12 @@ def int8_outlier_fractions(
         for handle in handles:
             handle.remove()
     return {name: round(sum(v) / len(v), 4) for name, v in sorted(fractions.items())}
+
+
+def block_path(path: str) -> str:
+    """``mlp.down_proj`` of ``base_model.model.model.layers.3.mlp.down_proj.base_layer``."""
+    parts = path.removesuffix(".base_layer").split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("layers", "h") and parts[i + 1].isdigit():
+            return ".".join(parts[i + 2 :])
+    return parts[-1]
