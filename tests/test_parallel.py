@@ -333,3 +333,26 @@ def test_the_note_says_whether_the_layout_was_measured(
     assert code == 0
     (note,) = [n for n in json.loads(out)["notes"] if "measured" in n]
     assert note.startswith("modelled only") is not measured
+
+
+@pytest.mark.parametrize(("precision", "copies"), [("amp-bf16", True), ("bf16", False)])
+def test_a_post_forward_all_gather_takes_the_foreach_copy_in(precision: str, copies: bool) -> None:
+    """_get_param_all_gather_inputs copies post-forward shards into a flat param_dtype buffer
+    as it copies full shards, whenever a MixedPrecisionPolicy casts (param_dtype is set):
+    resharding to K ranks makes backward's all-gathers no fewer copy-ins."""
+    from vramfit.estimate.overhead import cublas_workspace_bytes
+
+    def copy_ins(reshard: bool | int) -> int:
+        run = RunSpec.model_validate(
+            {"model": {"arch": "llama", "layers": 2, "hidden": 256, "heads": 4, "vocab": 512},
+             "workload": {"impl": "hf", "loop": "drops", "batch": 1, "seq": 64,
+                          "precision": precision},
+             "parallel": {"gpus": 8, "fsdp": "full", "reshard_after_forward": reshard}}
+        )
+        layout = par_model.training_steps(
+            run.model.resolved(), run.workload, run.parallel, cublas_workspace_bytes(None, None)
+        )
+        return sum(a.name.endswith("all-gather input") for a in layout.first.allocations)
+
+    assert copy_ins(2) == copy_ins(True)
+    assert (copy_ins(True) > 0) is copies

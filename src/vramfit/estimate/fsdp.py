@@ -193,10 +193,19 @@ class FsdpHooks(Hooks):
         copy_in = None
         nbytes = g.shard_numel * self.param_dtype.size
         if g.post_forward:  # from the post-forward shards, over their K-rank mesh
+            if self.param_dtype is not self.orig_dtype and not self.offload:
+                # _get_param_all_gather_inputs' foreach copy takes the post-forward shards
+                # too: a flat copy-in buffer of their numel, in param_dtype
+                k = g.reshard_after_forward
+                copy_in = t.new(
+                    f"{g.name} all-gather input", Component.collective_buffers,
+                    g.padded_numel // k * self.param_dtype.size, stream=COPY_IN_STREAM,
+                )
             g.pending = t.new(
                 f"{g.name} all-gather output", Component.collective_buffers,
                 g.padded_numel * self.param_dtype.size, stream=COPY_IN_STREAM,
             )
+            t.free(copy_in)
             return
         if self.offload:  # FSDPParam.all_gather_inputs, one parameter at a time
             inputs = []
