@@ -35,7 +35,7 @@ from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from vramfit.estimate.kernels import H200, Multiprocessors, column_sum_scratch_bytes
-from vramfit.estimate.timeline import Tape
+from vramfit.estimate.timeline import Span, Tape
 
 if TYPE_CHECKING:
     from vramfit.estimate.inference import Workspaces
@@ -761,3 +761,34 @@ def _recompute(sim: _Sim, nodes: list[Node]) -> None:
     for t in sim.cast_cache:  # and so does its autocast context
         sim.unref(t)
     sim.cast_cache = []
+
+
+def forward_and_backward(
+    graph: Graph,
+    loss: Tensor,
+    tape: Tape,
+    span: Span | None,
+    *,
+    first: bool,
+    workspace_bytes: int,
+    mp: Multiprocessors = H200,
+    hooks: Hooks | None = None,
+) -> tuple[Span, _Sim | None, int | None]:
+    """A training step's forward and backward on ``tape``. The first step simulates them;
+    a later one plays the first one's records back (``span``), since a simulation depends
+    only on the graph, its hooks and the calls that drive it, less the cuBLAS workspaces the
+    first step made at its first matmul (they persist). Returns the span, the simulation and
+    the forward's last point, the last two None when played back."""
+    if span is not None:
+        tape.play(span)
+        return span, None, None
+    from vramfit.estimate.inference import Workspaces
+
+    start = tape.mark()
+    ws = Workspaces(tape, workspace_bytes, active=first)
+    sim = run_forward(graph, tape, mp=mp, workspaces=ws, hooks=hooks)
+    forward_end = len(tape.timeline.points) - 1
+    end_forward(sim)
+    tape.phase = "backward"
+    run_backward(sim, loss)
+    return tape.span(start, leave_out=ws.keys), sim, forward_end

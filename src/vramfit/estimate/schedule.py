@@ -30,6 +30,7 @@ from vramfit.estimate.graph import (
     Tensor,
     _Sim,
     end_forward,
+    forward_and_backward,
     release_held,
     run_backward,
     run_forward,
@@ -265,18 +266,10 @@ def hf_training_steps(
                 _optimizer_state(w.optimizer, model, params),
             )
             _warm_workspaces(t, w, b, workspace_bytes)
-        sim: _Sim | None = None  # a step that plays the first's back simulates nothing
-        if span is None:
-            start = t.mark()
-            ws = Workspaces(t, workspace_bytes, active=first)
-            sim = run_forward(graph, t, mp=mp, workspaces=ws)
-            forward_end = len(t.timeline.points) - 1
-            end_forward(sim)
-            t.phase = "backward"
-            run_backward(sim, loss)
-            span = t.span(start, leave_out=ws.keys)
-        else:
-            t.play(span)
+        span, sim, end = forward_and_backward(
+            graph, loss, t, span, first=first, workspace_bytes=workspace_bytes, mp=mp
+        )
+        forward_end = forward_end if end is None else end
         _step(t, w, model, params, first)
         if sim is not None:
             release_held(sim, "step")
@@ -432,18 +425,11 @@ def fsdp_training_steps(
                     _optimizer_state(w.optimizer, model, shards),
                 )
             _warm_workspaces(t, w, b, workspace_bytes)
-        sim: _Sim | None = None  # a step that plays the first's back simulates nothing
-        if span is None:
-            start = t.mark()
-            ws = Workspaces(t, workspace_bytes, active=first)
-            sim = run_forward(graph, t, mp=mp, workspaces=ws, hooks=hooks)
-            forward_end = len(t.timeline.points) - 1
-            end_forward(sim)
-            t.phase = "backward"
-            run_backward(sim, loss)
-            span = t.span(start, leave_out=ws.keys)
-        else:
-            t.play(span)
+        span, sim, end = forward_and_backward(
+            graph, loss, t, span, first=first, workspace_bytes=workspace_bytes, mp=mp,
+            hooks=hooks,
+        )
+        forward_end = forward_end if end is None else end
         if offload:  # clipping and the step run on the CPU tensors
             t.phase = "optimizer"
             t.op("optimizer step (on the CPU)")

@@ -50,8 +50,8 @@ from vramfit.estimate.graph import (
     Node,
     Tensor,
     end_forward,
+    forward_and_backward,
     release_held,
-    run_backward,
     run_forward,
 )
 from vramfit.estimate.inference import Workspaces, kv_cache_bytes
@@ -812,17 +812,10 @@ def training_steps(
             made = Workspaces(t, workspace_bytes)
             made.matmul("forward", biased)
             made.matmul("backward", biased and model.full)
-        if span is None:  # simulated once (see schedule.hf_training_steps)
-            start = t.mark()
-            ws = Workspaces(t, workspace_bytes, active=first)
-            sim = run_forward(model.g, t, mp=mp, workspaces=ws)
-            forward_end = len(t.timeline.points) - 1
-            end_forward(sim)
-            t.phase = "backward"
-            run_backward(sim, loss)
-            span = t.span(start, leave_out=ws.keys)
-        else:
-            t.play(span)
+        span, _, end = forward_and_backward(
+            model.g, loss, t, span, first=first, workspace_bytes=workspace_bytes, mp=mp
+        )
+        forward_end = forward_end if end is None else end
         t.phase = "optimizer"
         t.op("optimizer step")
         if first:  # created lazily by the first step (torch.optim ``_init_group``)
