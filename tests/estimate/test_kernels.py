@@ -68,3 +68,25 @@ def test_a_per_row_gradient_is_reduced_without_a_column_sum_scratch() -> None:
 
     assert scratch(per_row=False) == [column_sum_scratch_bytes(rows, width)] != [0]
     assert scratch(per_row=True) == []
+
+
+def test_the_rotary_bmm_is_the_first_matmul_of_a_step() -> None:
+    """LlamaRotaryEmbedding's ``inv_freq @ positions`` is a bmm: the H200 trace of a Gemma-2
+    step shows cuBLAS's workspace made right after its output, before the concatenated
+    angles, and before any projection."""
+    from vramfit.config import RunSpec
+    from vramfit.estimate.overhead import cublas_workspace_bytes
+    from vramfit.estimate.schedule import hf_training_steps
+
+    run = RunSpec.model_validate(
+        {"model": {"arch": "llama", "layers": 2, "hidden": 256, "heads": 4, "vocab": 512},
+         "workload": {"impl": "hf", "loop": "drops", "batch": 1, "seq": 64,
+                      "precision": "bf16", "optimizer": "adamw"}}
+    )
+    first, _, _ = hf_training_steps(
+        run.model.resolved(), run.workload, cublas_workspace_bytes(None, (9, 0))
+    )
+    names = [a.name for a in sorted(first.allocations, key=lambda a: a.start) if not a.persistent
+             or "workspace" in a.name]
+    at = names.index
+    assert at("RoPE frequencies") < at("cuBLAS workspace (forward)") < at("RoPE angles")

@@ -795,18 +795,20 @@ class Model:
             x = o.scalar("embeddings * sqrt(hidden)", x, part="norm")
             model_locals = [x]
         cos = sin = None
-        if not gpt2:  # LlamaRotaryEmbedding: fp32 with autocast off, then x.dtype
+        if not gpt2:  # LlamaRotaryEmbedding.forward: fp32 with autocast off, then x.dtype
             seq = self.positions
             hd = b.head_dim
+            # freqs = inv_freq_expanded.float() @ position_ids_expanded.float(): a bmm, the
+            # step's first matmul (cuBLAS makes its workspace here, after the output)
+            freqs = Tensor("RoPE frequencies", seq * hd // 2, DType.fp32)
+            bmm = g.node("RoPE inv_freq @ positions", [], [freqs], scratch=[("positions", seq * 4)])
+            bmm.matmul = False
             ang = Tensor("RoPE angles", seq * hd, DType.fp32)
-            g.node(
-                "RoPE angles",
-                [],
-                [ang],
-                scratch=[("positions", seq * 4), ("frequencies", seq * hd // 2 * 4)],
-            )
-            cos = o.cast(o.unary("RoPE cos", o.unary("cos", ang)), x.dtype, "cos")
-            sin = o.cast(o.unary("RoPE sin", o.unary("sin", ang)), x.dtype, "sin")
+            g.node("RoPE angles", [freqs], [ang])  # emb = torch.cat((freqs, freqs), dim=-1)
+            cos32 = o.unary("RoPE cos", o.unary("cos", ang))  # emb.cos() * attention_scaling
+            sin32 = o.unary("RoPE sin", o.unary("sin", ang))
+            cos, sin = o.cast(cos32, x.dtype, "cos"), o.cast(sin32, x.dtype, "sin")
+            o.keep(freqs, ang, cos32, sin32)  # the rotary forward's locals, to its return
             model_locals += [cos, sin]
         mask = None
         # q reaches attention in the autocast dtype, else in the hidden states' (see attention)
