@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -25,9 +26,33 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
+# Under pytest-xdist (the suite runs on every CPU) each worker counts its own fuzz inputs and
+# hands them to the controller, which reports the sum.
+_WORKER_INPUTS: dict[str, int] = {}
+
+
+def _local_inputs() -> dict[str, int]:
     fuzz = sys.modules.get("test_cli_fuzz")
-    if fuzz is not None and getattr(fuzz, "INPUTS", None):
-        counts = ", ".join(f"{name} {n:,}" for name, n in sorted(fuzz.INPUTS.items()))
-        total = sum(fuzz.INPUTS.values())
+    return dict(getattr(fuzz, "INPUTS", None) or {})
+
+
+def pytest_sessionfinish(session: Any) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a worker: send the counts to the controller
+        workeroutput["fuzz_inputs"] = _local_inputs()
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    for name, n in getattr(node, "workeroutput", {}).get("fuzz_inputs", {}).items():
+        _WORKER_INPUTS[name] = _WORKER_INPUTS.get(name, 0) + n
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    inputs = _local_inputs()
+    for name, n in _WORKER_INPUTS.items():
+        inputs[name] = inputs.get(name, 0) + n
+    if inputs:
+        counts = ", ".join(f"{name} {n:,}" for name, n in sorted(inputs.items()))
+        total = sum(inputs.values())
         terminalreporter.write_line(f"command-line fuzz inputs: {total:,} ({counts})")

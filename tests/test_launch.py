@@ -3,7 +3,7 @@
 Fast tests hold its parts: a rank's own run (``vramfit.measure.rank.main`` in this process,
 a one-rank gloo group), the collection of rank records (busiest first; a dead rank and a rank
 out of memory as one line, exit 1), and the stop of a whole session of processes. The
-``slow`` tests (``python -m pytest -q -m slow tests/test_launch.py``) run real torchrun
+``slow`` tests (``python -m pytest -q -m slow -n 0 tests/test_launch.py``) run real torchrun
 launches of 2 and 3 gloo ranks end to end, a hang included; the same code runs NCCL ranks on
 GPUs.
 """
