@@ -624,7 +624,13 @@ class Ops:
         backward makes the input's gradient and a temporary of the output's size."""
         if self.autocast or dtype is DType.fp32:
             x = self.cast(x, DType.fp32)
-        out = self._t(name, x.numel, x.dtype, part="attention")
+        return self.softmax_into(name, x, x.dtype)
+
+    def softmax_into(self, name: str, x: Tensor, dtype: DType) -> Tensor:
+        """The softmax kernel itself, its output in ``dtype``: saves the output; backward
+        makes the input's gradient and a temporary of the output's size
+        (``_softmax_backward_data``)."""
+        out = self._t(name, x.numel, dtype, part="attention")
 
         def backward(bw: Backward) -> None:
             bw.new(0)

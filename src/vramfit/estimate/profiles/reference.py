@@ -243,14 +243,7 @@ class RefOps(Ops):
         gradient and a temporary of the output's size (``_softmax_backward_data``)."""
         if copy_input:
             x = self.cast(x, dtype, f"{name} fp32 input")
-        out = self._t(name, x.numel, dtype, part="attention")
-
-        def backward(bw: Backward) -> None:
-            bw.new(0)
-            bw.temp("grad * output", out.nbytes)
-
-        self.g.node(f"{self.prefix}{name}", [x], [out], saved=[out], backward=backward)
-        return out
+        return self.softmax_into(name, x, dtype)
 
     def cross_entropy(self, logits: Tensor, targets: Tensor) -> Tensor:
         """``F.cross_entropy``: log_softmax (saves its output), then nll_loss, whose 0-dim
