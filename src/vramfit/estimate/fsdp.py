@@ -170,6 +170,29 @@ def compute_workload(w: Workload) -> Workload:
     )
 
 
+def _to_dtype_if_needed(
+    t: Tape,
+    key: int | None,
+    name: str,
+    component: Component,
+    numel: int,
+    dtype: DType,
+    to: DType,
+    stream: int,
+    op: str | None = None,
+) -> int | None:
+    """FSDP's ``_to_dtype_if_needed`` on ``stream``: a copy in ``to`` when it is not
+    ``dtype``, made while the original is alive, which then dies (``op``: the tape point the
+    cast starts, if it has one of its own)."""
+    if to is dtype:
+        return key
+    if op is not None:
+        t.op(op)
+    cast = t.new(f"{name} ({to.value})", component, numel * to.size, stream=stream)
+    t.free(key)
+    return cast
+
+
 class FsdpHooks(Hooks):
     """FSDP2's hooks, replayed onto the tape of one rank."""
 
@@ -214,15 +237,10 @@ class FsdpHooks(Hooks):
                     f"{p.name} shard copied to the GPU", Component.collective_buffers,
                     p.shard_numel * self.orig_dtype.size, stream=COPY_IN_STREAM,
                 )
-                if self.param_dtype is not self.orig_dtype:  # _to_dtype_if_needed
-                    cast = t.new(
-                        f"{p.name} shard ({self.param_dtype.value})",
-                        Component.collective_buffers, p.shard_numel * self.param_dtype.size,
-                        stream=COPY_IN_STREAM,
-                    )
-                    t.free(on_gpu)
-                    on_gpu = cast
-                inputs.append(on_gpu)
+                inputs.append(_to_dtype_if_needed(
+                    t, on_gpu, f"{p.name} shard", Component.collective_buffers,
+                    p.shard_numel, self.orig_dtype, self.param_dtype, COPY_IN_STREAM,
+                ))
             g.pending = t.new(
                 f"{g.name} all-gather output", Component.collective_buffers,
                 nbytes * self.world, stream=COPY_IN_STREAM,
@@ -296,15 +314,11 @@ class FsdpHooks(Hooks):
             f"{g.name} sharded gradients", Component.sharded_gradients,
             g.shard_numel * self.reduce_dtype.size, stream=REDUCE_SCATTER_STREAM,
         )
-        if self.reduce_dtype is not self.orig_dtype:  # _to_dtype_if_needed
-            t.op(f"FSDP gradients to {self.orig_dtype.value} {g.name}")
-            cast = t.new(
-                f"{g.name} sharded gradients ({self.orig_dtype.value})",
-                Component.sharded_gradients, g.shard_numel * self.orig_dtype.size,
-                stream=REDUCE_SCATTER_STREAM,
-            )
-            t.free(out)
-            out = cast
+        out = _to_dtype_if_needed(
+            t, out, f"{g.name} sharded gradients", Component.sharded_gradients,
+            g.shard_numel, self.reduce_dtype, self.orig_dtype, REDUCE_SCATTER_STREAM,
+            op=f"FSDP gradients to {self.orig_dtype.value} {g.name}",
+        )
         if self.offload:  # copied to the CPU; the GPU shard dies as foreach_reduce returns
             t.op(f"FSDP gradients to the CPU {g.name}")
             t.free(out)
