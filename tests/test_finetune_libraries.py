@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from live_bytes import LiveBytes  # noqa: E402
 from vramfit.config import (  # noqa: E402
     TRAINER_OPTIM,
     FinetuneSpec,
@@ -404,54 +405,6 @@ def test_adapters_are_fp32_on_a_bf16_model() -> None:
     assert dtypes == {"A": torch.float32, "B": torch.float32}
 
 
-class _LiveBytes:
-    """Bytes of the tensors that aten ops create while active, alive at once: the peak.
-
-    A TorchDispatchMode sees every op's outputs; an output that shares no storage with an
-    input is a new allocation, freed when the last tensor object on its storage is collected.
-    """
-
-    def __init__(self) -> None:
-        import weakref
-
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        live: dict[int, list[int]] = {}  # storage pointer -> [bytes, tensor objects]
-        self.live, self.now, self.peak = live, 0, 0
-        tracker = self
-
-        def drop(ptr: int) -> None:
-            entry = live[ptr]
-            entry[1] -= 1
-            if entry[1] == 0:
-                tracker.now -= entry[0]
-                del live[ptr]
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-                result = func(*args, **(kwargs or {}))
-                outs = result if isinstance(result, (list, tuple)) else [result]
-                for out in outs:
-                    if not isinstance(out, torch.Tensor):
-                        continue
-                    ptr = out.untyped_storage().data_ptr()
-                    if ptr not in live:
-                        inputs = [a for a in (*args, *(kwargs or {}).values())]
-                        if any(
-                            isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == ptr
-                            for a in inputs
-                        ):
-                            continue  # in place or a view of something older: not new
-                        live[ptr] = [out.untyped_storage().nbytes(), 0]
-                        tracker.now += live[ptr][0]
-                        tracker.peak = max(tracker.peak, tracker.now)
-                    live[ptr][1] += 1
-                    weakref.finalize(out, drop, ptr)
-                return result
-
-        self.mode = Mode()
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_adafactor_step_temporaries(dtype: str) -> None:
     """The largest transient of Adafactor.step, measured op by op on the CPU."""
@@ -463,7 +416,7 @@ def test_adafactor_step_temporaries(dtype: str) -> None:
     for _ in range(2):  # the first step creates the state; the second is measured
         for p in params:
             p.grad = torch.randn_like(p)
-        tracker = _LiveBytes()
+        tracker = LiveBytes()
         with tracker.mode:
             opt.step()
     expected = optimizer_step_temporary_bytes(

@@ -25,6 +25,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes")
 
+from live_bytes import LiveBytes  # noqa: E402
 from vramfit.config import RunSpec  # noqa: E402
 from vramfit.estimate.graph import DType, Graph  # noqa: E402
 from vramfit.estimate.ops import Ops  # noqa: E402
@@ -61,16 +62,23 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _load(folder: Path, targets: Any) -> Any:
+def _int8_model(folder: Path) -> Any:
+    """The saved checkpoint loaded as users load it in 8 bits (warnings silenced)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_pretrained(
+        return transformers.AutoModelForCausalLM.from_pretrained(
             folder,
             quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True),
             dtype=torch.bfloat16,
             device_map="cpu",
             attn_implementation="eager",
         )
+
+
+def _load(folder: Path, targets: Any) -> Any:
+    model = _int8_model(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets))
 
@@ -135,45 +143,6 @@ def test_lora_on_int8_block_saves_what_the_libraries_keep(checkpoint: Path, targ
     assert predicted == real, f"profile only: {predicted - real}; real only: {real - predicted}"
 
 
-class _Peak:
-    """Peak bytes of the tensors aten ops create while active (new storages only)."""
-
-    def __init__(self) -> None:
-        import weakref
-
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        live: dict[int, list[int]] = {}
-        self.now = self.peak = 0
-        tracker = self
-
-        def drop(ptr: int) -> None:
-            live[ptr][1] -= 1
-            if live[ptr][1] == 0:
-                tracker.now -= live.pop(ptr)[0]
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-                result = func(*args, **(kwargs or {}))
-                inputs = {a.untyped_storage().data_ptr() for a in (*args, *(kwargs or {}).values())
-                          if isinstance(a, torch.Tensor)}
-                for out in result if isinstance(result, (list, tuple)) else [result]:
-                    if not isinstance(out, torch.Tensor):
-                        continue
-                    ptr = out.untyped_storage().data_ptr()
-                    if ptr not in live:
-                        if ptr in inputs:
-                            continue
-                        live[ptr] = [out.untyped_storage().nbytes(), 0]
-                        tracker.now += live[ptr][0]
-                        tracker.peak = max(tracker.peak, tracker.now)
-                    live[ptr][1] += 1
-                    weakref.finalize(out, drop, ptr)
-                return result
-
-        self.mode = Mode()
-
-
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_matmul8bitlt_backward_temporaries(dtype: Any, grad_dtype: Any) -> None:
@@ -193,7 +162,7 @@ def test_matmul8bitlt_backward_temporaries(dtype: Any, grad_dtype: Any) -> None:
         warnings.simplefilter("ignore")
         out = MatMul8bitLt.apply(x, layer.weight, None, None, layer.state)
     grad = torch.randn(n, m, dtype=grad_dtype)
-    peak = _Peak()
+    peak = LiveBytes()
     with peak.mode:
         (gx,) = torch.autograd.grad(out, x, grad)
     assert gx.dtype == dtype and out.dtype == dtype
@@ -234,15 +203,9 @@ def test_checkpointing_keeps_what_matmul8bitlt_keeps(
 
     # training mode (so that transformers checkpoints) with the function CUDA runs
     monkeypatch.setattr(_functions, "MatMul8bitFp", _functions.MatMul8bitLt)
+    model = _int8_model(checkpoint)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            checkpoint,
-            quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True),
-            dtype=torch.bfloat16,
-            device_map="cpu",
-            attn_implementation="eager",
-        )
         model = peft.prepare_model_for_kbit_training(
             model, gradient_checkpointing_kwargs={"use_reentrant": reentrant}
         )
