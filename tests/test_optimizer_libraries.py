@@ -100,14 +100,14 @@ def test_adafactor_hf_step_peak(precision: str) -> None:
     import sys
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from test_finetune_libraries import _LiveBytes
+    from live_bytes import LiveBytes
 
     run = _run("adafactor-hf", precision)
     opt, params = _real(run)
     _step(opt, params)  # the state exists; the next step is measured
     for p in params:
         p.grad = torch.randn_like(p)
-    tracker = _LiveBytes()
+    tracker = LiveBytes()
     with tracker.mode:
         opt.step()
     model, tensors = _profile(run)
