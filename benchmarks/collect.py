@@ -122,8 +122,8 @@ def _summary(record: dict[str, Any]) -> str:
     )
 
 
-def collect_cases(cases_path: Path, out: Path, timeout_s: float) -> None:
-    cases = _load_cases(cases_path)
+def collect_cases(cases_path: Path, out: Path, timeout_s: float, part: slice) -> None:
+    cases = _load_cases(cases_path)[part]
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a", encoding="utf-8") as sink:
         for i, case in enumerate(cases, 1):
@@ -167,11 +167,24 @@ def collect_matmul(out: Path) -> None:
     out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
+def _part(text: str) -> slice:
+    first, sep, last = text.partition(":")
+    if not (sep and first.isdigit() and last.isdigit() and 1 <= int(first) <= int(last)):
+        raise argparse.ArgumentTypeError(f"--part wants FIRST:LAST (1-based), not {text!r}")
+    return slice(int(first) - 1, int(last))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=Path, help="YAML list of cases")
     parser.add_argument("--out", type=Path, help="JSONL to append to (JSON with --matmul)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per case")
+    parser.add_argument(
+        "--part",
+        type=_part,
+        default=slice(None),
+        help="FIRST:LAST, 1-based and inclusive: only those cases (one device slot each)",
+    )
     parser.add_argument("--matmul", action="store_true", help="run the notebook matmul cells")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -182,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.matmul:
         collect_matmul(args.out)
     else:
-        collect_cases(args.cases, args.out, args.timeout)
+        collect_cases(args.cases, args.out, args.timeout, args.part)
     return 0
 
 
