@@ -105,3 +105,84 @@ def test_block_saves_what_transformers_saves(model_type: str, precision: str) ->
     assert predicted == real, (
         f"profile only: {predicted - real}; transformers only: {real - predicted}"
     )
+
+
+WINDOWED = {  # sliding-window models: every layer sliding (Phi-3, Mistral), or alternating
+    "phi3": {**MODELS["phi3"], "sliding_window": S},
+    "mistral": {**MODELS["mistral"], "sliding_window": S},
+    "gemma2": {**MODELS["gemma2"], "sliding_window": S},
+}
+
+
+def _sdpa_run(model_type: str, seq: int, precision: str = "bf16") -> RunSpec:
+    return RunSpec.model_validate(
+        {
+            "model": WINDOWED[model_type],
+            "workload": {"impl": "hf", "loop": "drops", "batch": B, "seq": seq,
+                         "precision": precision, "optimizer": "adamw"},
+        }
+    )
+
+
+@pytest.mark.parametrize("seq", [S - 1, S, S + 3])
+@pytest.mark.parametrize("model_type", sorted(WINDOWED))
+def test_sdpa_gets_a_mask_where_the_profile_says(
+    model_type: str, seq: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Which layers transformers hands SDPA an explicit mask (the sliding window reached),
+    and what SDPA keeps of it: a dense float copy of the (batch, 1, q, kv) mask per layer."""
+    from transformers.integrations import sdpa_attention
+    from transformers.modeling_utils import AttentionInterface
+
+    from vramfit.measure.hf import hf_config
+
+    run = _sdpa_run(model_type, seq)
+    spec = run.model.resolved()
+    masked: list[bool] = []
+
+    def probe(module, query, key, value, attention_mask, **kwargs):  # noqa: ANN001, ANN003
+        masked.append(attention_mask is not None)
+        return sdpa_attention.sdpa_attention_forward(
+            module, query, key, value, attention_mask, **kwargs
+        )
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", probe)
+    torch.manual_seed(0)
+    cfg = hf_config(spec, run.workload)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    model = model.to(torch.bfloat16).train()
+    saved: set[tuple[int, str]] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.add((t.untyped_storage().nbytes() // t.element_size(), TORCH_DTYPE_NAMES[t.dtype]))
+        return t
+
+    ids = torch.randint(0, spec.vocab, (B, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids, use_cache=False)
+
+    graph, _, _, _ = hf.build(run.model, run.workload, grad=True, batch=B, seq=seq)
+    converts = {node.name.split()[1] for node in graph.nodes
+                if node.name.endswith(" attention mask to float")}
+    predicted = [str(i) in converts for i in range(spec.layers)]
+    assert predicted == masked
+    assert ((B * seq * seq, "bf16") in saved) == any(masked)
+
+
+def test_sdpa_ignores_gemma2_attention_softcapping() -> None:
+    """transformers' SDPA path takes Gemma-2's ``softcap`` in ``**kwargs`` and drops it, so
+    the profile caps the scores only in eager attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 1
+    q, k, v = (torch.randn(1, 2, 8, 4) * 30 for _ in range(3))
+    capped, _ = sdpa_attention_forward(module, q, k, v, None, softcap=0.5, scaling=1.0)
+    plain, _ = sdpa_attention_forward(module, q, k, v, None, scaling=1.0)
+    assert torch.equal(capped, plain)
+    for attention, capping in (("eager", True), ("sdpa", False)):
+        workload = {"impl": "hf", "batch": B, "seq": S, "precision": "fp32", "attention":
+                    "eager" if attention == "eager" else "flash", "optimizer": "adamw"}
+        run = RunSpec.model_validate({"model": MODELS["gemma2"], "workload": workload})
+        graph, _, _, _ = hf.build(run.model, run.workload, grad=True, batch=B, seq=S)
+        assert any("tanh(scores)" in node.name for node in graph.nodes) is capping

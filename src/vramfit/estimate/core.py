@@ -11,7 +11,7 @@ from vramfit.estimate.kernels import H200, Multiprocessors
 from vramfit.estimate.overhead import cublas_workspace_bytes, cuda_context_bytes
 from vramfit.estimate.params import ParamCounts, count_params
 from vramfit.estimate.profiles import reference
-from vramfit.estimate.profiles.hf import hf_caveats, hf_unsupported
+from vramfit.estimate.profiles.hf import hf_unsupported
 from vramfit.estimate.schedule import hf_inference, hf_training_steps, managed_state_bytes
 from vramfit.estimate.timeline import TENSOR_COMPONENTS, replay
 
@@ -119,8 +119,6 @@ def _estimate(run: RunSpec, hardware: Hardware | None) -> Estimate:
     if unsupported:
         notes.append(f"{unsupported}: estimated with the reference implementation")
         hf_impl = False
-    if hf_impl:
-        notes += hf_caveats(spec, workload)
     par = run.parallel
     nccl = cpu = 0
     if training and not par.single:

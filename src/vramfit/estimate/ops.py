@@ -577,12 +577,25 @@ class Ops:
         seq: int,
         kernel: str,
         dropout: bool = False,
+        bool_mask: int = 0,
     ) -> Tensor:
         """``F.scaled_dot_product_attention`` through a fused kernel (``kernel``: "cudnn",
         "flash" or "efficient"): the output (laid out tokens first) and the softmax
         statistics, saved with q, k, v; backward makes dq, dk, dv like their inputs and the
-        kernel's scratch. Autocast casts q, k and v to 16 bits first."""
+        kernel's scratch. Autocast casts q, k and v to 16 bits first.
+
+        ``bool_mask``: the elements of a boolean ``attn_mask`` broadcast to (batch, 1, q, kv).
+        SDPA turns it into an additive mask of q's dtype per call (``convert_boolean_attn_mask``
+        in aten/src/ATen/native/transformers/attention.cpp: ``zeros_like`` of the expanded
+        mask, dense, then ``masked_fill_`` of its ``logical_not``, a bool temporary), and the
+        kernel keeps that float mask for its backward."""
         q, k, v = (self._autocast_low(t, "attention") for t in (q, k, v))
+        biases: list[Tensor] = []
+        if bool_mask:
+            bias = self._t(f"{name} float mask", bool_mask, q.dtype, part="attention")
+            scratch = [("logical_not(mask)", bool_mask * DType.bool.size)]
+            self.g.node(f"{self.prefix}{name} mask to float", [], [bias], scratch=scratch)
+            biases = [bias]
         out = self._t(name, q.numel, q.dtype, part="attention")
         rows = batch * heads * seq
         if kernel == "efficient":
@@ -611,9 +624,9 @@ class Ops:
 
         self.g.node(
             f"{self.prefix}{name}",
-            [q, k, v],
+            [q, k, v, *biases],
             [out],
-            saved=[q, k, v, out, stats, *rng],
+            saved=[q, k, v, *biases, out, stats, *rng],
             hidden=hidden,
             backward=backward,
         )

@@ -142,19 +142,6 @@ def hf_unsupported(spec: ModelSpec, workload: Workload | None = None) -> str | N
     return None
 
 
-def hf_caveats(spec: ModelSpec, workload: Workload) -> list[str]:
-    """What the profile runs but does not model, said in the output."""
-    notes = []
-    window = spec.sliding_window
-    tokens = workload.seq + (workload.gen_tokens or 0)
-    if window is not None and tokens >= window and workload.attention is not Attention.eager:
-        notes.append(
-            f"{tokens} tokens reach the {window}-token sliding window: transformers then builds "
-            "an explicit mask and SDPA may pick another kernel; neither is modelled"
-        )
-    return notes
-
-
 def param_shapes(b: Block) -> list[tuple[str, int]]:
     """Every parameter as ``model.parameters()`` yields it: (name, elements)."""
     return [(name, math.prod(shape)) for name, shape in param_dims(b)]
@@ -276,6 +263,7 @@ class Model:
         self.batch, self.seq, self.cached = batch, seq, cached
         # tokens each layer's cache holds before this forward (a sliding layer stops growing)
         self.layer_cached = layer_cached or [cached] * b.layers
+        self.windows = cache_windows(spec) if spec is not None else [None] * b.layers
         self.use_cache = use_cache
         self.all_logits = all_logits
         # generate() passes position_ids built from the attention mask, (batch, seq); a
@@ -615,6 +603,17 @@ class Model:
         compute = self.ops.autocast or q.dtype
         kernel = attention_kernel(b, self.w, compute)
         p_drop = b.attention_dropout if self.training else 0.0
+        bool_mask = 0
+        if kernel != "eager" and self.sdpa_masked(i):
+            # an explicit mask (see sdpa_masked): use_gqa_in_sdpa is then False, so
+            # sdpa_attention_forward repeats K and V itself (repeat_kv copies) and SDPA runs a
+            # kernel that takes a mask: memory-efficient attention for fp32, cuDNN's for 16 bits
+            if b.kv_heads < b.heads:
+                wide = self.batch * b.heads * keys * b.head_dim
+                k = o.unary(f"{prefix} repeated k", k, numel=wide)
+                v = o.unary(f"{prefix} repeated v", v, numel=wide)
+            kernel = "efficient" if compute is DType.fp32 else "cudnn"
+            bool_mask = self.batch * self.seq * keys
         if kernel in ("cudnn", "efficient", "flash"):
             out = o.sdpa(
                 f"{prefix} attention",
@@ -626,6 +625,7 @@ class Model:
                 seq=self.seq,
                 kernel=kernel,
                 dropout=p_drop > 0,
+                bool_mask=bool_mask,
             )
             if b.model_type is ModelType.phi3:
                 # the kernel's output follows q's heads-first layout: transpose(1, 2)
@@ -635,6 +635,14 @@ class Model:
             out = self.eager_core(prefix, q, k, v, keys, mask, math=kernel == "math", p_drop=p_drop)
         name = "attn.c_proj" if b.model_type is ModelType.gpt2 else "self_attn.o_proj"
         return self.linear(f"{prefix}.{name}", out, b.hidden, b.bias)
+
+    def sdpa_masked(self, i: int) -> bool:
+        """Whether layer ``i`` gets an explicit boolean mask under SDPA: transformers' sdpa_mask
+        skips it for plain causal attention, but not once the keys reach a sliding layer's
+        window (``_ignore_causal_mask_sdpa`` in transformers/masking_utils.py: kv_length >=
+        local_attention_size)."""
+        window = self.windows[i]
+        return window is not None and self.seq + self.layer_cached[i] >= window
 
     def eager_core(
         self,
@@ -663,7 +671,9 @@ class Model:
         s = o.bmm(f"{prefix} q @ k^T", q, k, scores)
         if not math:
             s = o.scalar(f"{prefix} scaled scores", s)
-        if b.model_type is ModelType.gemma2:  # attn_logit_softcapping: tanh(s / c) * c
+        if b.model_type is ModelType.gemma2 and not math:
+            # eager_attention_forward's attn_logit_softcapping, tanh(s / c) * c; SDPA's path
+            # (integrations/sdpa_attention.py) takes softcap in **kwargs and ignores it
             s = o.scalar(f"{prefix} scores / softcap", s)
             s = o.unary(f"{prefix} tanh(scores)", s, saves="output", part="attention")
             s = o.scalar(f"{prefix} scores * softcap", s)
@@ -822,10 +832,18 @@ class Model:
                 local = Tensor("sliding window mask", mask.numel, x.dtype)
                 g.node("sliding window mask", [], [local], scratch=[("bool mask", mask.numel)])
                 model_locals.append(local)
-        elif kernel == "math" and self.seq > 1:  # is_causal needs q_length > 1
+        masked = [i for i in range(b.layers) if self.sdpa_masked(i)] if kernel != "eager" else []
+        if kernel == "math" and self.seq > 1 and len(masked) < b.layers:  # is_causal, q > 1
             keys = self.seq + self.cached
             mask = Tensor("causal mask", self.seq * keys, DType.fp32)
             g.node("causal mask", [], [mask], scratch=[("bool mask", self.seq * keys)])
+        if masked:
+            # sdpa_mask (masking_utils.py): the causal and the sliding-window functions on
+            # broadcast aranges, and-ed, expanded to the batch: a (1, 1, q, kv) bool storage
+            numel = self.seq * (self.seq + self.layer_cached[masked[0]])
+            local = Tensor("sliding window mask", numel, DType.bool)
+            g.node("sliding window mask", [], [local], scratch=[("causal, window", 2 * numel)])
+            model_locals.append(local)
         # sequence parallel: the embedding's output is reduce-scattered to this rank's rows
         # (RowwiseParallel, output_layouts Shard(1)), the final norm runs on them and lm_head
         # gathers them back
