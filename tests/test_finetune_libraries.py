@@ -488,3 +488,19 @@ def test_measuring_a_quantized_model_leaves_no_checkpoint_behind(
         model = build_hf_model(run.model.resolved(), run.workload, "cpu", torch.bfloat16)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert len(made) == 1 and not made[0].exists()
+
+
+def test_from_pretrained_warmup_is_what_transformers_allocated() -> None:
+    """The allocator warm-up of a quantized load: 1199.3 MiB measured on the H200 for a
+    two-layer Gemma-2-2B in nf4 (benchmarks/data/h200-load-peak)."""
+    from vramfit.config import RunSpec
+    from vramfit.estimate.profiles import hf
+
+    gemma = {"arch": "llama", "model_type": "gemma2", "layers": 2, "hidden": 2304, "heads": 8,
+             "kv_heads": 4, "head_dim": 256, "ffn": 9216, "vocab": 256000, "tied": True,
+             "norms_per_layer": 4, "sliding_window": 4096, "sliding_window_every": 2}
+    workload = {"impl": "hf", "mode": "infer", "batch": 4, "seq": 1024, "precision": "bf16",
+                "quant": {"kind": "nf4", "compute_dtype": "bf16"}}
+    run = RunSpec.model_validate({"model": gemma, "workload": workload})
+    _, model, _, _ = hf.build(run.model, run.workload, grad=False, batch=4, seq=1024)
+    assert round(hf.warmup_bytes(model) / 2**20, 1) == 1199.3

@@ -34,6 +34,8 @@ SETS = {
         "h200-ft-validation2/ft-validation2.jsonl",
         "h200-ft-validation3/ft-validation3.jsonl",
         "h200-ft-validation4/ft-validation4.jsonl",
+        "h200-ft-validation5/ft-validation5.jsonl",
+        "h200-ft-validation6/ft-validation6.jsonl",
     ],
     "accuracy-parallel.txt": [
         "h200-fsdp-validation1/fsdp-validation1.jsonl",

@@ -53,9 +53,19 @@ def _weights(t: Tape, model: hf.Model, spec: ModelSpec, first: bool) -> list[Ten
     if model.lora is None and model.quant is None:
         counts = count_params(spec)
         scale = (spec.params or counts.total) / counts.total
+    if model.quant is not None:
+        # a quantized model comes from from_pretrained, whose caching_allocator_warmup
+        # (transformers/modeling_utils.py) allocates and frees one tensor of the model's
+        # loaded bytes first, so the weights land in that one cached segment (the point is
+        # on every step's tape, so that steps' points line up)
+        t.op("from_pretrained allocator warm-up")
+        if first:
+            t.temp("allocator warm-up", Component.weights, hf.warmup_bytes(model))
     t.op("build")
     t.persist("weights", Component.weights, [round(p.nbytes * scale) for p in model.param_list])
-    if first and b.tied:  # the untied lm_head made at init, freed when tied
+    # from_config on the device makes an untied lm_head at init, freed when tied;
+    # from_pretrained builds on the meta device and ties before it loads: no copy
+    if first and b.tied and model.quant is None:
         t.temp(
             "lm_head copy before tying", Component.weights, b.vocab * b.hidden * model.weight.size
         )

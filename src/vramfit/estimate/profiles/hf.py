@@ -889,6 +889,22 @@ class Model:
         return logits, loss
 
 
+def warmup_bytes(model: Model) -> int:
+    """What ``from_pretrained``'s ``caching_allocator_warmup`` allocates (and frees) before a
+    quantized model loads (transformers 5.17, modeling_utils.py): ``get_total_byte_count``
+    sums each parameter once (tied ones skipped) at the quantizer's element size, 0.5 or 1
+    byte for a bitsandbytes-quantized weight and the load dtype's size otherwise, and
+    ``torch.empty(byte_count // 2, dtype=float16)`` is made of it. Not modelled: its cap at
+    the device's memory less 1.2 GiB, and its shrinking when reserved memory is free."""
+    assert model.quant is not None
+    per_weight = 1.0 if model.quant.kind.value == "int8" else 0.5
+    count = 0.0
+    for name, numel in param_shapes(model.b):
+        quantized = name.removesuffix(".weight") in model.quantized and name.endswith(".weight")
+        count += numel * (per_weight if quantized else model.weight.size)
+    return 2 * int(count // 2)
+
+
 def cache_windows(spec: ModelSpec) -> list[int | None]:
     """Each layer's sliding window (None: full attention). A config with ``sliding_window``
     and no ``layer_types`` makes every layer sliding; Gemma-2 alternates, sliding first
