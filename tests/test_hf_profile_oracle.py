@@ -186,3 +186,84 @@ def test_sdpa_ignores_gemma2_attention_softcapping() -> None:
         run = RunSpec.model_validate({"model": MODELS["gemma2"], "workload": workload})
         graph, _, _, _ = hf.build(run.model, run.workload, grad=True, batch=B, seq=S)
         assert any("tanh(scores)" in node.name for node in graph.nodes) is capping
+
+
+ADAPTED = {  # peft's defaults where it has them, the fused projections for Phi-3
+    "llama": None, "gemma2": None, "qwen2": None, "mistral": None,
+    "phi3": ["qkv_proj", "o_proj"],
+}
+
+
+def _adapted_saved(run: RunSpec, targets: list[str] | str | None) -> Counter:
+    """What block 0 saves in a real peft model: LoRA on bf16 weights, or QLoRA (bitsandbytes
+    4-bit weights loaded by from_pretrained, prepare_model_for_kbit_training, then LoRA)."""
+    import tempfile
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    from vramfit.measure.hf import hf_config
+
+    spec = run.model.resolved()
+    torch.manual_seed(0)
+    cfg = hf_config(spec, run.workload)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    model = model.to(torch.bfloat16)
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as folder:
+        warnings.simplefilter("ignore")
+        quant = run.workload.quant
+        if quant is not None:
+            pytest.importorskip("bitsandbytes")
+            model.save_pretrained(folder)
+            config = transformers.BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=quant.kind.value,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            )
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                folder, quantization_config=config, dtype=torch.bfloat16, device_map="cpu",
+                attn_implementation="eager",
+            )
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets))
+    model.train()
+    blocks = model.base_model.model.model.layers
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    active = {"on": False}
+    seen: dict[int, tuple[int, str]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if active["on"] and ptr not in params:
+            seen[ptr] = (t.untyped_storage().nbytes() // t.element_size(),
+                         TORCH_DTYPE_NAMES[t.dtype])
+        return t
+
+    blocks[0].register_forward_pre_hook(lambda *_: active.update(on=True))
+    blocks[0].register_forward_hook(lambda *_: active.update(on=False))
+    ids = torch.randint(0, spec.vocab, (B, S))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return Counter(seen.values())
+
+
+@pytest.mark.parametrize("quant", [None, "nf4", "fp4"])
+@pytest.mark.parametrize("targets", ["default", "all-linear"])
+@pytest.mark.parametrize("model_type", sorted(ADAPTED))
+def test_adapted_block_saves_what_peft_and_bitsandbytes_save(
+    model_type: str, targets: str, quant: str | None
+) -> None:
+    """LoRA adapters (fp32, their input cast and their own saves) and QLoRA's fp32 hidden
+    states (kbit preparation) with its 4-bit linears (compute-dtype input, dequantized weight
+    kept outside autograd's hooks): the same multiset as the real modules'."""
+    chosen = ADAPTED[model_type] if targets == "default" else "all-linear"
+    workload = {"impl": "hf", "loop": "drops", "batch": B, "seq": S, "precision": "bf16",
+                "attention": "eager", "optimizer": "adamw",
+                "lora": {"r": 4, **({"targets": chosen} if chosen else {})}}
+    if quant:
+        workload["quant"] = {"kind": quant, "compute_dtype": "bf16"}
+    run = RunSpec.model_validate({"model": MODELS[model_type], "workload": workload})
+    real, predicted = _adapted_saved(run, chosen), _profile_saved(run)
+    assert predicted == real, (
+        f"profile only: {predicted - real}; transformers only: {real - predicted}"
+    )
