@@ -58,20 +58,27 @@ def _real_saved(run: RunSpec) -> Counter:
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     model = model.to(DTYPES[run.workload.precision.value][0]).train()
     blocks = model.transformer.h if spec.model_type.value == "gpt2" else model.model.layers
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return _block0_saves(model, blocks[0], spec.vocab)
+
+
+def _block0_saves(model: torch.nn.Module, block: torch.nn.Module, vocab: int) -> Counter:
+    """Run one training forward and backward of ``model`` and count what autograd packs
+    while ``block`` runs, parameters excluded. The parameters' storages are read at each
+    pack: bitsandbytes' Linear4bit replaces a bias's data with a cast to the compute dtype
+    in its first forward, and the freed fp32 storage's address is then reused."""
     active = {"on": False}
     seen: dict[int, tuple[int, str]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         ptr = t.untyped_storage().data_ptr()
-        if active["on"] and ptr not in params:
+        if active["on"] and ptr not in {p.untyped_storage().data_ptr() for p in model.parameters()}:
             seen[ptr] = (t.untyped_storage().nbytes() // t.element_size(),
                          TORCH_DTYPE_NAMES[t.dtype])
         return t
 
-    blocks[0].register_forward_pre_hook(lambda *_: active.update(on=True))
-    blocks[0].register_forward_hook(lambda *_: active.update(on=False))
-    ids = torch.randint(0, spec.vocab, (B, S))
+    block.register_forward_pre_hook(lambda *_: active.update(on=True))
+    block.register_forward_hook(lambda *_: active.update(on=False))
+    ids = torch.randint(0, vocab, (B, S))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(input_ids=ids, labels=ids)
     out.loss.backward()
@@ -225,26 +232,7 @@ def _adapted_saved(run: RunSpec, targets: list[str] | str | None) -> Counter:
             )
             model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets))
-    model.train()
-    blocks = model.base_model.model.model.layers
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    active = {"on": False}
-    seen: dict[int, tuple[int, str]] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if active["on"] and ptr not in params:
-            seen[ptr] = (t.untyped_storage().nbytes() // t.element_size(),
-                         TORCH_DTYPE_NAMES[t.dtype])
-        return t
-
-    blocks[0].register_forward_pre_hook(lambda *_: active.update(on=True))
-    blocks[0].register_forward_hook(lambda *_: active.update(on=False))
-    ids = torch.randint(0, spec.vocab, (B, S))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    return Counter(seen.values())
+    return _block0_saves(model.train(), model.base_model.model.model.layers[0], spec.vocab)
 
 
 @pytest.mark.parametrize("quant", [None, "nf4", "fp4"])
