@@ -1065,3 +1065,20 @@ def test_measure_matmul_on_the_cpu(
         assert doc["cells"][0]["output_dtype"] == out_dtype
         assert doc["cells"][0]["measured"]["memory_allocated_bytes"] == 0
         assert doc["catalog_gpu"] is None  # "cpu"
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--checkpointing", "selective"], "--checkpointing"),
+        (["--gen-tokens", "8"], "--gen-tokens"),
+        (["--kv-dtype", "fp8"], "--kv-dtype"),
+        (["--impl", "reference", "--optimizer", "paged-adamw-8bit"], "--optimizer"),
+    ],
+)
+def test_a_check_across_workload_fields_names_its_option(
+    capsys: pytest.CaptureFixture[str], args: list[str], option: str
+) -> None:
+    code, out, err = run(capsys, "estimate", "--preset", "llama-3.2-1b", *args)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"error: {option}: ") and err.count("\n") == 1

@@ -417,8 +417,8 @@ class Workload(_Strict):
             )
         if self.impl is Impl.hf and self.checkpointing is Checkpointing.selective:
             raise ValueError(
-                "transformers checkpoints whole decoder layers: use checkpointing full "
-                "(or impl reference for selective)"
+                "checkpointing selective is not in transformers, which checkpoints whole "
+                "decoder layers: use checkpointing full (or impl reference for selective)"
             )
         return self
 
