@@ -214,7 +214,9 @@ def _adapted_saved(run: RunSpec, targets: list[str] | str | None) -> Counter:
     torch.manual_seed(0)
     cfg = hf_config(spec, run.workload)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    model = model.to(torch.bfloat16)
+    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    weights = torch_dtypes[run.workload.precision.value]
+    model = model.to(weights)
     with warnings.catch_warnings(), tempfile.TemporaryDirectory() as folder:
         warnings.simplefilter("ignore")
         quant = run.workload.quant
@@ -224,10 +226,10 @@ def _adapted_saved(run: RunSpec, targets: list[str] | str | None) -> Counter:
             config = transformers.BitsAndBytesConfig(
                 load_in_4bit=True,
                 bnb_4bit_quant_type=quant.kind.value,
-                bnb_4bit_compute_dtype=torch.bfloat16,
+                bnb_4bit_compute_dtype=torch_dtypes[quant.compute_dtype.value],
             )
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                folder, quantization_config=config, dtype=torch.bfloat16, device_map="cpu",
+                folder, quantization_config=config, dtype=weights, device_map="cpu",
                 attn_implementation="eager",
             )
             model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -252,6 +254,22 @@ def test_adapted_block_saves_what_peft_and_bitsandbytes_save(
         workload["quant"] = {"kind": quant, "compute_dtype": "bf16"}
     run = RunSpec.model_validate({"model": MODELS[model_type], "workload": workload})
     real, predicted = _adapted_saved(run, chosen), _profile_saved(run)
+    assert predicted == real, (
+        f"profile only: {predicted - real}; transformers only: {real - predicted}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("precision", "compute"), [("fp16", "fp16"), ("fp32", "bf16"), ("bf16", "fp16")]
+)
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_qlora_block_saves_in_other_dtypes(model_type: str, precision: str, compute: str) -> None:
+    """The same for fp16 and fp32 base weights and an fp16 compute dtype (a T4's QLoRA)."""
+    workload = {"impl": "hf", "loop": "drops", "batch": B, "seq": S, "precision": precision,
+                "attention": "eager", "optimizer": "adamw", "lora": {"r": 4},
+                "quant": {"kind": "nf4", "compute_dtype": compute}}
+    run = RunSpec.model_validate({"model": MODELS[model_type], "workload": workload})
+    real, predicted = _adapted_saved(run, None), _profile_saved(run)
     assert predicted == real, (
         f"profile only: {predicted - real}; transformers only: {real - predicted}"
     )
