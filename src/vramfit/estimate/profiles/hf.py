@@ -608,10 +608,7 @@ class Model:
             # an explicit mask (see sdpa_masked): use_gqa_in_sdpa is then False, so
             # sdpa_attention_forward repeats K and V itself (repeat_kv copies) and SDPA runs a
             # kernel that takes a mask: memory-efficient attention for fp32, cuDNN's for 16 bits
-            if b.kv_heads < b.heads:
-                wide = self.batch * b.heads * keys * b.head_dim
-                k = o.unary(f"{prefix} repeated k", k, numel=wide)
-                v = o.unary(f"{prefix} repeated v", v, numel=wide)
+            k, v = self.repeat_kv(prefix, k, v, keys)
             kernel = "efficient" if compute is DType.fp32 else "cudnn"
             bool_mask = self.batch * self.seq * keys
         if kernel in ("cudnn", "efficient", "flash"):
@@ -644,6 +641,18 @@ class Model:
         window = self.windows[i]
         return window is not None and self.seq + self.layer_cached[i] >= window
 
+    def repeat_kv(self, prefix: str, k: Tensor, v: Tensor, keys: int) -> tuple[Tensor, Tensor]:
+        """transformers' repeat_kv: grouped K and V expanded to every query head and
+        reshaped, a copy each (none without grouping)."""
+        b, o = self.b, self.ops
+        if b.kv_heads >= b.heads:
+            return k, v
+        wide = self.batch * b.heads * keys * b.head_dim
+        return (
+            o.unary(f"{prefix} repeated k", k, numel=wide),
+            o.unary(f"{prefix} repeated v", v, numel=wide),
+        )
+
     def eager_core(
         self,
         prefix: str,
@@ -661,10 +670,7 @@ class Model:
         the output copy back to tokens first."""
         b, o = self.b, self.ops
         scores = self.batch * b.heads * self.seq * keys
-        wide = self.batch * b.heads * keys * b.head_dim
-        if b.kv_heads < b.heads:  # repeat_kv: expand + reshape copies
-            k = o.unary(f"{prefix} repeated k", k, numel=wide)
-            v = o.unary(f"{prefix} repeated v", v, numel=wide)
+        k, v = self.repeat_kv(prefix, k, v, keys)
         if math:
             k = o.scalar(f"{prefix} k * scale", k)
         q = o.copy(f"{prefix} contiguous q", o._autocast_low(q, "attention"), part="attention")
