@@ -247,16 +247,7 @@ def test_adapted_block_saves_what_peft_and_bitsandbytes_save(
     states (kbit preparation) with its 4-bit linears (compute-dtype input, dequantized weight
     kept outside autograd's hooks): the same multiset as the real modules'."""
     chosen = ADAPTED[model_type] if targets == "default" else "all-linear"
-    workload = {"impl": "hf", "loop": "drops", "batch": B, "seq": S, "precision": "bf16",
-                "attention": "eager", "optimizer": "adamw",
-                "lora": {"r": 4, **({"targets": chosen} if chosen else {})}}
-    if quant:
-        workload["quant"] = {"kind": quant, "compute_dtype": "bf16"}
-    run = RunSpec.model_validate({"model": MODELS[model_type], "workload": workload})
-    real, predicted = _adapted_saved(run, chosen), _profile_saved(run)
-    assert predicted == real, (
-        f"profile only: {predicted - real}; transformers only: {real - predicted}"
-    )
+    _assert_adapted_saves(model_type, chosen, quant)
 
 
 @pytest.mark.parametrize(
@@ -265,11 +256,26 @@ def test_adapted_block_saves_what_peft_and_bitsandbytes_save(
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])
 def test_qlora_block_saves_in_other_dtypes(model_type: str, precision: str, compute: str) -> None:
     """The same for fp16 and fp32 base weights and an fp16 compute dtype (a T4's QLoRA)."""
+    _assert_adapted_saves(model_type, None, "nf4", precision=precision, compute=compute)
+
+
+def _assert_adapted_saves(
+    model_type: str,
+    targets: list[str] | str | None,
+    quant: str | None,
+    *,
+    precision: str = "bf16",
+    compute: str = "bf16",
+) -> None:
+    """Rank-4 LoRA on ``targets`` (None: peft's default), over ``quant`` weights if any:
+    block 0's saves in the profile equal the real modules'."""
     workload = {"impl": "hf", "loop": "drops", "batch": B, "seq": S, "precision": precision,
-                "attention": "eager", "optimizer": "adamw", "lora": {"r": 4},
-                "quant": {"kind": "nf4", "compute_dtype": compute}}
+                "attention": "eager", "optimizer": "adamw",
+                "lora": {"r": 4, **({"targets": targets} if targets else {})}}
+    if quant:
+        workload["quant"] = {"kind": quant, "compute_dtype": compute}
     run = RunSpec.model_validate({"model": MODELS[model_type], "workload": workload})
-    real, predicted = _adapted_saved(run, None), _profile_saved(run)
+    real, predicted = _adapted_saved(run, targets), _profile_saved(run)
     assert predicted == real, (
         f"profile only: {predicted - real}; transformers only: {real - predicted}"
     )
