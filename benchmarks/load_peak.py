@@ -64,19 +64,25 @@ def load(spec: ModelSpec, workload: Workload, min_mib: float) -> None:
         f"allocated after {torch.cuda.memory_allocated() / mib:.1f} MiB, "
         f"reserved {torch.cuda.memory_reserved() / mib:.1f} MiB"
     )
-    freed = set()
-    events = snap["device_traces"][0]
-    for e in events:
-        if e["action"] == "free_completed":
-            freed.add(e["addr"])
-    for e in events:
-        if e["action"] == "alloc" and e["size"] >= min_mib * mib:
+    # in trace order, each free ends the allocation then live at its address (a later
+    # allocation may reuse the address: it is a block of its own)
+    allocs: list[tuple[dict, bool]] = []
+    live: dict[int, int] = {}  # address -> index in allocs
+    for e in snap["device_traces"][0]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = len(allocs)
+            allocs.append((e, False))
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            i = live.pop(e["addr"])
+            allocs[i] = (allocs[i][0], True)
+    for e, freed in allocs:
+        if e["size"] >= min_mib * mib:
             frames = [
                 f"{Path(f['filename']).name}:{f['line']} {f['name']}"
                 for f in e.get("frames", [])
                 if f["filename"].endswith(".py")
             ][:3]
-            state = "freed" if e["addr"] in freed else "kept"
+            state = "freed" if freed else "kept"
             print(f"  alloc {e['size'] / mib:9.1f} MiB {state:5s} {' < '.join(frames)}")
     segments = sorted(s["total_size"] for s in snap["segments"])
     print(f"  segments: {len(segments)}, largest {[round(s / mib) for s in segments[-6:]]} MiB")
