@@ -833,7 +833,7 @@ class Model:
             keys = self.seq + self.cached
             mask = Tensor("causal mask", self.batch * self.seq * keys, x.dtype)
             g.node("causal mask", [], [mask], scratch=[("bool mask", self.batch * self.seq * keys)])
-            if self.spec is not None and len(set(cache_windows(self.spec))) > 1:
+            if len(set(self.windows)) > 1:
                 # full and sliding layers (Gemma-2): causal_mask_mapping holds both masks
                 local = Tensor("sliding window mask", mask.numel, x.dtype)
                 g.node("sliding window mask", [], [local], scratch=[("bool mask", mask.numel)])
