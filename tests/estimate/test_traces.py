@@ -1,11 +1,12 @@
 """The estimator's step programs, replayed, against the allocator traces recorded on an H200.
 
-benchmarks/data/h200-traces/*.json* hold the real allocator events of 34 training and
+benchmarks/data/h200-traces/*.json* hold the real allocator events of 35 training and
 inference runs (benchmarks/trace.py), with the reserved and peak allocated bytes PyTorch
-reported; the cases they ran are in benchmarks/*.yaml. vramfit's training and inference
-programs, replayed through its allocator model for the same number of steps, must reach
-the same peak allocated bytes (up to the small requests it does not model) and the same
-reserved bytes: to the byte, except for the runs listed below with what differs.
+reported; the cases they ran are in benchmarks/*.yaml (the reference loop unless a case
+names ``impl: hf``). vramfit's training and inference programs, replayed through its
+allocator model for the same number of steps, must reach the same peak allocated bytes (up
+to the small requests it does not model) and the same reserved bytes: to the byte, except
+for the runs listed below with what differs.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vramfit.config import Mode, RunSpec
+from vramfit.config import Impl, Mode, RunSpec
+from vramfit.estimate.kernels import H200
 from vramfit.estimate.overhead import cublas_workspace_bytes
 from vramfit.estimate.profiles.reference import inference, training_steps
+from vramfit.estimate.schedule import hf_training_steps
 from vramfit.estimate.timeline import replay
 
 ROOT = Path(__file__).parents[2] / "benchmarks"
@@ -36,7 +39,13 @@ APPROXIMATE = {
     "llama-3.2-3b-b1-s4096-fp32-adamwfused-flash-full": 0.01,
     "gpt2-774m-b4-s1024-amp-bf16-adamw-flash-full": 0.01,
     "llama-1.1b-gqa-b2-s2048-amp-bf16-adamw-eager-selective": 0.01,
+    # transformers + peft + bitsandbytes QLoRA, prepare_model_for_kbit_training's reentrant
+    # checkpointing in a plain loop: its load (from_pretrained, the fp32 casts, empty_cache)
+    # is modelled by its result, not op by op; 16 MiB (0.1%) under
+    "ft1-tinyllama-qlora-nf4dq-r64-all-b4-s2048-bf16-drops-full": 0.002,
 }
+# the same for peak allocated: the hf program's peak, 17 MiB (0.15%) under
+APPROXIMATE_PEAK = {"ft1-tinyllama-qlora-nf4dq-r64-all-b4-s2048-bf16-drops-full": 0.002}
 
 
 def _cases() -> dict[str, dict]:
@@ -67,7 +76,10 @@ def test_the_step_program_reproduces_a_recorded_run(trace: dict) -> None:
         {"model": case["model"], "workload": {"impl": "reference", **case.get("workload", {})}}
     )
     workspace = cublas_workspace_bytes(None, (9, 0))  # the H200's
-    if run.workload.mode is Mode.train:
+    if run.workload.impl is Impl.hf:
+        first, steady, _ = hf_training_steps(run.model.resolved(), run.workload, workspace, H200)
+        rep = replay([first] + [steady] * (int(case.get("steps", 3)) - 1))
+    elif run.workload.mode is Mode.train:
         first, steady, _ = training_steps(run.model, run.workload, workspace)
         rep = replay([first] + [steady] * (int(case.get("steps", 3)) - 1))
     else:
@@ -75,7 +87,7 @@ def test_the_step_program_reproduces_a_recorded_run(trace: dict) -> None:
 
     peak, reserved = trace["peak_allocated_bytes"], trace["reserved_peak_bytes"]
     # requests of a few KiB (index sorting, semaphores, scalars) are not modelled
-    assert rep.peak_allocated == pytest.approx(peak, rel=1e-3)
+    assert rep.peak_allocated == pytest.approx(peak, rel=APPROXIMATE_PEAK.get(trace["name"], 1e-3))
     if trace["name"] in APPROXIMATE:
         assert rep.reserved == pytest.approx(reserved, rel=APPROXIMATE[trace["name"]])
     else:

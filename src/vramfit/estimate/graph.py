@@ -382,6 +382,9 @@ class _Sim:
         self.buffers: dict[int, Grad] = {}  # tensor id -> its accumulated gradient
         self.cast_cache: list[Tensor] = []
         self.region_inputs: dict[int, list[Tensor]] = {}
+        # a reentrant region's backward: what CheckpointFunction.backward holds until the
+        # backward over its recomputed graph returns (its outputs, the incoming gradients)
+        self.region_held: dict[int, tuple[list[Tensor], list[Grad]]] = {}
         self.workspaces: Workspaces | None = None
         self.hooks: Hooks | None = None
         for leaf in graph.leaves:
@@ -591,10 +594,23 @@ def run_backward(sim: _Sim, loss: Tensor) -> None:
             if hooks is not None and n.unit is not None and unit_first[n.unit] is n:
                 hooks.unit_backward_done(sim, n.unit)
             continue
-        needs = n.saved or (sim.g.reentrant and n.kept) or sim.g.recompute_at_entry
+        # a reentrant checkpoint is one autograd Function: its backward reruns the region
+        # first, whatever the region's first node to run backward saves
+        needs = n.saved or sim.g.reentrant or sim.g.recompute_at_entry
         if n.region is not None and n.region not in recomputed and needs:
             recomputed.add(n.region)
-            _recompute(sim, region_nodes[n.region])
+            if sim.g.reentrant:
+                # CheckpointFunction.backward: `outputs = ctx.run_function(*inputs)`, then
+                # torch.autograd.backward(outputs, args): both live until it returns, so
+                # the incoming gradient cannot be accumulated into in place meanwhile
+                # (torch/utils/checkpoint.py; the h200-traces QLoRA reentrant trace)
+                grads = [g for g in grads_out if g is not None]
+                for g in grads:
+                    g.storage.refs += 1
+                outputs = _recompute(sim, region_nodes[n.region], keep=n.outputs)
+                sim.region_held[n.region] = outputs, grads
+            else:
+                _recompute(sim, region_nodes[n.region])
         if n.backward_point:
             tape.op(f"{n.name} backward")
         bw = Backward(sim, n, grads_out)
@@ -613,6 +629,11 @@ def run_backward(sim: _Sim, loss: Tensor) -> None:
         if n.region is not None and region_first[n.region] is n:
             for x in sim.region_inputs[n.region]:
                 sim.unref(x)  # the checkpoint's frame lets its inputs go
+            outputs, grads = sim.region_held.pop(n.region, ([], []))
+            for x in outputs:
+                sim.unref(x)
+            for g in grads:
+                sim.unref_grad(g)
         if hooks is not None and n.unit is not None and unit_first[n.unit] is n:
             hooks.unit_backward_done(sim, n.unit)
     for n in skipped:  # the graph is freed
@@ -712,9 +733,11 @@ def _accumulate_grad(sim: _Sim, leaf: Tensor, g: Grad) -> None:
     sim.leaf_grads[id(leaf)] = grad
 
 
-def _recompute(sim: _Sim, nodes: list[Node]) -> None:
+def _recompute(sim: _Sim, nodes: list[Node], keep: Sequence[Tensor] = ()) -> list[Tensor]:
     """Rerun a checkpointed region (its ``nodes``), saving, up to the last tensor it saves: the
-    inputs of that node, or its outputs where it saves them (non-reentrant checkpoint)."""
+    inputs of that node, or its outputs where it saves them (non-reentrant checkpoint).
+    Returns the recomputed tensors of ``keep`` (the caller still holds them) alive."""
+    kept = {id(t) for t in keep}
     tape = sim.tape
     saving = [k for k, n in enumerate(nodes) if n.backward is not None and n.saved]
     stop = len(nodes) - 1 if sim.g.reentrant else saving[-1]
@@ -751,16 +774,21 @@ def _recompute(sim: _Sim, nodes: list[Node]) -> None:
             if n.kept and sim.g.reentrant:  # the rerun with grad builds the kept ctx
                 sim.pin(n)
         for out in (*n.outputs, *n.hidden):
-            if id(out) in local and id(out) not in last:
+            if id(out) in local and id(out) not in last and id(out) not in kept:
                 sim.unref(local.pop(id(out)))
         for x in {id(x): x for x in n.inputs}.values():
-            if last.get(id(x)) == k and id(x) in local:
+            if last.get(id(x)) == k and id(x) in local and id(x) not in kept:
                 sim.unref(local.pop(id(x)))
+    held = []
     for x in local.values():  # the rerun stops: its locals die
-        sim.unref(x)
+        if id(x) in kept:
+            held.append(x)
+        else:
+            sim.unref(x)
     for t in sim.cast_cache:  # and so does its autocast context
         sim.unref(t)
     sim.cast_cache = []
+    return held
 
 
 def forward_and_backward(

@@ -604,6 +604,7 @@ class Model:
         kernel = attention_kernel(b, self.w, compute)
         p_drop = b.attention_dropout if self.training else 0.0
         bool_mask = 0
+        states = q, k, v  # the attention forward's query/key/value_states, to its return
         if kernel != "eager" and self.sdpa_masked(i):
             # an explicit mask (see sdpa_masked): use_gqa_in_sdpa is then False, so
             # sdpa_attention_forward repeats K and V itself (repeat_kv copies) and SDPA runs a
@@ -628,10 +629,14 @@ class Model:
                 # the kernel's output follows q's heads-first layout: transpose(1, 2)
                 # .contiguous() copies it (the h200-hf-ops Phi-3 trace)
                 out = o.copy(f"{prefix} attention output", out, part="attention")
+        elif kernel == "math":
+            out = self.math_core(prefix, q, k, v, keys, p_drop)
         else:
-            out = self.eager_core(prefix, q, k, v, keys, mask, math=kernel == "math", p_drop=p_drop)
+            out = self.eager_core(prefix, q, k, v, keys, mask, p_drop=p_drop)
         name = "attn.c_proj" if b.model_type is ModelType.gpt2 else "self_attn.o_proj"
-        return self.linear(f"{prefix}.{name}", out, b.hidden, b.bias)
+        out = self.linear(f"{prefix}.{name}", out, b.hidden, b.bias)
+        o.keep(*states)
+        return out
 
     def sdpa_masked(self, i: int) -> bool:
         """Whether layer ``i`` gets an explicit boolean mask under SDPA: transformers' sdpa_mask
@@ -653,6 +658,54 @@ class Model:
             o.unary(f"{prefix} repeated v", v, numel=wide),
         )
 
+    def math_core(
+        self, prefix: str, q: Tensor, k: Tensor, v: Tensor, keys: int, p_drop: float
+    ) -> Tensor:
+        """SDPA's math fallback, ``_scaled_dot_product_attention_math``
+        (aten/src/ATen/native/transformers/attention.cpp), op by op as it runs on the GPU:
+        ``query * sqrt(scale)``; for ``is_causal`` a ``ones(L, S, bool).tril()`` turned into
+        an additive fp32 mask (``convert_boolean_attn_mask``); K and V expanded to every head
+        (``repeat_interleave``: a copy each); ``key^T * sqrt(scale)``; ``matmul``, whose
+        reshape copies the strided query; the mask added in place (``attn.add_``);
+        ``_safe_softmax``, which also makes ``attn == -inf`` (a bool per score) and its
+        all-rows reduction; ``matmul`` with V. The scaled query, the expanded K and V and the
+        mask are C++ locals: they live to the function's return. Traced on an H200 in a
+        kbit-prepared TinyLlama (fp32 queries, grouped K/V), forward and recompute alike."""
+        b, o, g = self.b, self.ops, self.g
+        scores = self.batch * b.heads * self.seq * keys
+        q = o.scalar(f"{prefix} q * scale", q, part="attention")
+        held = [q]
+        mask = None
+        if self.seq > 1:  # sdpa_attention_forward passes is_causal for q > 1 and no mask
+            ones = Tensor(f"{prefix} causal ones", self.seq * keys, DType.bool)
+            g.node(f"{o.prefix}{prefix} causal ones", [], [ones])
+            tril = Tensor(f"{prefix} causal tril", self.seq * keys, DType.bool)
+            g.node(f"{o.prefix}{prefix} causal tril", [ones], [tril])
+            mask = Tensor(f"{prefix} causal mask", self.seq * keys, DType.fp32)
+            # where(mask, 0, -inf): two 0-d scalar tensors beside it
+            g.node(
+                f"{o.prefix}{prefix} causal mask", [tril], [mask], scratch=[("0", 4), ("-inf", 4)]
+            )
+            held.append(mask)
+        k, v = self.repeat_kv(prefix, k, v, keys)
+        held += [k, v]
+        kt = o.scalar(f"{prefix} k^T * scale", k)
+        qc = o.copy(f"{prefix} contiguous q", q, part="attention")
+        s = o.bmm(f"{prefix} q @ k^T", qc, kt, scores)
+        probs = o.softmax_into(f"{prefix} softmax", s, s.dtype)
+        # _safe_softmax's masked rows: the scores stay live until it returns
+        g.node(
+            f"{o.prefix}{prefix} softmax == -inf rows",
+            [s, probs],
+            [],
+            scratch=[("scores == -inf", scores), ("all rows", scores // keys), ("0", 4)],
+        )
+        probs = o.dropout(f"{prefix} attention dropout", probs, p_drop, part="attention")
+        pv = o.bmm(f"{prefix} probs @ v", probs, v, self.n * b.q_width)
+        o.keep(*held)
+        # transpose(1, 2).contiguous(): a copy to tokens first, saved by o_proj
+        return o.unary(f"{prefix} attention output", pv, part="attention")
+
     def eager_core(
         self,
         prefix: str,
@@ -662,24 +715,19 @@ class Model:
         keys: int,
         mask: Tensor | None,
         *,
-        math: bool,
         p_drop: float,
     ) -> Tensor:
-        """HF's eager_attention_forward (or SDPA's math fallback): repeat_kv copies, q @ k^T
-        (bmm of contiguous copies), scaling, the additive mask, an fp32 softmax, P @ V, and
-        the output copy back to tokens first."""
+        """HF's eager_attention_forward: repeat_kv copies, q @ k^T (bmm of contiguous
+        copies), scaling, the additive mask, an fp32 softmax, P @ V, and the output copy back
+        to tokens first."""
         b, o = self.b, self.ops
         scores = self.batch * b.heads * self.seq * keys
         k, v = self.repeat_kv(prefix, k, v, keys)
-        if math:
-            k = o.scalar(f"{prefix} k * scale", k)
         q = o.copy(f"{prefix} contiguous q", o._autocast_low(q, "attention"), part="attention")
         s = o.bmm(f"{prefix} q @ k^T", q, k, scores)
-        if not math:
-            s = o.scalar(f"{prefix} scaled scores", s)
-        if b.model_type is ModelType.gemma2 and not math:
-            # eager_attention_forward's attn_logit_softcapping, tanh(s / c) * c; SDPA's path
-            # (integrations/sdpa_attention.py) takes softcap in **kwargs and ignores it
+        s = o.scalar(f"{prefix} scaled scores", s)
+        if b.model_type is ModelType.gemma2:
+            # eager_attention_forward's attn_logit_softcapping, tanh(s / c) * c
             s = o.scalar(f"{prefix} scores / softcap", s)
             s = o.unary(f"{prefix} tanh(scores)", s, saves="output", part="attention")
             s = o.scalar(f"{prefix} scores * softcap", s)
@@ -699,8 +747,8 @@ class Model:
                 part="attention",
             )
         probs = o.dropout(f"{prefix} attention dropout", probs, p_drop, part="attention")
-        if not math:  # eager_attention_forward returns them: the layer's `_` holds them
-            self.returned_weights = probs
+        # eager_attention_forward returns them: the layer's `_` holds them
+        self.returned_weights = probs
         pv = o.bmm(f"{prefix} probs @ v", probs, v, self.n * b.q_width)
         # transpose(1, 2).contiguous() / reshape: a copy to tokens first, saved by o_proj
         return o.unary(f"{prefix} attention output", pv, part="attention")
@@ -839,10 +887,6 @@ class Model:
                 g.node("sliding window mask", [], [local], scratch=[("bool mask", mask.numel)])
                 model_locals.append(local)
         masked = [i for i in range(b.layers) if self.sdpa_masked(i)] if kernel != "eager" else []
-        if kernel == "math" and self.seq > 1 and len(masked) < b.layers:  # is_causal, q > 1
-            keys = self.seq + self.cached
-            mask = Tensor("causal mask", self.seq * keys, DType.fp32)
-            g.node("causal mask", [], [mask], scratch=[("bool mask", self.seq * keys)])
         if masked:
             # sdpa_mask (masking_utils.py): the causal and the sliding-window functions on
             # broadcast aranges, and-ed, expanded to the batch: a (1, 1, q, kv) bool storage
