@@ -11,6 +11,8 @@ fraction per linear as ``int8_outliers`` for the cases file:
 
     PYTHONPATH=src python benchmarks/int8_outliers.py --cases benchmarks/ft-validation4.yaml
 
+(``--device cuda`` runs it on a GPU: a CPU without fast bf16 matmuls takes hours there.)
+
 ``measure`` reports the fractions it finds on the GPU after each int8 run (a note), so the
 two can be compared.
 """
@@ -25,7 +27,9 @@ import yaml
 from vramfit.config import ModelSpec, Workload
 
 
-def fractions(spec: ModelSpec, workload: Workload, layers: int, threshold: float) -> dict:
+def fractions(
+    spec: ModelSpec, workload: Workload, layers: int, threshold: float, device: str = "cpu"
+) -> dict:
     import torch
 
     from vramfit.measure.hf import block_path, hf_config, import_transformers
@@ -33,7 +37,8 @@ def fractions(spec: ModelSpec, workload: Workload, layers: int, threshold: float
     transformers = import_transformers()
     cfg = hf_config(spec.model_copy(update={"layers": layers}), workload)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     found: dict[str, list[float]] = {}
 
     def hook(name: str):
@@ -47,9 +52,9 @@ def fractions(spec: ModelSpec, workload: Workload, layers: int, threshold: float
     for path, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in f".{path}":
             module.register_forward_pre_hook(hook(block_path(path)))
-    ids = torch.randint(0, cfg.vocab_size, (workload.batch, workload.seq))
+    ids = torch.randint(0, cfg.vocab_size, (workload.batch, workload.seq), device=device)
     with torch.no_grad():
-        model(input_ids=ids)
+        model.base_model(input_ids=ids)  # the decoder layers: no block linear feeds lm_head
     return {k: round(sum(v) / len(v), 4) for k, v in sorted(found.items()) if any(v)}
 
 
@@ -57,6 +62,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", type=Path, required=True)
     parser.add_argument("--layers", type=int, default=2, help="layers built (default 2)")
+    parser.add_argument(
+        "--device", default="cpu", help="where to run (cuda: a CPU without fast bf16 matmuls "
+        "takes hours for 7B-wide layers)"
+    )
     args = parser.parse_args()
     for case in yaml.safe_load(args.cases.read_text()):
         quant = case.get("workload", {}).get("quant") or {}
@@ -64,8 +73,10 @@ def main() -> None:
             continue
         spec = ModelSpec.model_validate(case["model"]).resolved()
         workload = Workload.model_validate(case["workload"])
-        found = fractions(spec, workload, args.layers, workload.quant.int8_threshold)
-        print(f"{case['name']}: int8_outliers: {found}")
+        found = fractions(
+            spec, workload, args.layers, workload.quant.int8_threshold, args.device
+        )
+        print(f"{case['name']}: int8_outliers: {found}", flush=True)
 
 
 if __name__ == "__main__":
