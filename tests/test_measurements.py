@@ -36,6 +36,7 @@ SETS = {
         "h200-ft-validation4/ft-validation4.jsonl",
         "h200-ft-validation5/ft-validation5.jsonl",
         "h200-ft-validation6/ft-validation6.jsonl",
+        "h200-ft-validation7/ft-validation7.jsonl",
     ],
     "accuracy-parallel.txt": [
         "h200-fsdp-validation1/fsdp-validation1.jsonl",
