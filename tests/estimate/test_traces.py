@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from vramfit.config import Impl, Mode, RunSpec
+from vramfit.estimate.allocator import CachingAllocator
 from vramfit.estimate.kernels import H200
 from vramfit.estimate.overhead import cublas_workspace_bytes
 from vramfit.estimate.profiles.reference import inference, training_steps
@@ -92,3 +93,48 @@ def test_the_step_program_reproduces_a_recorded_run(trace: dict) -> None:
         assert rep.reserved == pytest.approx(reserved, rel=APPROXIMATE[trace["name"]])
     else:
         assert rep.reserved == reserved
+
+
+def test_a_reentrant_qlora_forward_peaks_as_traced() -> None:
+    """The kbit-prepared TinyLlama's forward runs each layer under no_grad (reentrant
+    checkpointing) with fp32 queries and grouped K/V: SDPA's math fallback, whose scaled
+    query, expanded K/V, causal mask and ``_safe_softmax`` scratch make the forward's peak.
+    Each step's forward peak, from the real events replayed with the driver's segment
+    addresses, against the hf program's."""
+    from test_allocator import _release
+
+    name = "ft1-tinyllama-qlora-nf4dq-r64-all-b4-s2048-bf16-drops-full"
+    trace = next(t for t in _traces() if t["name"] == name)
+    places = trace["places"]
+    embedding = next(i for i, p in enumerate(places) if " embedding <" in p)
+    loss_grad = next(i for i, p in enumerate(places) if "_make_grads" in p)
+    alloc, segment, allocated = CachingAllocator(), None, []
+    for action, addr, size, *_ in trace["events"]:
+        if action == "s":
+            segment = addr
+        elif action == "S":
+            _release(alloc, addr, size)
+        elif action == "a":
+            alloc.malloc(addr, size, segment_address=segment)
+            segment = None
+        elif action == "f":
+            alloc.free(addr)
+        allocated.append(alloc.allocated)
+    events = trace["events"]
+    starts = [i for i, e in enumerate(events) if e[0] == "a" and e[3] == embedding]
+    ends = [i for i, e in enumerate(events) if e[0] == "a" and e[3] == loss_grad]
+    real = [max(allocated[s:e]) for s, e in zip(starts, ends, strict=True)]
+
+    case = CASES[trace["name"]]
+    run = RunSpec.model_validate({"model": case["model"], "workload": case["workload"]})
+    workspace = cublas_workspace_bytes(None, (9, 0))
+    first, steady, _ = hf_training_steps(run.model.resolved(), run.workload, workspace, H200)
+    steps = [first, steady, steady]
+    rep = replay(steps)
+    ours = [
+        max(max(points[s:e]) for phase, s, e in step.phase_runs() if phase == "forward")
+        for step, points in zip(steps, rep.allocated, strict=True)
+    ]
+    assert len(real) == len(ours) == 3
+    for measured, predicted in zip(real, ours, strict=True):
+        assert predicted == pytest.approx(measured, rel=0.005)
