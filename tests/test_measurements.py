@@ -37,6 +37,7 @@ SETS = {
         "h200-ft-validation5/ft-validation5.jsonl",
         "h200-ft-validation6/ft-validation6.jsonl",
         "h200-ft-validation7/ft-validation7.jsonl",
+        "h200-ft-validation8/ft-validation8.jsonl",
     ],
     "accuracy-parallel.txt": [
         "h200-fsdp-validation1/fsdp-validation1.jsonl",
