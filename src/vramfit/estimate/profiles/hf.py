@@ -675,7 +675,6 @@ class Model:
         scores = self.batch * b.heads * self.seq * keys
         q = o.scalar(f"{prefix} q * scale", q, part="attention")
         held = [q]
-        mask = None
         if self.seq > 1:  # sdpa_attention_forward passes is_causal for q > 1 and no mask
             ones = Tensor(f"{prefix} causal ones", self.seq * keys, DType.bool)
             g.node(f"{o.prefix}{prefix} causal ones", [], [ones])
