@@ -36,6 +36,7 @@ MODELS = {
 DTYPES = {"fp32": (torch.float32, "fp32"), "bf16": (torch.bfloat16, "bf16")}
 TORCH_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                      torch.int64: "int64", torch.bool: "bool", torch.uint8: "uint8"}
+TORCH_DTYPES = {name: dtype for dtype, name in TORCH_DTYPE_NAMES.items()}
 
 
 def _run(model_type: str, precision: str) -> RunSpec:
@@ -214,8 +215,7 @@ def _adapted_saved(run: RunSpec, targets: list[str] | str | None) -> Counter:
     torch.manual_seed(0)
     cfg = hf_config(spec, run.workload)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    weights = torch_dtypes[run.workload.precision.value]
+    weights = TORCH_DTYPES[run.workload.precision.value]
     model = model.to(weights)
     with warnings.catch_warnings(), tempfile.TemporaryDirectory() as folder:
         warnings.simplefilter("ignore")
@@ -226,7 +226,7 @@ def _adapted_saved(run: RunSpec, targets: list[str] | str | None) -> Counter:
             config = transformers.BitsAndBytesConfig(
                 load_in_4bit=True,
                 bnb_4bit_quant_type=quant.kind.value,
-                bnb_4bit_compute_dtype=torch_dtypes[quant.compute_dtype.value],
+                bnb_4bit_compute_dtype=TORCH_DTYPES[quant.compute_dtype.value],
             )
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 folder, quantization_config=config, dtype=weights, device_map="cpu",

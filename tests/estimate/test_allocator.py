@@ -43,11 +43,14 @@ def _release(alloc: CachingAllocator, address: int, size: int) -> None:
     raise AssertionError(f"segment {address:#x} of {size} bytes is not a free segment")
 
 
-@pytest.mark.parametrize("trace", _traces(), ids=lambda t: t["name"])
-def test_replaying_a_real_trace_reproduces_reserved_and_peak(trace: dict) -> None:
+def replay_trace(trace: dict) -> tuple[CachingAllocator, int, list[int]]:
+    """Replay a recorded trace's events through the allocator model, each new segment where
+    the driver put it: the allocator, the reserved peak and the allocated bytes after each
+    event."""
     alloc = CachingAllocator()
     segment = None  # where the driver put the segment the next request creates
     reserved_peak = 0
+    allocated = []
     for action, addr, size, *_ in trace["events"]:
         if action == "s":
             segment = addr
@@ -59,6 +62,13 @@ def test_replaying_a_real_trace_reproduces_reserved_and_peak(trace: dict) -> Non
             reserved_peak = max(reserved_peak, alloc.reserved)
         elif action == "f":
             alloc.free(addr)
+        allocated.append(alloc.allocated)
+    return alloc, reserved_peak, allocated
+
+
+@pytest.mark.parametrize("trace", _traces(), ids=lambda t: t["name"])
+def test_replaying_a_real_trace_reproduces_reserved_and_peak(trace: dict) -> None:
+    alloc, reserved_peak, _ = replay_trace(trace)
     assert reserved_peak == trace["reserved_peak_bytes"]
     assert alloc.peak_allocated == trace["peak_allocated_bytes"]
 

@@ -19,7 +19,6 @@ import pytest
 import yaml
 
 from vramfit.config import Impl, Mode, RunSpec
-from vramfit.estimate.allocator import CachingAllocator
 from vramfit.estimate.kernels import H200
 from vramfit.estimate.overhead import cublas_workspace_bytes
 from vramfit.estimate.profiles.reference import inference, training_steps
@@ -77,11 +76,12 @@ def test_the_step_program_reproduces_a_recorded_run(trace: dict) -> None:
         {"model": case["model"], "workload": {"impl": "reference", **case.get("workload", {})}}
     )
     workspace = cublas_workspace_bytes(None, (9, 0))  # the H200's
-    if run.workload.impl is Impl.hf:
-        first, steady, _ = hf_training_steps(run.model.resolved(), run.workload, workspace, H200)
-        rep = replay([first] + [steady] * (int(case.get("steps", 3)) - 1))
-    elif run.workload.mode is Mode.train:
-        first, steady, _ = training_steps(run.model, run.workload, workspace)
+    if run.workload.mode is Mode.train:
+        if run.workload.impl is Impl.hf:
+            build = hf_training_steps(run.model.resolved(), run.workload, workspace, H200)
+        else:
+            build = training_steps(run.model, run.workload, workspace)
+        first, steady, _ = build
         rep = replay([first] + [steady] * (int(case.get("steps", 3)) - 1))
     else:
         rep = replay([inference(run.model.resolved(), run.workload, workspace)])
@@ -101,25 +101,14 @@ def test_a_reentrant_qlora_forward_peaks_as_traced() -> None:
     query, expanded K/V, causal mask and ``_safe_softmax`` scratch make the forward's peak.
     Each step's forward peak, from the real events replayed with the driver's segment
     addresses, against the hf program's."""
-    from test_allocator import _release
+    from test_allocator import replay_trace
 
     name = "ft1-tinyllama-qlora-nf4dq-r64-all-b4-s2048-bf16-drops-full"
     trace = next(t for t in _traces() if t["name"] == name)
     places = trace["places"]
     embedding = next(i for i, p in enumerate(places) if " embedding <" in p)
     loss_grad = next(i for i, p in enumerate(places) if "_make_grads" in p)
-    alloc, segment, allocated = CachingAllocator(), None, []
-    for action, addr, size, *_ in trace["events"]:
-        if action == "s":
-            segment = addr
-        elif action == "S":
-            _release(alloc, addr, size)
-        elif action == "a":
-            alloc.malloc(addr, size, segment_address=segment)
-            segment = None
-        elif action == "f":
-            alloc.free(addr)
-        allocated.append(alloc.allocated)
+    _, _, allocated = replay_trace(trace)
     events = trace["events"]
     starts = [i for i, e in enumerate(events) if e[0] == "a" and e[3] == embedding]
     ends = [i for i, e in enumerate(events) if e[0] == "a" and e[3] == loss_grad]
