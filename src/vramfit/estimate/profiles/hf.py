@@ -669,8 +669,10 @@ class Model:
         reshape copies the strided query; the mask added in place (``attn.add_``);
         ``_safe_softmax``, which also makes ``attn == -inf`` (a bool per score) and its
         all-rows reduction; ``matmul`` with V. The scaled query, the expanded K and V and the
-        mask are C++ locals: they live to the function's return. Traced on an H200 in a
-        kbit-prepared TinyLlama (fp32 queries, grouped K/V), forward and recompute alike."""
+        mask are C++ locals: they live to the function's return. No softcapping: transformers'
+        sdpa_attention_forward takes Gemma-2's softcap in **kwargs and ignores it. Traced on
+        an H200 in a kbit-prepared TinyLlama (fp32 queries, grouped K/V), forward and
+        recompute alike."""
         b, o, g = self.b, self.ops, self.g
         scores = self.batch * b.heads * self.seq * keys
         q = o.scalar(f"{prefix} q * scale", q, part="attention")
