@@ -92,6 +92,11 @@ def benchmark(path: str) -> Any:
     return sys.modules[name]
 
 
+# the pytest-xdist group of the tests that run benchmarks/accuracy.py (addopts: --dist
+# loadgroup): one worker runs them all, so each case is estimated once (run_benchmark)
+MEASURED_TABLES = "measured-tables"
+
+
 def run_benchmark(path: str, args: list[str]) -> tuple[int, list[str], str]:
     """``python <path> args`` from the checkout, in this process: (exit code, stdout lines,
     stderr). benchmarks/accuracy.py remembers its estimates, so tables that share cases

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from readme_examples import run_benchmark
+from readme_examples import MEASURED_TABLES, run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks" / "data"
@@ -48,6 +48,7 @@ SETS = {
 }
 
 
+@pytest.mark.xdist_group(MEASURED_TABLES)
 @pytest.mark.parametrize("table", sorted(SETS))
 def test_every_measured_case_is_predicted_as_committed(table: str) -> None:
     files = [str(DATA / f) for f in SETS[table]]

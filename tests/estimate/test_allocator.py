@@ -9,25 +9,10 @@ model must give exactly the reserved and peak allocated bytes the real allocator
 
 from __future__ import annotations
 
-import gzip
-import json
-from pathlib import Path
-
 import pytest
 
+from recorded import traces
 from vramfit.estimate.allocator import CachingAllocator, round_size, segment_size
-
-TRACES = Path(__file__).parents[2] / "benchmarks" / "data" / "h200-traces"
-
-
-def _traces() -> list[dict]:
-    return [
-        t
-        for path in sorted(TRACES.glob("*.json*"))
-        for t in json.loads(
-            gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text()
-        )
-    ]
 
 
 def _release(alloc: CachingAllocator, address: int, size: int) -> None:
@@ -66,7 +51,7 @@ def replay_trace(trace: dict) -> tuple[CachingAllocator, int, list[int]]:
     return alloc, reserved_peak, allocated
 
 
-@pytest.mark.parametrize("trace", _traces(), ids=lambda t: t["name"])
+@pytest.mark.parametrize("trace", traces(), ids=lambda t: t["name"])
 def test_replaying_a_real_trace_reproduces_reserved_and_peak(trace: dict) -> None:
     alloc, reserved_peak, _ = replay_trace(trace)
     assert reserved_peak == trace["reserved_peak_bytes"]

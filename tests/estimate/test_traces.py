@@ -11,22 +11,16 @@ for the runs listed below with what differs.
 
 from __future__ import annotations
 
-import gzip
-import json
-from pathlib import Path
-
 import pytest
-import yaml
 
+from recorded import cases, traces
+from recorded import trace as recorded_trace
 from vramfit.config import Impl, Mode, RunSpec
 from vramfit.estimate.kernels import H200
 from vramfit.estimate.overhead import cublas_workspace_bytes
 from vramfit.estimate.profiles.reference import inference, training_steps
 from vramfit.estimate.schedule import hf_training_steps
 from vramfit.estimate.timeline import replay
-
-ROOT = Path(__file__).parents[2] / "benchmarks"
-TRACES = ROOT / "data" / "h200-traces"
 
 # Runs whose reserved bytes are not reproduced exactly, and by how much they may differ.
 APPROXIMATE = {
@@ -48,28 +42,10 @@ APPROXIMATE = {
 APPROXIMATE_PEAK = {"ft1-tinyllama-qlora-nf4dq-r64-all-b4-s2048-bf16-drops-full": 0.002}
 
 
-def _cases() -> dict[str, dict]:
-    cases = {}
-    for path in ROOT.glob("*.yaml"):
-        for case in yaml.safe_load(path.read_text()) or []:
-            cases[case["name"]] = case
-    return cases
+CASES = cases()
 
 
-def _traces() -> list[dict]:
-    return [
-        t
-        for path in sorted(TRACES.glob("*.json*"))
-        for t in json.loads(
-            gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text()
-        )
-    ]
-
-
-CASES = _cases()
-
-
-@pytest.mark.parametrize("trace", _traces(), ids=lambda t: t["name"])
+@pytest.mark.parametrize("trace", traces(), ids=lambda t: t["name"])
 def test_the_step_program_reproduces_a_recorded_run(trace: dict) -> None:
     case = CASES[trace["name"]]
     run = RunSpec.model_validate(
@@ -104,7 +80,7 @@ def test_a_reentrant_qlora_forward_peaks_as_traced() -> None:
     from test_allocator import replay_trace
 
     name = "ft1-tinyllama-qlora-nf4dq-r64-all-b4-s2048-bf16-drops-full"
-    trace = next(t for t in _traces() if t["name"] == name)
+    trace = recorded_trace(name)
     places = trace["places"]
     embedding = next(i for i, p in enumerate(places) if " embedding <" in p)
     loss_grad = next(i for i, p in enumerate(places) if "_make_grads" in p)

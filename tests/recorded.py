@@ -1,0 +1,47 @@
+"""The recorded H200 runs the tests replay, read once per test process.
+
+``benchmarks/data/h200-traces/*.json*`` hold the allocator events of real runs
+(``benchmarks/trace.py``); ``benchmarks/*.yaml`` the cases they ran. Both the allocator test
+(tests/estimate/test_allocator.py) and the step-program test (tests/estimate/test_traces.py)
+parametrize over the traces, so the files (16 MB) are parsed once, not once per module.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+from pathlib import Path
+
+import yaml
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+TRACES = BENCHMARKS / "data" / "h200-traces"
+# libyaml's loader where PyYAML has it: the benchmark case files are 1 MB of YAML
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@functools.cache
+def traces() -> tuple[dict, ...]:
+    """Every recorded trace, in file order."""
+    return tuple(
+        t
+        for path in sorted(TRACES.glob("*.json*"))
+        for t in json.loads(
+            gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text()
+        )
+    )
+
+
+def trace(name: str) -> dict:
+    return next(t for t in traces() if t["name"] == name)
+
+
+@functools.cache
+def cases() -> dict[str, dict]:
+    """Every benchmark case by name (the cases the traces ran among them)."""
+    out = {}
+    for path in sorted(BENCHMARKS.glob("*.yaml")):
+        for case in yaml.load(path.read_text(), Loader=_LOADER) or []:
+            out[case["name"]] = case
+    return out
