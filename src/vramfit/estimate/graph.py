@@ -263,8 +263,13 @@ class Node:
 class Graph:
     """The forward graph a profile builds, op by op."""
 
-    def __init__(self, *, grad: bool) -> None:
+    def __init__(self, *, grad: bool, inference_mode: bool | None = None) -> None:
         self.grad = grad  # grad mode: autograd records nodes and saves tensors
+        # without grad: torch.inference_mode (the default) or torch.no_grad. Autocast caches a
+        # cast of a leaf that requires grad under no_grad as in grad mode, and not under
+        # inference_mode (autocast_mode.cpp cached_cast; checked on the CPU: a second linear
+        # under no_grad casts only its input)
+        self.inference_mode = not grad if inference_mode is None else inference_mode
         self.nodes: list[Node] = []
         self.leaves: list[Tensor] = []
         self._region: int | None = None
@@ -324,7 +329,7 @@ class Graph:
             list(hidden),
             list(scratch),
             self._region,
-            cast_cache and self.grad,
+            cast_cache and not self.inference_mode,
             new_point,
             kept=list(kept) if grad else [],
             unit=self._unit,
@@ -687,18 +692,17 @@ def _in_place_ok(g: Grad) -> bool:
 
 
 def _accumulate(sim: _Sim, x: Tensor, g: Grad) -> None:
-    """Add ``g`` to ``x``'s gradient buffer (``InputBuffer::accumulate``: in place into a
-    buffer that holds the only reference to a non-view tensor, else into ``g`` on the same
-    terms, else a new sum); a leaf's buffer goes to ``AccumulateGrad`` once every gradient
-    into it has arrived."""
+    """Add ``g`` to ``x``'s gradient buffer (``InputBuffer::accumulate``,
+    torch/csrc/autograd/input_buffer.cpp: in place into a buffer that holds the only
+    reference to a non-view tensor, else a new sum; ``g`` itself is reused only when the
+    buffer is sparse, which no simulated gradient is); a leaf's buffer goes to
+    ``AccumulateGrad`` once every gradient into it has arrived. The h200-traces Adafactor
+    trace shows the new sum: a tied lm_head's transposed gradient, then the embedding's."""
     old = sim.buffers.get(id(x))
     if old is None:
         sim.buffers[id(x)] = g
     elif _in_place_ok(old):
         sim.unref_grad(g)
-    elif _in_place_ok(g):
-        sim.unref_grad(old)
-        sim.buffers[id(x)] = g
     else:
         sim.tape.op(f"gradients of {x.name} summed")
         total = sim.new_grad(

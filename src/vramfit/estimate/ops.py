@@ -149,7 +149,11 @@ class Ops:
         autocast the bias, weight and input are cast first (traces: linear casts the weight
         then the input; Conv1D's addmm the weight, input, bias). Saves the (cast) input and
         weight. Backward: mm makes the weight's gradient first, addmm the input's; the
-        input's gradient is a view of the matmul output (reshaped to 3-D)."""
+        input's gradient is a view of the matmul output (reshaped to 3-D), and so is the
+        weight's: ``mm_mat2_backward`` computes it for the transposed weight as
+        ``grad.t().mm(mat1).t()`` (torch/csrc/autograd/FunctionsManual.cpp), which autograd's
+        InputBuffer cannot add into in place (a tied lm_head's gradient and the embedding's
+        make a new sum: h200-traces hf3 Adafactor trace)."""
         in_features = weight.numel // out_features
         n = x.numel // in_features
         if self.autocast:
@@ -173,11 +177,11 @@ class Ops:
             gdt = g.dtype if g else dtype
             if biased:
                 bw.new(0, dtype=gdt, view=True)
-                bw.new(1, dtype=gdt)
+                bw.new(1, dtype=gdt, view=True)
                 bw.sim.matmul("backward", False)
                 bw.alias(2, g)  # maybe_multiply(grad, beta): reduced by validate_outputs
             else:
-                bw.new(1, dtype=gdt)
+                bw.new(1, dtype=gdt, view=True)
                 bw.sim.matmul("backward", False)
                 bw.new(0, dtype=gdt, view=True)
 

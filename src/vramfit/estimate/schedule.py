@@ -315,6 +315,9 @@ def hf_inference(spec: ModelSpec, w: Workload, workspace_bytes: int) -> Timeline
         graph.hold(kv, "generate" if gen else "step")
     ws = Workspaces(t, workspace_bytes)
     sim = run_forward(graph, t, workspaces=ws)
+    # autocast's cached casts of the weights (an fp32 model under amp) live until its context
+    # exits: after generate() returns, so every decode step finds them cached
+    weight_casts = _keep_cast_cache(sim) if gen else {}
     end_forward(sim)
     if not gen:
         t.op("end")
@@ -369,9 +372,12 @@ def hf_inference(spec: ModelSpec, w: Workload, workspace_bytes: int) -> Timeline
         step.hold(logits2, "step")
         for kv in m2.cache:
             step.hold(kv, "step")
-        sim2 = run_forward(
-            step, t, workspaces=ws, adopt={id(x): key for x, key in zip(past, caches, strict=True)}
-        )
+        adopt = {id(x): key for x, key in zip(past, caches, strict=True)}
+        for n in step.nodes:
+            if n.cast_cache:  # a cache hit: the prefill's cast
+                adopt[id(n.outputs[0])] = weight_casts[n.inputs[0].name]
+        sim2 = run_forward(step, t, workspaces=ws, adopt=adopt)
+        sim2.cast_cache = []  # the prefill's, freed as generate() returns
         end_forward(sim2)
         t.op("next token logits")
         t.temp("fp32 next-token logits", Component.logits, fp32_logits)
@@ -380,7 +386,15 @@ def hf_inference(spec: ModelSpec, w: Workload, workspace_bytes: int) -> Timeline
     else:
         t.free(*caches, scores)
     t.op("end")
+    t.free(*weight_casts.values())
     return t.finish()
+
+
+def _keep_cast_cache(sim: _Sim) -> dict[str, int | None]:
+    """Take autocast's cached weight casts from ``sim``, so that ``end_forward`` leaves them:
+    the tape key of each, by the name of the weight cast."""
+    sim.cast_cache = []
+    return {n.inputs[0].name: sim.st(n.outputs[0]).key for n in sim.g.nodes if n.cast_cache}
 
 
 def fsdp_training_steps(

@@ -738,7 +738,11 @@ class Model:
         # its probabilities stay in the scores' dtype unless autocast upcasts softmax
         gpt2 = b.model_type is ModelType.gpt2
         probs = o.softmax(f"{prefix} softmax", s, dtype=None if gpt2 else DType.fp32)
-        if b.model_type is ModelType.gpt2:  # .type(value.dtype)
+        # the scores are the local `attn_weights` until the statement that reassigns it
+        # returns (h200-traces hf3 Phi-3 eager trace: the masked scores live through
+        # softmax's fp32 copy and its output)
+        if b.model_type is ModelType.gpt2:  # softmax(...), then .type(value.dtype)
+            o.keep(s)
             probs = o.cast(probs, v.dtype, f"{prefix} probabilities", part="attention")
         else:  # softmax(..., dtype=float32).to(query.dtype)
             probs = o.cast(
@@ -747,6 +751,7 @@ class Model:
                 f"{prefix} probabilities",
                 part="attention",
             )
+            o.keep(s)
         probs = o.dropout(f"{prefix} attention dropout", probs, p_drop, part="attention")
         # eager_attention_forward returns them: the layer's `_` holds them
         self.returned_weights = probs
@@ -996,7 +1001,9 @@ def build(
     ``head`` (a first pipeline stage) the graph stops at the last block, whose output stands
     for both."""
     b = resolve(spec)
-    g = Graph(grad=grad)
+    # without grad, transformers runs under torch.no_grad (generate's decorator; an eval
+    # forward as users and vramfit measure call it), not inference_mode
+    g = Graph(grad=grad, inference_mode=False)
     if use_cache is None:  # the config default (True), which the Trainer turns off
         use_cache = not (grad and (w.loop is Loop.trainer or w.checkpointing is Checkpointing.full))
     m = Model(
