@@ -415,6 +415,14 @@ class Workload(_Strict):
             raise ValueError(
                 f"optimizer {self.optimizer.value} is modelled by the hf profile (impl hf)"
             )
+        if self.trainer and self.mode is Mode.train and trainer_optim_name(self.optimizer) is None:
+            hint = " (the Trainer's optim='adafactor' is adafactor-hf)" if (
+                self.optimizer is Optimizer.adafactor
+            ) else ""
+            raise ValueError(
+                f"optimizer {self.optimizer.value} is not one the Trainer builds "
+                f"(TrainingArguments.optim): with it, use loop drops or keeps-logits{hint}"
+            )
         if self.impl is Impl.hf and self.checkpointing is Checkpointing.selective:
             raise ValueError(
                 "checkpointing selective is not in transformers, which checkpoints whole "

@@ -46,6 +46,8 @@ def runs(draw: st.DrawFn) -> RunSpec:
         "checkpointing": draw(st.sampled_from(checkpointing)),
         "gen_tokens": draw(st.integers(0, 2048)) if mode == "infer" else 0,
     }
+    if impl == "hf" and workload["loop"] == "trainer":  # the optimizers the Trainer builds
+        workload["optimizer"] = draw(st.sampled_from(["adamw", "adamw-fused", "adam-8bit", "sgd"]))
     return RunSpec.model_validate({"model": model, "workload": workload})
 
 
