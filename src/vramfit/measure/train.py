@@ -57,7 +57,8 @@ class TrainMeasurement:
     ``total_bytes``: device used (total - free) after the last step: it includes the CUDA
     context, the allocator's reserved pool and library workspaces. ``context_bytes``: device
     used right after CUDA initialisation, before any tensor. ``weights_bytes``: allocated
-    right after the model was built.
+    right after the model was built. ``peak_allocated_bytes`` is the run's largest, the
+    build's own included (a tied model built with from_config makes and frees an lm_head).
     """
 
     params: int
@@ -88,6 +89,7 @@ class _Recorder:
         self.reached: str | None = None
         self.reserved_peak = 0
         self.weights_bytes = 0
+        self.build_peak = 0
         self.notes: list[str] = []
         self._open: tuple[int, str] | None = None
 
@@ -276,6 +278,9 @@ def measure_train(
             state["model"] = build_model(spec, workload, backend.device, _dtype(torch, workload))
         backend.synchronize()
         rec.weights_bytes = backend.memory_allocated()
+        # the build's own peak (from_config's untied lm_head, made and freed when tied):
+        # the phases reset the counter, so it is read before the first of them
+        rec.build_peak = backend.max_memory_allocated()
         if not par.single:
             from vramfit.measure.fsdp import compute_workload
             from vramfit.measure.hf import plain_loop
@@ -332,7 +337,7 @@ def measure_train(
         name = record["phase"]
         phases[name] = max(phases.get(name, 0), record["peak_allocated_bytes"])
         phase_end[name] = max(phase_end.get(name, 0), record["end_allocated_bytes"])
-    peak = max([r["peak_allocated_bytes"] for r in rec.steps] + [rec.weights_bytes])
+    peak = max([r["peak_allocated_bytes"] for r in rec.steps] + [rec.weights_bytes, rec.build_peak])
     return TrainMeasurement(
         params=count_params(spec).total,
         phases=phases,
