@@ -416,9 +416,9 @@ class Workload(_Strict):
                 f"optimizer {self.optimizer.value} is modelled by the hf profile (impl hf)"
             )
         if self.trainer and self.mode is Mode.train and trainer_optim_name(self.optimizer) is None:
-            hint = " (the Trainer's optim='adafactor' is adafactor-hf)" if (
-                self.optimizer is Optimizer.adafactor
-            ) else ""
+            hint = ""
+            if self.optimizer is Optimizer.adafactor:
+                hint = " (the Trainer's optim='adafactor' is adafactor-hf)"
             raise ValueError(
                 f"optimizer {self.optimizer.value} is not one the Trainer builds "
                 f"(TrainingArguments.optim): with it, use loop drops or keeps-logits{hint}"
