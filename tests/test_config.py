@@ -38,6 +38,16 @@ def test_inference_options_are_refused_in_training(field: str) -> None:
     assert f"{field} only applies with mode infer" in str(info.value)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw-forloop", "adafactor", "sgd-momentum"])
+def test_the_trainer_takes_only_the_optimizers_it_builds(optimizer: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        Workload(optimizer=optimizer)  # impl hf, loop trainer: the defaults
+    assert f"optimizer {optimizer} is not one the Trainer builds" in str(info.value)
+    assert ("adafactor-hf" in str(info.value)) is (optimizer == "adafactor")
+    Workload(optimizer=optimizer, loop="drops")
+    Workload(optimizer="adamw-fused")
+
+
 def test_int8_outliers_name_block_linears_and_are_fractions() -> None:
     from vramfit.errors import VramfitError
 
