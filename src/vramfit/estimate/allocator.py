@@ -22,7 +22,7 @@ the allocations and frees of a step through the allocator's documented rules
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 
 MIN_BLOCK = 512
@@ -58,6 +58,7 @@ class _Block:
         address: int,
         size: int,
         small: bool,
+        pool: list[tuple[int, int, _Block]],
         prev: _Block | None = None,
         next: _Block | None = None,  # noqa: A002 (the allocator's own name for the link)
     ) -> None:
@@ -68,7 +69,7 @@ class _Block:
         self.free = True
         self.prev = prev
         self.next = next
-        self.pool: list[tuple[int, int, _Block]] = []  # the free list it returns to
+        self.pool = pool  # the free list it returns to
 
 
 @dataclass
@@ -131,7 +132,7 @@ class CachingAllocator:
             pool = pools[small]
         else:
             pool = self._free[small]
-        i = bisect.bisect_left(pool, (size, -1))
+        i = bisect_left(pool, (size, -1))
         if i < len(pool):
             block = pool.pop(i)[2]
         else:
@@ -144,21 +145,19 @@ class CachingAllocator:
             # a new segment's address: below every earlier one, as cudaMalloc placed most
             # new segments in the recorded traces (it decides which equal free block is taken)
             base = (1 << 62) - self.reserved - seg if segment_address is None else segment_address
-            block = _Block(base, base, seg, small)
-            block.pool = pool
+            block = _Block(base, base, seg, small, pool)
             self._segments.append(block)
             self.reserved += seg
             self.reserved_by_stream[stream] = self.reserved_by_stream.get(stream, 0) + seg
         remaining = block.size - size
         if (remaining >= MIN_BLOCK) if small else (remaining > SMALL_SIZE):
             after = block.next
-            rest = _Block(block.segment, block.address + size, remaining, small, block, after)
-            rest.pool = pool
+            rest = _Block(block.segment, block.address + size, remaining, small, pool, block, after)
             if after is not None:
                 after.prev = rest
             block.next = rest
             block.size = size
-            bisect.insort(pool, (remaining, rest.address, rest))
+            insort(pool, (remaining, rest.address, rest))
         block.free = False
         allocated = self.allocated + block.size
         self.allocated = allocated
@@ -174,16 +173,16 @@ class CachingAllocator:
         before, after = block.prev, block.next
         # equal sizes go lowest address first (BlockComparatorSize: stream, size, ptr)
         if before is not None and before.free:
-            del pool[bisect.bisect_left(pool, (before.size, before.address))]
+            del pool[bisect_left(pool, (before.size, before.address))]
             before.size += block.size
             before.next = after
             if after is not None:
                 after.prev = before
             block = before
         if after is not None and after.free:
-            del pool[bisect.bisect_left(pool, (after.size, after.address))]
+            del pool[bisect_left(pool, (after.size, after.address))]
             block.size += after.size
             block.next = after.next
             if after.next is not None:
                 after.next.prev = block
-        bisect.insort(pool, (block.size, block.address, block))
+        insort(pool, (block.size, block.address, block))
