@@ -1,7 +1,8 @@
 """The recorded H200 runs the tests replay, read once per test process.
 
-``benchmarks/data/h200-traces/*.json*`` hold the allocator events of real runs
-(``benchmarks/trace.py``); ``benchmarks/*.yaml`` the cases they ran. Both the allocator test
+``benchmarks/data/h200-traces/*.json*`` and the traces recorded with hf validation sets 3
+and 4 hold the allocator events of real runs (``benchmarks/trace.py``); ``benchmarks/*.yaml``
+the cases they ran. Both the allocator test
 (tests/estimate/test_allocator.py) and the step-program test (tests/estimate/test_traces.py)
 parametrize over the traces, so the files (16 MB) are parsed once, not once per module.
 """
@@ -17,6 +18,11 @@ import yaml
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TRACES = BENCHMARKS / "data" / "h200-traces"
+# traces recorded with a validation set, kept beside its measurements
+SET_TRACES = (
+    BENCHMARKS / "data" / "h200-hf-validation3" / "hf3-cpp-frames.json.gz",
+    BENCHMARKS / "data" / "h200-hf-validation4" / "hf4-frames.json.gz",
+)
 # libyaml's loader where PyYAML has it: the benchmark case files are 1 MB of YAML
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -26,7 +32,7 @@ def traces() -> tuple[dict, ...]:
     """Every recorded trace, in file order."""
     return tuple(
         t
-        for path in sorted(TRACES.glob("*.json*"))
+        for path in (*sorted(TRACES.glob("*.json*")), *SET_TRACES)
         for t in json.loads(
             gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text()
         )
@@ -41,7 +47,10 @@ def trace(name: str) -> dict:
 def cases() -> dict[str, dict]:
     """Every benchmark case by name (the cases the traces ran among them)."""
     out = {}
-    for path in sorted(BENCHMARKS.glob("*.yaml")):
+    # a trace's own case file last: a validation set may measure a case of the same name
+    # for more steps than its trace ran
+    paths = sorted(BENCHMARKS.glob("*.yaml"), key=lambda p: (p.stem.endswith("-traces"), p.name))
+    for path in paths:
         for case in yaml.load(path.read_text(), Loader=_LOADER) or []:
             out[case["name"]] = case
     return out

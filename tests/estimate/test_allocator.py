@@ -1,8 +1,9 @@
 """The caching-allocator model, checked on real allocator traces recorded on an H200.
 
-benchmarks/data/h200-traces/*.json* hold, for 34 training and inference runs, every
-alloc / free / segment event PyTorch 2.11's allocator recorded (benchmarks/trace.py; the
-frames* and cpp-frames* files add a label to each event, ignored here).
+benchmarks/data/h200-traces/*.json* and the traces of hf validation sets 3 and 4 hold, for
+38 training and inference runs, every alloc / free / segment event PyTorch 2.11's allocator
+recorded (benchmarks/trace.py; the frames* and cpp-frames* files add a label to each event,
+ignored here).
 Replaying the same requests (with the segment addresses the driver chose) through vramfit's
 model must give exactly the reserved and peak allocated bytes the real allocator reported.
 """
@@ -10,6 +11,7 @@ model must give exactly the reserved and peak allocated bytes the real allocator
 from __future__ import annotations
 
 import pytest
+from test_traces import BUILD_UNCOUNTED
 
 from recorded import traces
 from vramfit.estimate.allocator import CachingAllocator, round_size, segment_size
@@ -53,9 +55,16 @@ def replay_trace(trace: dict) -> tuple[CachingAllocator, int, list[int]]:
 
 @pytest.mark.parametrize("trace", traces(), ids=lambda t: t["name"])
 def test_replaying_a_real_trace_reproduces_reserved_and_peak(trace: dict) -> None:
-    alloc, reserved_peak, _ = replay_trace(trace)
+    alloc, reserved_peak, allocated = replay_trace(trace)
     assert reserved_peak == trace["reserved_peak_bytes"]
-    assert alloc.peak_allocated == trace["peak_allocated_bytes"]
+    if trace["name"] in BUILD_UNCOUNTED:
+        # the recorded peak is the run's after the build (the first event vramfit's run
+        # makes); the build's own is higher
+        places, events = trace["places"], trace["events"]
+        run = next(i for i, e in enumerate(events) if "run_hf" in places[e[3]])
+        assert max(allocated[run:]) == trace["peak_allocated_bytes"] < alloc.peak_allocated
+    else:
+        assert alloc.peak_allocated == trace["peak_allocated_bytes"]
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,12 @@
 """The estimator's step programs, replayed, against the allocator traces recorded on an H200.
 
-benchmarks/data/h200-traces/*.json* hold the real allocator events of 35 training and
-inference runs (benchmarks/trace.py), with the reserved and peak allocated bytes PyTorch
-reported; the cases they ran are in benchmarks/*.yaml (the reference loop unless a case
-names ``impl: hf``). vramfit's training and inference programs, replayed through its
-allocator model for the same number of steps, must reach the same peak allocated bytes (up
-to the small requests it does not model) and the same reserved bytes: to the byte, except
-for the runs listed below with what differs.
+benchmarks/data/h200-traces/*.json* and the traces of hf validation sets 3 and 4 hold the
+real allocator events of 38 training and inference runs (benchmarks/trace.py), with the
+reserved and peak allocated bytes PyTorch reported; the cases they ran are in
+benchmarks/*.yaml (the reference loop unless a case names ``impl: hf``). vramfit's training
+and inference programs, replayed through its allocator model for the same number of steps,
+must reach the same peak allocated bytes (up to the small requests it does not model) and
+the same reserved bytes: to the byte, except for the runs listed below with what differs.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from vramfit.config import Impl, Mode, RunSpec
 from vramfit.estimate.kernels import H200
 from vramfit.estimate.overhead import cublas_workspace_bytes
 from vramfit.estimate.profiles.reference import inference, training_steps
-from vramfit.estimate.schedule import hf_training_steps
+from vramfit.estimate.schedule import hf_inference, hf_training_steps
 from vramfit.estimate.timeline import replay
 
 # Runs whose reserved bytes are not reproduced exactly, and by how much they may differ.
@@ -37,9 +37,20 @@ APPROXIMATE = {
     # checkpointing in a plain loop: its load (from_pretrained, the fp32 casts, empty_cache)
     # is modelled by its result, not op by op; 16 MiB (0.1%) under
     "ft1-tinyllama-qlora-nf4dq-r64-all-b4-s2048-bf16-drops-full": 0.002,
+    # transformers' Adafactor on a tied Llama-3.2-3B, one step: 248 MiB (1.2%) under, the
+    # allocator's reserve (the peak is within 7 MiB); the same -1.1% as the measured case's
+    # total in accuracy-hf.txt
+    "hf3-llama-3.2-3b-full-adafactor-b1-s2048-bf16-drops-full": 0.013,
 }
-# the same for peak allocated: the hf program's peak, 17 MiB (0.15%) under
-APPROXIMATE_PEAK = {"ft1-tinyllama-qlora-nf4dq-r64-all-b4-s2048-bf16-drops-full": 0.002}
+# the same for peak allocated: the hf program's peak, 17 MiB (0.15%) under; Phi-3's eager
+# generate 36 MiB (0.4%) under, not yet traced to a mechanism
+APPROXIMATE_PEAK = {
+    "ft1-tinyllama-qlora-nf4dq-r64-all-b4-s2048-bf16-drops-full": 0.002,
+    "hf3-phi-3-mini-infer-b1-s2048-gen2-bf16-eager": 0.004,
+}
+# traces whose recorded peak is the phases' only: ``vramfit measure`` read its counters
+# after building the model before it counted the build (de6db48); the build peaks there
+BUILD_UNCOUNTED = {"hf4-gemma-2-2b-infer-b1-s2048-gen2-bf16-eager"}
 
 
 CASES = cases()
@@ -59,10 +70,16 @@ def test_the_step_program_reproduces_a_recorded_run(trace: dict) -> None:
             build = training_steps(run.model, run.workload, workspace)
         first, steady, _ = build
         rep = replay([first] + [steady] * (int(case.get("steps", 3)) - 1))
+    elif run.workload.impl is Impl.hf:
+        rep = replay([hf_inference(run.model.resolved(), run.workload, workspace)])
     else:
         rep = replay([inference(run.model.resolved(), run.workload, workspace)])
 
     peak, reserved = trace["peak_allocated_bytes"], trace["reserved_peak_bytes"]
+    if trace["name"] in BUILD_UNCOUNTED:  # the real peak: the events', build included
+        from test_allocator import replay_trace
+
+        peak = replay_trace(trace)[0].peak_allocated
     # requests of a few KiB (index sorting, semaphores, scalars) are not modelled
     assert rep.peak_allocated == pytest.approx(peak, rel=APPROXIMATE_PEAK.get(trace["name"], 1e-3))
     if trace["name"] in APPROXIMATE:
