@@ -558,6 +558,7 @@ class Model:
     ) -> Tensor:
         b, o, n = self.b, self.ops, self.n
         fused_name = "attn.c_attn" if b.model_type is ModelType.gpt2 else "self_attn.qkv_proj"
+        local: tuple[Tensor, ...] = ()  # the fused projection's output, when a local names it
         if b.fused_qkv:
             qkv = self.linear(
                 f"{prefix}.{fused_name}", x, b.q_width + 2 * b.kv_width, b.qkv_bias, "attention"
@@ -566,6 +567,12 @@ class Model:
             q = o.view(qkv, f"{prefix} q", numel=n * b.q_width, copy_backward=rotary)
             k = o.view(qkv, f"{prefix} k", numel=n * b.kv_width, copy_backward=rotary)
             v = o.view(qkv, f"{prefix} v", numel=n * b.kv_width)
+            if b.model_type is ModelType.phi3:
+                # Phi3Attention.forward's local ``qkv`` names the projection's output to its
+                # return, after the cache has replaced the views of it (the hf3 Phi-3 trace:
+                # the qkv_proj output live at the softmax's peak); GPT-2 splits the c_attn
+                # output without naming it
+                local = (qkv,)
         else:
             q = self.linear(f"{prefix}.self_attn.q_proj", x, b.q_width, b.qkv_bias, "attention")
             k = self.linear(f"{prefix}.self_attn.k_proj", x, b.kv_width, b.qkv_bias, "attention")
@@ -604,7 +611,7 @@ class Model:
         kernel = attention_kernel(b, self.w, compute)
         p_drop = b.attention_dropout if self.training else 0.0
         bool_mask = 0
-        states = q, k, v  # the attention forward's query/key/value_states, to its return
+        states = q, k, v, *local  # the attention forward's query/key/value_states, to its return
         if kernel != "eager" and self.sdpa_masked(i):
             # an explicit mask (see sdpa_masked): use_gqa_in_sdpa is then False, so
             # sdpa_attention_forward repeats K and V itself (repeat_kv copies) and SDPA runs a
