@@ -764,7 +764,12 @@ class Model:
         self.returned_weights = probs
         pv = o.bmm(f"{prefix} probs @ v", probs, v, self.n * b.q_width)
         # transpose(1, 2).contiguous() / reshape: a copy to tokens first, saved by o_proj
-        return o.unary(f"{prefix} attention output", pv, part="attention")
+        out = o.unary(f"{prefix} attention output", pv, part="attention")
+        # eager_attention_forward's locals key_states / value_states (repeat_kv's copies) live
+        # to its return: the repeated K through the softmax (a CPU dispatch log of Llama and
+        # Phi-3 prefills at 128 tokens, tests/test_hf_inference_oracle.py)
+        o.keep(k, v)
+        return out
 
     def mlp(self, prefix: str, x: Tensor) -> Tensor:
         b, o, n = self.b, self.ops, self.n
