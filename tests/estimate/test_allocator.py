@@ -11,9 +11,8 @@ model must give exactly the reserved and peak allocated bytes the real allocator
 from __future__ import annotations
 
 import pytest
-from test_traces import BUILD_UNCOUNTED
 
-from recorded import traces
+from recorded import BUILD_UNCOUNTED, traces
 from vramfit.estimate.allocator import CachingAllocator, round_size, segment_size
 
 

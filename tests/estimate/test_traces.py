@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from recorded import cases, traces
+from recorded import BUILD_UNCOUNTED, cases, traces
 from recorded import trace as recorded_trace
 from vramfit.config import Impl, Mode, RunSpec
 from vramfit.estimate.kernels import H200
@@ -44,9 +44,6 @@ APPROXIMATE = {
 }
 # the same for peak allocated: the hf program's peak, 17 MiB (0.15%) under
 APPROXIMATE_PEAK = {"ft1-tinyllama-qlora-nf4dq-r64-all-b4-s2048-bf16-drops-full": 0.002}
-# traces whose recorded peak is the phases' only: ``vramfit measure`` read its counters
-# after building the model before it counted the build (de6db48); the build peaks there
-BUILD_UNCOUNTED = {"hf4-gemma-2-2b-infer-b1-s2048-gen2-bf16-eager"}
 
 
 CASES = cases()
