@@ -22,6 +22,7 @@ TRACES = BENCHMARKS / "data" / "h200-traces"
 SET_TRACES = (
     BENCHMARKS / "data" / "h200-hf-validation3" / "hf3-cpp-frames.json.gz",
     BENCHMARKS / "data" / "h200-hf-validation4" / "hf4-frames.json.gz",
+    BENCHMARKS / "data" / "h200-hf-validation2" / "hf2-trainer-cpp-frames.json.gz",
 )
 # traces whose recorded peak is the phases' only: ``vramfit measure`` read its counters
 # after building the model before it counted the build (de6db48); the build peaks there

@@ -137,3 +137,99 @@ def test_measured_generate_is_plain_greedy_decoding() -> None:
     out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
     assert out.shape == (B, S + 5)
     assert model.generation_config.eos_token_id == 2  # the model's own config is untouched
+
+
+BIG = 4096  # bytes: the masks, the rotary tables and the embeddings, not aranges or scalars
+
+
+class _Sequence(TorchDispatchMode):
+    """The live bytes of the storages ops made (``BIG`` or more), after each one is made."""
+
+    def __init__(self, skip: set[int]) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.after: list[int] = []
+        self.skip = skip
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                big = storage.nbytes() >= BIG
+                if key and big and key not in self.live and key not in self.skip:
+                    self.live[key] = storage.nbytes()
+                    weakref.finalize(storage, self.live.pop, key, None)
+                    self.after.append(sum(self.live.values()))
+        return out
+
+
+def _real_before_block0(run: RunSpec, generate: bool) -> list[int]:
+    from vramfit.measure.hf import hf_config
+
+    spec = run.model.resolved()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        hf_config(spec, run.workload), attn_implementation="eager"
+    ).eval()
+    ids = torch.randint(0, spec.vocab, (B, run.workload.seq))
+    inputs: dict = {"input_ids": ids}
+    if generate:
+        mask = torch.ones_like(ids)
+        inputs.update(attention_mask=mask, position_ids=mask.cumsum(-1) - 1, logits_to_keep=1)
+    skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    skip |= {t.untyped_storage().data_ptr() for t in inputs.values() if torch.is_tensor(t)}
+    blocks = model.transformer.h if spec.model_type.value == "gpt2" else model.model.layers
+    mode = _Sequence(skip)
+    seen: list[int] = []
+
+    def stop(module: object, args: object) -> None:
+        if not seen:
+            seen.append(len(mode.after))
+
+    hook = blocks[0].register_forward_pre_hook(stop)
+    try:
+        with torch.no_grad(), mode:
+            model(**inputs)
+    finally:
+        hook.remove()
+    return mode.after[: seen[0]]
+
+
+def _profile_before_block0(run: RunSpec, generate: bool) -> list[int]:
+    spec = run.model.resolved()
+    graph, model, logits, _ = hf.build(
+        spec, run.workload, grad=False, batch=B, seq=run.workload.seq, all_logits=not generate,
+        use_cache=True, generate=generate,
+    )
+    tape = Tape(phase="prefill")
+    tape.op("start")
+    end_forward(run_forward(graph, tape))
+    timeline = tape.finish()
+    first_block = next(i for i, (_, name) in enumerate(timeline.points) if "block 0" in name)
+    live, after = [], []
+    by_point: dict[int, list] = {}
+    for a in timeline.allocations:
+        if not a.persistent and a.n_bytes >= BIG and a.start < first_block:
+            by_point.setdefault(a.start, []).append(a)
+    for i in range(first_block):
+        for a in by_point.get(i, []):
+            live.append(a)
+            after.append(sum(x.n_bytes for x in live))
+        live = [x for x in live if x.end > i]
+    return after
+
+
+@pytest.mark.parametrize("generate", [False, True], ids=["eval", "prefill"])
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "phi3", "gemma2"])
+def test_the_masks_and_rotary_tables_are_made_as_transformers_makes_them(
+    model_type: str, generate: bool
+) -> None:
+    """Before the first decoder layer: create_causal_mask (the boolean mask of sdpa_mask's
+    mask functions, and-ed one at a time, with generate's padding function a batch-sized
+    one; then eager_mask's additive mask), a sliding-window model's own mask, Gemma-2's
+    second one, then the rotary embedding's tables, in that order: the live bytes after
+    each tensor of 4 KiB or more is made, at 128 tokens (GPT-2: 48, of its 64 positions)."""
+    run = _run(model_type, generate, 48 if model_type == "gpt2" else 128)
+    assert _profile_before_block0(run, generate) == _real_before_block0(run, generate)

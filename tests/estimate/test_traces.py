@@ -41,6 +41,11 @@ APPROXIMATE = {
     # allocator's reserve (the peak is within 7 MiB); the same -1.1% as the measured case's
     # total in accuracy-hf.txt
     "hf3-llama-3.2-3b-full-adafactor-b1-s2048-bf16-drops-full": 0.013,
+    # the Trainer on a tied eager Llama-3.2-1B, checkpointed: 2 GiB (6.1%) over. Its own
+    # requests, placed as vramfit places segments, give the real reserved bytes exactly
+    # (test_allocator); the program's first request placed differently is in the backward's
+    # recompute of the last layer, where the real MLP input is still alive
+    "hf2-llama-3.2-1b-b4-s2048-amp-bf16-eager-trainer-full": 0.062,
 }
 # the same for peak allocated: the hf program's peak, 17 MiB (0.15%) under
 APPROXIMATE_PEAK = {"ft1-tinyllama-qlora-nf4dq-r64-all-b4-s2048-bf16-drops-full": 0.002}
@@ -113,3 +118,20 @@ def test_a_reentrant_qlora_forward_peaks_as_traced() -> None:
     assert len(real) == len(ours) == 3
     for measured, predicted in zip(real, ours, strict=True):
         assert predicted == pytest.approx(measured, rel=0.005)
+
+
+@pytest.mark.parametrize("loop", ["trainer", "drops"])
+def test_only_the_trainer_empties_the_cache_and_only_before_it_trains(loop: str) -> None:
+    case = CASES["hf2-llama-3.2-1b-b4-s2048-amp-bf16-eager-trainer-full"]
+    run = RunSpec.model_validate(
+        {"model": case["model"], "workload": {**case["workload"], "loop": loop}}
+    )
+    workspace = cublas_workspace_bytes(None, (9, 0))
+    first, steady, _ = hf_training_steps(run.model.resolved(), run.workload, workspace, H200)
+    assert steady.releases == []
+    if loop == "drops":
+        assert first.releases == []
+        return
+    (point,) = first.releases
+    phases = {phase for phase, _ in first.points[: point + 1]}
+    assert phases == {"forward"} and first.points[point + 1][1] == "start"

@@ -12,8 +12,10 @@ the allocations and frees of a step through the allocator's documented rules
 - a request takes the smallest free cached block of its pool that fits (best fit,
   ``get_free_block``), split when the rest is at least 512 B (small pool) or more than
   1 MiB (large pool) (``should_split``); otherwise the whole block is handed out;
-- freed blocks merge with free neighbours of the same segment and stay cached: segments
-  are never returned (no ``empty_cache``), so reserved memory only grows;
+- freed blocks merge with free neighbours of the same segment and stay cached: a segment
+  is returned only by ``empty_cache`` (``release_cached_blocks``: every segment that is one
+  free block), which the Trainer calls before it trains; ``reserved_peak`` is the most
+  ever held (``reserved_bytes.all.peak``);
 - every stream has its own pools: a block freed by one stream is never handed to another
   (``BlockPool`` entries compare by stream first, ``get_free_block`` searches the request's
   stream only), so a side stream's segments (FSDP2's all-gather copy-in, its reduce-scatter)
@@ -79,6 +81,8 @@ class CachingAllocator:
     allocated: int = 0
     reserved: int = 0
     peak_allocated: int = 0
+    reserved_peak: int = 0
+    _floor: int = 1 << 62  # the lowest segment address so far: new segments go below it
     _free: dict[bool, list[tuple[int, int, _Block]]] = field(
         default_factory=lambda: {True: [], False: []}
     )  # small pool?, sorted (size, address, block): the default stream's
@@ -144,10 +148,15 @@ class CachingAllocator:
                 seg = -(-size // ROUND_LARGE) * ROUND_LARGE
             # a new segment's address: below every earlier one, as cudaMalloc placed most
             # new segments in the recorded traces (it decides which equal free block is taken)
-            base = (1 << 62) - self.reserved - seg if segment_address is None else segment_address
+            if segment_address is None:
+                base = self._floor = self._floor - seg
+            else:
+                base = segment_address
             block = _Block(base, base, seg, small, pool)
             self._segments.append(block)
             self.reserved += seg
+            if self.reserved > self.reserved_peak:
+                self.reserved_peak = self.reserved
             self.reserved_by_stream[stream] = self.reserved_by_stream.get(stream, 0) + seg
         remaining = block.size - size
         if (remaining >= MIN_BLOCK) if small else (remaining > SMALL_SIZE):
@@ -164,6 +173,26 @@ class CachingAllocator:
         if allocated > self.peak_allocated:
             self.peak_allocated = allocated
         return block
+
+    def empty_cache(self) -> None:
+        """``torch.cuda.empty_cache``: return every segment that is one free block, in every
+        stream's pools (``release_cached_blocks``); a segment with any block in use stays."""
+        pools = [(0, p) for p in self._free.values()]
+        pools += [(s, p) for s, by_size in self._streams.items() for p in by_size.values()]
+        released: set[int] = set()
+        for stream, pool in pools:
+            keep = []
+            for entry in pool:
+                block = entry[2]
+                if block.prev is None and block.next is None:
+                    self.reserved -= block.size
+                    self.reserved_by_stream[stream] -= block.size
+                    released.add(id(block))
+                else:
+                    keep.append(entry)
+            pool[:] = keep
+        if released:
+            self._segments = [b for b in self._segments if id(b) not in released]
 
     def give(self, block: _Block) -> None:
         """Return a block to its pool, merging it with free neighbours of its segment."""

@@ -255,6 +255,7 @@ class Node:
     backward_point: bool = True  # its backward is a point of its own (else: the previous's)
     rerun: bool = True  # a checkpoint's recompute runs it too (False: the first run's only)
     first_run: bool = True  # the forward runs it (False: only a checkpoint's recompute)
+    autocast_exit: bool = False  # the model's autocast context exits before this op
     # autograd's sequence number: backward runs the ready node with the highest first
     # (engine.cpp ReadyQueue); the creation index unless a profile reorders two nodes
     seq: int = 0
@@ -356,6 +357,12 @@ class Graph:
 
     def unit_end(self) -> None:
         self._unit = None
+
+    def autocast_exit(self) -> None:
+        """The model's forward leaves its autocast context here, before the ops recorded
+        next: the cached weight casts die first (accelerate's ``convert_outputs_to_fp32``
+        wraps an autocast forward and converts its outputs after it)."""
+        self.node("autocast exits", [], []).autocast_exit = True
 
     def hold(self, tensor: Tensor, until: str) -> None:
         """The caller keeps ``tensor``: until ``"forward"`` ends, ``"backward"`` ends or the
@@ -509,6 +516,8 @@ def run_forward(
             unit = n.unit
         if n.new_point:
             tape.op(n.name)
+        if n.autocast_exit:
+            _clear_cast_cache(sim)
         if n.region is not None and n.region not in entered:
             entered.add(n.region)
             for x in sim.region_inputs[n.region]:
@@ -546,10 +555,15 @@ def run_forward(
 
 def end_forward(sim: _Sim) -> None:
     """Autocast's context exits: its cached weight casts die; so do tensors held to here."""
+    _clear_cast_cache(sim)
+    release_held(sim, "forward")
+
+
+def _clear_cast_cache(sim: _Sim) -> None:
+    """The outermost autocast context exits (``torch.clear_autocast_cache``)."""
     for t in sim.cast_cache:
         sim.unref(t)
     sim.cast_cache = []
-    release_held(sim, "forward")
 
 
 def release_held(sim: _Sim, until: str) -> None:

@@ -361,8 +361,11 @@ class Ops:
         """A batched matmul (``torch.matmul`` of 4-D tensors folds to bmm), autocast to 16
         bits. Saves each operand for the other's gradient (``self: grad.bmm(mat2.T)`` needs
         mat2, derivatives.yaml): a frozen side, e.g. k under LoRA on q and v only, keeps the
-        other unsaved. Backward makes the second operand's gradient first."""
-        a, b = self._autocast_low(a, part), self._autocast_low(b, part)
+        other unsaved. Backward makes the second operand's gradient first. Autocast casts
+        the second operand first: its wrapper's ``cached_cast`` arguments are evaluated right
+        to left (as GCC builds PyTorch; the hf2 Llama trace's q @ k^T)."""
+        b = self._autocast_low(b, part)
+        a = self._autocast_low(a, part)
         dtype = promote(a.dtype, b.dtype)
         out = self._t(name, numel, dtype, part=part)
 

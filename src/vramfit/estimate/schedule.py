@@ -258,7 +258,10 @@ def hf_training_steps(
             graph.hold(kv, "step")
     elif w.loop is Loop.trainer and w.precision in (Precision.amp_bf16, Precision.amp_fp16):
         # accelerate's convert_outputs_to_fp32: an fp32 copy of the returned logits, which
-        # dies with the outputs when compute_loss returns
+        # dies with the outputs when compute_loss returns; it converts them once the
+        # forward's autocast context has exited (accelerate/utils/operations.py
+        # ConvertOutputsToFp32: ``convert_to_fp32(self.model_forward(...))``)
+        graph.autocast_exit()
         up = model.ops.cast(logits, DType.fp32, "accelerate fp32 logits")
         up.component = Component.logits
         graph.hold(up, "forward")
@@ -267,6 +270,11 @@ def hf_training_steps(
     for first in (True, False):
         t = Tape()
         params = _weights(t, model, spec, first)
+        if first and w.loop is Loop.trainer:
+            # Trainer._inner_training_loop starts with accelerator.free_memory(), whose
+            # release_memory -> clear_device_cache calls torch.cuda.empty_cache(): a tied
+            # model's freed lm_head copy is returned before the first forward
+            t.empty_cache()
         t.op("start")
         t.persist("input ids and labels", Component.activations, [w.batch * w.seq * INT64] * 2)
         if not first:

@@ -71,6 +71,8 @@ class Timeline:
 
     points: list[tuple[str, str]] = field(default_factory=list)  # (phase, point name)
     allocations: list[Allocation] = field(default_factory=list)
+    # points after whose frees the program calls torch.cuda.empty_cache (``Tape.empty_cache``)
+    releases: list[int] = field(default_factory=list)
 
     def point(self, phase: str, name: str) -> int:
         """Append a point and return its index."""
@@ -155,6 +157,11 @@ class Tape:
                 if record.end is None:
                     record.end = now
 
+    def empty_cache(self) -> None:
+        """``torch.cuda.empty_cache()`` after the current op's frees: the allocator returns
+        every cached segment that holds no tensor."""
+        self.timeline.releases.append(self.now)
+
     def temp(self, name: str, component: str, size: int) -> None:
         """A tensor created and freed within the current op."""
         self.free(self.new(name, component, size))
@@ -235,7 +242,7 @@ class Replay:
 
     ``allocated[k][i]``: bytes in allocated blocks at point ``i`` of step ``k`` (at its
     largest moment: after the point's allocations, before its frees). ``reserved``: the
-    segments held at the end (they are never returned).
+    most bytes of segments held at once (a step's ``empty_cache`` returns some).
     """
 
     allocated: list[list[int]]
@@ -248,7 +255,8 @@ def replay(steps: Sequence[Timeline]) -> Replay:
     """Replay ``steps`` in order through the caching allocator.
 
     At each point the allocations starting there are made in order, then those ending
-    there are freed; what ends at a step's last point is freed after it (the next step's
+    there are freed, then the cache is emptied where the step says so (``releases``); what
+    ends at a step's last point is freed after it (the next step's
     ``zero_grad(set_to_none=True)``). Persistent allocations are made once and kept. The
     replay holds the blocks the allocator hands out (``take``), not handles.
     """
@@ -274,6 +282,7 @@ def replay(steps: Sequence[Timeline]) -> Replay:
         )
         todo.append(Allocation("", "", (), n_points, n_points))  # a sentinel past the end
         ends: dict[int, list] = {}  # point -> blocks freed after it
+        releases = frozenset(timeline.releases)
         per_point = []
         k = 0
         for i in range(n_points):
@@ -298,6 +307,8 @@ def replay(steps: Sequence[Timeline]) -> Replay:
             if blocks is not None:
                 for block in blocks:
                     give(block)
+            if releases and i in releases:
+                alloc.empty_cache()
         for block in ends.pop(n_points, ()):
             give(block)
         allocated.append(per_point)
@@ -306,6 +317,6 @@ def replay(steps: Sequence[Timeline]) -> Replay:
     return Replay(
         allocated=allocated,
         peak_allocated=alloc.peak_allocated,
-        reserved=alloc.reserved,
+        reserved=alloc.reserved_peak,
         reserved_by_stream=dict(alloc.reserved_by_stream),
     )

@@ -269,6 +269,8 @@ class Model:
         # generate() passes position_ids built from the attention mask, (batch, seq); a
         # plain forward leaves them None and the model uses cache_position.unsqueeze(0)
         self.positions = batch * seq if batched_positions else seq
+        # generate() also passes an attention_mask (all ones here), which the masks and in
+        self.attention_mask = batched_positions
         self.weight = WEIGHT_DTYPE[w.precision]
         self.ops = Ops(g, AUTOCAST_DTYPE.get(w.precision))
         self.training = g.grad
@@ -584,13 +586,18 @@ class Model:
             k = o.view(k, f"{prefix} k heads", copy_backward=cos is not None)
             v = o.view(v, f"{prefix} v heads", copy_backward=copied_v)
         if cos is not None and sin is not None:
+            # apply_rotary_pos_emb(q, k, cos, sin) rotates q, then k; its arguments (the
+            # caller's query_states / key_states too) hold the projections to its return
+            unrotated = q, k
             q = self.rope(f"{prefix} q", q, cos, sin)
-            k = self.rope(f"{prefix} k", k, cos, sin)
             if b.model_type is ModelType.phi3:
                 # Phi-3's apply_rotary_pos_emb rotates the first rotary_dim features and
                 # cat()s the rest back on, even when there is no rest: a heads-first copy
                 q = o.cat(f"{prefix} q with pass-through", [q])
+            k = self.rope(f"{prefix} k", k, cos, sin)
+            if b.model_type is ModelType.phi3:
                 k = o.cat(f"{prefix} k with pass-through", [k])
+            o.keep(*unrotated)
         keys = self.seq + self.layer_cached[i]
         if self.use_cache:
             # DynamicLayer.update: cat(keys, new) along the sequence; its first keys are an
@@ -644,6 +651,41 @@ class Model:
         out = self.linear(f"{prefix}.{name}", out, b.hidden, b.bias)
         o.keep(*states)
         return out
+
+    def _bool_mask(self, name: str, keys: int, window: int | None) -> Tensor:
+        """sdpa_mask's boolean mask (transformers/masking_utils.py, the non-vmap path), which
+        eager_mask turns into an additive one with ``torch.where``: the mask function on
+        broadcast aranges. ``and_masks`` ands its functions into a result one at a time, each
+        ``&`` a new tensor and the last result and operand freed. The causal function and the
+        sliding-window overlay index q and kv only: a (1, 1, q, kv) bool each. generate's
+        attention_mask adds ``padding_mask_function`` (``padding_mask[batch_idx, kv_idx]``,
+        (b, 1, 1, kv)), whose ``&`` makes the result (b, 1, q, kv). The result is expanded to
+        the batch, a view."""
+        g = self.g
+
+        def index(fn: str) -> tuple[Tensor, int, int]:
+            rows, cols = (self.batch, 1) if fn == "padding" else (1, self.seq)
+            t = Tensor(f"{name}: {fn}", rows * cols * keys, DType.bool)
+            g.node(f"{name}: {fn}", [], [t])
+            return t, rows, cols
+
+        def conj(fns: tuple) -> tuple[Tensor, int, int]:  # and_masks(*fns)
+            result, rows, cols = None, 1, 1  # q_idx.new_ones((), dtype=torch.bool)
+            for fn in fns:
+                m, m_rows, m_cols = conj(fn) if isinstance(fn, tuple) else index(fn)
+                rows, cols = max(rows, m_rows), max(cols, m_cols)
+                out = Tensor(f"{name}: & {fn}", rows * cols * keys, DType.bool)
+                g.node(f"{name}: & {fn}", [m] if result is None else [result, m], [out])
+                result = out
+            assert result is not None
+            return result, rows, cols
+
+        # causal_mask_function; sliding_window_causal_mask_function = and_masks(overlay, causal)
+        function: str | tuple = "causal" if window is None else ("window", "causal")
+        if self.attention_mask:
+            function = (function, "padding")
+        mask, _, _ = conj(function) if isinstance(function, tuple) else index(function)
+        return mask
 
     def sdpa_masked(self, i: int) -> bool:
         """Whether layer ``i`` gets an explicit boolean mask under SDPA: transformers' sdpa_mask
@@ -731,8 +773,16 @@ class Model:
         b, o = self.b, self.ops
         scores = self.batch * b.heads * self.seq * keys
         k, v = self.repeat_kv(prefix, k, v, keys)
-        q = o.copy(f"{prefix} contiguous q", o._autocast_low(q, "attention"), part="attention")
+        key_states = k
+        # torch.matmul(query, key_states.transpose(2, 3)) under autocast casts both operands
+        # first, k then q (Ops.bmm); matmul then folds q to 3-D with a contiguous copy (the
+        # rotated q is still tokens first); the casts are the op's arguments until it
+        # returns (the hf2 Llama trace: both casts and q's copy live at once through the bmm)
+        k = o._autocast_low(k, "attention")
+        q_low = o._autocast_low(q, "attention")
+        q = o.copy(f"{prefix} contiguous q", q_low, part="attention")
         s = o.bmm(f"{prefix} q @ k^T", q, k, scores)
+        o.keep(q_low)
         s = o.scalar(f"{prefix} scaled scores", s)
         if b.model_type is ModelType.gemma2:
             # eager_attention_forward's attn_logit_softcapping, tanh(s / c) * c
@@ -768,7 +818,7 @@ class Model:
         # eager_attention_forward's locals key_states / value_states (repeat_kv's copies) live
         # to its return: the repeated K through the softmax (a CPU dispatch log of Llama and
         # Phi-3 prefills at 128 tokens, tests/test_hf_inference_oracle.py)
-        o.keep(k, v)
+        o.keep(key_states, v)
         return out
 
     def mlp(self, prefix: str, x: Tensor) -> Tensor:
@@ -817,7 +867,8 @@ class Model:
         attn = self.attention(i, prefix, gathered, cos, sin, mask)
         attn = self.scatter(f"{prefix} attention output", attn)
         self._seq_sharded = self.sp > 1
-        o.keep(normed)  # the layer's hidden_states still names it
+        if not gpt2:  # `hidden_states, _ = self.self_attn(hidden_states=hidden_states, ...)`
+            o.keep(normed)
         if b.norms_per_layer == 4:
             attn = self.norm(f"{prefix}.post_attention_layernorm", attn)
         attn = o.dropout("residual dropout", attn, b.resid_dropout if self.training else 0)
@@ -827,6 +878,8 @@ class Model:
             if gpt2
             else (o.binary("residual 1", x, attn, "add", part="norm"))
         )
+        if gpt2:  # GPT2Block's `hidden_states = attn_output + residual`
+            o.keep(normed)
         if b.norms_per_layer == 4:
             normed = self.norm(f"{prefix}.pre_feedforward_layernorm", x)
         else:
@@ -837,12 +890,18 @@ class Model:
         m = self.mlp(prefix, self.gather(f"{prefix} MLP input", normed, "mlp"))
         m = self.scatter(f"{prefix} MLP output", m)
         self._seq_sharded = self.sp > 1
+        # the MLP's input is the layer's hidden_states until `hidden_states = self.mlp(...)`
+        # rebinds it (the hf2 Llama trace: freed before the residual add), GPT-2's until
+        # `hidden_states = residual + feed_forward_hidden_states`
+        if not gpt2:
+            o.keep(normed)
         if b.norms_per_layer == 4:
             m = self.norm(f"{prefix}.post_feedforward_layernorm", m)
         m = o.dropout("MLP dropout", m, b.resid_dropout if self.training else 0)
         out = o.binary("residual 2", x, m, "add", part="norm")
         self._seq_sharded = False
-        o.keep(normed)
+        if gpt2:
+            o.keep(normed)
         # the model's loop (`hidden_states = decoder_layer(hidden_states, ...)`) holds the
         # layer's input until the layer returns; GPT2Block's `attn_output` is a local too
         o.keep(layer_input, *([attn_output] if gpt2 else []))
@@ -876,6 +935,29 @@ class Model:
         if b.embed_scale:  # GemmaTextScaledWordEmbedding returns the scaled embeddings
             x = o.scalar("embeddings * sqrt(hidden)", x, part="norm")
             model_locals = [x]
+        # create_causal_mask (and a sliding-window model's create_sliding_window_causal_mask)
+        # runs before the rotary embedding in every modeling file here (LlamaModel.forward)
+        mask = None
+        # q reaches attention in the autocast dtype, else in the hidden states' (see attention)
+        kernel = attention_kernel(b, self.w, o.autocast or x.dtype)
+        if kernel == "eager" and self.seq > 1:  # eager_mask: (b, 1, s, keys) additive
+            keys = self.seq + self.cached
+            # one mask per kind of layer, full attention first (causal_mask_mapping's order)
+            kinds = sorted(set(self.windows), key=lambda window: window is not None)
+            for n_mask, window in enumerate(kinds):
+                kind = "causal mask" if window is None else "sliding window mask"
+                where = Tensor(kind, self.batch * self.seq * keys, x.dtype)
+                g.node(kind, [self._bool_mask(kind, keys, window)], [where])
+                if n_mask == 0:
+                    mask = where  # the blocks' (the other, Gemma-2's, is the same size)
+                else:
+                    model_locals.append(where)
+        masked = [i for i in range(b.layers) if self.sdpa_masked(i)] if kernel != "eager" else []
+        if masked:
+            # sdpa_mask (masking_utils.py): the boolean mask itself, expanded to the batch
+            keys = self.seq + self.layer_cached[masked[0]]
+            local = self._bool_mask("sliding window mask", keys, self.windows[masked[0]])
+            model_locals.append(local)
         cos = sin = None
         if not gpt2:  # LlamaRotaryEmbedding.forward: fp32 with autocast off, then x.dtype
             seq = self.positions
@@ -892,26 +974,6 @@ class Model:
             cos, sin = o.cast(cos32, x.dtype, "cos"), o.cast(sin32, x.dtype, "sin")
             o.keep(freqs, ang, cos32, sin32)  # the rotary forward's locals, to its return
             model_locals += [cos, sin]
-        mask = None
-        # q reaches attention in the autocast dtype, else in the hidden states' (see attention)
-        kernel = attention_kernel(b, self.w, o.autocast or x.dtype)
-        if kernel == "eager" and self.seq > 1:  # create_causal_mask: (b, 1, s, s) additive
-            keys = self.seq + self.cached
-            mask = Tensor("causal mask", self.batch * self.seq * keys, x.dtype)
-            g.node("causal mask", [], [mask], scratch=[("bool mask", self.batch * self.seq * keys)])
-            if len(set(self.windows)) > 1:
-                # full and sliding layers (Gemma-2): causal_mask_mapping holds both masks
-                local = Tensor("sliding window mask", mask.numel, x.dtype)
-                g.node("sliding window mask", [], [local], scratch=[("bool mask", mask.numel)])
-                model_locals.append(local)
-        masked = [i for i in range(b.layers) if self.sdpa_masked(i)] if kernel != "eager" else []
-        if masked:
-            # sdpa_mask (masking_utils.py): the causal and the sliding-window functions on
-            # broadcast aranges, and-ed, expanded to the batch: a (1, 1, q, kv) bool storage
-            numel = self.seq * (self.seq + self.layer_cached[masked[0]])
-            local = Tensor("sliding window mask", numel, DType.bool)
-            g.node("sliding window mask", [], [local], scratch=[("causal, window", 2 * numel)])
-            model_locals.append(local)
         # sequence parallel: the embedding's output is reduce-scattered to this rank's rows
         # (RowwiseParallel, output_layouts Shard(1)), the final norm runs on them and lm_head
         # gathers them back
