@@ -25,20 +25,22 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from vramfit.config import RunSpec  # noqa: E402
 from vramfit.estimate.graph import end_forward, run_forward  # noqa: E402
 from vramfit.estimate.profiles import hf  # noqa: E402
-from vramfit.estimate.timeline import Tape  # noqa: E402
+from vramfit.estimate.timeline import Tape, Timeline  # noqa: E402
 
 B, S = 2, 24  # S != hidden / heads keeps score-sized and hidden-sized tensors apart
 SLACK = 8 * S + 16  # the int64 cache_position and 0-dim constants, which the profile omits
 
 
 class _Live(TorchDispatchMode):
-    """Bytes of the storages ops made that are still referenced, and their peak."""
+    """Bytes of the storages ops made (of ``least`` bytes or more) that are still referenced,
+    their peak, and the live bytes after each one is made."""
 
-    def __init__(self, skip: set[int]) -> None:
+    def __init__(self, skip: set[int], least: int = 0) -> None:
         super().__init__()
         self.live: dict[int, int] = {}
         self.peak = 0
-        self.skip = skip
+        self.after: list[int] = []
+        self.skip, self.least = skip, least
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
@@ -46,9 +48,11 @@ class _Live(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key = storage.data_ptr()
-                if key and key not in self.live and key not in self.skip:
+                big = storage.nbytes() >= self.least
+                if key and big and key not in self.live and key not in self.skip:
                     self.live[key] = storage.nbytes()
                     weakref.finalize(storage, self.live.pop, key, None)
+                    self.after.append(sum(self.live.values()))
         self.peak = max(self.peak, sum(self.live.values()))
         return out
 
@@ -85,7 +89,7 @@ def _real_peak(run: RunSpec, generate: bool) -> int:
     return mode.peak
 
 
-def _profile_peak(run: RunSpec, generate: bool) -> int:
+def _profile_timeline(run: RunSpec, generate: bool) -> Timeline:
     spec = run.model.resolved()
     graph, model, logits, _ = hf.build(
         spec, run.workload, grad=False, batch=B, seq=run.workload.seq, all_logits=not generate,
@@ -97,7 +101,11 @@ def _profile_peak(run: RunSpec, generate: bool) -> int:
     for kv in model.cache:
         graph.hold(kv, "step")
     end_forward(run_forward(graph, tape))
-    return max(tape.finish().live_bytes())
+    return tape.finish()
+
+
+def _profile_peak(run: RunSpec, generate: bool) -> int:
+    return max(_profile_timeline(run, generate).live_bytes())
 
 
 @pytest.mark.parametrize("generate", [False, True], ids=["eval", "prefill"])
@@ -142,29 +150,6 @@ def test_measured_generate_is_plain_greedy_decoding() -> None:
 BIG = 4096  # bytes: the masks, the rotary tables and the embeddings, not aranges or scalars
 
 
-class _Sequence(TorchDispatchMode):
-    """The live bytes of the storages ops made (``BIG`` or more), after each one is made."""
-
-    def __init__(self, skip: set[int]) -> None:
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.after: list[int] = []
-        self.skip = skip
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                big = storage.nbytes() >= BIG
-                if key and big and key not in self.live and key not in self.skip:
-                    self.live[key] = storage.nbytes()
-                    weakref.finalize(storage, self.live.pop, key, None)
-                    self.after.append(sum(self.live.values()))
-        return out
-
-
 def _real_before_block0(run: RunSpec, generate: bool) -> list[int]:
     from vramfit.measure.hf import hf_config
 
@@ -181,7 +166,7 @@ def _real_before_block0(run: RunSpec, generate: bool) -> list[int]:
     skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     skip |= {t.untyped_storage().data_ptr() for t in inputs.values() if torch.is_tensor(t)}
     blocks = model.transformer.h if spec.model_type.value == "gpt2" else model.model.layers
-    mode = _Sequence(skip)
+    mode = _Live(skip, BIG)
     seen: list[int] = []
 
     def stop(module: object, args: object) -> None:
@@ -198,15 +183,7 @@ def _real_before_block0(run: RunSpec, generate: bool) -> list[int]:
 
 
 def _profile_before_block0(run: RunSpec, generate: bool) -> list[int]:
-    spec = run.model.resolved()
-    graph, model, logits, _ = hf.build(
-        spec, run.workload, grad=False, batch=B, seq=run.workload.seq, all_logits=not generate,
-        use_cache=True, generate=generate,
-    )
-    tape = Tape(phase="prefill")
-    tape.op("start")
-    end_forward(run_forward(graph, tape))
-    timeline = tape.finish()
+    timeline = _profile_timeline(run, generate)
     first_block = next(i for i, (_, name) in enumerate(timeline.points) if "block 0" in name)
     live, after = [], []
     by_point: dict[int, list] = {}
