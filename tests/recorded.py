@@ -1,7 +1,7 @@
 """The recorded H200 runs the tests replay, read once per test process.
 
-``benchmarks/data/h200-traces/*.json*`` and the traces recorded with hf validation sets 3
-and 4 hold the allocator events of real runs (``benchmarks/trace.py``); ``benchmarks/*.yaml``
+``benchmarks/data/h200-traces/*.json*`` and the traces recorded with hf validation sets
+2-4 hold the allocator events of real runs (``benchmarks/trace.py``); ``benchmarks/*.yaml``
 the cases they ran. Both the allocator test (tests/estimate/test_allocator.py) and the
 step-program test (tests/estimate/test_traces.py) parametrize over the traces, so the files
 (16 MB) are parsed once, not once per module.

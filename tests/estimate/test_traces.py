@@ -1,7 +1,7 @@
 """The estimator's step programs, replayed, against the allocator traces recorded on an H200.
 
-benchmarks/data/h200-traces/*.json* and the traces of hf validation sets 3 and 4 hold the
-real allocator events of 38 training and inference runs (benchmarks/trace.py), with the
+benchmarks/data/h200-traces/*.json* and the traces of hf validation sets 2-4 hold the
+real allocator events of 40 training and inference runs (benchmarks/trace.py), with the
 reserved and peak allocated bytes PyTorch reported; the cases they ran are in
 benchmarks/*.yaml (the reference loop unless a case names ``impl: hf``). vramfit's training
 and inference programs, replayed through its allocator model for the same number of steps,
@@ -37,15 +37,6 @@ APPROXIMATE = {
     # checkpointing in a plain loop: its load (from_pretrained, the fp32 casts, empty_cache)
     # is modelled by its result, not op by op; 16 MiB (0.1%) under
     "ft1-tinyllama-qlora-nf4dq-r64-all-b4-s2048-bf16-drops-full": 0.002,
-    # transformers' Adafactor on a tied Llama-3.2-3B, one step: 248 MiB (1.2%) under, the
-    # allocator's reserve (the peak is within 7 MiB); the same -1.1% as the measured case's
-    # total in accuracy-hf.txt
-    "hf3-llama-3.2-3b-full-adafactor-b1-s2048-bf16-drops-full": 0.013,
-    # the Trainer on a tied eager Llama-3.2-1B, checkpointed: 2 GiB (6.1%) over. Its own
-    # requests, placed as vramfit places segments, give the real reserved bytes exactly
-    # (test_allocator); the program's first request placed differently is in the backward's
-    # recompute of the last layer, where the real MLP input is still alive
-    "hf2-llama-3.2-1b-b4-s2048-amp-bf16-eager-trainer-full": 0.062,
 }
 # the same for peak allocated: the hf program's peak, 17 MiB (0.15%) under
 APPROXIMATE_PEAK = {"ft1-tinyllama-qlora-nf4dq-r64-all-b4-s2048-bf16-drops-full": 0.002}

@@ -293,6 +293,11 @@ class Model:
             # prepare_model_for_kbit_training enables checkpointing with {} kwargs: reentrant
             # (peft/utils/other.py); the Trainer re-enables it non-reentrant
             g.reentrant = w.loop is not Loop.trainer
+        # a non-reentrant recompute (transformers' default, use_reentrant=False) stops by
+        # raising once the region's last saved tensor is packed: the decoder layer's frame,
+        # with every local it still names (the MLP's input), lives to the stop (the hf2
+        # Llama trace's recompute of its last layer)
+        g.rerun_frame = True
         if b.tied:
             key = (
                 "transformer.wte.weight"
@@ -460,8 +465,12 @@ class Model:
             w1 = o.add_scalar(f"{prefix} 1 + weight", o.cast(w, DType.fp32))
             out = o.binary(f"{prefix} output", normed, w1, "mul", part="norm")
             return o.cast(out, x.dtype, f"{prefix} output in input dtype", part="norm")
-        normed = o.cast(normed, x.dtype, f"{prefix} normed in input dtype", part="norm")
-        return o.binary(f"{prefix} output", w, normed, "mul", part="norm")
+        low = o.cast(normed, x.dtype, f"{prefix} normed in input dtype", part="norm")
+        out = o.binary(f"{prefix} output", w, low, "mul", part="norm")
+        # `return self.weight * hidden_states.to(input_dtype)`: the local hidden_states (the
+        # fp32 x * rsqrt) lives until the return (the hf2 Llama-3-8B bf16 trace)
+        o.keep(normed)
+        return out
 
     def norm(self, prefix: str, x: Tensor) -> Tensor:
         if self.tp > 1:
@@ -542,8 +551,10 @@ class Model:
         mul saves cos / sin (not x); the halves are slices, whose backward is full size."""
         o = self.ops
         x_cos = o.binary(f"{name} * cos", x, cos, "mul")
-        x2 = o.slice(x, x.numel // 2, f"{name} second half")
+        # rotate_half slices x1 = x[..., :d/2] first, then x2: x2's SliceBackward has the
+        # higher sequence number, so autograd runs it (after -x2's) before x1's
         x1 = o.slice(x, x.numel // 2, f"{name} first half")
+        x2 = o.slice(x, x.numel // 2, f"{name} second half")
         neg = o.unary(f"{name} -x2", x2)
         rot = o.cat(f"{name} rotate_half", [neg, x1])
         rot_sin = o.binary(f"{name} rotate_half * sin", rot, sin, "mul")
@@ -576,14 +587,17 @@ class Model:
                 # output without naming it
                 local = (qkv,)
         else:
-            q = self.linear(f"{prefix}.self_attn.q_proj", x, b.q_width, b.qkv_bias, "attention")
-            k = self.linear(f"{prefix}.self_attn.k_proj", x, b.kv_width, b.qkv_bias, "attention")
-            v = self.linear(f"{prefix}.self_attn.v_proj", x, b.kv_width, b.qkv_bias, "attention")
-            # view + transpose: the gradients come back heads first and are copied (clone in
-            # ViewBackward0) for q and k (rotated) and for v when the cache or eager copied it
+            # `self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)`, then k's, then
+            # v's: each view right after its projection, so autograd runs v_proj's backward
+            # before k's view (the hf2 Llama-3-8B trace). The gradients come back heads first
+            # and are copied (clone in ViewBackward0) for q and k (rotated) and for v when
+            # the cache or eager copied it
             copied_v = self.use_cache or self.w.attention is Attention.eager
+            q = self.linear(f"{prefix}.self_attn.q_proj", x, b.q_width, b.qkv_bias, "attention")
             q = o.view(q, f"{prefix} q heads", copy_backward=cos is not None)
+            k = self.linear(f"{prefix}.self_attn.k_proj", x, b.kv_width, b.qkv_bias, "attention")
             k = o.view(k, f"{prefix} k heads", copy_backward=cos is not None)
+            v = self.linear(f"{prefix}.self_attn.v_proj", x, b.kv_width, b.qkv_bias, "attention")
             v = o.view(v, f"{prefix} v heads", copy_backward=copied_v)
         if cos is not None and sin is not None:
             # apply_rotary_pos_emb(q, k, cos, sin) rotates q, then k; its arguments (the
@@ -986,7 +1000,9 @@ class Model:
             o.keep(*model_locals)
             return x, x
         self._seq_sharded = self.sp > 1
+        last = x  # `hidden_states = self.norm(hidden_states)`: the last layer's output lives
         x = self.norm("transformer.ln_f" if gpt2 else "model.norm", x)
+        o.keep(last)  # until the norm returns (the hf3 Adafactor trace, 3 steps)
         self._seq_sharded = False
         o.keep(*model_locals)
         hidden = x  # ForCausalLM's `hidden_states = outputs.last_hidden_state`, to its return
