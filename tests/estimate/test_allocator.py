@@ -1,7 +1,7 @@
 """The caching-allocator model, checked on real allocator traces recorded on an H200.
 
-benchmarks/data/h200-traces/*.json* and the traces of hf validation sets 2-4 hold, for
-40 training and inference runs, every alloc / free / segment event PyTorch 2.11's allocator
+benchmarks/data/h200-traces/*.json* and the traces of hf validation sets 1-4 hold, for
+41 training and inference runs, every alloc / free / segment event PyTorch 2.11's allocator
 recorded (benchmarks/trace.py; the frames* and cpp-frames* files add a label to each event,
 ignored here).
 Replaying the same requests (with the segment addresses the driver chose) through vramfit's

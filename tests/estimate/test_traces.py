@@ -1,7 +1,7 @@
 """The estimator's step programs, replayed, against the allocator traces recorded on an H200.
 
-benchmarks/data/h200-traces/*.json* and the traces of hf validation sets 2-4 hold the
-real allocator events of 40 training and inference runs (benchmarks/trace.py), with the
+benchmarks/data/h200-traces/*.json* and the traces of hf validation sets 1-4 hold the
+real allocator events of 41 training and inference runs (benchmarks/trace.py), with the
 reserved and peak allocated bytes PyTorch reported; the cases they ran are in
 benchmarks/*.yaml (the reference loop unless a case names ``impl: hf``). vramfit's training
 and inference programs, replayed through its allocator model for the same number of steps,
@@ -37,6 +37,10 @@ APPROXIMATE = {
     # checkpointing in a plain loop: its load (from_pretrained, the fp32 casts, empty_cache)
     # is modelled by its result, not op by op; 16 MiB (0.1%) under
     "ft1-tinyllama-qlora-nf4dq-r64-all-b4-s2048-bf16-drops-full": 0.002,
+    # Phi-3-mini generating 128 tokens: 64 MiB (0.65%) under, where cudaMalloc put two
+    # segments into gaps; the run's own requests placed as vramfit places segments give
+    # exactly the program's reserved bytes
+    "hf1-phi-3-mini-infer-b4-s1024-gen128-bf16": 0.007,
 }
 # the same for peak allocated: the hf program's peak, 17 MiB (0.15%) under
 APPROXIMATE_PEAK = {"ft1-tinyllama-qlora-nf4dq-r64-all-b4-s2048-bf16-drops-full": 0.002}

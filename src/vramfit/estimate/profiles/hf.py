@@ -615,7 +615,10 @@ class Model:
         keys = self.seq + self.layer_cached[i]
         if self.use_cache:
             # DynamicLayer.update: cat(keys, new) along the sequence; its first keys are an
-            # empty tensor in the key states' dtype, which promotes the values' cat
+            # empty tensor in the key states' dtype, which promotes the values' cat. The
+            # caller's key_states / value_states name the new ones until update returns
+            # (`key_states, value_states = past_key_values.update(...)`; the hf1 Phi-3 trace)
+            new = k, v
             if self.cached:
                 pk, pv = self.past[i]
                 k = o.cat(f"{prefix} cached keys", [pk, k])
@@ -625,6 +628,7 @@ class Model:
                 empty = k.dtype
                 k = o.cat(f"{prefix} cached keys", [k])
                 v = o.cat(f"{prefix} cached values", [v], empty_dtype=empty)
+            o.keep(*new)
             self.cache += [k, v]
         # the kernel SDPA picks follows the dtype q arrives in (after autocast's cast): fp32
         # when the hidden states are (a kbit-prepared model's Linear4bit casts back to them)
@@ -855,6 +859,11 @@ class Model:
             up = o.view(gu, f"{prefix} up", numel=n * b.ffn)
             act = o.unary(f"{prefix} act", gate, saves="input", part="mlp")
             prod = o.binary(f"{prefix} up * act", up, act, "mul", part="mlp")
+            # Phi3MLP.forward's local `gate`, a view of the fused output, holds it to the
+            # return, through down_proj (the hf1 Phi-3 generate trace)
+            out = self.linear(f"{prefix}.mlp.down_proj", prod, b.hidden, b.bias)
+            o.keep(gate)
+            return out
         else:
             gate = self.linear(f"{prefix}.mlp.gate_proj", x, b.ffn, b.bias, "mlp")
             act = o.unary(f"{prefix} act", gate, saves="input", part="mlp")
