@@ -1,8 +1,8 @@
 """The recorded H200 runs the tests replay, read once per test process.
 
-``benchmarks/data/h200-traces/*.json*`` and the traces recorded with hf validation sets
-1-4 hold the allocator events of real runs (``benchmarks/trace.py``); ``benchmarks/*.yaml``
-the cases they ran. Both the allocator test (tests/estimate/test_allocator.py) and the
+``benchmarks/data/h200-traces/*.json*`` and the traces recorded with the hf and fine-tuning
+sets hold the allocator events of real runs (``benchmarks/trace.py``); ``benchmarks/*.yaml`` the
+cases they ran. Both the allocator test (tests/estimate/test_allocator.py) and the
 step-program test (tests/estimate/test_traces.py) parametrize over the traces, so the files
 (16 MB) are parsed once, not once per module.
 """
@@ -24,6 +24,8 @@ SET_TRACES = (
     BENCHMARKS / "data" / "h200-hf-validation4" / "hf4-frames.json.gz",
     BENCHMARKS / "data" / "h200-hf-validation2" / "hf2-trainer-cpp-frames.json.gz",
     BENCHMARKS / "data" / "h200-hf-validation1" / "hf1-phi3-generate-frames.json.gz",
+    BENCHMARKS / "data" / "h200-hf-calibration" / "hf-calibration-phi3-cpp-frames.json.gz",
+    BENCHMARKS / "data" / "h200-ft-validation7" / "ft7-phi3-lora-cpp-frames.json.gz",
 )
 # traces whose recorded peak is the phases' only: ``vramfit measure`` read its counters
 # after building the model before it counted the build (de6db48); the build peaks there

@@ -1,9 +1,9 @@
 """The caching-allocator model, checked on real allocator traces recorded on an H200.
 
-benchmarks/data/h200-traces/*.json* and the traces of hf validation sets 1-4 hold, for
-41 training and inference runs, every alloc / free / segment event PyTorch 2.11's allocator
-recorded (benchmarks/trace.py; the frames* and cpp-frames* files add a label to each event,
-ignored here).
+benchmarks/data/h200-traces/*.json* and the traces kept with the hf and fine-tuning sets
+hold, for 43 training and inference runs, every alloc / free / segment event PyTorch 2.11's
+allocator recorded (benchmarks/trace.py; the frames* and cpp-frames* files add a label to each
+event, ignored here).
 Replaying the same requests (with the segment addresses the driver chose) through vramfit's
 model must give exactly the reserved and peak allocated bytes the real allocator reported.
 """

@@ -252,10 +252,13 @@ def hf_training_steps(
     # one graph serves both steps: a replay reads it and keeps its own state
     graph, model, logits, loss = hf.build(spec, w, grad=True, batch=w.batch, seq=w.seq)
     assert loss is not None
+    # with use_cache the output's DynamicCache holds every layer's keys and values until the
+    # loop drops the output: after the step when it keeps it, else after the forward
+    # (`del out`; the hf calibration Phi-3 trace)
+    for kv in model.cache:
+        graph.hold(kv, "step" if w.loop is Loop.keeps_logits else "forward")
     if w.loop is Loop.keeps_logits:
         graph.hold(logits, "step")
-        for kv in model.cache:
-            graph.hold(kv, "step")
     elif w.loop is Loop.trainer and w.precision in (Precision.amp_bf16, Precision.amp_fp16):
         # accelerate's convert_outputs_to_fp32: an fp32 copy of the returned logits, which
         # dies with the outputs when compute_loss returns; it converts them once the
@@ -430,6 +433,12 @@ def fsdp_training_steps(
         graph.hold(logits, "step")
         for kv in model.cache:
             graph.hold(kv, "step")
+    else:
+        # with use_cache the output's DynamicCache holds every layer's keys and values until
+        # the loop drops the output after the forward (`del out`; the hf calibration Phi-3
+        # trace)
+        for kv in model.cache:
+            graph.hold(kv, "forward")
     offload = par.offload is Offload.params
     steps = []
     block_bytes: dict[str, int] = {}

@@ -534,7 +534,9 @@ class Model:
         if self.lora is None or _block_path(name) not in self.lora_targets:
             return result
         lora = self.lora
-        x32 = o.cast(x, DType.fp32, f"{name} adapter input")
+        # `x = self._cast_input_dtype(x, lora_A.weight.dtype)`: the cast is the forward's
+        # local x until it returns (the ft7 Phi-3 LoRA trace)
+        cast = x32 = o.cast(x, DType.fp32, f"{name} adapter input")
         if self.training:
             x32 = o.dropout(f"{name} lora_dropout", x32, lora.dropout)
         a = o.linear(f"{name} lora_A", x32, self.p(f"{name}.lora_A"), None, lora.r)
@@ -542,9 +544,12 @@ class Model:
         scaled = o.scalar(f"{name} lora scaling", bb)
         if name in self.quantized:  # lora/bnb.py casts the adapter output before the add
             scaled = o.cast(scaled, result.dtype, f"{name} lora output")
-            return o.binary(f"{name} + lora", result, scaled, "add", part=part)
-        out = o.binary(f"{name} + lora", result, scaled, "add", part=part)
-        return o.cast(out, result.dtype, f"{name} output", part=part)
+            out = o.binary(f"{name} + lora", result, scaled, "add", part=part)
+        else:
+            out = o.binary(f"{name} + lora", result, scaled, "add", part=part)
+            out = o.cast(out, result.dtype, f"{name} output", part=part)
+        o.keep(cast)
+        return out
 
     def rope(self, name: str, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """apply_rotary_pos_emb: x * cos + rotate_half(x) * sin, rotate_half = cat(-x2, x1).
