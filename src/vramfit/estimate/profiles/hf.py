@@ -480,10 +480,16 @@ class Model:
             # backward hands the sum over (_FromTorchTensor.backward returns it as it is)
             x = self.ops.view(x, f"{prefix} input (DTensor)")
         if self.b.layernorm:
-            return self.ops.layer_norm(
+            out = self.ops.layer_norm(
                 prefix, x, self.p(f"{prefix}.weight"), self.p(f"{prefix}.bias"), self.n
             )
-        return self.rms_norm(prefix, x)
+        else:
+            out = self.rms_norm(prefix, x)
+        # the caller's `hidden_states = self.norm(hidden_states)` names the input until the
+        # norm returns (the final norm's, Gemma-2's post-attention and post-feedforward
+        # norms'; the hf3 Adafactor trace, a CPU dispatch log of the real models' forwards)
+        self.ops.keep(x)
+        return out
 
     def linear(self, name: str, x: Tensor, width: int, bias: bool, part: str = "") -> Tensor:
         """A projection: nn.Linear / Conv1D, bitsandbytes' Linear4bit or Linear8bitLt when
@@ -803,7 +809,10 @@ class Model:
         # returns (the hf2 Llama trace: both casts and q's copy live at once through the bmm)
         k = o._autocast_low(k, "attention")
         q_low = o._autocast_low(q, "attention")
-        q = o.copy(f"{prefix} contiguous q", q_low, part="attention")
+        if b.model_type is not ModelType.phi3:
+            q = o.copy(f"{prefix} contiguous q", q_low, part="attention")
+        else:  # Phi-3's pass-through cat made q contiguous heads first: no copy
+            q = q_low
         s = o.bmm(f"{prefix} q @ k^T", q, k, scores)
         o.keep(q_low)
         s = o.scalar(f"{prefix} scaled scores", s)
@@ -857,6 +866,7 @@ class Model:
             t = o.add_scalar(f"{prefix} 1 + tanh", t, part="mlp")
             # (1 + tanh) is saved by the product: add_scalar's output is the mul's input
             act = o.binary(f"{prefix} gelu", half, t, "mul", part="mlp")
+            o.keep(hdn)  # NewGELUActivation's argument, to its return
             return self.linear(f"{prefix}.mlp.c_proj", act, b.hidden, b.bias)
         if b.fused_gate_up:
             gu = self.linear(f"{prefix}.mlp.gate_up_proj", x, 2 * b.ffn, b.bias, "mlp")
@@ -1009,14 +1019,14 @@ class Model:
         for i in range(b.layers):
             x = self.block(i, x, cos, sin, mask)
         if mask is not None:
-            o.keep(mask)
+            # the base model's local causal_mask, to its return (after the final norm; a
+            # CPU dispatch log of the real models' forwards, tests/test_hf_inference_oracle.py)
+            model_locals.append(mask)
         if not self.head:  # a first pipeline stage: its output goes to the next stage
             o.keep(*model_locals)
             return x, x
         self._seq_sharded = self.sp > 1
-        last = x  # `hidden_states = self.norm(hidden_states)`: the last layer's output lives
         x = self.norm("transformer.ln_f" if gpt2 else "model.norm", x)
-        o.keep(last)  # until the norm returns (the hf3 Adafactor trace, 3 steps)
         self._seq_sharded = False
         o.keep(*model_locals)
         hidden = x  # ForCausalLM's `hidden_states = outputs.last_hidden_state`, to its return
