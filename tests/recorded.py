@@ -23,6 +23,7 @@ SET_TRACES = (
     BENCHMARKS / "data" / "h200-hf-validation3" / "hf3-cpp-frames.json.gz",
     BENCHMARKS / "data" / "h200-hf-validation4" / "hf4-frames.json.gz",
     BENCHMARKS / "data" / "h200-hf-validation2" / "hf2-trainer-cpp-frames.json.gz",
+    BENCHMARKS / "data" / "h200-hf-validation2" / "hf2-gpt2-cpp-frames.json.gz",
     BENCHMARKS / "data" / "h200-hf-validation1" / "hf1-phi3-generate-frames.json.gz",
     BENCHMARKS / "data" / "h200-hf-calibration" / "hf-calibration-phi3-cpp-frames.json.gz",
     BENCHMARKS / "data" / "h200-ft-validation7" / "ft7-phi3-lora-cpp-frames.json.gz",

@@ -1,7 +1,7 @@
 """The estimator's step programs, replayed, against the allocator traces recorded on an H200.
 
 benchmarks/data/h200-traces/*.json* and the traces kept with the hf and fine-tuning sets
-hold the real allocator events of 43 training and inference runs (benchmarks/trace.py), with the
+hold the real allocator events of 44 training and inference runs (benchmarks/trace.py), with the
 reserved and peak allocated bytes PyTorch reported; the cases they ran are in
 benchmarks/*.yaml (the reference loop unless a case names ``impl: hf``). vramfit's training
 and inference programs, replayed through its allocator model for the same number of steps,

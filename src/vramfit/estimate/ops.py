@@ -515,17 +515,17 @@ class Ops:
 
     def dropout(self, name: str, x: Tensor, p: float, *, part: str = "") -> Tensor:
         """``F.dropout`` in training: ``native_dropout`` returns the output and a bool mask,
-        which it saves (p = 0 returns the input itself)."""
+        which it saves (p = 0 returns the input itself). The CUDA kernel makes the mask first
+        (the hf2 GPT-2 355M trace: the 1-byte mask's request, then the output's)."""
         if p <= 0:
             return x
-        out = self._t(name, x.numel, x.dtype, part=part)
         mask = self._t(f"{name} mask", x.numel, DType.bool, part=part)
+        out = self._t(name, x.numel, x.dtype, part=part)
         self.g.node(
             f"{self.prefix}{name}",
             [x],
-            [out],
+            [mask, out],
             saved=[mask],
-            hidden=[mask],
             backward=lambda bw: bw.new(0),
         )
         return out

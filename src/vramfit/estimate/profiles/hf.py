@@ -678,6 +678,10 @@ class Model:
             out = self.eager_core(prefix, q, k, v, keys, mask, p_drop=p_drop)
         name = "attn.c_proj" if b.model_type is ModelType.gpt2 else "self_attn.o_proj"
         out = self.linear(f"{prefix}.{name}", out, b.hidden, b.bias)
+        if b.model_type is ModelType.gpt2:
+            # GPT2Attention's own resid_dropout, before it returns (its query_states, a view
+            # of the c_attn output, alive through it: the hf2 GPT-2 355M trace)
+            out = o.dropout("residual dropout", out, b.resid_dropout if self.training else 0)
         o.keep(*states)
         return out
 
@@ -909,7 +913,8 @@ class Model:
             o.keep(normed)
         if b.norms_per_layer == 4:
             attn = self.norm(f"{prefix}.post_attention_layernorm", attn)
-        attn = o.dropout("residual dropout", attn, b.resid_dropout if self.training else 0)
+        if not gpt2:  # Phi3DecoderLayer's resid_attn_dropout (GPT-2's is in its attention)
+            attn = o.dropout("residual dropout", attn, b.resid_dropout if self.training else 0)
         attn_output = attn
         x = (
             o.binary("residual 1", attn, x, "add", part="norm")
@@ -969,7 +974,6 @@ class Model:
             )
             model_locals.append(pos)
             x = o.binary("embeddings + positions", x, pos, "add", part="norm")
-            x = o.dropout("embedding dropout", x, b.embd_dropout if self.training else 0)
         if b.embed_scale:  # GemmaTextScaledWordEmbedding returns the scaled embeddings
             x = o.scalar("embeddings * sqrt(hidden)", x, part="norm")
             model_locals = [x]
@@ -996,6 +1000,8 @@ class Model:
             keys = self.seq + self.layer_cached[masked[0]]
             local = self._bool_mask("sliding window mask", keys, self.windows[masked[0]])
             model_locals.append(local)
+        if gpt2:  # GPT2Model.forward: `hidden_states = self.drop(hidden_states)`, after the mask
+            x = o.dropout("embedding dropout", x, b.embd_dropout if self.training else 0)
         cos = sin = None
         if not gpt2:  # LlamaRotaryEmbedding.forward: fp32 with autocast off, then x.dtype
             seq = self.positions
