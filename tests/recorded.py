@@ -27,6 +27,7 @@ SET_TRACES = (
     BENCHMARKS / "data" / "h200-hf-validation1" / "hf1-phi3-generate-frames.json.gz",
     BENCHMARKS / "data" / "h200-hf-calibration" / "hf-calibration-phi3-cpp-frames.json.gz",
     BENCHMARKS / "data" / "h200-ft-validation7" / "ft7-phi3-lora-cpp-frames.json.gz",
+    BENCHMARKS / "data" / "h200-hf-validation5" / "hf5-phi3-trainer-cpp-frames.json.gz",
 )
 # traces whose recorded peak is the phases' only: ``vramfit measure`` read its counters
 # after building the model before it counted the build (de6db48); the build peaks there

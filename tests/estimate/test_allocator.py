@@ -1,7 +1,7 @@
 """The caching-allocator model, checked on real allocator traces recorded on an H200.
 
 benchmarks/data/h200-traces/*.json* and the traces kept with the hf and fine-tuning sets
-hold, for 44 training and inference runs, every alloc / free / segment event PyTorch 2.11's
+hold, for 45 training and inference runs, every alloc / free / segment event PyTorch 2.11's
 allocator recorded (benchmarks/trace.py; the frames* and cpp-frames* files add a label to each
 event, ignored here).
 Replaying the same requests (with the segment addresses the driver chose) through vramfit's

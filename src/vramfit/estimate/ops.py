@@ -585,6 +585,7 @@ class Ops:
         kernel: str,
         dropout: bool = False,
         bool_mask: int = 0,
+        mask: Tensor | None = None,
     ) -> Tensor:
         """``F.scaled_dot_product_attention`` through a fused kernel (``kernel``: "cudnn",
         "flash" or "efficient"): the output (laid out tokens first) and the softmax
@@ -592,16 +593,18 @@ class Ops:
         kernel's scratch. Autocast casts q, k and v to 16 bits first.
 
         ``bool_mask``: the elements of a boolean ``attn_mask`` broadcast to (batch, 1, q, kv).
-        SDPA turns it into an additive mask of q's dtype per call (``convert_boolean_attn_mask``
-        in aten/src/ATen/native/transformers/attention.cpp: ``zeros_like`` of the expanded
-        mask, dense, then ``masked_fill_`` of its ``logical_not``, a bool temporary), and the
-        kernel keeps that float mask for its backward."""
+        SDPA turns it into an additive mask of q's dtype per call, dense, with one
+        ``where(mask, 0, -inf)`` (``convert_boolean_attn_mask`` in
+        aten/src/ATen/native/transformers/attention.cpp; torch 2.11's ``where_ScalarSelf``,
+        with no other request, in the hf5 Phi-3 trace), and the kernel keeps that float mask
+        for its backward. ``mask``: the boolean mask itself, an argument of the layer (a
+        checkpoint keeps it for its recompute)."""
         q, k, v = (self._autocast_low(t, "attention") for t in (q, k, v))
         biases: list[Tensor] = []
         if bool_mask:
             bias = self._t(f"{name} float mask", bool_mask, q.dtype, part="attention")
-            scratch = [("logical_not(mask)", bool_mask * DType.bool.size)]
-            self.g.node(f"{self.prefix}{name} mask to float", [], [bias], scratch=scratch)
+            inputs = [mask] if mask is not None else []
+            self.g.node(f"{self.prefix}{name} mask to float", inputs, [bias])
             biases = [bias]
         out = self._t(name, q.numel, q.dtype, part="attention")
         rows = batch * heads * seq

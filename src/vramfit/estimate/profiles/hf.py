@@ -271,6 +271,7 @@ class Model:
         self.positions = batch * seq if batched_positions else seq
         # generate() also passes an attention_mask (all ones here), which the masks and in
         self.attention_mask = batched_positions
+        self.sdpa_mask: Tensor | None = None  # the boolean mask SDPA layers take (forward)
         self.weight = WEIGHT_DTYPE[w.precision]
         self.ops = Ops(g, AUTOCAST_DTYPE.get(w.precision))
         self.training = g.grad
@@ -667,6 +668,7 @@ class Model:
                 kernel=kernel,
                 dropout=p_drop > 0,
                 bool_mask=bool_mask,
+                mask=self.sdpa_mask if bool_mask else None,
             )
             if b.model_type is ModelType.phi3:
                 # the kernel's output follows q's heads-first layout: transpose(1, 2)
@@ -1000,6 +1002,9 @@ class Model:
             keys = self.seq + self.layer_cached[masked[0]]
             local = self._bool_mask("sliding window mask", keys, self.windows[masked[0]])
             model_locals.append(local)
+            # each masked layer's attention_mask argument: a checkpointed layer's inputs are
+            # kept for its recompute (the hf5 Phi-3 Trainer trace: held into the backward)
+            self.sdpa_mask = local
         if gpt2:  # GPT2Model.forward: `hidden_states = self.drop(hidden_states)`, after the mask
             x = o.dropout("embedding dropout", x, b.embd_dropout if self.training else 0)
         cos = sin = None
