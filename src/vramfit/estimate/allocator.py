@@ -177,22 +177,14 @@ class CachingAllocator:
     def empty_cache(self) -> None:
         """``torch.cuda.empty_cache``: return every segment that is one free block, in every
         stream's pools (``release_cached_blocks``); a segment with any block in use stays."""
-        pools = [(0, p) for p in self._free.values()]
-        pools += [(s, p) for s, by_size in self._streams.items() for p in by_size.values()]
-        released: set[int] = set()
-        for stream, pool in pools:
-            keep = []
-            for entry in pool:
-                block = entry[2]
-                if block.prev is None and block.next is None:
-                    self.reserved -= block.size
-                    self.reserved_by_stream[stream] -= block.size
-                    released.add(id(block))
-                else:
-                    keep.append(entry)
-            pool[:] = keep
-        if released:
-            self._segments = [b for b in self._segments if id(b) not in released]
+        for stream, pools in [(0, self._free), *self._streams.items()]:
+            for pool in pools.values():
+                whole = sum(size for size, _, b in pool if b.prev is None and b.next is None)
+                self.reserved -= whole
+                self.reserved_by_stream[stream] = self.reserved_by_stream.get(stream, 0) - whole
+                pool[:] = [e for e in pool if e[2].prev is not None or e[2].next is not None]
+        # a segment's first block is one free block exactly when the segment was returned
+        self._segments = [b for b in self._segments if not (b.free and b.next is None)]
 
     def give(self, block: _Block) -> None:
         """Return a block to its pool, merging it with free neighbours of its segment."""

@@ -241,6 +241,18 @@ def _uses_bias(b: hf.Block) -> bool:
 # its first matmul (a steady step starts with them): a second simulation records just that.
 
 
+def _hold_outputs(graph: Graph, model: hf.Model, logits: Tensor, loop: Loop) -> None:
+    """What a training loop keeps of the model's outputs. With use_cache the output's
+    DynamicCache holds every layer's keys and values until the loop drops the output: after
+    the step when it keeps it (with the logits), else after the forward (`del out`; the hf
+    calibration Phi-3 trace)."""
+    keeps = loop is Loop.keeps_logits
+    for kv in model.cache:
+        graph.hold(kv, "step" if keeps else "forward")
+    if keeps:
+        graph.hold(logits, "step")
+
+
 def hf_training_steps(
     spec: ModelSpec, w: Workload, workspace_bytes: int, mp: Multiprocessors = H200
 ) -> tuple[Timeline, Timeline, dict[str, int]]:
@@ -252,14 +264,8 @@ def hf_training_steps(
     # one graph serves both steps: a replay reads it and keeps its own state
     graph, model, logits, loss = hf.build(spec, w, grad=True, batch=w.batch, seq=w.seq)
     assert loss is not None
-    # with use_cache the output's DynamicCache holds every layer's keys and values until the
-    # loop drops the output: after the step when it keeps it, else after the forward
-    # (`del out`; the hf calibration Phi-3 trace)
-    for kv in model.cache:
-        graph.hold(kv, "step" if w.loop is Loop.keeps_logits else "forward")
-    if w.loop is Loop.keeps_logits:
-        graph.hold(logits, "step")
-    elif w.loop is Loop.trainer and w.precision in (Precision.amp_bf16, Precision.amp_fp16):
+    _hold_outputs(graph, model, logits, w.loop)
+    if w.loop is Loop.trainer and w.precision in (Precision.amp_bf16, Precision.amp_fp16):
         # accelerate's convert_outputs_to_fp32: an fp32 copy of the returned logits, which
         # dies with the outputs when compute_loss returns; it converts them once the
         # forward's autocast context has exited (accelerate/utils/operations.py
@@ -429,16 +435,7 @@ def fsdp_training_steps(
         spec, cw, grad=True, batch=w.batch, seq=w.seq, sp=par.tp if par.sp else 1, tp=par.tp
     )
     assert loss is not None
-    if w.loop is Loop.keeps_logits:
-        graph.hold(logits, "step")
-        for kv in model.cache:
-            graph.hold(kv, "step")
-    else:
-        # with use_cache the output's DynamicCache holds every layer's keys and values until
-        # the loop drops the output after the forward (`del out`; the hf calibration Phi-3
-        # trace)
-        for kv in model.cache:
-            graph.hold(kv, "forward")
+    _hold_outputs(graph, model, logits, w.loop)
     offload = par.offload is Offload.params
     steps = []
     block_bytes: dict[str, int] = {}

@@ -271,7 +271,6 @@ class Model:
         self.positions = batch * seq if batched_positions else seq
         # generate() also passes an attention_mask (all ones here), which the masks and in
         self.attention_mask = batched_positions
-        self.sdpa_mask: Tensor | None = None  # the boolean mask SDPA layers take (forward)
         self.weight = WEIGHT_DTYPE[w.precision]
         self.ops = Ops(g, AUTOCAST_DTYPE.get(w.precision))
         self.training = g.grad
@@ -668,7 +667,7 @@ class Model:
                 kernel=kernel,
                 dropout=p_drop > 0,
                 bool_mask=bool_mask,
-                mask=self.sdpa_mask if bool_mask else None,
+                mask=mask if bool_mask else None,
             )
             if b.model_type is ModelType.phi3:
                 # the kernel's output follows q's heads-first layout: transpose(1, 2)
@@ -980,7 +979,8 @@ class Model:
             x = o.scalar("embeddings * sqrt(hidden)", x, part="norm")
             model_locals = [x]
         # create_causal_mask (and a sliding-window model's create_sliding_window_causal_mask)
-        # runs before the rotary embedding in every modeling file here (LlamaModel.forward)
+        # runs before the rotary embedding in every modeling file here (LlamaModel.forward).
+        # `mask`: each layer's attention_mask, eager's additive mask or SDPA's boolean one
         mask = None
         # q reaches attention in the autocast dtype, else in the hidden states' (see attention)
         kernel = attention_kernel(b, self.w, o.autocast or x.dtype)
@@ -1000,11 +1000,9 @@ class Model:
         if masked:
             # sdpa_mask (masking_utils.py): the boolean mask itself, expanded to the batch
             keys = self.seq + self.layer_cached[masked[0]]
-            local = self._bool_mask("sliding window mask", keys, self.windows[masked[0]])
-            model_locals.append(local)
-            # each masked layer's attention_mask argument: a checkpointed layer's inputs are
-            # kept for its recompute (the hf5 Phi-3 Trainer trace: held into the backward)
-            self.sdpa_mask = local
+            # each masked layer's attention_mask argument (so a checkpointed layer keeps it
+            # for its recompute: the hf5 Phi-3 Trainer trace, held into the backward)
+            mask = self._bool_mask("sliding window mask", keys, self.windows[masked[0]])
         if gpt2:  # GPT2Model.forward: `hidden_states = self.drop(hidden_states)`, after the mask
             x = o.dropout("embedding dropout", x, b.embd_dropout if self.training else 0)
         cos = sin = None
