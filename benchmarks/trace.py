@@ -23,15 +23,19 @@ import yaml
 ACTIONS = {"alloc": "a", "free_completed": "f", "segment_alloc": "s", "segment_free": "S"}
 
 
+LIBRARIES = ("vramfit", "torch/", "transformers/", "peft/", "bitsandbytes/", "accelerate/")
+
+
 def _where(frames: list[dict]) -> str:
-    """The innermost frames of vramfit's reference model (or torch's Python code) that made
-    an event: ``file:line name`` joined by " < ", innermost first."""
+    """The innermost frames of vramfit's reference model or of the libraries it runs (torch,
+    transformers, peft, bitsandbytes, accelerate: a quantized load's requests are theirs) that
+    made an event: ``file:line name`` joined by " < ", innermost first."""
     keep = [
         f"{Path(f['filename']).name}:{f['line']} {f['name']}"
         for f in frames
-        if "vramfit" in f["filename"] or "torch/" in f["filename"]
+        if any(lib in f["filename"] for lib in LIBRARIES)
     ]
-    return " < ".join(keep[:4])
+    return " < ".join(keep[:6])
 
 
 def _where_cpp(frames: list[dict]) -> str:

@@ -28,10 +28,14 @@ SET_TRACES = (
     BENCHMARKS / "data" / "h200-hf-calibration" / "hf-calibration-phi3-cpp-frames.json.gz",
     BENCHMARKS / "data" / "h200-ft-validation7" / "ft7-phi3-lora-cpp-frames.json.gz",
     BENCHMARKS / "data" / "h200-hf-validation5" / "hf5-phi3-trainer-cpp-frames.json.gz",
+    *sorted((BENCHMARKS / "data" / "h200-qlora-load").glob("*.json.gz")),
 )
 # traces whose recorded peak is the phases' only: ``vramfit measure`` read its counters
 # after building the model before it counted the build (de6db48); the build peaks there
 BUILD_UNCOUNTED = {"hf4-gemma-2-2b-infer-b1-s2048-gen2-bf16-eager"}
+# the label of from_pretrained's first request (transformers' modeling_utils.py): a quantized
+# run's trace starts with the from_config model ``vramfit measure`` saves as its checkpoint
+WARMUP = "caching_allocator_warmup"
 # libyaml's loader where PyYAML has it: the benchmark case files are 1 MB of YAML
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -46,6 +50,17 @@ def traces() -> tuple[dict, ...]:
             gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text()
         )
     )
+
+
+def load_start(trace: dict) -> int | None:
+    """The index of a traced quantized run's first ``from_pretrained`` request (None: the
+    trace does not label it). What comes before is the random model the measurement builds
+    with ``from_config``, saves as the checkpoint to load and frees."""
+    places = trace.get("places", [])
+    marked = {i for i, place in enumerate(places) if WARMUP in place}
+    if not marked:
+        return None
+    return next((i for i, e in enumerate(trace["events"]) if e[3] in marked), None)
 
 
 def trace(name: str) -> dict:

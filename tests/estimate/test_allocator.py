@@ -29,15 +29,15 @@ def _release(alloc: CachingAllocator, address: int, size: int) -> None:
     raise AssertionError(f"segment {address:#x} of {size} bytes is not a free segment")
 
 
-def replay_trace(trace: dict) -> tuple[CachingAllocator, int, list[int]]:
+def replay_trace(trace: dict, start: int = 0) -> tuple[CachingAllocator, int, list[int]]:
     """Replay a recorded trace's events through the allocator model, each new segment where
-    the driver put it: the allocator, the reserved peak and the allocated bytes after each
-    event."""
+    the driver put it: the allocator, the reserved peak (over the events from ``start`` on)
+    and the allocated bytes after each event."""
     alloc = CachingAllocator()
     segment = None  # where the driver put the segment the next request creates
     reserved_peak = 0
     allocated = []
-    for action, addr, size, *_ in trace["events"]:
+    for i, (action, addr, size, *_) in enumerate(trace["events"]):
         if action == "s":
             segment = addr
         elif action == "S":  # torch.cuda.empty_cache (peft's prepare_model_for_kbit_training)
@@ -45,7 +45,8 @@ def replay_trace(trace: dict) -> tuple[CachingAllocator, int, list[int]]:
         elif action == "a":
             alloc.malloc(addr, size, segment_address=segment)
             segment = None
-            reserved_peak = max(reserved_peak, alloc.reserved)
+            if i >= start:
+                reserved_peak = max(reserved_peak, alloc.reserved)
         elif action == "f":
             alloc.free(addr)
         allocated.append(alloc.allocated)

@@ -1,7 +1,7 @@
 """The estimator's step programs, replayed, against the allocator traces recorded on an H200.
 
 benchmarks/data/h200-traces/*.json* and the traces kept with the hf and fine-tuning sets
-hold the real allocator events of 45 training and inference runs (benchmarks/trace.py), with the
+hold the real allocator events of 48 training and inference runs (benchmarks/trace.py), with the
 reserved and peak allocated bytes PyTorch reported; the cases they ran are in
 benchmarks/*.yaml (the reference loop unless a case names ``impl: hf``). vramfit's training
 and inference programs, replayed through its allocator model for the same number of steps,
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from recorded import BUILD_UNCOUNTED, cases, traces
+from recorded import BUILD_UNCOUNTED, cases, load_start, traces
 from recorded import trace as recorded_trace
 from vramfit.config import Impl, Mode, RunSpec
 from vramfit.estimate.kernels import H200
@@ -33,10 +33,21 @@ APPROXIMATE = {
     "llama-3.2-3b-b1-s4096-fp32-adamwfused-flash-full": 0.01,
     "gpt2-774m-b4-s1024-amp-bf16-adamw-flash-full": 0.01,
     "llama-1.1b-gqa-b2-s2048-amp-bf16-adamw-eager-selective": 0.01,
-    # transformers + peft + bitsandbytes QLoRA, prepare_model_for_kbit_training's reentrant
-    # checkpointing in a plain loop: its load (from_pretrained, the fp32 casts, empty_cache)
-    # is modelled by its result, not op by op; 16 MiB (0.1%) under
-    "ft1-tinyllama-qlora-nf4dq-r64-all-b4-s2048-bf16-drops-full": 0.002,
+    # transformers + peft + bitsandbytes QLoRA, loaded request by request (schedule.py
+    # _load_4bit): one 2 MiB small-pool segment over in three runs, 66 MiB (0.16%) in the
+    # Llama-3.2-3B fp4 run
+    "ft1-tinyllama-qlora-nf4dq-r64-all-b4-s2048-bf16-drops-full": 0.0002,
+    "ft6-phi-3-mini-qlora-nf4-r8-qkvo-b1-s4096-trainer-full": 0.0004,
+    "ft7-llama-3-8b-qlora-nf4dq-r64-all-b1-s2048-drops-full": 0.0002,
+    "ft5-llama-3.2-3b-qlora-fp4-r8-qv-b4-s1024-drops": 0.002,
+    # Three QLoRA Trainer runs with full checkpointing whose loads follow the real requests
+    # and whose steps do not yet: Llama-3-8B with LoRA dropout (+8.1%) first differs in the
+    # final RMSNorm's backward over a kbit-prepared model's fp32 hidden states; Gemma-2 past
+    # its window (+2.5%) and Llama-3-8B at 4096 tokens (-2.0%) in SDPA's math fallback for
+    # fp32 queries (a float mask's lifetime; a contiguous copy of q the real run skips)
+    "ft6-llama-3-8b-qlora-nf4-r16-all-do05-b2-s1024-trainer-full": 0.085,
+    "ft6-gemma-2-2b-qlora-nf4dq-r8-qv-b1-s4096-trainer-full": 0.03,
+    "ft3-llama-3-8b-qlora-nf4-r16-qv-b1-s4096-trainer-full": 0.025,
     # Phi-3-mini generating 128 tokens: 64 MiB (0.65%) under, where cudaMalloc put two
     # segments into gaps; the run's own requests placed as vramfit places segments give
     # exactly the program's reserved bytes
@@ -46,8 +57,8 @@ APPROXIMATE = {
     # the first request placed differently is in the last layer's rotary backward
     "hf5-phi-3-mini-b2-s2048-bf16-sdpa-trainer-full": 0.006,
 }
-# the same for peak allocated: the hf program's peak, 17 MiB (0.15%) under
-APPROXIMATE_PEAK = {"ft1-tinyllama-qlora-nf4dq-r64-all-b4-s2048-bf16-drops-full": 0.002}
+# the same for peak allocated
+APPROXIMATE_PEAK: dict[str, float] = {}
 
 
 CASES = cases()
@@ -77,6 +88,12 @@ def test_the_step_program_reproduces_a_recorded_run(trace: dict) -> None:
         from test_allocator import replay_trace
 
         peak = replay_trace(trace)[0].peak_allocated
+    start = load_start(trace)
+    if start is not None:  # a quantized run: its figures from the checkpoint's load on
+        from test_allocator import replay_trace
+
+        _, reserved, allocated = replay_trace(trace, start)
+        peak = max(allocated[start:])
     # requests of a few KiB (index sorting, semaphores, scalars) are not modelled
     assert rep.peak_allocated == pytest.approx(peak, rel=APPROXIMATE_PEAK.get(trace["name"], 1e-3))
     if trace["name"] in APPROXIMATE:

@@ -235,7 +235,12 @@ class Ops:
         self.g.node(
             f"{self.prefix}{name}", [xc, packed], [out], backward=backward, scratch=scratch
         )
-        return self.cast(out, x.dtype, f"{name} in input dtype")
+        back = self.cast(out, x.dtype, f"{name} in input dtype")
+        # ``x = x.to(self.compute_dtype)`` rebinds the forward's local: the cast lives until
+        # ``.to(inp_dtype)`` has made the result (the h200-qlora-load traces)
+        if xc is not x:
+            self.keep(xc)
+        return back
 
     def linear_8bit(
         self,

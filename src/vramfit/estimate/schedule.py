@@ -19,6 +19,7 @@ from vramfit.config import (
     Optimizer,
     Parallel,
     Precision,
+    QuantKind,
     Workload,
 )
 from vramfit.estimate import finetune
@@ -61,6 +62,9 @@ def _weights(t: Tape, model: hf.Model, spec: ModelSpec, first: bool) -> list[Ten
         t.op("from_pretrained allocator warm-up")
         if first:
             t.temp("allocator warm-up", Component.weights, hf.warmup_bytes(model))
+        if model.quant.kind is not QuantKind.int8:
+            _load_4bit(t, model, first)
+            return [p for p in model.param_list if p.trainable]
     t.op("build")
     t.persist("weights", Component.weights, [round(p.nbytes * scale) for p in model.param_list])
     # from_config on the device makes an untied lm_head at init, freed when tied;
@@ -70,6 +74,108 @@ def _weights(t: Tape, model: hf.Model, spec: ModelSpec, first: bool) -> list[Ten
             "lm_head copy before tying", Component.weights, b.vocab * b.hidden * model.weight.size
         )
     return [p for p in model.param_list if p.trainable]
+
+
+def _natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """``dot_natural_key`` (transformers/core_model_loading.py): the order in which
+    from_pretrained loads a state dict, layer indices compared as numbers."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in name.split("."))
+
+
+def _load_4bit(t: Tape, model: hf.Model, first: bool) -> None:
+    """``from_pretrained`` of a bitsandbytes 4-bit model after its allocator warm-up, then
+    (training) ``prepare_model_for_kbit_training`` and peft's adapters, request by request:
+    where the quantized weights land decides the holes that the step's tensors fill.
+
+    - transformers 5.17 loads synchronously when it quantizes on the fly, one parameter at a
+      time in ``dot_natural_key`` order (``convert_and_load_state_dict_in_model``): a
+      parameter is materialized on the device in the load dtype; a block linear's weight is
+      then quantized (``Bnb4bitQuantize`` -> ``Params4bit._quantize`` -> ``quantize_4bit``)
+      and its 16-bit copy freed once the conversion returns.
+    - ``quantize_4bit`` (bitsandbytes 0.50.2, functional.py and backends/cuda/ops.py): the fp32
+      absmax, then the packed codes; ``get_4bit_type`` makes the 16-entry code and frees its
+      ``abs()`` and ``max()``; with double quant, the absmax's ``mean()`` (the offset),
+      ``_absmax - offset``, ``quantize_blockwise`` of it (the process-wide 256-entry dynamic
+      map on first use, the nested fp32 absmax, the uint8 absmax, a copy of the map), then
+      the fp32 absmax and the difference are freed. Not modelled: the mean's reduction
+      staging (two requests of at most 448 B, freed at once).
+    - ``prepare_model_for_kbit_training`` (peft/utils/other.py) casts every 16-bit
+      parameter that is not a ``Params4bit`` to fp32 in ``parameters()`` order, the 16-bit
+      copy freed at each, then empties the cache.
+    - ``get_peft_model`` moves each adapter's A and B to the device in the base layer's
+      ``compute_dtype`` (tuners_utils.py ``_move_adapter_to_device_of_base_layer``), module
+      by module, then ``_cast_adapter_dtype`` casts each 16-bit one to fp32.
+
+    Every step's tape has the same points; only the first step allocates what the load
+    frees again (the persistent tensors are made once, ``replay``)."""
+    assert model.quant is not None
+    load, quant = model.weight, model.quant
+    size = {p.name: p.nbytes for p in model.param_list}
+
+    def keep(name: str, nbytes: int | None = None) -> None:  # a tensor the model keeps
+        t.persist(name, Component.weights, [size[name] if nbytes is None else nbytes])
+
+    def made(name: str, nbytes: int) -> int | None:  # one the load frees again
+        return t.new(name, Component.weights, nbytes) if first else None
+
+    quantized = {f"{path}.weight" for path in model.quantized}
+    staged: dict[str, int | None] = {}  # a parameter peft casts to fp32: its loaded copy
+    mapped = False  # bitsandbytes made its dynamic map (name2qmap, once per process)
+    for name, numel in sorted(hf.param_shapes(model.b), key=lambda x: _natural_key(x[0])):
+        if name not in quantized:
+            t.op(f"load {name}")
+            if size[name] == numel * load.size:
+                keep(name)
+            else:  # cast to fp32 by prepare_model_for_kbit_training, below
+                staged[name] = made(f"{name} ({load.value})", numel * load.size)
+            continue
+        t.op(f"load and quantize {name}")
+        copy = made(f"{name} ({load.value})", numel * load.size)
+        fp32_absmax = 4 * -(-numel // quant.blocksize)
+        if quant.double_quant:
+            unquantized_absmax = made(f"{name} fp32 absmax", fp32_absmax)
+        else:
+            keep(f"{name} absmax")
+        keep(f"{name} weight")
+        keep(f"{name} code")
+        if first:
+            t.temp("get_4bit_type abs", Component.weights, size[f"{name} code"])
+            t.temp("get_4bit_type max", Component.weights, 4)
+        if quant.double_quant:
+            t.op(f"double-quantize the absmax of {name}")
+            keep(f"{name} offset")
+            difference = made(f"{name} absmax - offset", fp32_absmax)
+            if not mapped:
+                keep("bitsandbytes dynamic map", 4 * 256)
+                mapped = True
+            keep(f"{name} nested_absmax")
+            keep(f"{name} absmax")
+            keep(f"{name} nested_code")
+            t.free(difference, unquantized_absmax)
+        t.free(copy)
+    for p in model.param_list:
+        if p.name in staged:
+            t.op(f"prepare_model_for_kbit_training: {p.name} to fp32")
+            keep(p.name)
+            t.free(staged[p.name])
+    if staged:
+        t.op("prepare_model_for_kbit_training: empty_cache")
+        if first:
+            t.empty_cache()
+    adapters = [p for p in model.param_list if ".lora_" in p.name]
+    compute = DType(quant.compute_dtype.value)
+    moved: dict[str, int | None] = {}
+    for p in adapters:
+        t.op(f"get_peft_model: {p.name} to the device")
+        if p.dtype == compute:
+            keep(p.name)
+        else:
+            moved[p.name] = made(f"{p.name} ({compute.value})", p.numel * compute.size)
+    for p in adapters:
+        if p.name in moved:
+            t.op(f"get_peft_model: {p.name} to fp32")
+            keep(p.name)
+            t.free(moved[p.name])
 
 
 def _shapes(model: hf.Model, params: list[Tensor]) -> list[tuple[int, ...]]:
