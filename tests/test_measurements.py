@@ -41,6 +41,7 @@ SETS = {
         "h200-hf-validation3/hf-validation3.jsonl",
         "h200-hf-validation4/hf-validation4-merged.jsonl",
         "h200-hf-validation5/hf-validation5.jsonl",
+        "h200-ft-validation9/ft-validation9-merged.jsonl",
     ],
     "accuracy-parallel.txt": [
         "h200-fsdp-validation1/fsdp-validation1.jsonl",

@@ -1,7 +1,7 @@
 """The estimator's step programs, replayed, against the allocator traces recorded on an H200.
 
 benchmarks/data/h200-traces/*.json* and the traces kept with the hf and fine-tuning sets
-hold the real allocator events of 48 training and inference runs (benchmarks/trace.py), with the
+hold the real allocator events of 49 training and inference runs (benchmarks/trace.py), with the
 reserved and peak allocated bytes PyTorch reported; the cases they ran are in
 benchmarks/*.yaml (the reference loop unless a case names ``impl: hf``). vramfit's training
 and inference programs, replayed through its allocator model for the same number of steps,
@@ -34,12 +34,13 @@ APPROXIMATE = {
     "gpt2-774m-b4-s1024-amp-bf16-adamw-flash-full": 0.01,
     "llama-1.1b-gqa-b2-s2048-amp-bf16-adamw-eager-selective": 0.01,
     # transformers + peft + bitsandbytes QLoRA, loaded request by request (schedule.py
-    # _load_4bit): one 2 MiB small-pool segment over in three runs, 66 MiB (0.16%) in the
+    # _load_4bit): one 2 MiB small-pool segment over in four runs, 66 MiB (0.16%) in the
     # Llama-3.2-3B fp4 run
     "ft1-tinyllama-qlora-nf4dq-r64-all-b4-s2048-bf16-drops-full": 0.0002,
     "ft6-phi-3-mini-qlora-nf4-r8-qkvo-b1-s4096-trainer-full": 0.0004,
     "ft7-llama-3-8b-qlora-nf4dq-r64-all-b1-s2048-drops-full": 0.0002,
     "ft5-llama-3.2-3b-qlora-fp4-r8-qv-b4-s1024-drops": 0.002,
+    "ft9-phi-3-mini-qlora-nf4dq-r16-all-b2-s1024-trainer": 0.0002,
     # Three QLoRA Trainer runs with full checkpointing whose loads follow the real requests
     # and whose steps do not yet: Llama-3-8B with LoRA dropout (+8.1%) first differs in the
     # final RMSNorm's backward over a kbit-prepared model's fp32 hidden states; Gemma-2 past

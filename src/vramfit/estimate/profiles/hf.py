@@ -669,9 +669,11 @@ class Model:
                 bool_mask=bool_mask,
                 mask=mask if bool_mask else None,
             )
-            if b.model_type is ModelType.phi3:
-                # the kernel's output follows q's heads-first layout: transpose(1, 2)
-                # .contiguous() copies it (the h200-hf-ops Phi-3 trace)
+            if b.model_type is ModelType.phi3 and kernel == "cudnn":
+                # cuDNN's output follows q's heads-first layout: transpose(1, 2)
+                # .contiguous() copies it (the h200-hf-ops Phi-3 trace); the efficient
+                # kernel writes (batch, seq, heads, dim), so the copy is a no-op (a
+                # kbit-prepared Phi-3's fp32 queries, the h200-qlora-load ft9 trace)
                 out = o.copy(f"{prefix} attention output", out, part="attention")
         elif kernel == "math":
             out = self.math_core(prefix, q, k, v, keys, p_drop)
