@@ -29,6 +29,7 @@ SET_TRACES = (
     BENCHMARKS / "data" / "h200-ft-validation7" / "ft7-phi3-lora-cpp-frames.json.gz",
     BENCHMARKS / "data" / "h200-hf-validation5" / "hf5-phi3-trainer-cpp-frames.json.gz",
     *sorted((BENCHMARKS / "data" / "h200-qlora-load").glob("*.json.gz")),
+    *sorted((BENCHMARKS / "data" / "h200-int8-load").glob("*.json.gz")),
 )
 # traces whose recorded peak is the phases' only: ``vramfit measure`` read its counters
 # after building the model before it counted the build (de6db48); the build peaks there
@@ -50,6 +51,26 @@ def traces() -> tuple[dict, ...]:
             gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text()
         )
     )
+
+
+# traces recorded once ``vramfit measure`` reset the peak at from_pretrained (measure/hf.py):
+# their recorded peak and reserved bytes are the run's from the load on, not the whole trace's
+RESET_AT_LOAD = {
+    "ft9-phi-3-mini-qlora-nf4dq-r16-all-b2-s1024-trainer",
+    "ft3-qwen2.5-7b-int8-infer-b4-s1024-eval-fp16",
+    "ft5-qwen2.5-1.5b-int8-infer-b8-s1024-gen32",
+}
+# what ``vramfit measure`` runs after its figures are read (an LLM.int8 run's outlier count)
+AFTER_THE_RUN = "int8_outlier_fractions"
+
+
+def run_end(trace: dict) -> int:
+    """The index past the measured run's last event: where a post-measurement diagnostic
+    (``AFTER_THE_RUN``) begins, or the trace's end."""
+    places = trace.get("places", [])
+    after = {i for i, place in enumerate(places) if AFTER_THE_RUN in place}
+    events = trace["events"]
+    return next((i for i, e in enumerate(events) if after and e[3] in after), len(events))
 
 
 def load_start(trace: dict) -> int | None:

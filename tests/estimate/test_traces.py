@@ -1,7 +1,7 @@
 """The estimator's step programs, replayed, against the allocator traces recorded on an H200.
 
 benchmarks/data/h200-traces/*.json* and the traces kept with the hf and fine-tuning sets
-hold the real allocator events of 49 training and inference runs (benchmarks/trace.py), with the
+hold the real allocator events of 51 training and inference runs (benchmarks/trace.py), with the
 reserved and peak allocated bytes PyTorch reported; the cases they ran are in
 benchmarks/*.yaml (the reference loop unless a case names ``impl: hf``). vramfit's training
 and inference programs, replayed through its allocator model for the same number of steps,
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from recorded import BUILD_UNCOUNTED, cases, load_start, traces
+from recorded import BUILD_UNCOUNTED, cases, load_start, run_end, traces
 from recorded import trace as recorded_trace
 from vramfit.config import Impl, Mode, RunSpec
 from vramfit.estimate.kernels import H200
@@ -34,13 +34,17 @@ APPROXIMATE = {
     "gpt2-774m-b4-s1024-amp-bf16-adamw-flash-full": 0.01,
     "llama-1.1b-gqa-b2-s2048-amp-bf16-adamw-eager-selective": 0.01,
     # transformers + peft + bitsandbytes QLoRA, loaded request by request (schedule.py
-    # _load_4bit): one 2 MiB small-pool segment over in four runs, 66 MiB (0.16%) in the
-    # Llama-3.2-3B fp4 run
+    # _load_quantized): one 2 MiB small-pool segment over
     "ft1-tinyllama-qlora-nf4dq-r64-all-b4-s2048-bf16-drops-full": 0.0002,
     "ft6-phi-3-mini-qlora-nf4-r8-qkvo-b1-s4096-trainer-full": 0.0004,
     "ft7-llama-3-8b-qlora-nf4dq-r64-all-b1-s2048-drops-full": 0.0002,
-    "ft5-llama-3.2-3b-qlora-fp4-r8-qv-b4-s1024-drops": 0.002,
+    "ft5-llama-3.2-3b-qlora-fp4-r8-qv-b4-s1024-drops": 0.0002,
     "ft9-phi-3-mini-qlora-nf4dq-r16-all-b2-s1024-trainer": 0.0002,
+    # LLM.int8 loads, request by request too: Qwen2.5-1.5B generate within one small segment;
+    # Qwen2.5-7B's evaluation found outlier columns in its down_proj inputs (the real run
+    # took bitsandbytes' mixed-precision path), which the case does not declare (-4.7%)
+    "ft5-qwen2.5-1.5b-int8-infer-b8-s1024-gen32": 0.001,
+    "ft3-qwen2.5-7b-int8-infer-b4-s1024-eval-fp16": 0.05,
     # Three QLoRA Trainer runs with full checkpointing whose loads follow the real requests
     # and whose steps do not yet: Llama-3-8B with LoRA dropout (+8.1%) first differs in the
     # final RMSNorm's backward over a kbit-prepared model's fp32 hidden states; Gemma-2 past
@@ -93,8 +97,9 @@ def test_the_step_program_reproduces_a_recorded_run(trace: dict) -> None:
     if start is not None:  # a quantized run: its figures from the checkpoint's load on
         from test_allocator import replay_trace
 
-        _, reserved, allocated = replay_trace(trace, start)
-        peak = max(allocated[start:])
+        stop = run_end(trace)
+        _, reserved, allocated = replay_trace(trace, start, stop)
+        peak = max(allocated[start:stop])
     # requests of a few KiB (index sorting, semaphores, scalars) are not modelled
     assert rep.peak_allocated == pytest.approx(peak, rel=APPROXIMATE_PEAK.get(trace["name"], 1e-3))
     if trace["name"] in APPROXIMATE:

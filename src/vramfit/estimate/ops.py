@@ -180,10 +180,14 @@ class Ops:
                 bw.new(1, dtype=gdt, view=True)
                 bw.sim.matmul("backward", False)
                 bw.alias(2, g)  # maybe_multiply(grad, beta): reduced by validate_outputs
-            else:
+            elif bw.needs(1):
                 bw.new(1, dtype=gdt, view=True)
                 bw.sim.matmul("backward", False)
                 bw.new(0, dtype=gdt, view=True)
+            else:  # a frozen weight: at::mm makes the input's gradient, then cuBLAS its
+                # workspace (a QLoRA lm_head's backward, the h200-qlora-load traces)
+                bw.new(0, dtype=gdt, view=True)
+                bw.sim.matmul("backward", False)
 
         # mm saves its input for the weight's gradient and the weight for the input's
         saved = ([xi] if w.requires_grad else []) + ([w] if xi.requires_grad else [])
@@ -237,9 +241,9 @@ class Ops:
         )
         back = self.cast(out, x.dtype, f"{name} in input dtype")
         # ``x = x.to(self.compute_dtype)`` rebinds the forward's local: the cast lives until
-        # ``.to(inp_dtype)`` has made the result (the h200-qlora-load traces)
-        if xc is not x:
-            self.keep(xc)
+        # ``.to(inp_dtype)`` has made the result, and the caller's argument until the module
+        # returns (``attn_output = self.o_proj(attn_output)``; the h200-qlora-load traces)
+        self.keep(*dict.fromkeys((xc, x)))
         return back
 
     def linear_8bit(

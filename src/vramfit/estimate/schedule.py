@@ -62,9 +62,8 @@ def _weights(t: Tape, model: hf.Model, spec: ModelSpec, first: bool) -> list[Ten
         t.op("from_pretrained allocator warm-up")
         if first:
             t.temp("allocator warm-up", Component.weights, hf.warmup_bytes(model))
-        if model.quant.kind is not QuantKind.int8:
-            _load_4bit(t, model, first)
-            return [p for p in model.param_list if p.trainable]
+        _load_quantized(t, model, first)
+        return [p for p in model.param_list if p.trainable]
     t.op("build")
     t.persist("weights", Component.weights, [round(p.nbytes * scale) for p in model.param_list])
     # from_config on the device makes an untied lm_head at init, freed when tied;
@@ -82,16 +81,21 @@ def _natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in name.split("."))
 
 
-def _load_4bit(t: Tape, model: hf.Model, first: bool) -> None:
-    """``from_pretrained`` of a bitsandbytes 4-bit model after its allocator warm-up, then
-    (training) ``prepare_model_for_kbit_training`` and peft's adapters, request by request:
-    where the quantized weights land decides the holes that the step's tensors fill.
+def _load_quantized(t: Tape, model: hf.Model, first: bool) -> None:
+    """``from_pretrained`` of a bitsandbytes 4-bit or LLM.int8 model after its allocator
+    warm-up, then (training) ``prepare_model_for_kbit_training`` and peft's adapters, request
+    by request: where the quantized weights land decides the holes that the step's tensors
+    fill (the h200-qlora-load and h200-int8-load traces).
 
     - transformers 5.17 loads synchronously when it quantizes on the fly, one parameter at a
       time in ``dot_natural_key`` order (``convert_and_load_state_dict_in_model``): a
       parameter is materialized on the device in the load dtype; a block linear's weight is
       then quantized (``Bnb4bitQuantize`` -> ``Params4bit._quantize`` -> ``quantize_4bit``)
       and its 16-bit copy freed once the conversion returns.
+    - LLM.int8 (``Bnb8bitQuantize``: ``Int8Params(value.to("cpu")).to(device)`` ->
+      ``Int8Params._quantize``): an fp16 copy on the device, ``int8_vectorwise_quant``'s
+      fp32 row statistics (SCB) then the int8 rows (CB), the fp16 copy freed as
+      ``_quantize`` returns, the loaded one as the conversion does.
     - ``quantize_4bit`` (bitsandbytes 0.50.2, functional.py and backends/cuda/ops.py): the fp32
       absmax, then the packed codes; ``get_4bit_type`` makes the 16-entry code and frees its
       ``abs()`` and ``max()``; with double quant, the absmax's ``mean()`` (the offset),
@@ -131,6 +135,12 @@ def _load_4bit(t: Tape, model: hf.Model, first: bool) -> None:
             continue
         t.op(f"load and quantize {name}")
         copy = made(f"{name} ({load.value})", numel * load.size)
+        if quant.kind is QuantKind.int8:
+            fp16 = made(f"{name} (fp16, to quantize)", numel * DType.fp16.size)
+            keep(f"{name} SCB")
+            keep(f"{name} weight")
+            t.free(fp16, copy)
+            continue
         fp32_absmax = 4 * -(-numel // quant.blocksize)
         if quant.double_quant:
             unquantized_absmax = made(f"{name} fp32 absmax", fp32_absmax)
@@ -163,7 +173,8 @@ def _load_4bit(t: Tape, model: hf.Model, first: bool) -> None:
         if first:
             t.empty_cache()
     adapters = [p for p in model.param_list if ".lora_" in p.name]
-    compute = DType(quant.compute_dtype.value)
+    # Linear8bitLt has no compute dtype and an int8 weight: its adapters move as made (fp32)
+    compute = DType.fp32 if quant.kind is QuantKind.int8 else DType(quant.compute_dtype.value)
     moved: dict[str, int | None] = {}
     for p in adapters:
         t.op(f"get_peft_model: {p.name} to the device")

@@ -743,6 +743,28 @@ class Model:
             o.unary(f"{prefix} repeated v", v, numel=wide),
         )
 
+    def _q_folds_by_copy(self) -> bool:
+        """Whether ``torch.matmul(q, k^T)`` copies q when it folds (batch, heads) into one
+        batch dimension (``reshape`` in aten's matmul): the projections' queries are
+        ``view(...).transpose(1, 2)``, tokens first in memory, and stay so through rotary and
+        scaling (elementwise ops keep their input's layout), so the fold is a view only when
+        the batch or the sequence is 1 (checked on the CPU; the h200-qlora-load Llama-3-8B
+        trace at batch 1 makes no copy, the ft1 TinyLlama trace at batch 4 does). Phi-3's
+        pass-through ``cat`` makes q contiguous heads first: never a copy."""
+        return self.b.model_type is not ModelType.phi3 and self.batch > 1 and self.seq > 1
+
+    def _tokens_first(self, prefix: str, pv: Tensor) -> Tensor:
+        """``attn_output.transpose(1, 2).contiguous()`` after ``torch.matmul(probs, v)``: a
+        copy to tokens first, saved by o_proj. Its backward passes the gradient on as a
+        transposed view (CloneBackward0, TransposeBackward0), which matmul's
+        ``_unsafe_view`` backward reshapes to (batch x heads, seq, dim): a copy only where
+        the fold is not a view (``_q_folds_by_copy``'s condition; the h200-qlora-load
+        Llama-3-8B trace at batch 1 makes none)."""
+        o = self.ops
+        folds = self.batch > 1 and self.seq > 1
+        pv = o.view(pv, f"{prefix} attention output, heads first", copy_backward=folds)
+        return o.copy(f"{prefix} attention output", pv, part="attention")
+
     def math_core(
         self, prefix: str, q: Tensor, k: Tensor, v: Tensor, keys: int, p_drop: float
     ) -> Tensor:
@@ -751,7 +773,8 @@ class Model:
         ``query * sqrt(scale)``; for ``is_causal`` a ``ones(L, S, bool).tril()`` turned into
         an additive fp32 mask (``convert_boolean_attn_mask``); K and V expanded to every head
         (``repeat_interleave``: a copy each); ``key^T * sqrt(scale)``; ``matmul``, whose
-        reshape copies the strided query; the mask added in place (``attn.add_``);
+        reshape may copy the strided query (``_q_folds_by_copy``); the mask added in place
+        (``attn.add_``);
         ``_safe_softmax``, which also makes ``attn == -inf`` (a bool per score) and its
         all-rows reduction; ``matmul`` with V. The scaled query, the expanded K and V and the
         mask are C++ locals: they live to the function's return. No softcapping: transformers'
@@ -776,7 +799,9 @@ class Model:
         k, v = self.repeat_kv(prefix, k, v, keys)
         held += [k, v]
         kt = o.scalar(f"{prefix} k^T * scale", k)
-        qc = o.copy(f"{prefix} contiguous q", q, part="attention")
+        qc = q
+        if self._q_folds_by_copy():
+            qc = o.copy(f"{prefix} contiguous q", q, part="attention")
         s = o.bmm(f"{prefix} q @ k^T", qc, kt, scores)
         probs = o.softmax_into(f"{prefix} softmax", s, s.dtype)
         # _safe_softmax's masked rows: the scores stay live until it returns
@@ -789,8 +814,7 @@ class Model:
         probs = o.dropout(f"{prefix} attention dropout", probs, p_drop, part="attention")
         pv = o.bmm(f"{prefix} probs @ v", probs, v, self.n * b.q_width)
         o.keep(*held)
-        # transpose(1, 2).contiguous(): a copy to tokens first, saved by o_proj
-        return o.unary(f"{prefix} attention output", pv, part="attention")
+        return self._tokens_first(prefix, pv)
 
     def eager_core(
         self,
@@ -811,15 +835,15 @@ class Model:
         k, v = self.repeat_kv(prefix, k, v, keys)
         key_states = k
         # torch.matmul(query, key_states.transpose(2, 3)) under autocast casts both operands
-        # first, k then q (Ops.bmm); matmul then folds q to 3-D with a contiguous copy (the
-        # rotated q is still tokens first); the casts are the op's arguments until it
-        # returns (the hf2 Llama trace: both casts and q's copy live at once through the bmm)
+        # first, k then q (Ops.bmm); matmul then folds q to 3-D, with a contiguous copy when
+        # ``_q_folds_by_copy`` (the rotated q is still tokens first); the casts are the op's
+        # arguments until it returns (the hf2 Llama trace: both casts and q's copy live at
+        # once through the bmm)
         k = o._autocast_low(k, "attention")
         q_low = o._autocast_low(q, "attention")
-        if b.model_type is not ModelType.phi3:
+        q = q_low
+        if self._q_folds_by_copy():
             q = o.copy(f"{prefix} contiguous q", q_low, part="attention")
-        else:  # Phi-3's pass-through cat made q contiguous heads first: no copy
-            q = q_low
         s = o.bmm(f"{prefix} q @ k^T", q, k, scores)
         o.keep(q_low)
         s = o.scalar(f"{prefix} scaled scores", s)
@@ -852,8 +876,7 @@ class Model:
         # eager_attention_forward returns them: the layer's `_` holds them
         self.returned_weights = probs
         pv = o.bmm(f"{prefix} probs @ v", probs, v, self.n * b.q_width)
-        # transpose(1, 2).contiguous() / reshape: a copy to tokens first, saved by o_proj
-        out = o.unary(f"{prefix} attention output", pv, part="attention")
+        out = self._tokens_first(prefix, pv)
         # eager_attention_forward's locals key_states / value_states (repeat_kv's copies) live
         # to its return: the repeated K through the softmax (a CPU dispatch log of Llama and
         # Phi-3 prefills at 128 tokens, tests/test_hf_inference_oracle.py)
