@@ -602,9 +602,15 @@ class Model:
             # v's: each view right after its projection, so autograd runs v_proj's backward
             # before k's view (the hf2 Llama-3-8B trace). The gradients come back heads first
             # and are copied (clone in ViewBackward0) for q and k (rotated) and for v when
-            # the cache or eager copied it
-            copied_v = self.use_cache or self.w.attention is Attention.eager
+            # something copied it heads first: the cache, eager's or SDPA's repeat of grouped
+            # K/V (an explicit mask's repeat_kv, the math fallback's repeat_interleave: the
+            # h200-qlora-load ft6 Llama-3-8B --cpp trace, ReshapeAliasBackward0's clone)
             q = self.linear(f"{prefix}.self_attn.q_proj", x, b.q_width, b.qkv_bias, "attention")
+            kernel = attention_kernel(b, self.w, self.ops.autocast or q.dtype)
+            repeated = b.kv_heads < b.heads and kernel != "eager" and (
+                kernel == "math" or self.sdpa_masked(i)
+            )
+            copied_v = self.use_cache or kernel == "eager" or repeated
             q = o.view(q, f"{prefix} q heads", copy_backward=cos is not None)
             k = self.linear(f"{prefix}.self_attn.k_proj", x, b.kv_width, b.qkv_bias, "attention")
             k = o.view(k, f"{prefix} k heads", copy_backward=cos is not None)
