@@ -128,7 +128,7 @@ def _load_quantized(t: Tape, model: hf.Model, first: bool) -> None:
     for name, numel in sorted(hf.param_shapes(model.b), key=lambda x: _natural_key(x[0])):
         if name not in quantized:
             t.op(f"load {name}")
-            if size[name] == numel * load.size:
+            if model.params[name].dtype is load:
                 keep(name)
             else:  # cast to fp32 by prepare_model_for_kbit_training, below
                 staged[name] = made(f"{name} ({load.value})", numel * load.size)

@@ -607,10 +607,11 @@ class Model:
             # h200-qlora-load ft6 Llama-3-8B --cpp trace, ReshapeAliasBackward0's clone)
             q = self.linear(f"{prefix}.self_attn.q_proj", x, b.q_width, b.qkv_bias, "attention")
             kernel = attention_kernel(b, self.w, self.ops.autocast or q.dtype)
-            repeated = b.kv_heads < b.heads and kernel != "eager" and (
-                kernel == "math" or self.sdpa_masked(i)
+            copied_v = (
+                self.use_cache
+                or kernel in ("eager", "math")  # the math fallback runs only for grouped K/V
+                or (b.kv_heads < b.heads and self.sdpa_masked(i))
             )
-            copied_v = self.use_cache or kernel == "eager" or repeated
             q = o.view(q, f"{prefix} q heads", copy_backward=cos is not None)
             k = self.linear(f"{prefix}.self_attn.k_proj", x, b.kv_width, b.qkv_bias, "attention")
             k = o.view(k, f"{prefix} k heads", copy_backward=cos is not None)
@@ -749,26 +750,29 @@ class Model:
             o.unary(f"{prefix} repeated v", v, numel=wide),
         )
 
+    def _folds_by_copy(self) -> bool:
+        """Whether folding (batch, heads) of a tokens-first tensor into one batch dimension
+        (``reshape`` in aten's matmul) copies it: it is a view only when the batch or the
+        sequence is 1 (checked on the CPU; the h200-qlora-load Llama-3-8B trace at batch 1
+        makes no copy, the ft1 TinyLlama trace at batch 4 does)."""
+        return self.batch > 1 and self.seq > 1
+
     def _q_folds_by_copy(self) -> bool:
-        """Whether ``torch.matmul(q, k^T)`` copies q when it folds (batch, heads) into one
-        batch dimension (``reshape`` in aten's matmul): the projections' queries are
+        """Whether ``torch.matmul(q, k^T)`` copies q: the projections' queries are
         ``view(...).transpose(1, 2)``, tokens first in memory, and stay so through rotary and
-        scaling (elementwise ops keep their input's layout), so the fold is a view only when
-        the batch or the sequence is 1 (checked on the CPU; the h200-qlora-load Llama-3-8B
-        trace at batch 1 makes no copy, the ft1 TinyLlama trace at batch 4 does). Phi-3's
+        scaling (elementwise ops keep their input's layout), so as ``_folds_by_copy``; Phi-3's
         pass-through ``cat`` makes q contiguous heads first: never a copy."""
-        return self.b.model_type is not ModelType.phi3 and self.batch > 1 and self.seq > 1
+        return self.b.model_type is not ModelType.phi3 and self._folds_by_copy()
 
     def _tokens_first(self, prefix: str, pv: Tensor) -> Tensor:
         """``attn_output.transpose(1, 2).contiguous()`` after ``torch.matmul(probs, v)``: a
         copy to tokens first, saved by o_proj. Its backward passes the gradient on as a
         transposed view (CloneBackward0, TransposeBackward0), which matmul's
         ``_unsafe_view`` backward reshapes to (batch x heads, seq, dim): a copy only where
-        the fold is not a view (``_q_folds_by_copy``'s condition; the h200-qlora-load
-        Llama-3-8B trace at batch 1 makes none)."""
+        the fold is not a view (``_folds_by_copy``)."""
         o = self.ops
-        folds = self.batch > 1 and self.seq > 1
-        pv = o.view(pv, f"{prefix} attention output, heads first", copy_backward=folds)
+        copies = self._folds_by_copy()
+        pv = o.view(pv, f"{prefix} attention output, heads first", copy_backward=copies)
         return o.copy(f"{prefix} attention output", pv, part="attention")
 
     def math_core(
