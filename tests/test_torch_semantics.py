@@ -1,5 +1,5 @@
-"""Three rules of PyTorch and transformers the hf profile follows, checked on the real libraries
-(CPU) and then in the profile's step programs. Each was found by a blind H200 set
+"""Rules of PyTorch and transformers the hf profile follows, checked on the real libraries
+(CPU) and then in the profile's step programs. The first three were found by a blind H200 set
 (benchmarks/data/h200-hf-validation3/README.md).
 
 - autocast caches the 16-bit cast of a weight that requires grad under ``torch.no_grad`` (what
@@ -7,7 +7,9 @@
 - autograd sums the two gradients of a tied weight out of place (a linear's weight gradient is
   a transposed view, and InputBuffer never adds into the incoming gradient);
 - eager attention's masked scores are the local ``attn_weights`` until the statement that
-  replaces them with the probabilities returns.
+  replaces them with the probabilities returns;
+- ``torch.matmul`` folds a tokens-first tensor by copy only with batch and sequence above 1
+  (the h200-qlora-load traces).
 """
 
 from __future__ import annotations
@@ -110,3 +112,34 @@ def test_eager_scores_live_until_the_probabilities_exist() -> None:
         probabilities = names.index(next(n for n in names if n.endswith(
             f"layers.{block} probabilities")))
         assert scores.end >= probabilities
+
+
+@pytest.mark.parametrize(("batch", "seq"), [(1, 16), (2, 16), (2, 1)])
+def test_matmul_folds_tokens_first_tensors_by_copy_only_where_the_profile_says(
+    batch: int, seq: int
+) -> None:
+    """``torch.matmul`` of a tokens-first (transposed) q copies it when it folds (batch,
+    heads), and so does the backward of ``matmul(probs, v).transpose(1, 2).contiguous()``:
+    only with batch and sequence above 1. The hf profile's ``_folds_by_copy`` decides both
+    copies (the scores' q, the attention output's gradient)."""
+    from vramfit.estimate.profiles import hf
+
+    heads, dim = 4, 8
+    x = torch.randn(batch, seq, heads * dim, requires_grad=True)
+    q = x.view(batch, seq, heads, dim).transpose(1, 2) * 2.0  # rotary keeps the layout
+    forward = _Ops()
+    with forward:
+        torch.matmul(q, torch.randn(batch, heads, dim, seq))
+    probs = torch.randn(batch, heads, seq, seq, requires_grad=True)
+    v = torch.randn(batch, heads, seq, dim, requires_grad=True)
+    out = torch.matmul(probs, v).transpose(1, 2).contiguous()
+    backward = _Ops()
+    with backward:
+        out.backward(torch.ones_like(out))
+    copies = [sum("clone" in op for op, _ in log.ops) for log in (forward, backward)]
+
+    run = RunSpec.model_validate(
+        {"model": LLAMA, "workload": {"impl": "hf", "batch": batch, "seq": seq}}
+    )
+    _, model, _, _ = hf.build(run.model.resolved(), run.workload, grad=True, batch=batch, seq=seq)
+    assert copies == [int(model._folds_by_copy())] * 2
