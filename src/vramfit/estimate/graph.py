@@ -41,8 +41,13 @@ if TYPE_CHECKING:
     from vramfit.estimate.inference import Workspaces
 
 
+_SIZES = {"fp32": 4, "fp16": 2, "bf16": 2, "int64": 8, "int32": 4, "uint8": 1, "int8": 1, "bool": 1}
+
+
 class DType(str, Enum):
-    """Element types of the simulated tensors."""
+    """Element types of the simulated tensors. ``size`` (bytes per element) and ``floating``
+    are plain attributes of each member, not properties: an estimate reads them for every
+    tensor it makes."""
 
     fp32 = "fp32"
     fp16 = "fp16"
@@ -53,26 +58,12 @@ class DType(str, Enum):
     int8 = "int8"
     bool = "bool"
 
-    @property
-    def size(self) -> int:
-        return _SIZES[self]
-
-    @property
-    def floating(self) -> bool:
-        return self in FLOATS
+    def __init__(self, value: str) -> None:
+        self.size: int = _SIZES[value]
+        self.floating: bool = value in ("fp32", "fp16", "bf16")
 
 
-FLOATS = frozenset({DType.fp32, DType.fp16, DType.bf16})
-_SIZES = {
-    DType.fp32: 4,
-    DType.fp16: 2,
-    DType.bf16: 2,
-    DType.int64: 8,
-    DType.int32: 4,
-    DType.uint8: 1,
-    DType.int8: 1,
-    DType.bool: 1,
-}
+FLOATS = frozenset(t for t in DType if t.floating)
 
 
 class Component(str, Enum):
@@ -408,7 +399,9 @@ class _Sim:
             self.workspaces.matmul(thread, biased)
 
     def st(self, t: Tensor) -> _Storage:
-        return self.storage[id(t.root)]
+        while t.base is not None:  # t.root, inlined: this runs for every use of a tensor
+            t = t.base
+        return self.storage[id(t)]
 
     def make(self, t: Tensor) -> None:
         """Allocate ``t`` (a view allocates nothing)."""

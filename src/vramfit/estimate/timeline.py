@@ -98,8 +98,9 @@ class Timeline:
         """Requested bytes live at each point (difference array: O(points + allocations))."""
         delta = [0] * (len(self.points) + 1)
         for a in self.allocations:
-            delta[a.start] += a.n_bytes
-            delta[a.end + 1] -= a.n_bytes
+            n_bytes = sum(a.sizes)
+            delta[a.start] += n_bytes
+            delta[a.end + 1] -= n_bytes
         live, running = [], 0
         for d in delta[:-1]:
             running += d
@@ -111,7 +112,7 @@ class Timeline:
         parts: dict[str, int] = defaultdict(int)
         for a in self.allocations:
             if a.start <= index <= a.end:
-                parts[a.component] += a.n_bytes
+                parts[a.component] += sum(a.sizes)
         return dict(parts)
 
 
@@ -127,7 +128,10 @@ class Tape:
     phase: str = "forward"
 
     def op(self, name: str) -> int:
-        return self.timeline.point(self.phase, name)
+        """Append a point of the current phase and return its index (``Timeline.point``)."""
+        points = self.timeline.points
+        points.append((self.phase, name))
+        return len(points) - 1
 
     @property
     def now(self) -> int:
@@ -276,10 +280,8 @@ def replay(steps: Sequence[Timeline]) -> Replay:
         n_points = len(timeline.points)
         final = n_points - 1
         # in point order, keeping the order within a point (a Tape already records so)
-        todo = sorted(
-            (a for a in timeline.allocations if not (a.persistent and a.name in made)),
-            key=attrgetter("start"),
-        )
+        todo = [a for a in timeline.allocations if not (a.persistent and a.name in made)]
+        todo.sort(key=attrgetter("start"))
         todo.append(Allocation("", "", (), n_points, n_points))  # a sentinel past the end
         ends: dict[int, list] = {}  # point -> blocks freed after it
         releases = frozenset(timeline.releases)
