@@ -399,9 +399,7 @@ class _Sim:
             self.workspaces.matmul(thread, biased)
 
     def st(self, t: Tensor) -> _Storage:
-        while t.base is not None:  # t.root, inlined: this runs for every use of a tensor
-            t = t.base
-        return self.storage[id(t)]
+        return self.storage[id(t.root)]
 
     def make(self, t: Tensor) -> None:
         """Allocate ``t`` (a view allocates nothing)."""

@@ -74,11 +74,6 @@ class Timeline:
     # points after whose frees the program calls torch.cuda.empty_cache (``Tape.empty_cache``)
     releases: list[int] = field(default_factory=list)
 
-    def point(self, phase: str, name: str) -> int:
-        """Append a point and return its index."""
-        self.points.append((phase, name))
-        return len(self.points) - 1
-
     @property
     def last(self) -> int:
         return len(self.points) - 1
@@ -98,9 +93,8 @@ class Timeline:
         """Requested bytes live at each point (difference array: O(points + allocations))."""
         delta = [0] * (len(self.points) + 1)
         for a in self.allocations:
-            n_bytes = sum(a.sizes)
-            delta[a.start] += n_bytes
-            delta[a.end + 1] -= n_bytes
+            delta[a.start] += a.n_bytes
+            delta[a.end + 1] -= a.n_bytes
         live, running = [], 0
         for d in delta[:-1]:
             running += d
@@ -112,7 +106,7 @@ class Timeline:
         parts: dict[str, int] = defaultdict(int)
         for a in self.allocations:
             if a.start <= index <= a.end:
-                parts[a.component] += sum(a.sizes)
+                parts[a.component] += a.n_bytes
         return dict(parts)
 
 
@@ -128,7 +122,7 @@ class Tape:
     phase: str = "forward"
 
     def op(self, name: str) -> int:
-        """Append a point of the current phase and return its index (``Timeline.point``)."""
+        """Append a point of the current phase to the timeline and return its index."""
         points = self.timeline.points
         points.append((self.phase, name))
         return len(points) - 1
