@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import re
 import sys
@@ -192,6 +193,52 @@ def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> N
     else:  # pragma: no cover
         version = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]
     assert run(capsys, "--version") == (0, f"vramfit {version}\n", "")
+
+
+def _broken_short(lines: list[str], width: int) -> list[str]:
+    """Lines of a paragraph that end where the next line's first word would still have fit:
+    line breaks that came from the source, not from wrapping at ``width``."""
+    return [
+        a
+        for a, b in itertools.pairwise(lines)
+        if a.strip() and b.strip() and len(a.strip()) + 1 + len(b.split()[0]) <= width
+    ]
+
+
+def _command_cells(out: str) -> list[list[str]]:
+    """The description of each command in the group help's Commands panel, as its lines."""
+    panel = out.split("─ Commands ", 1)[1].split("╰", 1)[0].splitlines()[1:]
+    inner = [line.strip()[1:-1] for line in panel]  # within the box's │ ... │
+    at = len(inner[0]) - len(inner[0][1:].lstrip(" ").split("  ", 1)[1].lstrip(" "))
+    cells: list[list[str]] = []
+    for line in inner:
+        if line[:at].strip():  # a command's name: its description starts here
+            cells.append([])
+        cells[-1].append(line[at:].rstrip())
+    return cells
+
+
+@pytest.mark.parametrize("name", ["", "estimate", "plan", "check", "measure", "import-hf"])
+def test_help_prose_is_wrapped_at_80_columns(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Typer prints a docstring's own line breaks; the commands' help reflows each paragraph
+    (cli._paragraphs), so none breaks short at 80 columns."""
+    import typer.rich_utils
+
+    monkeypatch.setenv("COLUMNS", "80")
+    # typer reads TERMINAL_WIDTH once, when its rich_utils is first imported
+    monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", None)
+    _, out, _ = run(capsys, *([name] if name else []), "--help")
+    assert max(map(len, out.splitlines())) <= 80
+    prose = out.split("Usage:", 1)[1].split("╭", 1)[0].splitlines()[1:]
+    assert not _broken_short(prose, 78), out
+    if not name:
+        cells = _command_cells(out)
+        assert len(cells) == 7
+        width = max(len(line) for cell in cells for line in cell)
+        for cell in cells:
+            assert not _broken_short(cell, width), out
 
 
 def test_solve_lists_its_choices_in_help(

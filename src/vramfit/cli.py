@@ -892,9 +892,11 @@ def plan(
     as_json: JsonOpt = False,
 ) -> None:
     """List the multi-GPU layouts that fit --gpus GPUs, most headroom first, and why the rest
-    do not: FSDP2 (also over tensor-parallel shards), ZeRO 1-3, DDP with tensor and pipeline
-    parallelism, each with and without full checkpointing. Rank 0's peak is extrapolated from
-    3- and 4-layer replays; confirm a choice with `vramfit estimate`.
+    do not.
+
+    The layouts: FSDP2 (also over tensor-parallel shards), ZeRO 1-3, DDP with tensor and
+    pipeline parallelism, each with and without full checkpointing. Rank 0's peak is
+    extrapolated from 3- and 4-layer replays; confirm a choice with `vramfit estimate`.
 
     Exit code: 0 some layout fits, 1 none fits, 2 bad input.
     """
@@ -1746,6 +1748,17 @@ def _command_name(info: typer.models.CommandInfo) -> str:
 
 
 @functools.cache
+def _paragraphs(doc: str) -> str:
+    """A command's docstring with each paragraph on one line. Typer prints a docstring's line
+    breaks as they are (in the command list, and in every paragraph after the first), so a
+    docstring wrapped for the source would print lines broken short in the terminal."""
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
+
+
+for _info in app.registered_commands:
+    _info.help = _paragraphs(_info.help or inspect.getdoc(_info.callback) or "")
+
+
 def _command(name: str | None = None) -> Any:
     """The click command typer builds from ``app`` (built once: tests call ``main`` often);
     with ``name``, a group that holds only that subcommand."""
