@@ -117,6 +117,41 @@ def test_inference_forward_keeps_what_transformers_keeps(model_type: str, genera
     assert abs(predicted - real) <= SLACK, (model_type, predicted, real)
 
 
+def _real_cache_bytes(run: RunSpec) -> int:
+    """Bytes of the distinct storages the prefill's returned DynamicCache holds."""
+    from vramfit.measure.hf import hf_config
+
+    spec = run.model.resolved()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        hf_config(spec, run.workload), attn_implementation="eager"
+    ).eval()
+    ids = torch.randint(0, spec.vocab, (B, run.workload.seq))
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for layer in cache.layers
+        for t in (layer.keys, layer.values)
+    }
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("model_type", sorted(MODELS))
+def test_the_prefills_cache_is_the_kv_cache_component(model_type: str) -> None:
+    """What the DynamicCache holds after the prefill is what the profile calls the KV cache
+    (the breakdown's ``kv_cache``), not activations: every layer's keys and values."""
+    run = _run(model_type, True)
+    timeline = _profile_timeline(run, True)
+    last = timeline.last
+    kv = sum(
+        a.n_bytes
+        for a in timeline.allocations
+        if a.component == "kv_cache" and a.start <= last <= a.end
+    )
+    assert kv == _real_cache_bytes(run) > 0
+
+
 @pytest.mark.parametrize("model_type", ["llama", "phi3"])
 def test_eager_attention_keeps_its_repeated_keys_to_its_return(model_type: str) -> None:
     """At 128 tokens the prefill peaks at the scores, where eager_attention_forward's local

@@ -181,6 +181,25 @@ def test_gpus_table_names_every_gpu_whole(capsys: pytest.CaptureFixture[str]) ->
         assert re.search(rf"^ *{re.escape(row['name'])} ", out, re.MULTILINE), row["name"]
 
 
+# --- component labels ---------------------------------------------------------------------
+
+
+def test_inference_shows_activations_in_flight_and_its_kv_cache(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """No autograd, nothing saved: an inference peak's activations are the forward's tensors in
+    flight, and the DynamicCache the prefill has filled so far is the KV cache row."""
+    args = ["estimate", "--preset", "llama-3-8b", "--mode", "infer", "--batch", "8"]
+    _, out, _ = run(capsys, *args, "--gen-tokens", "512")
+    assert "activations in flight" in out and "saved activations" not in out
+    kv = re.search(r"KV cache\W+([0-9.]+)", out)
+    # every layer's K and V at the peak (the last block's MLP): 8 x 2048 tokens x 8 KV heads
+    # x 128 x bf16 x 2 x 32 layers
+    assert kv and float(kv[1]) == 8 * 2048 * 8 * 128 * 2 * 2 * 32 / 2**30, out
+    _, out, _ = run(capsys, "estimate", "--preset", "llama-3-8b")
+    assert "saved activations" in out and "in flight" not in out
+
+
 # --- --version and --help ---------------------------------------------------------------------
 
 

@@ -54,6 +54,8 @@ COMPONENT_LABELS = {
     "nccl": "NCCL buffers (model, unmeasured)",
 }
 
+INFERENCE_LABELS = {**COMPONENT_LABELS, "activations": "activations in flight"}
+
 
 def _bar(part: int, whole: int) -> Text:
     filled = round(BAR_WIDTH * part / whole) if whole else 0
@@ -110,12 +112,12 @@ def render_estimate(
     table.add_column("component")
     table.add_column("GiB", justify="right")
     table.add_column("share")
+    # without autograd nothing is saved: the activations are the forward's tensors in flight
+    labels = COMPONENT_LABELS if wl.mode.value == "train" else INFERENCE_LABELS
     for name, n_bytes in est.breakdown.items():
         if n_bytes < SMALLEST_ROW_BYTES:  # would print as 0.00 GiB
             continue
-        table.add_row(
-            COMPONENT_LABELS.get(name, name), _gib(n_bytes), _bar(n_bytes, est.total_bytes)
-        )
+        table.add_row(labels.get(name, name), _gib(n_bytes), _bar(n_bytes, est.total_bytes))
     table.add_section()
     table.add_row("[bold]total on the device[/]", f"[bold]{_gib(est.total_bytes)}[/]", "")
     table.add_row("peak allocated by PyTorch", _gib(est.peak_allocated_bytes), "")

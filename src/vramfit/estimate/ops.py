@@ -493,13 +493,15 @@ class Ops:
         *,
         part: str = "",
         empty_dtype: DType | None = None,
+        component: Component = Component.activations,
     ) -> Tensor:
         """``torch.cat``: a new tensor in the promoted dtype (``empty_dtype``: an empty tensor of
         that dtype among the inputs, which still takes part in promotion); backward slices the
-        gradient (views), cast back where an input was 16-bit."""
+        gradient (views), cast back where an input was 16-bit. ``component``: what the new
+        tensor is (a DynamicCache's keys and values are the KV cache)."""
         dtypes = [p.dtype for p in parts] + ([empty_dtype] if empty_dtype else [])
         dtype = promote(*dtypes)
-        out = self._t(name, sum(p.numel for p in parts), dtype, part=part)
+        out = self._t(name, sum(p.numel for p in parts), dtype, part=part, component=component)
 
         def backward(bw: Backward) -> None:
             g = bw.out()

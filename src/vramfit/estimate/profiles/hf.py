@@ -637,15 +637,16 @@ class Model:
             # caller's key_states / value_states name the new ones until update returns
             # (`key_states, value_states = past_key_values.update(...)`; the hf1 Phi-3 trace)
             new = k, v
+            kv = Component.kv_cache
             if self.cached:
                 pk, pv = self.past[i]
-                k = o.cat(f"{prefix} cached keys", [pk, k])
-                v = o.cat(f"{prefix} cached values", [pv, v])
+                k = o.cat(f"{prefix} cached keys", [pk, k], component=kv)
+                v = o.cat(f"{prefix} cached values", [pv, v], component=kv)
             else:
                 # the cache's first keys and values are empty tensors in the keys' dtype
                 empty = k.dtype
-                k = o.cat(f"{prefix} cached keys", [k])
-                v = o.cat(f"{prefix} cached values", [v], empty_dtype=empty)
+                k = o.cat(f"{prefix} cached keys", [k], component=kv)
+                v = o.cat(f"{prefix} cached values", [v], empty_dtype=empty, component=kv)
             o.keep(*new)
             self.cache += [k, v]
         # the kernel SDPA picks follows the dtype q arrives in (after autocast's cast): fp32
