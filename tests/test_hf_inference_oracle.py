@@ -13,6 +13,7 @@ Eager attention in fp32, where the CPU runs the same ops as CUDA.
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import pytest
 
@@ -68,15 +69,20 @@ def _run(model_type: str, generate: bool, seq: int = S) -> RunSpec:
     )
 
 
-def _real_peak(run: RunSpec, generate: bool) -> int:
+def _real_model(run: RunSpec) -> tuple[Any, Any]:
+    """The tiny transformers model of ``run`` (eager attention, eval mode) and its input ids."""
     from vramfit.measure.hf import hf_config
 
     spec = run.model.resolved()
     torch.manual_seed(0)
-    cfg = hf_config(spec, run.workload)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    model = model.eval()
-    ids = torch.randint(0, spec.vocab, (B, run.workload.seq))
+    model = transformers.AutoModelForCausalLM.from_config(
+        hf_config(spec, run.workload), attn_implementation="eager"
+    ).eval()
+    return model, torch.randint(0, spec.vocab, (B, run.workload.seq))
+
+
+def _real_peak(run: RunSpec, generate: bool) -> int:
+    model, ids = _real_model(run)
     inputs: dict = {"input_ids": ids}
     if generate:  # what generate() hands the prefill (prepare_inputs_for_generation)
         mask = torch.ones_like(ids)
@@ -119,14 +125,7 @@ def test_inference_forward_keeps_what_transformers_keeps(model_type: str, genera
 
 def _real_cache_bytes(run: RunSpec) -> int:
     """Bytes of the distinct storages the prefill's returned DynamicCache holds."""
-    from vramfit.measure.hf import hf_config
-
-    spec = run.model.resolved()
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(
-        hf_config(spec, run.workload), attn_implementation="eager"
-    ).eval()
-    ids = torch.randint(0, spec.vocab, (B, run.workload.seq))
+    model, ids = _real_model(run)
     with torch.no_grad():
         cache = model(input_ids=ids, use_cache=True).past_key_values
     storages = {
@@ -186,14 +185,7 @@ BIG = 4096  # bytes: the masks, the rotary tables and the embeddings, not arange
 
 
 def _real_sequence(run: RunSpec, generate: bool) -> list[int]:
-    from vramfit.measure.hf import hf_config
-
-    spec = run.model.resolved()
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(
-        hf_config(spec, run.workload), attn_implementation="eager"
-    ).eval()
-    ids = torch.randint(0, spec.vocab, (B, run.workload.seq))
+    model, ids = _real_model(run)
     inputs: dict = {"input_ids": ids}
     if generate:
         mask = torch.ones_like(ids)
