@@ -292,6 +292,100 @@ def test_plan_peak_is_the_full_replay_for_an_fsdp_layout() -> None:
         assert abs(judged.peak_allocated_bytes / full.peak_allocated_bytes - 1) < 0.01, par
 
 
+@pytest.mark.parametrize("precision", ["amp-bf16", "bf16", "fp32"])
+@pytest.mark.parametrize(
+    "optimizer",
+    ["adamw", "adamw-fused", "sgd", "sgd-momentum", "adam-8bit", "paged-adamw-32bit", "adafactor",
+     "none"],
+)
+@pytest.mark.parametrize("layout", [{"gpus": 4, "fsdp": "full"}, {"gpus": 2, "ddp": True}])
+def test_the_plans_model_states_cut_is_a_lower_bound(
+    precision: str, optimizer: str, layout: dict[str, Any]
+) -> None:
+    """``vramfit plan`` refuses a layout without a replay when its model states alone exceed the
+    GPU, so they must never exceed what the replay reaches (tiny activations here: the peak is
+    mostly those states). At a flat 16 bytes per parameter they did for pure bf16 and for every
+    optimizer lighter than AdamW."""
+    from vramfit.config import Workload
+    from vramfit.estimate.plan import model_states_bytes
+
+    w = {"precision": precision, "optimizer": optimizer, "batch": 1, "seq": 16}
+    est = rank0(layout, w)
+    bound = model_states_bytes(
+        RunSpec.model_validate({"model": SMALL}).model.resolved(),
+        Parallel.model_validate(layout),
+        Workload.model_validate({**TRAIN, **w}),
+    )
+    assert bound <= est.peak_allocated_bytes + est.managed_bytes
+
+
+@pytest.mark.parametrize(
+    ("precision", "optimizer", "per_param"),
+    [
+        ("amp-bf16", "adamw", 16),  # fp32 weights, gradients, two moments (ZeRO paper's 16)
+        ("bf16", "adamw", 8),  # everything bf16: AdamW's zeros_like(param) moments too
+        ("amp-bf16", "sgd", 8),
+        ("bf16", "sgd-momentum", 6),
+        ("bf16", "adam-8bit", 6),  # two uint8 moments
+        ("fp32", "paged-adamw-32bit", 16),
+        ("bf16", "none", 4),
+    ],
+)
+def test_state_bytes_per_parameter(precision: str, optimizer: str, per_param: int) -> None:
+    from vramfit.config import Workload
+    from vramfit.estimate.plan import state_bytes_per_param
+
+    w = Workload.model_validate({**TRAIN, "precision": precision, "optimizer": optimizer})
+    assert state_bytes_per_param(w) == per_param
+
+
+def test_plan_fits_what_estimate_fits_with_8_bit_adam(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--preset", "llama-3.1-70b", "--gpu", "H100", "--precision", "bf16", "--optimizer",
+            "adam-8bit"]
+    code, out, _ = cli(capsys, "estimate", *args, "--gpus", "8", "--fsdp", "full",
+                       "--checkpointing", "full", "--loop", "drops", "--json")
+    assert code == 0 and json.loads(out)["fits"]
+    code, out, _ = cli(capsys, "plan", *args, "--gpus", "8", "--json")
+    assert code == 0
+    assert ("FSDP2 full 8", "full") in {(r["layout"], r["checkpointing"])
+                                        for r in json.loads(out)["fits"]}
+
+
+def test_when_nothing_fits_plan_finds_the_fewest_gpus_that_do(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Llama-3.1-70B with mixed-precision AdamW: 16 bytes x 70.6B parameters cannot fit 8 or 16
+    H100s sharded (131 and 66 GiB of model states, before activations and the all-gathers);
+    plan doubles the GPUs until a layout fits and says which."""
+    from vramfit.catalog import find_gpu
+    from vramfit.estimate.core import Hardware
+    from vramfit.estimate.plan import make_plan
+    from vramfit.presets import get_preset
+
+    code, out, _ = cli(capsys, "plan", "--preset", "llama-3.1-70b", "--gpu", "H100", "--gpus",
+                       "8", "--json")
+    assert code == 1
+    doc = json.loads(out)
+    assert not doc["fits"]
+    more = doc["more_gpus"]
+    assert more["gpus"] in more["gpus_tried"] and more["best"]["fits"]
+    assert more["best"]["parallel"]["gpus"] == more["gpus"]
+    gpu = find_gpu("H100")
+    hw = Hardware(gpu.name, gpu.memory_bytes, (9, 0))
+    spec = get_preset("llama-3.1-70b").model
+    workload = RunSpec.model_validate(
+        {"model": spec, "workload": {"loop": "drops"}}
+    ).workload
+    assert not make_plan(spec, workload, more["gpus"] // 2, hw).fits  # the fewest
+    code, out, _ = cli(capsys, "plan", "--preset", "llama-3.1-70b", "--gpu", "H100", "--gpus",
+                       "8")
+    assert "No layout fits 8 x H100-SXM." in out
+    assert f"With --gpus {more['gpus']} (batch 1 x seq 2048 per replica): " in " ".join(out.split())
+    code, out, _ = cli(capsys, "plan", "--preset", "llama-3.1-8b", "--gpu", "T4", "--gpus", "2",
+                       "--seq", "32768")
+    assert code == 1 and "lower --seq or --batch" in " ".join(out.split())
+
+
 def test_tensor_parallel_divides_attention_and_mlp_not_the_norms() -> None:
     """Korthikanti et al. 2022, Section 4.2 / Table 2: with tensor parallelism over t ranks the
     attention and MLP activations are divided by t, the layer-norm inputs, dropout masks and

@@ -902,7 +902,7 @@ def plan(
     """
     import time
 
-    from vramfit.estimate.plan import make_plan
+    from vramfit.estimate.plan import make_plan, more_gpus
 
     try:
         run = build_run(
@@ -917,10 +917,16 @@ def plan(
         started = time.perf_counter()
         result = make_plan(run.model, run.workload, gpus, hardware)
         elapsed = time.perf_counter() - started
+        more = None if result.fits else more_gpus(run.model, run.workload, gpus, hardware)
     except VramfitError as err:
         _fail(err)
         return
     rows = [_candidate_json(c) for c in result.fits + result.rejected]
+    more_json = more and {
+        "gpus": more.gpus,
+        "gpus_tried": list(more.gpus_tried),
+        "best": more.best and _candidate_json(more.best),
+    }
     if as_json:
         _print_json(
             {
@@ -931,6 +937,7 @@ def plan(
                 "does_not_fit": [r for r in rows if not r["fits"]],
                 "replays": result.replays,
                 "elapsed_s": round(elapsed, 3),
+                "more_gpus": more_json,
                 "notes": [
                     "rank 0 (the busiest); peak extrapolated from 3- and 4-layer replays, device "
                     "total approximate: confirm with vramfit estimate",
@@ -942,7 +949,7 @@ def plan(
     else:
         from vramfit.render import render_plan
 
-        render_plan(_console(), run, hardware, gpus, rows, elapsed)
+        render_plan(_console(), run, hardware, gpus, rows, elapsed, more_json)
     raise typer.Exit(EXIT_FITS if result.fits else EXIT_DOES_NOT_FIT)
 
 

@@ -500,8 +500,10 @@ def render_plan(
     gpus: int,
     rows: list[dict[str, Any]],
     elapsed_s: float,
+    more_gpus: dict[str, Any] | None = None,
 ) -> None:
-    """The layouts that fit (most headroom first), then the rest with their reason."""
+    """The layouts that fit (most headroom first), then the rest with their reason; when none
+    fits, what more GPUs would do (``more_gpus``: the plan's JSON key)."""
     wl = run.workload
     console.print(
         f"{format_count(run.model.params or 0) if run.model.params else ''} "
@@ -509,16 +511,21 @@ def render_plan(
         f"({_gib(hardware.memory_bytes)} GiB) · batch {wl.batch} x seq {wl.seq} per replica · "
         f"{wl.precision.value} · {wl.optimizer.value}"
     )
-    table = Table(title="Layouts that fit (rank 0, GiB)", title_justify="left")
-    for name in ("layout", "checkpointing", "peak allocated", "device total", "headroom"):
-        table.add_column(name, justify="left" if name in ("layout", "checkpointing") else "right")
-    for r in rows:
-        if r["fits"]:
-            table.add_row(
-                r["layout"], r["checkpointing"], _gib(r["peak_allocated_bytes"]),
-                _gib(r["total_bytes"]), _gib(r["headroom_bytes"]),
+    if any(r["fits"] for r in rows):
+        table = Table(title="Layouts that fit (rank 0, GiB)", title_justify="left")
+        for name in ("layout", "checkpointing", "peak allocated", "device total", "headroom"):
+            table.add_column(
+                name, justify="left" if name in ("layout", "checkpointing") else "right"
             )
-    console.print(table)
+        for r in rows:
+            if r["fits"]:
+                table.add_row(
+                    r["layout"], r["checkpointing"], _gib(r["peak_allocated_bytes"]),
+                    _gib(r["total_bytes"]), _gib(r["headroom_bytes"]),
+                )
+        console.print(table)
+    else:
+        console.print(f"[bold red]No layout fits {gpus} x {hardware.name}.[/]")
     rest = Table(title="Layouts that do not fit", title_justify="left")
     rest.add_column("layout")
     rest.add_column("checkpointing")
@@ -527,6 +534,23 @@ def render_plan(
         if not r["fits"]:
             rest.add_row(r["layout"], r["checkpointing"], escape(r["reason"] or ""))
     console.print(rest)
+    if more_gpus is not None:
+        best = more_gpus["best"]
+        per_replica = f"batch {wl.batch} x seq {wl.seq} per replica"
+        if best is not None:
+            console.print(
+                f"With --gpus {more_gpus['gpus']} ({per_replica}): {best['layout']}, "
+                f"checkpointing {best['checkpointing']}, {_gib(best['total_bytes'])} GiB, "
+                f"{_gib(best['headroom_bytes'])} GiB headroom (the fewest of "
+                f"{', '.join(map(str, more_gpus['gpus_tried']))} GPUs tried; see `vramfit plan "
+                f"--gpus {more_gpus['gpus']}`)."
+            )
+        elif more_gpus["gpus_tried"]:
+            console.print(
+                f"No layout fits up to {more_gpus['gpus']} GPUs either ({per_replica}; "
+                "tensor parallelism stops at 8, and data parallelism does not shrink a "
+                "replica's activations): lower --seq or --batch."
+            )
     console.print(
         f"[yellow]note:[/] {len(rows)} layouts in {elapsed_s:.2f} s; peaks extrapolated from 3- "
         "and 4-layer replays, device totals approximate: confirm with `vramfit estimate`. "

@@ -17,7 +17,7 @@ is the plan's approximation (within -24% / +11% of the full replay on Llama-3 8B
 shapes). ``vramfit estimate`` replays every layer: confirm a plan's choice with it.
 
 Two cuts keep the search small: a layout whose model states alone (weights, gradients,
-optimizer state: the ZeRO paper's accounting, before any activation) exceed the GPU is refused
+optimizer state in the run's dtypes, before any activation) exceed the GPU is refused
 without a replay, and a layout that does not fit with full checkpointing is not tried without
 it.
 """
@@ -105,20 +105,44 @@ def layouts(spec: ModelSpec, gpus: int, batch: int) -> list[Parallel]:
     return out
 
 
+def state_bytes_per_param(w: Workload) -> int:
+    """Bytes per parameter of the weights, their gradients and the optimizer state the run
+    keeps, at least: the parameters' dtype (fp32 under fp32 and AMP, else 16-bit) for weights
+    and gradients; AdamW's two moments and SGD's momentum in that dtype (torch's
+    ``zeros_like(param)``); bitsandbytes' 8-bit moments at one byte each (their absmax left out)
+    and its 32-bit ones at four; Adafactor's factored moments and SGD without momentum as none.
+    Mixed-precision AdamW: 4 + 4 + 8 = 16, pure bf16 AdamW: 2 + 2 + 4 = 8."""
+    from vramfit.config import Optimizer, Precision
+
+    ws = 4 if w.precision in (Precision.fp32, Precision.amp_fp16, Precision.amp_bf16) else 2
+    if w.optimizer in (
+        Optimizer.adamw, Optimizer.adamw_foreach, Optimizer.adamw_fused, Optimizer.adamw_forloop
+    ):
+        states = 2 * ws
+    elif w.optimizer is Optimizer.sgd_momentum:
+        states = ws
+    elif w.optimizer in (Optimizer.adam_8bit, Optimizer.paged_adamw_8bit):
+        states = 2
+    elif w.optimizer is Optimizer.paged_adamw_32bit:
+        states = 8
+    else:  # sgd, adafactor, adafactor-hf, none
+        states = 0
+    return 2 * ws + states
+
+
 def model_states_bytes(spec: ModelSpec, par: Parallel, w: Workload) -> int:
-    """Weights + gradients + optimizer state per rank before activations (mixed-precision
-    Adam: ZeRO paper's 2 + 2 + 12 bytes per parameter; fp32 masters under FSDP2 and DDP's AMP:
-    4 + 4 + 8), divided as the layout divides them. A lower bound on the peak."""
+    """Weights + gradients + optimizer state per rank before activations, divided as the
+    layout divides them (``state_bytes_per_param``; ZeRO as DeepSpeed keeps them whatever
+    the optimizer: the ZeRO paper's 2 + 2 + 12 bytes per parameter). A lower bound on the
+    peak."""
     psi = count_params(spec).total / (par.tp * par.pp)
-    n = par.dp
     if par.fsdp is not Fsdp.none:
-        return int(16 * psi / par.shard)
+        return int(state_bytes_per_param(w) * psi / par.shard)
     if par.zero:
         from vramfit.estimate.parallel import zero_model_states_bytes
 
-        return int(zero_model_states_bytes(int(psi), n, par.zero))
-    del w
-    return int(16 * psi)
+        return int(zero_model_states_bytes(int(psi), par.dp, par.zero))
+    return int(state_bytes_per_param(w) * psi)
 
 
 def _at_layers(spec: ModelSpec, per_rank: int, pp: int) -> ModelSpec:
@@ -275,3 +299,41 @@ def make_plan(spec: ModelSpec, w: Workload, gpus: int, hardware: Hardware) -> Pl
         (plan.fits if without.reason is None else plan.rejected).append(without)
     plan.fits.sort(key=lambda c: -(c.headroom_bytes or 0))
     return plan
+
+
+# at most this many larger world sizes are planned when none fits (each plan takes ~1 s)
+MORE_GPUS_TRIES = 4
+
+
+@dataclass(frozen=True)
+class MoreGpus:
+    """What doubling the world size would do: ``best`` is the first fitting layout (most
+    headroom) at ``gpus`` ranks, the fewest of ``gpus_tried`` (each twice the last) at which one
+    fits; ``best`` is None when none fits up to the last tried."""
+
+    gpus: int
+    best: Candidate | None
+    gpus_tried: tuple[int, ...]
+
+
+def more_gpus(spec: ModelSpec, w: Workload, gpus: int, hardware: Hardware) -> MoreGpus:
+    """The fewest ranks, doubling from ``gpus``, at which some layout fits.
+
+    World sizes where even the leanest layout's model states (``state_bytes_per_param``, or
+    ZeRO's 16, spread over every rank as FSDP2 full sharding with TP spreads them) exceed the
+    GPU are skipped without a plan; from the first where they fit, up to ``MORE_GPUS_TRIES``
+    sizes are planned. The per-replica batch stays: data parallelism does not shrink a
+    replica's activations, so one too big for a GPU stays too big however many there are."""
+    from vramfit.config import MAX_GPUS
+
+    least = min(state_bytes_per_param(w), 16) * count_params(spec.resolved()).total
+    n, tried = gpus * 2, []
+    while n <= MAX_GPUS and least / n > hardware.memory_bytes:
+        n *= 2
+    while n <= MAX_GPUS and len(tried) < MORE_GPUS_TRIES:
+        tried.append(n)
+        plan = make_plan(spec, w, n, hardware)
+        if plan.fits:
+            return MoreGpus(n, plan.fits[0], tuple(tried))
+        n *= 2
+    return MoreGpus(tried[-1] if tried else gpus, None, tuple(tried))
