@@ -181,6 +181,38 @@ def test_gpus_table_names_every_gpu_whole(capsys: pytest.CaptureFixture[str]) ->
         assert re.search(rf"^ *{re.escape(row['name'])} ", out, re.MULTILINE), row["name"]
 
 
+# --- more GPUs ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "least"),
+    [
+        # 16 bytes x 70,553,706,496 parameters / 79.65 GiB = 13.2 (8 bytes in bf16: 6.6);
+        # 16 x 8,030,261,248 / 79.65 GiB = 1.5, and 4 (bf16 SGD) x 8.03B = 0.4
+        (["--preset", "llama-3.1-70b", "--gpu", "H100"], 14),
+        (["--preset", "llama-3.1-70b", "--gpu", "H100", "--precision", "bf16"], 7),
+        (["--preset", "llama-3.1-8b", "--gpu", "H100"], 2),
+        (["--preset", "llama-3.1-8b", "--gpu", "H100", "--precision", "bf16", "--optimizer",
+          "sgd"], None),  # its states fit; the activations do not
+        (["--preset", "llama-3.1-70b", "--gpu", "H100", "--lora-rank", "16"], None),
+        (["--preset", "llama-3.1-70b", "--gpu", "H100", "--mode", "infer"], None),
+    ],
+)
+def test_a_run_too_big_for_one_gpu_says_how_many_its_states_need(
+    capsys: pytest.CaptureFixture[str], args: list[str], least: int | None
+) -> None:
+    code, out, _ = run(capsys, "estimate", *args, "--json")
+    doc = json.loads(out)
+    notes = [n for n in doc["notes"] if n.startswith("sharded over GPUs")]
+    if least is None:
+        assert not notes or doc["fits"], notes
+        return
+    assert code == 1 and len(notes) == 1
+    gpus = 1 << (least - 1).bit_length()
+    need = f"need at least {least} x H100-SXM, before activations: `vramfit plan --gpus {gpus}`"
+    assert need in notes[0]
+
+
 # --- component labels ---------------------------------------------------------------------
 
 

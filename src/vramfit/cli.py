@@ -1002,6 +1002,32 @@ def _fast_dtypes(hardware: "Hardware | None") -> set[str] | None:
     return {dtype for dtype in DTYPES if gpu.peak_tflops(dtype) is not None}
 
 
+def sharding_note(est: "Estimate") -> list[str]:
+    """For a full training run that does not fit one GPU: how many GPUs its model states alone
+    need sharded (FSDP2 full, ZeRO-3: weights, gradients and optimizer state spread over every
+    rank, ``plan.state_bytes_per_param``), and the plan to ask for."""
+    from vramfit.config import Mode
+    from vramfit.estimate.plan import state_bytes_per_param
+
+    run, hardware = est.run, est.hardware
+    w = run.workload
+    if hardware is None or est.fits is not False or w.mode is not Mode.train:
+        return []
+    if not run.parallel.single or w.lora is not None or w.quant is not None:
+        return []
+    per_param = state_bytes_per_param(w)
+    least = -(-per_param * est.counts.total // hardware.memory_bytes)
+    if least < 2:  # the states fit one GPU: what does not is the activations
+        return []
+    gpus = 1 << (least - 1).bit_length()  # a power of two: plan's layouts divide it
+    return [
+        f"sharded over GPUs (FSDP2 full, ZeRO-3), the weights, gradients and optimizer state "
+        f"alone ({per_param} bytes per parameter) need at least {least} x {hardware.name}, "
+        f"before activations: `vramfit plan --gpus {gpus}` (with this model's options) lists "
+        "the layouts that fit"
+    ]
+
+
 def dtype_notes(run: RunSpec, hardware: "Hardware | None") -> list[str]:
     """A note when the run's 16-bit matmul dtype has no tensor cores on the GPU (bf16 on a T4 or
     V100): the memory is the same, but PyTorch runs those matmuls without tensor cores."""
@@ -1088,7 +1114,7 @@ def _default(run: RunSpec, hardware: "Hardware | None", as_json: bool) -> None:
     from vramfit.estimate.core import estimate as run_estimate
 
     est = run_estimate(run, hardware)
-    notes = dtype_notes(run, hardware)
+    notes = dtype_notes(run, hardware) + sharding_note(est)
     if as_json:
         document = estimate_json(est)
         document["notes"] += notes
