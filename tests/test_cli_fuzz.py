@@ -264,6 +264,55 @@ def test_solve(field: str, gpu: str, layers: int, hidden: int) -> None:
     check_outcome(argv, *invoke(argv))
 
 
+def _mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[str]:
+    """Valid values, one in ten junk: a command with several options then often runs."""
+    return st.integers(0, 9).flatmap(lambda k: JUNK if k == 0 else valid.map(str))
+
+
+PLAN_OPTIONS: dict[str, st.SearchStrategy[str]] = {
+    "--gpus": _mostly(st.one_of(st.integers(1, 64), st.sampled_from([1024, 131_072]))),
+    "--gpu": _mostly(st.sampled_from(["T4", "h100", "A100-80GB", "H200", "b200", "mi300x"])),
+    "--preset": _mostly(st.sampled_from(["gpt2", "llama-3.2-1b", "llama-3.1-70b",
+                                         "mixtral-8x7b"])),
+    "--params": _mostly(st.sampled_from(["1B", "7b", "70B", "124439808"])),
+    "--layers": _mostly(st.integers(1, 48)),
+    "--hidden": _mostly(st.integers(1, 128).map(lambda k: 64 * k)),
+    "--seq": _mostly(st.integers(1, 10**6)),
+    "--batch": _mostly(st.integers(1, 64)),
+    "--precision": _mostly(_choices(Precision)),
+    "--optimizer": _mostly(_choices(Optimizer)),
+    "--loop": _mostly(st.sampled_from(["trainer", "drops", "keeps-logits"])),
+}
+
+
+@st.composite
+def plan_argv(draw: st.DrawFn) -> list[str]:
+    """`plan`, mostly with its two required options and a preset (else a shape of random
+    options), and a random subset of the workload's."""
+    required = ["--gpus", "--gpu", "--preset"]
+    names = [n for n in required if draw(st.integers(0, 9))]  # each kept 90%
+    model = ["--params", "--layers", "--hidden"]
+    rest = sorted(set(PLAN_OPTIONS) - set(required) - set(model))
+    pool = rest if "--preset" in names else rest + model
+    names += draw(st.lists(st.sampled_from(pool), max_size=4, unique=True))
+    argv = ["plan"]
+    for name in draw(st.permutations(names)):
+        argv += [name, draw(PLAN_OPTIONS[name])]
+    if draw(st.booleans()):
+        argv.append("--json")
+    return argv
+
+
+@budget(30)
+@given(plan_argv())
+def test_plan(argv: list[str]) -> None:
+    code, out, err = invoke(argv)
+    check_outcome(argv, code, out, err)
+    if code != 2 and "--json" in argv:
+        document = json.loads(out)
+        assert (document["more_gpus"] is None) == bool(document["fits"]), argv
+
+
 MATMUL_OPTIONS: dict[str, st.SearchStrategy[str]] = {
     "--dtype": _or_junk(_choices(Precision)),
     "--shape": _or_junk(st.sampled_from(["1024x2048x1024", "8x8x8", "1x1x1", "4 x 4 x 4"])),
