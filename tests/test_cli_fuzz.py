@@ -116,6 +116,10 @@ OPTIONS: dict[str, st.SearchStrategy[str]] = {
     "--formula": _or_junk(st.sampled_from(["default", "seed"])),
     "--preset": _or_junk(st.sampled_from(["gpt2", "seed-1b", "llama-3.2-1b", "qwen2.5-0.5b"])),
     "--arch": _or_junk(st.sampled_from(["gpt2", "llama"])),
+    "--quant": _or_junk(st.sampled_from(["nf4", "fp4", "int8"])),
+    "--lora-rank": _or_junk(st.sampled_from([1, 8, 16, 64])),
+    "--gpus": _or_junk(st.sampled_from([1, 2, 4, 8, 64])),
+    "--fsdp": _or_junk(st.sampled_from(["full", "shard-grad-op", "hybrid"])),
 }
 FLAGS = ["--json", "--tied", "--untied"]
 

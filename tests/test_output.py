@@ -88,6 +88,62 @@ def test_suggestions_offer_bf16_where_it_is_fast(capsys: pytest.CaptureFixture[s
     assert any(tip.startswith("--precision bf16") for tip in _suggestions(out))
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        # on four GPUs: each change is priced in the same layout, and LoRA is not offered
+        # (multi-GPU layouts are modelled without adapters)
+        ["--gpus", "4", "--fsdp", "full", "--seq", "4096"],
+        [],  # QLoRA under autocast, its bf16 compute dtype as fp16 on a T4
+        ["--mode", "infer", "--gen-tokens", "512", "--batch", "64"],  # quantized weights
+        # a quantized model has no 8-bit KV cache to offer (this was a traceback)
+        ["--mode", "infer", "--gen-tokens", "512", "--batch", "64", "--seq", "4096", "--quant",
+         "nf4"],
+    ],
+    ids=["fsdp", "train", "infer", "infer-nf4"],
+)
+def test_every_suggestion_is_what_the_run_with_that_change_needs(
+    capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    base = ["estimate", "--preset", "llama-3.2-1b", "--gpu", "T4", *args]
+    code, out, err = run(capsys, *base)
+    tips = _suggestions(out)
+    assert code == 1 and tips and "Traceback" not in out + err, out + err
+    lines = out.split("What would help (each line on its own):\n", 1)[1].splitlines()
+    changes = []
+    for tip in tips:
+        # a change over several lines: its options are on the lines before the one with "→"
+        at = next(i for i, line in enumerate(lines) if line.strip() == tip)
+        first = at
+        while first and "→" not in lines[first - 1] and lines[first - 1].startswith("  "):
+            first -= 1
+        change = " ".join(" ".join(lines[first : at + 1]).split("→")[0].split())
+        shown = float(tip.split("→")[1].split()[0].replace(",", ""))
+        code, doc, err = run(capsys, *base, *change.split(), "--json")
+        assert code in (0, 1), (change, err)
+        assert round(json.loads(doc)["total_bytes"] / 2**30, 2) == shown, change
+        if "--gpus" in args:
+            assert "--lora-rank" not in change and "--quant" not in change
+        if "--lora-rank" in change and "--quant" in change:  # QLoRA: under autocast
+            assert not re.search(r"--precision (bf16|fp16)", change), change
+        changes.append(change)
+    if args[-2:] == ["--batch", "64"]:
+        assert "--quant nf4 --quant-compute-dtype fp16" in changes, changes
+
+
+def test_solve_keeps_the_layout(capsys: pytest.CaptureFixture[str]) -> None:
+    """Llama-3.2-1B does not train on one T4 at batch 1, but does on four under FSDP2."""
+    base = ["estimate", "--preset", "llama-3.2-1b", "--gpu", "T4", "--gpus", "4", "--fsdp", "full"]
+    code, out, _ = run(capsys, *base, "--solve", "batch", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["value"] >= 1 and doc["largest"]
+    for batch, fits in ((doc["value"], True), (doc["value"] + 1, False)):
+        _, out, _ = run(capsys, *base, "--batch", str(batch), "--json")
+        assert json.loads(out)["fits"] is fits
+    _, out, _ = run(capsys, *base, "--solve", "batch")
+    assert "on rank 0 of FSDP2 full 4 on T4 (batch per rank)" in " ".join(out.split())
+
+
 @pytest.mark.parametrize(("gpu", "kv_dtype"), [("L4", "fp8"), ("H100", "fp8"), ("A10G", "int8")])
 def test_inference_suggests_a_smaller_kv_cache(
     capsys: pytest.CaptureFixture[str], gpu: str, kv_dtype: str

@@ -1066,7 +1066,7 @@ def _apply_change(run: RunSpec, change: str) -> RunSpec:
     )
     adapters = _lora_and_quant({k: options.pop(k, None) for k in adapter_keys})
     workload = {**run.workload.model_dump(), **options, **adapters}
-    return RunSpec(model=run.model, workload=workload)
+    return RunSpec(model=run.model, workload=workload, parallel=run.parallel)
 
 
 def honest_suggestions(run: RunSpec, hardware: "Hardware") -> list[Any]:
@@ -1078,8 +1078,14 @@ def honest_suggestions(run: RunSpec, hardware: "Hardware") -> list[Any]:
 
     fast = _fast_dtypes(hardware) or {"fp16", "bf16"}
 
-    def priced(change: str) -> Suggestion:
-        total = run_estimate(_apply_change(run, change), hardware).total_bytes
+    def priced(change: str) -> Suggestion | None:
+        """The change's total, or None where the run cannot take it (an 8-bit KV cache with
+        quantized weights: transformers has none)."""
+        try:
+            changed = _apply_change(run, change)
+        except (ValueError, VramfitError):  # pydantic's ValidationError is a ValueError
+            return None
+        total = run_estimate(changed, hardware).total_bytes
         return Suggestion(change, total, total <= hardware.memory_bytes)
 
     tips = []
@@ -1088,11 +1094,12 @@ def honest_suggestions(run: RunSpec, hardware: "Hardware") -> list[Any]:
             if "fp16" not in fast:
                 continue
             tip = priced(
-                tip.change.replace("--precision bf16", "--precision fp16").replace(
-                    "--quant-compute-dtype bf16", "--quant-compute-dtype fp16"
-                )
+                tip.change.replace("--precision bf16", "--precision fp16")
+                .replace("--precision amp-bf16", "--precision amp-fp16")
+                .replace("--quant-compute-dtype bf16", "--quant-compute-dtype fp16")
             )
-        tips.append(tip)
+        if tip is not None:
+            tips.append(tip)
     w = run.workload
     if w.mode is Mode.infer and w.gen_tokens and w.kv_dtype not in (KvDtype.fp8, KvDtype.int8):
         # 8-bit KV caches are what serving stacks offer (vLLM's kv_cache_dtype fp8, TensorRT-LLM
@@ -1101,10 +1108,10 @@ def honest_suggestions(run: RunSpec, hardware: "Hardware") -> list[Any]:
         if smaller is not None:
             current = run_estimate(run, hardware).total_bytes
             kv = priced(f"--kv-dtype {smaller}")
-            if kv.total_bytes < current:
+            if kv is not None and kv.total_bytes < current:
                 if not any(tip.fits for tip in tips) and tips:
                     both = priced(f"{tips[0].change} --kv-dtype {smaller}")
-                    if both.fits:
+                    if both is not None and both.fits:
                         tips.insert(0, both)
                 tips.append(kv)
     return sorted(tips, key=lambda tip: (not tip.fits, tip.total_bytes))

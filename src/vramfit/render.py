@@ -153,6 +153,8 @@ def render_estimate(
             for line in head:
                 console.print(f"  {line}", markup=False)
             console.print(f"  {last:<{width}} → {_gib(s.total_bytes):>7} GiB  {verdict}")
+        if any(s.change.startswith("--batch ") for s in suggestions):
+            console.print("  (--solve batch finds the largest batch that fits)", markup=False)
 
 
 def _split_options(change: str, width: int) -> list[str]:
@@ -208,13 +210,19 @@ def render_seed(console: Console, seed: SeedEstimate, gpu: str | None, memory: i
 def render_solve(console: Console, solution: Solution, gpu: str) -> None:
     """The largest value that fits, and what the search could and could not prove."""
     field, value, est = solution.field, solution.value, solution.estimate
+    where = gpu
+    if solution.parallel is not None and not solution.parallel.single:
+        from vramfit.estimate.parallel import describe
+
+        # batch and seq are per rank (per replica), as every multi-GPU estimate gives them
+        where = f"rank 0 of {describe(solution.parallel)} on {gpu} ({field} per rank)"
     if value == 0 or est is None:
-        console.print(f"[bold red]Nothing fits[/] on {gpu}: even {field} 1 is too big.")
+        console.print(f"[bold red]Nothing fits[/] on {where}: even {field} 1 is too big.")
     else:
         memory = est.hardware.memory_bytes if est.hardware else 0
         found = "that fits" if solution.largest else "found that fits"
         console.print(
-            f"Largest {field} {found} on {gpu}: [bold]{value}[/] "
+            f"Largest {field} {found} on {where}: [bold]{value}[/] "
             f"({format_bytes(est.total_bytes)} of {format_bytes(memory)})."
         )
     if solution.too_big:

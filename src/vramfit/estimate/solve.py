@@ -23,10 +23,10 @@ from vramfit.config import (
     Checkpointing,
     Mode,
     Optimizer,
+    Parallel,
     Positions,
     Precision,
     RunSpec,
-    Workload,
 )
 from vramfit.errors import VramfitError
 from vramfit.estimate.core import Estimate, Hardware, estimate
@@ -40,9 +40,11 @@ SCAN_MAX = 32
 
 def _with(run: RunSpec, **changes: object) -> RunSpec:
     """``run`` with workload fields changed, validated as any input is (enums and nested
-    models, not plain strings and dicts)."""
+    models, not plain strings and dicts), on the same GPUs in the same layout."""
     workload = {**run.workload.model_dump(), **changes}
-    return RunSpec.model_validate({"model": run.model, "workload": workload})
+    return RunSpec.model_validate(
+        {"model": run.model, "workload": workload, "parallel": run.parallel}
+    )
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Solution:
     checked_to: int
     too_big: tuple[int, ...]
     by_positions: bool = False
+    parallel: Parallel | None = None  # the layout the run was solved in
 
     @property
     def largest(self) -> bool:
@@ -98,8 +101,7 @@ def solve_max(run: RunSpec, hardware: Hardware, field: SolveField) -> Solution:
 
     def probe(value: int) -> Estimate:
         if value not in seen:
-            workload = Workload.model_validate({**run.workload.model_dump(), field: value})
-            seen[value] = estimate(RunSpec(model=run.model, workload=workload), hardware)
+            seen[value] = estimate(_with(run, **{field: value}), hardware)
         return seen[value]
 
     def excess(value: int) -> int:  # > 0: does not fit
@@ -143,7 +145,9 @@ def solve_max(run: RunSpec, hardware: Hardware, field: SolveField) -> Solution:
         value -= 1
     too_big = tuple(v for v in sorted(seen) if v < best and seen[v].total_bytes > memory)
     by_positions = limit < _LIMIT[field]
-    return Solution(field, best, seen.get(best), limit, bound, checked_to, too_big, by_positions)
+    return Solution(
+        field, best, seen.get(best), limit, bound, checked_to, too_big, by_positions, run.parallel
+    )
 
 
 def _bracket(g: Callable[[int], int], lo: int, limit: int) -> tuple[int, int]:
@@ -239,6 +243,8 @@ def _adapter_changes(run: RunSpec) -> list[tuple[str, RunSpec]]:
     w = run.workload
     if w.impl.value != "hf" or w.lora is not None or w.quant is not None:
         return []
+    if not run.parallel.single:  # multi-GPU layouts are modelled without adapters
+        return []
     if hf_unsupported(run.model, w):
         return []
     spec = run.model.resolved()
@@ -255,16 +261,47 @@ def _adapter_changes(run: RunSpec) -> list[tuple[str, RunSpec]]:
         out = [(f"--lora-rank 16{flag}", _with(run, lora=lora))]
     except (ValueError, VramfitError):  # no linear layers peft can adapt as described
         return []
+    # the QLoRA recipe trains under autocast (the Trainer's bf16=True): pure bf16 would leave
+    # the hidden states in the fp32 that prepare_model_for_kbit_training casts the norms and
+    # embeddings to, and their attention to SDPA's math kernel (see profiles/hf.py)
     qlora = {"lora": lora, "quant": {"kind": "nf4", "double_quant": True, "compute_dtype": "bf16"}}
-    if w.precision is not Precision.bf16:
-        qlora["precision"] = Precision.bf16
+    amp = w.precision is Precision.amp_bf16
+    if not amp:
+        qlora["precision"] = Precision.amp_bf16
     out.append(
         (
             f"--lora-rank 16{flag} --quant nf4 --quant-double --quant-compute-dtype bf16"
-            + ("" if w.precision is Precision.bf16 else " --precision bf16"),
+            + ("" if amp else " --precision amp-bf16"),
             _with(run, **qlora),
         )
     )
+    return out
+
+
+def _quantized_inference(run: RunSpec) -> list[tuple[str, RunSpec]]:
+    """Inference on bitsandbytes-quantized weights: ``load_in_8bit``, and nf4 computing in the
+    run's 16-bit dtype (``bnb_4bit_compute_dtype``; BitsAndBytesConfig's fp32 default would
+    run every 4-bit matmul and its output in fp32), where the hf profile describes the run and
+    the config takes it (not with an 8-bit ``--kv-dtype``: transformers' quantized models have
+    no such cache)."""
+    from vramfit.estimate.profiles.hf import hf_unsupported
+
+    w = run.workload
+    if w.impl.value != "hf" or w.quant is not None or not run.parallel.single:
+        return []
+    compute = "fp16" if w.precision is Precision.fp16 else "bf16"
+    options = {
+        "--quant int8": {"kind": "int8"},
+        f"--quant nf4 --quant-compute-dtype {compute}": {"kind": "nf4", "compute_dtype": compute},
+    }
+    out = []
+    for change, quant in options.items():
+        try:
+            changed = _with(run, quant=quant)
+        except (ValueError, VramfitError):
+            continue
+        if not hf_unsupported(changed.model, changed.workload):
+            out.append((change, changed))
     return out
 
 
@@ -287,8 +324,10 @@ def _single_changes(
         if w.precision in (Precision.fp32, Precision.amp_bf16, Precision.amp_fp16):
             candidates.append(("--precision bf16", _with(run, precision=Precision.bf16)))
         candidates += _adapter_changes(run)
-    elif w.precision in (Precision.fp32, Precision.amp_bf16, Precision.amp_fp16):
-        candidates.append(("--precision bf16", _with(run, precision=Precision.bf16)))
+    else:
+        if w.precision in (Precision.fp32, Precision.amp_bf16, Precision.amp_fp16):
+            candidates.append(("--precision bf16", _with(run, precision=Precision.bf16)))
+        candidates += _quantized_inference(run)
     if w.attention is Attention.eager:
         candidates.append(("--attention flash", _with(run, attention=Attention.flash)))
     if w.batch > 1:
