@@ -351,6 +351,34 @@ def test_plan_fits_what_estimate_fits_with_8_bit_adam(capsys: pytest.CaptureFixt
                                         for r in json.loads(out)["fits"]}
 
 
+def test_plan_marks_a_verdict_inside_its_approximation(capsys: pytest.CaptureFixture[str]) -> None:
+    """Plan's device total extrapolates the reserve of a 4-layer replay: from 24% under to 11%
+    over the full replay. Llama-3.1-70B at TP 2 x FSDP2 full 32 without checkpointing: plan
+    gives 78.42 GiB (fits an H100 by 1.22), the full replay 85.25 (does not); the row is marked,
+    and every row marked is one whose full replay could land on the other side."""
+    from vramfit.estimate.plan import HIGH, LOW
+
+    args = ["--preset", "llama-3.1-70b", "--gpu", "H100"]
+    _, out, _ = cli(capsys, "plan", *args, "--gpus", "64", "--json")
+    doc = json.loads(out)
+    memory = doc["gpu"]["memory_bytes"]
+    for r in doc["fits"] + doc["does_not_fit"]:
+        if r["total_bytes"] is None:
+            assert not r["near_boundary"]
+        elif r["fits"]:
+            assert r["near_boundary"] == (r["total_bytes"] / (1 - LOW) > memory), r
+        else:
+            assert r["near_boundary"] == (r["total_bytes"] / (1 + HIGH) <= memory), r
+    row = next(r for r in doc["fits"]
+               if (r["layout"], r["checkpointing"]) == ("TP 2 x FSDP2 full 32", "none"))
+    assert row["near_boundary"]
+    code, out, _ = cli(capsys, "estimate", *args, "--gpus", "64", "--tp", "2", "--fsdp", "full",
+                       "--loop", "drops", "--optimizer", "adamw", "--json")
+    assert code == 1 and not json.loads(out)["fits"]
+    _, out, _ = cli(capsys, "plan", *args, "--gpus", "64")
+    assert "1.22 ≈" in out and "≈ within the plan's approximation" in out
+
+
 def test_when_nothing_fits_plan_finds_the_fewest_gpus_that_do(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

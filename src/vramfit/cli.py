@@ -888,7 +888,14 @@ def plan(
     ] = None,
     precision: PrecisionOpt = None,
     optimizer: OptimizerOpt = None,
-    loop: LoopOpt = None,
+    loop: Annotated[
+        Loop | None,
+        typer.Option(
+            "--loop",
+            help="hf training loop: drops (loss = model(...).loss; the default here: the loop "
+            "measured under FSDP2), trainer (transformers.Trainer) or keeps-logits.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List the multi-GPU layouts that fit --gpus GPUs, most headroom first, and why the rest
@@ -964,6 +971,7 @@ def _candidate_json(c: Any) -> dict[str, Any]:
         "total_bytes": c.total_bytes,
         "headroom_bytes": c.headroom_bytes,
         "reason": c.reason,
+        "near_boundary": c.near,  # the verdict is within the approximation (plan.LOW, HIGH)
     }
 
 

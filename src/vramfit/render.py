@@ -514,34 +514,43 @@ def render_plan(
     fits, what more GPUs would do (``more_gpus``: the plan's JSON key)."""
     wl = run.workload
     console.print(
-        f"{format_count(run.model.params or 0) if run.model.params else ''} "
+        f"{format_count(run.model.params) + ' · ' if run.model.params else ''}"
         f"{run.model.layers} layers · hidden {run.model.hidden} on {gpus} x {hardware.name} "
         f"({_gib(hardware.memory_bytes)} GiB) · batch {wl.batch} x seq {wl.seq} per replica · "
-        f"{wl.precision.value} · {wl.optimizer.value}"
+        f"{wl.precision.value} · {wl.optimizer.value} · loop {wl.loop.value}"
     )
     if any(r["fits"] for r in rows):
-        table = Table(title="Layouts that fit (rank 0, GiB)", title_justify="left")
-        for name in ("layout", "checkpointing", "peak allocated", "device total", "headroom"):
-            table.add_column(
-                name, justify="left" if name in ("layout", "checkpointing") else "right"
-            )
+        table = Table(
+            title="Layouts that fit (rank 0, GiB; ckpt: checkpointing)",
+            title_justify="left",
+        )
+        for name in ("layout", "ckpt", "peak", "total", "headroom"):
+            table.add_column(name, justify="left" if name in ("layout", "ckpt") else "right")
         for r in rows:
             if r["fits"]:
+                near = " ≈" if r["near_boundary"] else ""
                 table.add_row(
                     r["layout"], r["checkpointing"], _gib(r["peak_allocated_bytes"]),
-                    _gib(r["total_bytes"]), _gib(r["headroom_bytes"]),
+                    _gib(r["total_bytes"]), _gib(r["headroom_bytes"]) + near,
                 )
         console.print(table)
     else:
         console.print(f"[bold red]No layout fits {gpus} x {hardware.name}.[/]")
     rest = Table(title="Layouts that do not fit", title_justify="left")
     rest.add_column("layout")
-    rest.add_column("checkpointing")
+    rest.add_column("ckpt")
     rest.add_column("why")
     for r in rows:
         if not r["fits"]:
-            rest.add_row(r["layout"], r["checkpointing"], escape(r["reason"] or ""))
+            near = " ≈" if r["near_boundary"] else ""
+            rest.add_row(r["layout"], r["checkpointing"], escape(r["reason"] or "") + near)
     console.print(rest)
+    if any(r["near_boundary"] for r in rows):
+        console.print(
+            "≈ within the plan's approximation of the device total (24% under to 11% over "
+            "the full replay): the verdict may be the other one; `vramfit estimate` with the "
+            "layout decides"
+        )
     if more_gpus is not None:
         best = more_gpus["best"]
         per_replica = f"batch {wl.batch} x seq {wl.seq} per replica"

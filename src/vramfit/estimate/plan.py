@@ -34,6 +34,9 @@ from vramfit.estimate.parallel import describe
 from vramfit.estimate.params import count_params
 
 TP_MAX = 8  # tensor parallel stays inside an NVLink node (Narayanan et al. 2021, Section 3.3)
+# the device total's approximation: from 24% below to 11% above the full replay on the Llama-3
+# shapes checked (module docstring); a verdict this close to the GPU's memory may be the other
+LOW, HIGH = 0.24, 0.11
 PP_CHOICES = (1, 2, 4, 8, 16)
 
 
@@ -51,6 +54,18 @@ class Candidate:
     @property
     def layout(self) -> str:
         return describe(self.parallel)
+
+    @property
+    def near(self) -> bool:
+        """Whether the verdict is within the plan's approximation of the device total (``LOW``,
+        ``HIGH``): a fit whose full replay could exceed the GPU, or a refusal whose full replay
+        could fit it (``vramfit estimate`` replays every layer)."""
+        if self.total_bytes is None or self.headroom_bytes is None:
+            return False
+        memory = self.total_bytes + self.headroom_bytes
+        if self.headroom_bytes >= 0:
+            return self.total_bytes / (1 - LOW) > memory
+        return self.total_bytes / (1 + HIGH) <= memory
 
 
 @dataclass
