@@ -103,6 +103,33 @@ def test_seed_verdict_on_t4(capsys: pytest.CaptureFixture[str]) -> None:
     assert doc["headroom_bytes"] == doc["gpu"]["memory_bytes"] - doc["total_bytes"]
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--quant", "nf4"), ("--mode", "infer"), ("--precision", "fp32"), ("--optimizer", "sgd"),
+     ("--lora-rank", "8"), ("--gpus", "8"), ("--checkpointing", "full")],
+)
+def test_seed_refuses_what_its_formula_has_no_term_for(
+    capsys: pytest.CaptureFixture[str], option: str, value: str
+) -> None:
+    """The notebook's formula is parameters, layers, hidden, seq and batch: an option it would
+    silently ignore is an error naming it, not the same total as without it."""
+    code, _, err = run(capsys, "estimate", "--formula", "seed", "--preset", "llama-3.1-8b",
+                       option, value)
+    assert code == 2
+    assert err == (
+        f"error: {option}: --formula seed does not take it: the notebook's formula counts the "
+        "model's parameters, --layers, --hidden, --seq and --batch only\n"
+    )
+
+
+def test_seed_takes_the_architecture(capsys: pytest.CaptureFixture[str]) -> None:
+    """Architecture options change the parameter count, which the formula uses."""
+    args = ["estimate", "--formula", "seed", "--layers", "24", "--hidden", "1024", "--json"]
+    _, small = run_json(capsys, *args, "--vocab", "1000")
+    _, large = run_json(capsys, *args, "--vocab", "200000")
+    assert large["params"] > small["params"] and large["total_bytes"] > small["total_bytes"]
+
+
 # --- the default estimate: JSON schema and exit codes ---------------------------------------
 
 REQUIRED_KEYS = {

@@ -609,6 +609,16 @@ OffloadOpt = Annotated[
 # The options `estimate` and `measure` (with --train) share, in --help order: the model beyond
 # its size, the workload, fine-tuning and the multi-GPU layout. Each defaults to None (the
 # preset's value, else the config model's default).
+# the shared options that shape the workload or the layout, which the seed formula has no term
+# for (the architecture's options count the parameters, which it does use)
+SEED_IGNORES = (
+    "precision", "optimizer", "attention", "checkpointing", "mode", "gen_tokens", "kv_dtype",
+    "impl", "loop", "logits", "dropout", "clip_grad", "lora_rank", "lora_alpha", "lora_dropout",
+    "lora_targets", "quant", "quant_double", "quant_compute_dtype", "int8_threshold",
+    "int8_outliers", "gpus", "fsdp", "reshard_after_forward", "zero", "ddp", "tp", "sp", "pp",
+    "micro_batches", "offload",
+)
+
 SHARED_RUN_OPTIONS: dict[str, Any] = {
     "arch": ArchOpt,
     "heads": HeadsOpt,
@@ -840,6 +850,14 @@ def estimate(
     Exit code: 0 fits (or no --gpu), 1 does not fit, 2 bad input.
     """
     try:
+        if formula is Formula.seed:
+            ignored = next((k for k in SEED_IGNORES if shared.get(k) is not None), None)
+            if ignored is not None:
+                raise VramfitError(
+                    "--formula seed does not take it: the notebook's formula counts the model's "
+                    "parameters, --layers, --hidden, --seq and --batch only",
+                    field="--" + ignored.replace("_", "-"),
+                )
         run = _run_from_options(
             params=params,
             layers=layers,
