@@ -130,6 +130,21 @@ def test_seed_takes_the_architecture(capsys: pytest.CaptureFixture[str]) -> None
     assert large["params"] > small["params"] and large["total_bytes"] > small["total_bytes"]
 
 
+def test_an_estimate_says_which_implementation_it_used(capsys: pytest.CaptureFixture[str]) -> None:
+    """Mixtral's MoE blocks are not in the hf profile: the estimate falls back to the reference
+    loop, and its header and JSON say so (they said 'transformers mixtral'). Inference runs no
+    optimizer, so none is named."""
+    args = ["estimate", "--preset", "mixtral-8x7b", "--mode", "infer"]
+    _, doc = run_json(capsys, *args)
+    assert doc["workload"]["impl"] == "reference"
+    assert any("estimated with the reference implementation" in n for n in doc["notes"])
+    assert doc["optimizer_implementation"] is None
+    _, out, _ = run(capsys, *args)
+    assert "· reference llama ·" in out and "transformers" not in out.splitlines()[0]
+    _, doc = run_json(capsys, "estimate", "--preset", "llama-3.2-1b")
+    assert doc["workload"]["impl"] == "hf" and doc["optimizer_implementation"]
+
+
 # --- the default estimate: JSON schema and exit codes ---------------------------------------
 
 REQUIRED_KEYS = {

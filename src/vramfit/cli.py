@@ -1190,7 +1190,11 @@ def estimate_json(est: "Estimate") -> dict[str, Any]:
         "params_active": est.counts.active,
         "model": est.run.model.model_dump(mode="json"),
         "workload": est.run.workload.model_dump(mode="json"),
-        "optimizer_implementation": OPTIMIZER_IMPLEMENTATION.get(est.run.workload.optimizer.value),
+        "optimizer_implementation": (
+            OPTIMIZER_IMPLEMENTATION.get(est.run.workload.optimizer.value)
+            if est.run.workload.mode is Mode.train
+            else None  # inference runs no optimizer
+        ),
         "peak_allocated_bytes": est.peak_allocated_bytes,
         "total_bytes": est.total_bytes,
         "managed_bytes": est.managed_bytes,

@@ -119,6 +119,7 @@ def _estimate(run: RunSpec, hardware: Hardware | None) -> Estimate:
     if unsupported:
         notes.append(f"{unsupported}: estimated with the reference implementation")
         hf_impl = False
+        workload = workload.model_copy(update={"impl": Impl.reference})  # what was estimated
     par = run.parallel
     nccl = cpu = 0
     if training and not par.single:
