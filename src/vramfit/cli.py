@@ -1817,7 +1817,6 @@ def _command_name(info: typer.models.CommandInfo) -> str:
     return info.name or typer.main.get_command_name(info.callback.__name__)
 
 
-@functools.cache
 def _paragraphs(doc: str) -> str:
     """A command's docstring with each paragraph on one line. Typer prints a docstring's line
     breaks as they are (in the command list, and in every paragraph after the first), so a
@@ -1829,6 +1828,7 @@ for _info in app.registered_commands:
     _info.help = _paragraphs(_info.help or inspect.getdoc(_info.callback) or "")
 
 
+@functools.cache
 def _command(name: str | None = None) -> Any:
     """The click command typer builds from ``app`` (built once: tests call ``main`` often);
     with ``name``, a group that holds only that subcommand."""
