@@ -609,16 +609,6 @@ OffloadOpt = Annotated[
 # The options `estimate` and `measure` (with --train) share, in --help order: the model beyond
 # its size, the workload, fine-tuning and the multi-GPU layout. Each defaults to None (the
 # preset's value, else the config model's default).
-# the shared options that shape the workload or the layout, which the seed formula has no term
-# for (the architecture's options count the parameters, which it does use)
-SEED_IGNORES = (
-    "precision", "optimizer", "attention", "checkpointing", "mode", "gen_tokens", "kv_dtype",
-    "impl", "loop", "logits", "dropout", "clip_grad", "lora_rank", "lora_alpha", "lora_dropout",
-    "lora_targets", "quant", "quant_double", "quant_compute_dtype", "int8_threshold",
-    "int8_outliers", "gpus", "fsdp", "reshard_after_forward", "zero", "ddp", "tp", "sp", "pp",
-    "micro_batches", "offload",
-)
-
 SHARED_RUN_OPTIONS: dict[str, Any] = {
     "arch": ArchOpt,
     "heads": HeadsOpt,
@@ -659,6 +649,13 @@ SHARED_RUN_OPTIONS: dict[str, Any] = {
     "micro_batches": MicroOpt,
     "offload": OffloadOpt,
 }
+# the shared options that shape the workload or the layout, which the seed formula has no term
+# for: all but the architecture's, which count the parameters it does use
+SEED_IGNORES = tuple(
+    k
+    for k in SHARED_RUN_OPTIONS
+    if k not in ("arch", "heads", "kv_heads", "ffn", "vocab", "tied", "max_positions")
+)
 
 
 def _shared_run_options(after: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
