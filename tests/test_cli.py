@@ -143,6 +143,11 @@ def test_an_estimate_says_which_implementation_it_used(capsys: pytest.CaptureFix
     assert "· reference llama ·" in out and "transformers" not in out.splitlines()[0]
     _, doc = run_json(capsys, "estimate", "--preset", "llama-3.2-1b")
     assert doc["workload"]["impl"] == "hf" and doc["optimizer_implementation"]
+    # a fallback whose workload the reference loop could not validate (a paged optimizer is
+    # the hf profile's) is still an estimate, not a traceback (found by the fuzzer)
+    code, doc = run_json(capsys, "estimate", "--layers", "1", "--hidden", "64", "--mode", "infer",
+                         "--optimizer", "paged-adamw-8bit", "--kv-dtype", "fp32")
+    assert code == 0 and doc["workload"]["impl"] == "reference"
 
 
 # --- the default estimate: JSON schema and exit codes ---------------------------------------

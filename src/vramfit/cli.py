@@ -1186,7 +1186,11 @@ def estimate_json(est: "Estimate") -> dict[str, Any]:
         "params_derived": est.counts.total,
         "params_active": est.counts.active,
         "model": est.run.model.model_dump(mode="json"),
-        "workload": est.run.workload.model_dump(mode="json"),
+        # impl: what was estimated (the reference loop where the hf profile has no model)
+        "workload": {
+            **est.run.workload.model_dump(mode="json"),
+            "impl": est.implementation.value,
+        },
         "optimizer_implementation": (
             OPTIMIZER_IMPLEMENTATION.get(est.run.workload.optimizer.value)
             if est.run.workload.mode is Mode.train

@@ -87,7 +87,7 @@ def render_estimate(
             how += f" · {wl.quant.kind.value} base"
     else:
         how = f"{wl.gen_tokens} generated tokens"
-    if wl.impl.value == "hf":
+    if est.implementation.value == "hf":
         family = spec.model_type.value if spec.model_type else spec.arch.value
         loop = f" ({wl.loop.value} loop)" if wl.mode.value == "train" else ""
         impl = f"transformers {family}{loop}"

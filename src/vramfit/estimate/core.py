@@ -73,6 +73,9 @@ class Estimate:
     nccl_bytes: int = 0
     stream_reserved_bytes: dict[str, int] = field(default_factory=dict)
     cpu_bytes: int = 0
+    # whose code was estimated: the run's --impl, or the reference loop where the hf profile
+    # does not describe the model (a note says why)
+    implementation: Impl = Impl.hf
 
     @property
     def fits(self) -> bool | None:
@@ -119,7 +122,6 @@ def _estimate(run: RunSpec, hardware: Hardware | None) -> Estimate:
     if unsupported:
         notes.append(f"{unsupported}: estimated with the reference implementation")
         hf_impl = False
-        workload = workload.model_copy(update={"impl": Impl.reference})  # what was estimated
     par = run.parallel
     nccl = cpu = 0
     if training and not par.single:
@@ -198,6 +200,7 @@ def _estimate(run: RunSpec, hardware: Hardware | None) -> Estimate:
         nccl_bytes=nccl,
         stream_reserved_bytes=_stream_names(rep.reserved_by_stream) if not par.single else {},
         cpu_bytes=cpu,
+        implementation=Impl.hf if hf_impl else Impl.reference,
     )
 
 
