@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from vramfit.config import RunSpec
@@ -86,27 +86,42 @@ def test_memory_never_shrinks_when_batch_or_seq_grows(
         assert bigger.total_bytes >= base.tensor_peak_bytes + base.breakdown["cuda_context"]
 
 
+# selective's rerun tops the peak by 41,472 bytes here (the first fresh-clone run that drew it)
+SELECTIVE_RISES = RunSpec.model_validate(
+    {
+        "model": {"arch": "llama", "layers": 4, "hidden": 256, "heads": 8, "kv_heads": 1,
+                  "vocab": 100},
+        "workload": {"impl": "reference", "batch": 1, "seq": 128, "precision": "fp32",
+                     "optimizer": "adamw-fused", "attention": "flash"},
+    }
+)
+
+
 @settings(max_examples=25, deadline=None)
 @given(runs())
-def test_checkpointing_never_increases_the_peak(run: RunSpec) -> None:
-    """What a block keeps for backward only shrinks with checkpointing; the peak does too once
-    the model has a few blocks and sequences of a few head widths (below that the recompute's
-    temporaries can outweigh what it saved, in PyTorch as here)."""
+@example(SELECTIVE_RISES)
+def test_checkpointing_raises_the_peak_by_at_most_one_block(run: RunSpec) -> None:
+    """What a block keeps for backward only shrinks with checkpointing. A recompute brings back
+    one block's saved tensors at a time, so the peak rises by at most one block's saved
+    activations; with a few blocks and sequences of a few head widths it does not rise (below
+    that the recompute's temporaries can outweigh what it saved, in PyTorch as here)."""
     run = _with(run, mode="train", gen_tokens=0, kv_dtype=None, logits=None)
-    kept = sum(estimate(_with(run, checkpointing="none")).block_activation_bytes.values())
-    kept_full = sum(estimate(_with(run, checkpointing="full")).block_activation_bytes.values())
-    assert kept_full <= kept
-    if run.model.layers < 4 or run.workload.seq < 4 * (run.model.resolved().head_dim or 0):
-        # with one block, or a sequence shorter than a few head widths, the recompute's
-        # temporaries (an attention kernel's s x head_dim scratch) can outweigh what it saved
-        return
-    none = estimate(_with(run, checkpointing="none")).tensor_peak_bytes
-    full = estimate(_with(run, checkpointing="full")).tensor_peak_bytes
+    none = estimate(_with(run, checkpointing="none"))
+    full = estimate(_with(run, checkpointing="full"))
+    kept = none.block_activation_bytes
+    assert sum(full.block_activation_bytes.values()) <= sum(kept.values())
     # the recompute runs biased matmuls on autograd's thread: one more cuBLASLt workspace
-    assert full <= none + CUBLASLT_WORKSPACE_BYTES
+    full_rise = full.tensor_peak_bytes - none.tensor_peak_bytes - CUBLASLT_WORKSPACE_BYTES
+    assert full_rise <= sum(kept.values())
     if run.workload.impl.value == "reference":
-        selective = estimate(_with(run, checkpointing="selective")).tensor_peak_bytes
-        assert selective <= none
+        # selective reruns the attention core, whose first-run output the reference program
+        # frees only with the kernel's backward: block 0's rerun can top a peak that falls at
+        # the end of the backward (measured order; seen at 4 layers, seq = 4 head widths)
+        selective = estimate(_with(run, checkpointing="selective"))
+        assert selective.block_activation_bytes["attention"] <= kept["attention"]
+        assert selective.tensor_peak_bytes - none.tensor_peak_bytes <= kept["attention"]
+    if run.model.layers >= 4 and run.workload.seq >= 4 * (run.model.resolved().head_dim or 0):
+        assert full_rise <= 0
 
 
 @settings(max_examples=25, deadline=None)
