@@ -525,7 +525,7 @@ ERRORS = [
     ),
     (["estimate", "--params", "1B", "--solve", "batch"], "--solve: needs --gpu"),
     (["frobnicate"], "command: no such command 'frobnicate'; run 'vramfit --help' to list them"),
-    (["import-hf"], "CONFIG_PATH: missing"),
+    (["import-hf"], "CONFIG: missing"),
     (["presets", "--yaml"], "--yaml: no such option"),
     (["measure", "--seq", "128"], "--seq: only with --train"),
     (["measure", "--preset", "gpt2"], "--preset: only with --train"),

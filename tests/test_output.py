@@ -312,40 +312,49 @@ def _broken_short(lines: list[str], width: int) -> list[str]:
     ]
 
 
-def _command_cells(out: str) -> list[list[str]]:
-    """The description of each command in the group help's Commands panel, as its lines."""
-    panel = out.split("─ Commands ", 1)[1].split("╰", 1)[0].splitlines()[1:]
-    inner = [line.strip()[1:-1] for line in panel]  # within the box's │ ... │
-    at = len(inner[0]) - len(inner[0][1:].lstrip(" ").split("  ", 1)[1].lstrip(" "))
+def _definition_cells(out: str) -> list[list[str]]:
+    """The text of each entry of the help's definition lists (Options:, Commands:), as its
+    lines: click writes an entry's name, then its text wrapped in a column of its own (on the
+    next lines when the name is too wide)."""
     cells: list[list[str]] = []
-    for line in inner:
-        if line[:at].strip():  # a command's name: its description starts here
-            cells.append([])
-        cells[-1].append(line[at:].rstrip())
+    listing = False
+    for line in out.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            listing = line in ("Arguments:", "Options:", "Commands:")
+        elif not listing or not line.strip():
+            listing = listing and bool(line.strip())
+        elif line[2] != " ":  # a name, and its text where it fits beside it
+            text = re.split(r"\s{2,}", line.strip(), maxsplit=1)
+            cells.append(text[1:])
+        else:
+            cells[-1].append(line.strip())
     return cells
 
 
-@pytest.mark.parametrize("name", ["", "estimate", "plan", "check", "measure", "import-hf"])
-def test_help_prose_is_wrapped_at_80_columns(
+@pytest.mark.parametrize(
+    "name", ["", "estimate", "plan", "gpus", "presets", "check", "measure", "import-hf"]
+)
+def test_help_is_whole_and_wrapped_at_80_columns(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
-    """Typer prints a docstring's own line breaks; the commands' help reflows each paragraph
-    (cli._paragraphs), so none breaks short at 80 columns."""
-    import typer.rich_utils
-
+    """Every help screen fits 80 columns with nothing cut short ("..." or "…"): option names,
+    their text and the command list's sentences whole, each paragraph wrapped at the width
+    rather than at the docstring's own line breaks (cli._paragraphs)."""
     monkeypatch.setenv("COLUMNS", "80")
-    # typer reads TERMINAL_WIDTH once, when its rich_utils is first imported
-    monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", None)
     _, out, _ = run(capsys, *([name] if name else []), "--help")
-    assert max(map(len, out.splitlines())) <= 80
-    prose = out.split("Usage:", 1)[1].split("╭", 1)[0].splitlines()[1:]
-    assert not _broken_short(prose, 78), out
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= 80, out
+    cut = [line for line in lines[1:] if line.endswith(("...", "…")) or "…" in line]
+    assert not cut, out
+    prose = list(itertools.takewhile(lambda line: not re.match(r"\S.*:$", line), lines[1:]))
+    assert not _broken_short(prose, 76), out  # click: 78 columns, indented by 2
+    cells = _definition_cells(out)
+    assert len(cells) >= 2 and all(cells), out
+    width = max(len(line) for cell in cells for line in cell)
+    for cell in cells:
+        assert not _broken_short(cell, width), out
     if not name:
-        cells = _command_cells(out)
-        assert len(cells) == 7
-        width = max(len(line) for cell in cells for line in cell)
-        for cell in cells:
-            assert not _broken_short(cell, width), out
+        assert len(cells) == 2 + 7  # --version, --help and the seven commands
 
 
 def test_solve_lists_its_choices_in_help(

@@ -72,6 +72,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's own help layout: two columns that wrap at the terminal's width (at most 80),
+    # where rich's panel cut option names and help text short at 80 columns
+    rich_markup_mode=None,
 )
 
 EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_BAD_INPUT = 0, 1, 2
@@ -404,8 +407,10 @@ OptimizerOpt = Annotated[
     Optimizer | None,
     typer.Option(
         "--optimizer",
-        help="Optimizer; adamw is torch.optim.AdamW's default (foreach) (default: adamw-fused "
-        "with --loop trainer, as the Trainer's adamw_torch_fused; else adamw).",
+        metavar="<name>",
+        help=f"Optimizer: {', '.join(o.value for o in Optimizer)}; adamw is torch.optim.AdamW's "
+        "default (foreach) (default: adamw-fused with --loop trainer, as the Trainer's "
+        "adamw_torch_fused; else adamw).",
     ),
 ]
 AttentionOpt = Annotated[
@@ -1329,7 +1334,9 @@ def check(
     paths: Annotated[
         list[Path] | None,
         typer.Argument(
-            help="Preset files or folders of them (default: presets/).", show_default=False
+            metavar="PATH",
+            help="Preset files or folders of them (default: presets/).",
+            show_default=False,
         ),
     ] = None,
 ) -> None:
@@ -1363,7 +1370,9 @@ def check(
 def import_hf(
     config_path: Annotated[
         Path,
-        typer.Argument(help="A local Hugging Face config.json, or the folder holding it."),
+        typer.Argument(
+            metavar="CONFIG", help="A local Hugging Face config.json, or the folder holding it."
+        ),
     ],
 ) -> None:
     """Print a preset YAML for a Hugging Face config.json (save it and pass it to --preset)."""
@@ -1617,7 +1626,7 @@ def measure(
     catalog peak. With --train: the model of the estimate options, run for --steps steps,
     predicted against measured per phase.
 
-    Needs torch: pip install 'vramfit\\[measure]'. Exit code: 0 measured, 1 out of memory,
+    Needs torch: pip install 'vramfit[measure]'. Exit code: 0 measured, 1 out of memory,
     2 bad input / no torch / no CUDA.
     """
     options = {**locals(), **shared}  # every option by parameter name
@@ -1798,7 +1807,8 @@ def usage_error_line(err: TyperException) -> str:
     message = str(getattr(err, "message", "") or "")
     if param is not None:
         opts = [o for o in getattr(param, "opts", []) if o.startswith("--")]
-        field = opts[0] if opts else str(getattr(param, "name", "argument")).upper()
+        named = getattr(param, "metavar", None) or getattr(param, "name", None) or "argument"
+        field = opts[0] if opts else str(named).upper()  # as the usage line names it
         if not message:
             return f"{field}: missing"
         return f"{field}: {_sentence(message)}"
@@ -1819,14 +1829,16 @@ def _command_name(info: typer.models.CommandInfo) -> str:
 
 
 def _paragraphs(doc: str) -> str:
-    """A command's docstring with each paragraph on one line. Typer prints a docstring's line
-    breaks as they are (in the command list, and in every paragraph after the first), so a
-    docstring wrapped for the source would print lines broken short in the terminal."""
+    """A command's docstring with each paragraph on one line, for click to wrap at the
+    terminal's width (a docstring wrapped for the source would otherwise break short)."""
     return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
 
 
 for _info in app.registered_commands:
     _info.help = _paragraphs(_info.help or inspect.getdoc(_info.callback) or "")
+    # the command list shows the whole first sentence, wrapped, where click would cut it at
+    # the column's width with "..."
+    _info.short_help = _info.help.split("\n\n", 1)[0]
 
 
 @functools.cache
