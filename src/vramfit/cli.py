@@ -1035,7 +1035,7 @@ def sharding_note(est: "Estimate") -> list[str]:
     need sharded (FSDP2 full, ZeRO-3: weights, gradients and optimizer state spread over every
     rank, ``plan.state_bytes_per_param``), and the plan to ask for."""
     from vramfit.config import Mode
-    from vramfit.estimate.plan import state_bytes_per_param
+    from vramfit.estimate.plan import ranks_for_states, state_bytes_per_param
 
     run, hardware = est.run, est.hardware
     w = run.workload
@@ -1044,7 +1044,7 @@ def sharding_note(est: "Estimate") -> list[str]:
     if not run.parallel.single or w.lora is not None or w.quant is not None:
         return []
     per_param = state_bytes_per_param(w)
-    least = -(-per_param * est.counts.total // hardware.memory_bytes)
+    least = ranks_for_states(per_param, est.counts.total, hardware)
     if least < 2:  # the states fit one GPU: what does not is the activations
         return []
     gpus = 1 << (least - 1).bit_length()  # a power of two: plan's layouts divide it

@@ -501,6 +501,11 @@ def measure_progress(console: Console) -> Iterator[Callable[[str, int, int], Non
         yield on_progress
 
 
+def _near(row: dict) -> str:
+    """The mark of a plan row whose verdict lies within the plan's approximation."""
+    return " ≈" if row["near_boundary"] else ""
+
+
 def render_plan(
     console: Console,
     run: Any,
@@ -528,10 +533,9 @@ def render_plan(
             table.add_column(name, justify="left" if name in ("layout", "ckpt") else "right")
         for r in rows:
             if r["fits"]:
-                near = " ≈" if r["near_boundary"] else ""
                 table.add_row(
                     r["layout"], r["checkpointing"], _gib(r["peak_allocated_bytes"]),
-                    _gib(r["total_bytes"]), _gib(r["headroom_bytes"]) + near,
+                    _gib(r["total_bytes"]), _gib(r["headroom_bytes"]) + _near(r),
                 )
         console.print(table)
     else:
@@ -542,8 +546,7 @@ def render_plan(
     rest.add_column("why")
     for r in rows:
         if not r["fits"]:
-            near = " ≈" if r["near_boundary"] else ""
-            rest.add_row(r["layout"], r["checkpointing"], escape(r["reason"] or "") + near)
+            rest.add_row(r["layout"], r["checkpointing"], escape(r["reason"] or "") + _near(r))
     console.print(rest)
     if any(r["near_boundary"] for r in rows):
         console.print(

@@ -331,6 +331,12 @@ class MoreGpus:
     gpus_tried: tuple[int, ...]
 
 
+def ranks_for_states(per_param: int, params: int, hardware: Hardware) -> int:
+    """The fewest ranks whose GPUs hold ``per_param`` bytes of model state for each of
+    ``params`` parameters, sharded evenly over them, before any activation."""
+    return -(-per_param * params // hardware.memory_bytes)
+
+
 def more_gpus(spec: ModelSpec, w: Workload, gpus: int, hardware: Hardware) -> MoreGpus:
     """The fewest ranks, doubling from ``gpus``, at which some layout fits.
 
@@ -341,9 +347,10 @@ def more_gpus(spec: ModelSpec, w: Workload, gpus: int, hardware: Hardware) -> Mo
     replica's activations, so one too big for a GPU stays too big however many there are."""
     from vramfit.config import MAX_GPUS
 
-    least = min(state_bytes_per_param(w), 16) * count_params(spec.resolved()).total
+    per_param = min(state_bytes_per_param(w), 16)
+    least = ranks_for_states(per_param, count_params(spec.resolved()).total, hardware)
     n, tried = gpus * 2, []
-    while n <= MAX_GPUS and least / n > hardware.memory_bytes:
+    while n <= MAX_GPUS and n < least:
         n *= 2
     while n <= MAX_GPUS and len(tried) < MORE_GPUS_TRIES:
         tried.append(n)
