@@ -414,6 +414,32 @@ def test_when_nothing_fits_plan_finds_the_fewest_gpus_that_do(
     assert code == 1 and "lower --seq or --batch" in " ".join(out.split())
 
 
+def test_plan_times_the_larger_world_sizes_it_planned_too(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The elapsed time a plan reports is the whole search's: when nothing fits, the plans of
+    the larger world sizes it went on to try are most of it."""
+    import vramfit.estimate.plan as plan
+
+    ticks = iter(range(100))
+    monkeypatch.setattr("time.perf_counter", lambda: float(next(ticks)))
+    real = plan.more_gpus
+
+    def more_gpus(*args: Any) -> Any:
+        next(ticks), next(ticks)  # two seconds go by on the fake clock
+        return real(*args)
+
+    monkeypatch.setattr(plan, "more_gpus", more_gpus)
+    code, out, _ = cli(capsys, "plan", "--preset", "llama-3.1-70b", "--gpu", "H100", "--gpus",
+                       "8", "--json")
+    doc = json.loads(out)
+    assert code == 1 and doc["more_gpus"]["gpus_tried"] and doc["elapsed_s"] == 3.0
+    code, out, _ = cli(capsys, "plan", "--preset", "llama-3.1-70b", "--gpu", "H100", "--gpus",
+                       "8")
+    tried = ", ".join(map(str, doc["more_gpus"]["gpus_tried"]))
+    assert f"layouts (and those of {tried} GPUs) in 3.00 s" in " ".join(out.split())
+
+
 def test_tensor_parallel_divides_attention_and_mlp_not_the_norms() -> None:
     """Korthikanti et al. 2022, Section 4.2 / Table 2: with tensor parallelism over t ranks the
     attention and MLP activations are divided by t, the layer-norm inputs, dropout masks and

@@ -943,8 +943,8 @@ def plan(
         assert hardware is not None
         started = time.perf_counter()
         result = make_plan(run.model, run.workload, gpus, hardware)
-        elapsed = time.perf_counter() - started
         more = None if result.fits else more_gpus(run.model, run.workload, gpus, hardware)
+        elapsed = time.perf_counter() - started  # the larger world sizes' plans included
     except VramfitError as err:
         _fail(err)
         return

@@ -571,8 +571,10 @@ def render_plan(
                 "tensor parallelism stops at 8, and data parallelism does not shrink a "
                 "replica's activations): lower --seq or --batch."
             )
+    larger = more_gpus["gpus_tried"] if more_gpus else []
+    also = f" (and those of {', '.join(map(str, larger))} GPUs)" if larger else ""
     console.print(
-        f"[yellow]note:[/] {len(rows)} layouts in {elapsed_s:.2f} s; peaks extrapolated from 3- "
-        "and 4-layer replays, device totals approximate: confirm with `vramfit estimate`. "
+        f"[yellow]note:[/] {len(rows)} layouts{also} in {elapsed_s:.2f} s; peaks extrapolated "
+        "from 3- and 4-layer replays, device totals approximate: confirm with `vramfit estimate`. "
         "FSDP2 is measured (fake process group); ZeRO, DDP, TP and PP are modelled only."
     )
