@@ -14,8 +14,14 @@ import os
 import sys
 from typing import Any
 
-import pytest
-from hypothesis import HealthCheck, settings
+# One intra-op thread per test process, set before anything imports torch: under pytest-xdist
+# every CPU runs a worker, and torch's default of a thread per CPU (OpenMP threads that spin
+# while they wait) oversubscribes them; the five torch-heavy files took 44-47 s on two cores
+# that way and 25-26 s with one thread each. An explicit setting is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "ci", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
