@@ -91,6 +91,35 @@ def test_suggestions_offer_bf16_where_it_is_fast(capsys: pytest.CaptureFixture[s
 @pytest.mark.parametrize(
     "args",
     [
+        [],  # the single changes, then combined ones: their first step is a single change
+        ["--mode", "infer", "--gen-tokens", "512", "--batch", "64"],  # and --kv-dtype priced
+    ],
+    ids=["train", "infer"],
+)
+def test_suggestions_estimate_each_run_once(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    """Pricing what would help estimates every run it prices once, the command's own run not
+    again: 9 estimates where there were 11 for Llama-3.1-405B on an H100."""
+    import vramfit.estimate.core as core
+    import vramfit.estimate.solve as solve
+
+    real, asked = core.estimate, []
+
+    def estimate(run: object, hardware: object = None) -> object:
+        asked.append(run.model_dump_json())  # type: ignore[attr-defined]
+        return real(run, hardware)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(core, "estimate", estimate)
+    monkeypatch.setattr(solve, "estimate", estimate)
+    code, out, _ = run(capsys, "estimate", "--preset", "llama-3.2-1b", "--gpu", "T4", *args)
+    assert code == 1 and len(_suggestions(out)) >= 3
+    assert len(asked) == len(set(asked)) >= 4, len(asked)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
         # on four GPUs: each change is priced in the same layout, and LoRA is not offered
         # (multi-GPU layouts are modelled without adapters)
         ["--gpus", "4", "--fsdp", "full", "--seq", "4096"],

@@ -1097,14 +1097,14 @@ def _apply_change(run: RunSpec, change: str) -> RunSpec:
     return RunSpec(model=run.model, workload=workload, parallel=run.parallel)
 
 
-def honest_suggestions(run: RunSpec, hardware: "Hardware") -> list[Any]:
+def honest_suggestions(run: RunSpec, hardware: "Hardware", est: "Estimate") -> list[Any]:
     """``estimate.solve.suggestions``, kept to dtypes the GPU runs fast (on a GPU without bf16
     tensor cores, ``--precision bf16`` becomes ``fp16``, which needs the same memory), and for
-    inference with a KV cache, a smaller ``--kv-dtype`` too."""
-    from vramfit.estimate.core import estimate as run_estimate
-    from vramfit.estimate.solve import Suggestion, suggestions
+    inference with a KV cache, a smaller ``--kv-dtype`` too. ``est``: ``run``'s estimate."""
+    from vramfit.estimate.solve import Suggestion, Totals, suggestions
 
     fast = _fast_dtypes(hardware) or {"fp16", "bf16"}
+    totals = Totals(hardware, (run, est))  # each run estimated once, this one not again
 
     def priced(change: str) -> Suggestion | None:
         """The change's total, or None where the run cannot take it (an 8-bit KV cache with
@@ -1113,11 +1113,11 @@ def honest_suggestions(run: RunSpec, hardware: "Hardware") -> list[Any]:
             changed = _apply_change(run, change)
         except (ValueError, VramfitError):  # pydantic's ValidationError is a ValueError
             return None
-        total = run_estimate(changed, hardware).total_bytes
+        total = totals(changed)
         return Suggestion(change, total, total <= hardware.memory_bytes)
 
     tips = []
-    for tip in suggestions(run, hardware):
+    for tip in suggestions(run, hardware, totals):
         if "bf16" in tip.change and "bf16" not in fast:
             if "fp16" not in fast:
                 continue
@@ -1134,7 +1134,7 @@ def honest_suggestions(run: RunSpec, hardware: "Hardware") -> list[Any]:
         # int8): fp8 where the GPU has fp8 tensor cores, else int8 where it has int8 ones
         smaller = next((d for d in ("fp8", "int8") if d in fast), None)
         if smaller is not None:
-            current = run_estimate(run, hardware).total_bytes
+            current = totals(run)
             kv = priced(f"--kv-dtype {smaller}")
             if kv is not None and kv.total_bytes < current:
                 if not any(tip.fits for tip in tips) and tips:
@@ -1159,7 +1159,7 @@ def _default(run: RunSpec, hardware: "Hardware | None", as_json: bool) -> None:
 
         tips = []
         if hardware is not None and est.fits is False:
-            tips = honest_suggestions(run, hardware)
+            tips = honest_suggestions(run, hardware, est)
         render_estimate(_console(), est, tips, notes)
     raise typer.Exit(EXIT_DOES_NOT_FIT if est.fits is False else EXIT_FITS)
 

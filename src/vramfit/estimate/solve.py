@@ -204,6 +204,27 @@ def _crossing(g: Callable[[int], int], lo: int, hi: int, limit: int) -> int:
     return lo
 
 
+class Totals:
+    """Device totals on ``hardware``, one estimate per distinct run: pricing suggestions asks
+    for some runs more than once (the run itself, a single change that is also the first
+    step of the combined ones, an alternative the caller prices again). ``known``: a run
+    already estimated on the same hardware, and its estimate."""
+
+    def __init__(
+        self, hardware: Hardware, known: tuple[RunSpec, Estimate] | None = None
+    ) -> None:
+        self.hardware = hardware
+        self._totals: dict[str, int] = {}
+        if known is not None:
+            self._totals[known[0].model_dump_json()] = known[1].total_bytes
+
+    def __call__(self, run: RunSpec) -> int:
+        key = run.model_dump_json()
+        if key not in self._totals:
+            self._totals[key] = estimate(run, self.hardware).total_bytes
+        return self._totals[key]
+
+
 @dataclass(frozen=True)
 class Suggestion:
     """One change to the run and the total it would lead to."""
@@ -213,10 +234,14 @@ class Suggestion:
     fits: bool
 
 
-def suggestions(run: RunSpec, hardware: Hardware) -> list[Suggestion]:
+def suggestions(
+    run: RunSpec, hardware: Hardware, totals: Totals | None = None
+) -> list[Suggestion]:
     """Single changes that lower the total, those that fit first, then by total. When none
-    fits alone, the changes are combined greedily (largest saving first) until one does."""
-    out, changes = _single_changes(run, hardware)
+    fits alone, the changes are combined greedily (largest saving first) until one does.
+    ``totals``: the caller's, to share its estimates (on ``hardware``)."""
+    totals = totals or Totals(hardware)
+    out, changes = _single_changes(run, totals)
     if out and not any(s.fits for s in out):
         combined, names = run, []
         for suggestion in sorted(out, key=lambda s: s.total_bytes):
@@ -227,7 +252,7 @@ def suggestions(run: RunSpec, hardware: Hardware) -> list[Suggestion]:
             for option in ("--" + o.strip() for o in suggestion.change.split("--") if o.strip()):
                 if option not in names:
                     names.append(option)
-            total = estimate(combined, hardware).total_bytes
+            total = totals(combined)
             if total <= hardware.memory_bytes:
                 out.insert(0, Suggestion(" ".join(names), total, True))
                 break
@@ -306,9 +331,9 @@ def _quantized_inference(run: RunSpec) -> list[tuple[str, RunSpec]]:
 
 
 def _single_changes(
-    run: RunSpec, hardware: Hardware
+    run: RunSpec, totals: Totals
 ) -> tuple[list[Suggestion], dict[str, dict[str, object]]]:
-    w = run.workload
+    w, hardware = run.workload, totals.hardware
     candidates: list[tuple[str, RunSpec]] = []
     if w.mode is Mode.train:
         if w.checkpointing is not Checkpointing.full:
@@ -334,10 +359,10 @@ def _single_changes(
         candidates.append(
             (f"--batch {max(1, w.batch // 2)}", _with(run, batch=max(1, w.batch // 2)))
         )
-    current = estimate(run, hardware).total_bytes
+    current = totals(run)
     out, changes = [], {}
     for change, changed in candidates:
-        total = estimate(changed, hardware).total_bytes
+        total = totals(changed)
         if total < current:
             out.append(Suggestion(change, total, total <= hardware.memory_bytes))
             changes[change] = {
