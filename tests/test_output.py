@@ -350,8 +350,10 @@ def _definition_cells(out: str) -> list[list[str]]:
     for line in out.splitlines():
         if line.endswith(":") and not line.startswith(" "):
             listing = line in ("Arguments:", "Options:", "Commands:")
-        elif not listing or not line.strip():
-            listing = listing and bool(line.strip())
+        elif not line.strip():  # a list ends at a blank line
+            listing = False
+        elif not listing:
+            continue
         elif line[2] != " ":  # a name, and its text where it fits beside it
             text = re.split(r"\s{2,}", line.strip(), maxsplit=1)
             cells.append(text[1:])
@@ -373,7 +375,7 @@ def test_help_is_whole_and_wrapped_at_80_columns(
     _, out, _ = run(capsys, *([name] if name else []), "--help")
     lines = out.splitlines()
     assert max(map(len, lines)) <= 80, out
-    cut = [line for line in lines[1:] if line.endswith(("...", "…")) or "…" in line]
+    cut = [line for line in lines[1:] if line.endswith("...") or "…" in line]
     assert not cut, out
     prose = list(itertools.takewhile(lambda line: not re.match(r"\S.*:$", line), lines[1:]))
     assert not _broken_short(prose, 76), out  # click: 78 columns, indented by 2
