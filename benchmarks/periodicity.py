@@ -35,7 +35,7 @@ BLOCK = re.compile(r"block (\d+) ")
 
 
 def _free_sizes(alloc: CachingAllocator) -> tuple[tuple[int, int], ...]:
-    sizes = Counter(size for pool in alloc._free.values() for size, _, _ in pool)
+    sizes = Counter(size for _, _, pool in alloc.pools() for size, _, _ in pool.entries())
     return tuple(sorted(sizes.items()))
 
 

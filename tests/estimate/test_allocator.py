@@ -18,11 +18,11 @@ from vramfit.estimate.allocator import CachingAllocator, round_size, segment_siz
 
 def _release(alloc: CachingAllocator, address: int, size: int) -> None:
     """``empty_cache`` returned the segment at ``address``: it must be one free block."""
-    for pool in alloc._free.values():
-        for i, (free_size, free_address, block) in enumerate(pool):
+    for _, _, pool in alloc.pools():
+        for free_size, free_address, block in pool.entries():
             if free_address == address and block.prev is None and block.next is None:
                 assert free_size == size
-                del pool[i]
+                pool.remove(block)
                 alloc._segments.remove(block)
                 alloc.reserved -= size
                 return

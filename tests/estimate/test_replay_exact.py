@@ -240,5 +240,7 @@ def test_the_allocator_is_the_plain_allocator(ops: list[tuple[bool, int, int]]) 
             plain.reserved,
             plain.peak_allocated,
         )
-        fast_free = sorted((small, a, s) for small, pool in fast._free.items() for s, a, _ in pool)
+        fast_free = sorted(
+            (small, a, s) for _, small, pool in fast.pools() for s, a, _ in pool.entries()
+        )
         assert fast_free == plain.free_blocks()

@@ -60,7 +60,7 @@ class _Block:
         address: int,
         size: int,
         small: bool,
-        pool: list[tuple[int, int, _Block]],
+        pool: _Pool,
         prev: _Block | None = None,
         next: _Block | None = None,  # noqa: A002 (the allocator's own name for the link)
     ) -> None:
@@ -71,7 +71,52 @@ class _Block:
         self.free = True
         self.prev = prev
         self.next = next
-        self.pool = pool  # the free list it returns to
+        self.pool = pool  # the pool it returns to
+
+
+class _Pool:
+    """One pool's free blocks in the allocator's order (``BlockComparatorSize``: size, then
+    address): the distinct sizes in order, each size's block addresses in order, and the
+    blocks by address.
+
+    A pool holds many blocks of few sizes (a 512-layer step's large pool: some 1,450 free
+    blocks of about 11 sizes), so best fit bisects the sizes and takes the first address of
+    the size it finds, rather than bisecting (size, address) pairs over every block."""
+
+    __slots__ = ("sizes", "addresses", "blocks")
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.addresses: dict[int, list[int]] = {}  # size -> addresses of its free blocks
+        self.blocks: dict[int, _Block] = {}  # address -> free block
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def entries(self) -> list[tuple[int, int, _Block]]:
+        """``(size, address, block)`` of every free block, in the allocator's order."""
+        blocks, addresses = self.blocks, self.addresses
+        return [(s, a, blocks[a]) for s in self.sizes for a in addresses[s]]
+
+    def add(self, block: _Block) -> None:
+        size, address = block.size, block.address
+        same = self.addresses.get(size)
+        if same is None:
+            self.addresses[size] = [address]
+            insort(self.sizes, size)
+        else:
+            insort(same, address)
+        self.blocks[address] = block
+
+    def remove(self, block: _Block) -> None:
+        size, address = block.size, block.address
+        same = self.addresses[size]
+        if len(same) == 1:
+            del self.addresses[size]
+            del self.sizes[bisect_left(self.sizes, size)]
+        else:
+            del same[bisect_left(same, address)]
+        del self.blocks[address]
 
 
 @dataclass
@@ -83,11 +128,11 @@ class CachingAllocator:
     peak_allocated: int = 0
     reserved_peak: int = 0
     _floor: int = 1 << 62  # the lowest segment address so far: new segments go below it
-    _free: dict[bool, list[tuple[int, int, _Block]]] = field(
-        default_factory=lambda: {True: [], False: []}
-    )  # small pool?, sorted (size, address, block): the default stream's
+    _free: dict[bool, _Pool] = field(
+        default_factory=lambda: {True: _Pool(), False: _Pool()}
+    )  # small pool? -> the default stream's pool
     _live: dict[int, _Block] = field(default_factory=dict)
-    _streams: dict[int, dict[bool, list[tuple[int, int, _Block]]]] = field(default_factory=dict)
+    _streams: dict[int, dict[bool, _Pool]] = field(default_factory=dict)
     reserved_by_stream: dict[int, int] = field(default_factory=dict)
     _segments: list[_Block] = field(default_factory=list)  # each segment's first block
 
@@ -98,14 +143,23 @@ class CachingAllocator:
             while block is not None:
                 block.prev, block = None, block.next
 
+    def pools(self) -> list[tuple[int, bool, _Pool]]:
+        """``(stream, small, pool)`` of every pool: the default stream's, then the others' in
+        stream order."""
+        pools = [(0, small, pool) for small, pool in self._free.items()]
+        for stream, by_size in sorted(self._streams.items()):
+            pools += [(stream, small, pool) for small, pool in by_size.items()]
+        return pools
+
     def state(self) -> tuple[int, int, list[tuple[int, bool, list[tuple[int, int]]]]]:
         """Reserved and allocated bytes and every pool's free blocks ``(size, address)``.
 
         Between two steps (nothing live but tensors never freed) this is all that decides
         the allocator's next moves: the live blocks are the rest of the segments."""
-        pools = [(0, small, [(s, a) for s, a, _ in pool]) for small, pool in self._free.items()]
-        for stream, by_size in sorted(self._streams.items()):
-            pools += [(stream, small, [(s, a) for s, a, _ in p]) for small, p in by_size.items()]
+        pools = [
+            (stream, small, [(s, a) for s, a, _ in pool.entries()])
+            for stream, small, pool in self.pools()
+        ]
         return self.reserved, self.allocated, pools
 
     def malloc(
@@ -126,19 +180,28 @@ class CachingAllocator:
     def take(self, size: int, stream: int = 0, segment_address: int | None = None) -> _Block:
         """``malloc`` without a handle: the block itself, for ``give`` (a replay holds the
         blocks it allocates rather than looking each up by handle)."""
-        # round_size and segment_size, inlined: this is the estimator's innermost loop
+        # round_size, segment_size and the pool's own methods, inlined: this is the
+        # estimator's innermost loop
         size = -(-size // MIN_BLOCK) * MIN_BLOCK if size > MIN_BLOCK else MIN_BLOCK
         small = size <= SMALL_SIZE
         if stream:
             pools = self._streams.get(stream)
             if pools is None:
-                pools = self._streams[stream] = {True: [], False: []}
+                pools = self._streams[stream] = {True: _Pool(), False: _Pool()}
             pool = pools[small]
         else:
             pool = self._free[small]
-        i = bisect_left(pool, (size, -1))
-        if i < len(pool):
-            block = pool.pop(i)[2]
+        sizes = pool.sizes
+        i = bisect_left(sizes, size)
+        if i < len(sizes):  # best fit: the smallest size that fits, its lowest address
+            fit = sizes[i]
+            same = pool.addresses[fit]
+            if len(same) == 1:
+                del pool.addresses[fit]
+                del sizes[i]
+                block = pool.blocks.pop(same[0])
+            else:
+                block = pool.blocks.pop(same.pop(0))
         else:
             if small:
                 seg = SMALL_BUFFER
@@ -161,12 +224,19 @@ class CachingAllocator:
         remaining = block.size - size
         if (remaining >= MIN_BLOCK) if small else (remaining > SMALL_SIZE):
             after = block.next
-            rest = _Block(block.segment, block.address + size, remaining, small, pool, block, after)
+            address = block.address + size
+            rest = _Block(block.segment, address, remaining, small, pool, block, after)
             if after is not None:
                 after.prev = rest
             block.next = rest
             block.size = size
-            insort(pool, (remaining, rest.address, rest))
+            same = pool.addresses.get(remaining)
+            if same is None:
+                pool.addresses[remaining] = [address]
+                insort(sizes, remaining)
+            else:
+                insort(same, address)
+            pool.blocks[address] = rest
         block.free = False
         allocated = self.allocated + block.size
         self.allocated = allocated
@@ -177,12 +247,12 @@ class CachingAllocator:
     def empty_cache(self) -> None:
         """``torch.cuda.empty_cache``: return every segment that is one free block, in every
         stream's pools (``release_cached_blocks``); a segment with any block in use stays."""
-        for stream, pools in [(0, self._free), *self._streams.items()]:
-            for pool in pools.values():
-                whole = sum(size for size, _, b in pool if b.prev is None and b.next is None)
-                self.reserved -= whole
-                self.reserved_by_stream[stream] = self.reserved_by_stream.get(stream, 0) - whole
-                pool[:] = [e for e in pool if e[2].prev is not None or e[2].next is not None]
+        for stream, _, pool in self.pools():
+            whole = [b for b in pool.blocks.values() if b.prev is None and b.next is None]
+            for block in whole:
+                pool.remove(block)
+                self.reserved -= block.size
+                self.reserved_by_stream[stream] -= block.size
         # a segment's first block is one free block exactly when the segment was returned
         self._segments = [b for b in self._segments if not (b.free and b.next is None)]
 
@@ -192,18 +262,17 @@ class CachingAllocator:
         pool = block.pool
         block.free = True
         before, after = block.prev, block.next
-        # equal sizes go lowest address first (BlockComparatorSize: stream, size, ptr)
         if before is not None and before.free:
-            del pool[bisect_left(pool, (before.size, before.address))]
+            pool.remove(before)
             before.size += block.size
             before.next = after
             if after is not None:
                 after.prev = before
             block = before
         if after is not None and after.free:
-            del pool[bisect_left(pool, (after.size, after.address))]
+            pool.remove(after)
             block.size += after.size
             block.next = after.next
             if after.next is not None:
                 after.next.prev = block
-        insort(pool, (block.size, block.address, block))
+        pool.add(block)
