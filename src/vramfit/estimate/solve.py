@@ -120,8 +120,9 @@ def solve_max(run: RunSpec, hardware: Hardware, field: SolveField) -> Solution:
     elif limit >= 1 and excess(1) <= 0:
         low = _crossing(excess, 1, start, limit)
     # the bound: the total is at least peak + context, and the peak is monotone, so no value
-    # above the last one whose peak + context fit the GPU can fit (low itself fits)
-    if limit < 1 or floor_excess(1) > 0:
+    # above the last one whose peak + context fit the GPU can fit (low itself fits: when
+    # low >= 1, so does 1's peak + context, without estimating 1)
+    if limit < 1 or (low == 0 and floor_excess(1) > 0):
         bound = 0
     else:
         start = max(v for v in seen if floor_excess(v) <= 0)
