@@ -1117,7 +1117,7 @@ def honest_suggestions(run: RunSpec, hardware: "Hardware", est: "Estimate") -> l
         return Suggestion(change, total, total <= hardware.memory_bytes)
 
     tips = []
-    for tip in suggestions(run, hardware, totals):
+    for tip in suggestions(run, totals):
         if "bf16" in tip.change and "bf16" not in fast:
             if "fp16" not in fast:
                 continue

@@ -235,13 +235,12 @@ class Suggestion:
     fits: bool
 
 
-def suggestions(
-    run: RunSpec, hardware: Hardware, totals: Totals | None = None
-) -> list[Suggestion]:
+def suggestions(run: RunSpec, on: Hardware | Totals) -> list[Suggestion]:
     """Single changes that lower the total, those that fit first, then by total. When none
     fits alone, the changes are combined greedily (largest saving first) until one does.
-    ``totals``: the caller's, to share its estimates (on ``hardware``)."""
-    totals = totals or Totals(hardware)
+    ``on``: the GPU, or the caller's ``Totals`` on it, to share its estimates."""
+    totals = on if isinstance(on, Totals) else Totals(on)
+    hardware = totals.hardware
     out, changes = _single_changes(run, totals)
     if out and not any(s.fits for s in out):
         combined, names = run, []
