@@ -354,8 +354,9 @@ def test_plan_fits_what_estimate_fits_with_8_bit_adam(capsys: pytest.CaptureFixt
 def test_plan_marks_a_verdict_inside_its_approximation(capsys: pytest.CaptureFixture[str]) -> None:
     """Plan's device total extrapolates the reserve of a 4-layer replay: from 24% under to 11%
     over the full replay. Llama-3.1-70B at TP 2 x FSDP2 full 32 without checkpointing: plan
-    gives 78.42 GiB (fits an H100 by 1.22), the full replay 85.25 (does not); the row is marked,
-    and every row marked is one whose full replay could land on the other side."""
+    gives 78.42 GiB (fits an H100 by 1.22), the full replay 85.25 where nothing limits it, so
+    on the H100 it fits only by the allocator's cache flushes; the row is marked, and every
+    row marked is one whose full replay could land on the other side."""
     from vramfit.estimate.plan import HIGH, LOW
 
     args = ["--preset", "llama-3.1-70b", "--gpu", "H100"]
@@ -374,7 +375,9 @@ def test_plan_marks_a_verdict_inside_its_approximation(capsys: pytest.CaptureFix
     assert row["near_boundary"]
     code, out, _ = cli(capsys, "estimate", *args, "--gpus", "64", "--tp", "2", "--fsdp", "full",
                        "--loop", "drops", "--optimizer", "adamw", "--json")
-    assert code == 1 and not json.loads(out)["fits"]
+    doc = json.loads(out)
+    assert code == 0 and doc["fits"] and doc["alloc_retries"] > 0
+    assert round(doc["unlimited_total_bytes"] / 2**30, 2) == 85.25
     _, out, _ = cli(capsys, "plan", *args, "--gpus", "64")
     assert "1.22 ≈" in out and "≈ within the plan's approximation" in out
 

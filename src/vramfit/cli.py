@@ -1214,7 +1214,21 @@ def estimate_json(est: "Estimate") -> dict[str, Any]:
         "fits": est.fits,
         "headroom_bytes": est.headroom_bytes,
         "notes": list(est.notes),
+        **_limit_json(est),
         **_parallel_json(est),
+    }
+
+
+def _limit_json(est: "Estimate") -> dict[str, Any]:
+    """Where the GPU's room decided the replay (absent otherwise): how often the allocator
+    freed its cache to retry a cudaMalloc (``num_alloc_retries``), the total it holds where
+    nothing limits it, and where it runs out of memory even so."""
+    if est.unflushed_total_bytes is None and est.out_of_memory is None:
+        return {}
+    return {
+        "alloc_retries": est.cache_flushes,
+        "unlimited_total_bytes": est.unflushed_total_bytes,
+        "out_of_memory_at": est.out_of_memory,
     }
 
 

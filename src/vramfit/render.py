@@ -134,12 +134,22 @@ def render_estimate(
     console.print(phases)
     for note in (*est.notes, *notes):
         console.print(f"[yellow]note:[/] {escape(note)}")
-    _render_verdict(
-        console,
-        est.total_bytes,
-        est.hardware.name if est.hardware else None,
-        est.hardware.memory_bytes if est.hardware else None,
-    )
+    if est.cache_flushes and est.fits:
+        assert est.hardware is not None
+        times = "once" if est.cache_flushes == 1 else f"{est.cache_flushes} times"
+        console.print(
+            f"[bold green]Fits[/] on {est.hardware.name} "
+            f"({format_bytes(est.hardware.memory_bytes)}) by freeing the allocator's cache "
+            f"{times}: the tensors peak at {format_bytes(est.peak_allocated_bytes)}, its "
+            "cache fills the rest."
+        )
+    else:
+        _render_verdict(
+            console,
+            est.total_bytes,
+            est.hardware.name if est.hardware else None,
+            est.hardware.memory_bytes if est.hardware else None,
+        )
     if est.fits is False and suggestions:
         console.print("What would help (each line on its own):")
         # a long combination goes over several lines, split between options, so that every

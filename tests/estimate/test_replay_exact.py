@@ -21,7 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from vramfit.config import Mode, RunSpec
-from vramfit.estimate.allocator import CachingAllocator
+from vramfit.estimate.allocator import CachingAllocator, OutOfMemory
 from vramfit.estimate.profiles.reference import inference, training_steps
 from vramfit.estimate.timeline import Allocation, Timeline, replay
 
@@ -52,6 +52,20 @@ class PlainAllocator:
         default_factory=lambda: {True: [], False: []}
     )
     live: dict[int, _Block] = field(default_factory=dict)
+    limit: int | None = None  # cudaMalloc refuses segments past it
+    retries: int = 0
+    lowest: int = 1 << 62  # new segments go below every earlier one
+
+    def _cuda_malloc_fails(self, seg: int) -> bool:
+        return self.limit is not None and self.reserved + seg > self.limit
+
+    def _release_cached(self) -> None:
+        """release_cached_blocks: every free block that is a whole segment goes back."""
+        for pool in self.pools.values():
+            whole = [e for e in pool if e[2].prev is None and e[2].next is None]
+            for entry in whole:
+                pool.remove(entry)
+                self.reserved -= entry[0]
 
     def malloc(self, handle: int, size: int) -> None:
         size = max(512, -(-size // 512) * 512)
@@ -69,7 +83,13 @@ class PlainAllocator:
                 seg = 20 * MIB
             else:
                 seg = -(-size // (2 * MIB)) * 2 * MIB
-            block = _Block((1 << 62) - self.reserved - seg, 0, seg, small)
+            if self._cuda_malloc_fails(seg):
+                self.retries += 1
+                self._release_cached()
+                if self._cuda_malloc_fails(seg):
+                    raise MemoryError(size)
+            self.lowest -= seg
+            block = _Block(self.lowest, 0, seg, small)
             self.reserved += seg
         remaining = block.size - size
         if (remaining >= 512) if small else (remaining > MIB):
@@ -219,26 +239,42 @@ _SIZES = st.one_of(
 )
 
 
+_LIMITS = st.one_of(st.none(), st.integers(0, 200).map(lambda n: n * MIB))
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), _SIZES, st.integers(0, 10**6)), max_size=120))
-@example([(True, 19 * MIB, 0)])  # 1 MiB left in a 20 MiB segment: not split
-@example([(True, 2 * MIB - 512, 0), (True, 512, 0), (False, 0, 0), (False, 0, 0)])
-def test_the_allocator_is_the_plain_allocator(ops: list[tuple[bool, int, int]]) -> None:
-    fast, plain = CachingAllocator(), PlainAllocator()
+@given(
+    st.lists(st.tuples(st.booleans(), _SIZES, st.integers(0, 10**6)), max_size=120), _LIMITS
+)
+@example([(True, 19 * MIB, 0)], None)  # 1 MiB left in a 20 MiB segment: not split
+@example([(True, 2 * MIB - 512, 0), (True, 512, 0), (False, 0, 0), (False, 0, 0)], None)
+# at the limit: the free 20 MiB segment goes back for the 30 MiB one, then no room is left
+@example([(True, 12 * MIB, 0), (False, 0, 0), (True, 30 * MIB, 0), (True, 30 * MIB, 0)], 40 * MIB)
+def test_the_allocator_is_the_plain_allocator(
+    ops: list[tuple[bool, int, int]], limit: int | None
+) -> None:
+    fast, plain = CachingAllocator(limit=limit), PlainAllocator(limit=limit)
     live: list[int] = []
     for handle, (make, size, pick) in enumerate(ops):
         if make or not live:
+            try:
+                plain.malloc(handle, size)
+            except MemoryError:
+                with pytest.raises(OutOfMemory):
+                    fast.malloc(handle, size)
+                assert fast.retries == plain.retries
+                return
             fast.malloc(handle, size)
-            plain.malloc(handle, size)
             live.append(handle)
         else:
             victim = live.pop(pick % len(live))
             fast.free(victim)
             plain.free(victim)
-        assert (fast.allocated, fast.reserved, fast.peak_allocated) == (
+        assert (fast.allocated, fast.reserved, fast.peak_allocated, fast.retries) == (
             plain.allocated,
             plain.reserved,
             plain.peak_allocated,
+            plain.retries,
         )
         fast_free = sorted(
             (small, a, s) for _, small, pool in fast.pools() for s, a, _ in pool.entries()

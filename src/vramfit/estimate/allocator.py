@@ -16,6 +16,12 @@ the allocations and frees of a step through the allocator's documented rules
   is returned only by ``empty_cache`` (``release_cached_blocks``: every segment that is one
   free block), which the Trainer calls before it trains; ``reserved_peak`` is the most
   ever held (``reserved_bytes.all.peak``);
+- when a new segment would not fit (cudaMalloc fails: the GPU is full, or the segments would
+  pass ``torch.cuda.set_per_process_memory_fraction``'s limit), the allocator frees every
+  cached segment that is one free block and retries once (``malloc``: ``alloc_block``, then
+  ``release_cached_blocks`` and ``alloc_block(isRetry)``, counted in ``num_alloc_retries``;
+  ``release_available_cached_blocks`` does nothing without ``max_split_size``); a retry that
+  fails too is the out-of-memory error;
 - every stream has its own pools: a block freed by one stream is never handed to another
   (``BlockPool`` entries compare by stream first, ``get_free_block`` searches the request's
   stream only), so a side stream's segments (FSDP2's all-gather copy-in, its reduce-scatter)
@@ -119,14 +125,27 @@ class _Pool:
         del self.blocks[address]
 
 
+class OutOfMemory(Exception):
+    """A request the allocator cannot serve even after freeing its cache."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"out of memory for a request of {size} bytes")
+        self.size = size
+
+
 @dataclass
 class CachingAllocator:
-    """Allocated and reserved bytes as PyTorch's allocator would report them."""
+    """Allocated and reserved bytes as PyTorch's allocator would report them.
+
+    ``limit``: the most bytes of segments cudaMalloc grants (None: no limit); ``retries``:
+    how often the allocator freed its cache to stay within it."""
 
     allocated: int = 0
     reserved: int = 0
     peak_allocated: int = 0
     reserved_peak: int = 0
+    limit: int | None = None
+    retries: int = 0
     _floor: int = 1 << 62  # the lowest segment address so far: new segments go below it
     _free: dict[bool, _Pool] = field(
         default_factory=lambda: {True: _Pool(), False: _Pool()}
@@ -209,6 +228,12 @@ class CachingAllocator:
                 seg = LARGE_BUFFER
             else:
                 seg = -(-size // ROUND_LARGE) * ROUND_LARGE
+            if self.limit is not None and self.reserved + seg > self.limit:
+                # cudaMalloc fails: free the cached whole segments, then retry once
+                self.retries += 1
+                self.empty_cache()
+                if self.reserved + seg > self.limit:
+                    raise OutOfMemory(size)
             # a new segment's address: below every earlier one, as cudaMalloc placed most
             # new segments in the recorded traces (it decides which equal free block is taken)
             if segment_address is None:

@@ -13,7 +13,7 @@ from vramfit.estimate.params import ParamCounts, count_params
 from vramfit.estimate.profiles import reference
 from vramfit.estimate.profiles.hf import hf_unsupported
 from vramfit.estimate.schedule import hf_inference, hf_training_steps, managed_state_bytes
-from vramfit.estimate.timeline import TENSOR_COMPONENTS, replay
+from vramfit.estimate.timeline import TENSOR_COMPONENTS, Replay, Timeline, replay
 
 # Components in display order; the breakdown at the peak uses these keys. Managed memory
 # (a paged optimizer's state) is outside PyTorch's allocator: in the device total only.
@@ -38,6 +38,9 @@ class Hardware:
     # None: the H200's, the GPU every kernel figure was measured on (the cuBLAS workspace,
     # in contrast, follows compute_capability: pre-Hopper's when that is None)
     multiprocessors: Multiprocessors | None = None
+    # the caching allocator's own limit on its segments, below what the GPU has room for
+    # (torch.cuda.set_per_process_memory_fraction: the fraction of the device's memory)
+    allocator_limit_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,10 +79,19 @@ class Estimate:
     # whose code was estimated: the run's --impl, or the reference loop where the hf profile
     # does not describe the model (a note says why)
     implementation: Impl = Impl.hf
+    # the GPU filled up: how often the allocator freed its cache and retried a cudaMalloc
+    # (torch.cuda.memory_stats()["num_alloc_retries"]), and the total it needs without that
+    cache_flushes: int = 0
+    unflushed_total_bytes: int | None = None
+    # where the run runs out of memory even after freeing the cache ("phase: point"); the
+    # estimate's figures are then those without the GPU's limit
+    out_of_memory: str | None = None
 
     @property
     def fits(self) -> bool | None:
-        return None if self.hardware is None else self.total_bytes <= self.hardware.memory_bytes
+        if self.hardware is None:
+            return None
+        return self.out_of_memory is None and self.total_bytes <= self.hardware.memory_bytes
 
     @property
     def headroom_bytes(self) -> int | None:
@@ -142,6 +154,17 @@ def _estimate(run: RunSpec, hardware: Hardware | None) -> Estimate:
         )
         steps = [steady]
     rep = replay(steps)
+    flash = workload.attention is Attention.flash and workload.precision is not Precision.fp32
+    context = (
+        hardware.context_bytes
+        if hardware and hardware.context_bytes
+        else cuda_context_bytes(training=training, flash=flash)
+    )
+    managed = managed_state_bytes(spec, workload) if training and hf_impl else 0
+    gpu = _on_the_gpu(rep, steps, hardware, context + managed + nccl) if hardware else None
+    if gpu is not None:
+        rep = gpu.replay
+        notes.append(gpu.note)
 
     phases: dict[str, int] = {}
     for timeline, allocated in zip(steps, rep.allocated, strict=True):
@@ -153,16 +176,9 @@ def _estimate(run: RunSpec, hardware: Hardware | None) -> Estimate:
     peak_index = steady_allocated.index(max(steady_allocated))  # the first point at the peak
     peak_phase, peak_point = steady.points[peak_index]
     live = steady.components_at(peak_index)
-    flash = workload.attention is Attention.flash and workload.precision is not Precision.fp32
-    context = (
-        hardware.context_bytes
-        if hardware and hardware.context_bytes
-        else cuda_context_bytes(training=training, flash=flash)
-    )
     breakdown = {name: live.get(name, 0) for name in COMPONENTS}
     breakdown["allocator_rounding"] = rep.peak_allocated - sum(live.values())
     breakdown["allocator_reserve"] = rep.reserved - rep.peak_allocated
-    managed = managed_state_bytes(spec, workload) if training and hf_impl else 0
     breakdown["managed_optimizer_state"] = managed
     breakdown["cuda_context"] = context
     breakdown["nccl"] = nccl
@@ -201,6 +217,73 @@ def _estimate(run: RunSpec, hardware: Hardware | None) -> Estimate:
         stream_reserved_bytes=_stream_names(rep.reserved_by_stream) if not par.single else {},
         cpu_bytes=cpu,
         implementation=Impl.hf if hf_impl else Impl.reference,
+        cache_flushes=gpu.flushes if gpu else 0,
+        unflushed_total_bytes=gpu.unflushed_total if gpu else None,
+        out_of_memory=gpu.out_of_memory if gpu else None,
+    )
+
+
+@dataclass(frozen=True)
+class _Limited:
+    """The replay on a GPU whose room the segments outgrow (see ``_on_the_gpu``)."""
+
+    replay: Replay
+    note: str
+    flushes: int = 0
+    unflushed_total: int | None = None
+    out_of_memory: str | None = None
+
+
+def _on_the_gpu(
+    rep: Replay, steps: list[Timeline], hardware: Hardware, outside: int
+) -> _Limited | None:
+    """The steps replayed again within what cudaMalloc grants, where ``rep`` (no limit)
+    reserved more: the GPU's memory less what is outside the allocator (``outside``: the
+    context, managed memory, NCCL), or the allocator's own limit if lower. None when the
+    segments fit.
+
+    A cudaMalloc that fails makes the allocator free its cached segments and retry (see
+    ``vramfit.estimate.allocator``): the run fits as long as what is in use fits, more slowly.
+    """
+    limit = hardware.memory_bytes - outside
+    if hardware.allocator_limit_bytes is not None:
+        limit = min(limit, hardware.allocator_limit_bytes)
+    if rep.reserved <= limit:
+        return None
+    gib = 2**30
+    for k, timeline in enumerate(steps):  # the tensors alone outgrow the limit: no replay
+        over = next((i for i, n in enumerate(timeline.live_bytes()) if n > limit), None)
+        if over is not None:
+            if hardware.allocator_limit_bytes is None:
+                return None  # the total is beyond the GPU already: plainly too big
+            phase, point = timeline.points[over]
+            return _Limited(
+                rep,
+                f"out of memory: at {phase}: {point} (step {k + 1}) the tensors alone need more "
+                f"than the {max(limit, 0) / gib:.2f} GiB the allocator can hold on this GPU",
+                out_of_memory=f"{phase}: {point}",
+            )
+    limited = replay(steps, limit)
+    if limited.out_of_memory is not None:
+        k, i, size = limited.out_of_memory
+        phase, point = steps[k].points[i]
+        return _Limited(
+            rep,
+            f"out of memory: at {phase}: {point} (step {k + 1}) a {size / gib:.2f} GiB request "
+            f"finds no room even after the allocator frees its cached segments; the figures "
+            f"are what the run holds where nothing limits it",
+            out_of_memory=f"{phase}: {point}",
+        )
+    unflushed = rep.reserved + outside
+    times = "once" if limited.retries == 1 else f"{limited.retries} times"
+    return _Limited(
+        limited,
+        f"the GPU fills up: where a cudaMalloc fails, the allocator frees its cached segments "
+        f"and retries, {times} over the {'steps' if len(steps) > 1 else 'run'} "
+        f"(num_alloc_retries; each frees and synchronizes, a slower step); where nothing "
+        f"limits it, the run holds {unflushed / gib:.2f} GiB",
+        flushes=limited.retries,
+        unflushed_total=unflushed,
     )
 
 

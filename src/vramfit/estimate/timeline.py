@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from operator import attrgetter, itemgetter
 
-from vramfit.estimate.allocator import CachingAllocator
+from vramfit.estimate.allocator import CachingAllocator, OutOfMemory
 
 # The memory components a tensor can belong to, in the breakdown's display order
 # (vramfit.estimate.graph.Component names them; vramfit.estimate.core adds what the allocator
@@ -247,18 +247,48 @@ class Replay:
     peak_allocated: int
     reserved: int
     reserved_by_stream: dict[int, int] = field(default_factory=dict)
+    retries: int = 0  # the allocator freed its cache to stay within the limit
+    # (step, point, request bytes) where a request failed even after that; the replay
+    # stops there
+    out_of_memory: tuple[int, int, int] | None = None
 
 
-def replay(steps: Sequence[Timeline]) -> Replay:
+def replay(steps: Sequence[Timeline], limit: int | None = None) -> Replay:
     """Replay ``steps`` in order through the caching allocator.
 
     At each point the allocations starting there are made in order, then those ending
     there are freed, then the cache is emptied where the step says so (``releases``); what
     ends at a step's last point is freed after it (the next step's
     ``zero_grad(set_to_none=True)``). Persistent allocations are made once and kept. The
-    replay holds the blocks the allocator hands out (``take``), not handles.
+    replay holds the blocks the allocator hands out (``take``), not handles. ``limit``: the
+    most bytes of segments the GPU grants (``CachingAllocator.limit``).
     """
-    alloc = CachingAllocator()
+    alloc = CachingAllocator(limit=limit)
+    try:
+        allocated = _replay(alloc, steps)
+        out_of_memory = None
+    except _Stopped as stop:
+        allocated, out_of_memory = stop.allocated, stop.where
+    alloc.unlink()
+    return Replay(
+        allocated=allocated,
+        peak_allocated=alloc.peak_allocated,
+        reserved=alloc.reserved_peak,
+        reserved_by_stream=dict(alloc.reserved_by_stream),
+        retries=alloc.retries,
+        out_of_memory=out_of_memory,
+    )
+
+
+class _Stopped(Exception):
+    """The replay ran out of memory: what it got through, and where it stopped."""
+
+    def __init__(self, allocated: list[list[int]], where: tuple[int, int, int]) -> None:
+        super().__init__(where)
+        self.allocated, self.where = allocated, where
+
+
+def _replay(alloc: CachingAllocator, steps: Sequence[Timeline]) -> list[list[int]]:
     take, give = alloc.take, alloc.give
     made: set[str] = set()
     allocated: list[list[int]] = []
@@ -279,25 +309,29 @@ def replay(steps: Sequence[Timeline]) -> Replay:
         todo.append(Allocation("", "", (), n_points, n_points))  # a sentinel past the end
         ends: dict[int, list] = {}  # point -> blocks freed after it
         releases = frozenset(timeline.releases)
-        per_point = []
+        per_point: list[int] = []
         k = 0
         for i in range(n_points):
             a = todo[k]
-            while a.start == i:
-                stream = a.stream
-                if a.persistent:
-                    for size in a.sizes:
-                        take(size, stream)
-                    made.add(a.name)
-                else:
-                    end = a.end if a.end < final else n_points
-                    freed = ends.get(end)
-                    if freed is None:
-                        freed = ends[end] = []
-                    for size in a.sizes:
-                        freed.append(take(size, stream))
-                k += 1
-                a = todo[k]
+            try:
+                while a.start == i:
+                    stream = a.stream
+                    if a.persistent:
+                        for size in a.sizes:
+                            take(size, stream)
+                        made.add(a.name)
+                    else:
+                        end = a.end if a.end < final else n_points
+                        freed = ends.get(end)
+                        if freed is None:
+                            freed = ends[end] = []
+                        for size in a.sizes:
+                            freed.append(take(size, stream))
+                    k += 1
+                    a = todo[k]
+            except OutOfMemory as oom:
+                per_point.append(alloc.allocated)
+                raise _Stopped([*allocated, per_point], (len(allocated), i, oom.size)) from None
             per_point.append(alloc.allocated)
             blocks = ends.pop(i, None)
             if blocks is not None:
@@ -309,10 +343,4 @@ def replay(steps: Sequence[Timeline]) -> Replay:
             give(block)
         allocated.append(per_point)
         last = timeline, before, state, per_point
-    alloc.unlink()
-    return Replay(
-        allocated=allocated,
-        peak_allocated=alloc.peak_allocated,
-        reserved=alloc.reserved_peak,
-        reserved_by_stream=dict(alloc.reserved_by_stream),
-    )
+    return allocated
