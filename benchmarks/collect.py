@@ -13,7 +13,9 @@ appended to ``--out`` (and flushed) as soon as it finishes:
 
 The cases file is a YAML list; each case has a ``name``, a ``model`` (ModelSpec fields), a
 ``workload`` (Workload fields), optionally a ``parallel`` layout (Parallel fields: an FSDP2
-case runs rank 0 under a fake process group) and ``steps`` (default 3). A tiny example:
+case runs rank 0 under a fake process group), ``steps`` (default 3) and
+``memory_limit_bytes`` (the caching allocator's limit, as on a smaller GPU:
+``torch.cuda.set_per_process_memory_fraction``). A tiny example:
 
     - name: gpt2-small-b4-s512-amp-bf16
       model: {arch: gpt2, layers: 12, hidden: 768}
@@ -57,7 +59,11 @@ def _worker() -> int:
             }
         )
         try:
-            result = measure_train(run, steps=int(case.get("steps", 3)))
+            result = measure_train(
+                run,
+                steps=int(case.get("steps", 3)),
+                memory_limit_bytes=case.get("memory_limit_bytes"),
+            )
         except VramfitError as exc:
             print(json.dumps({"error": str(exc)}))
             return 0
@@ -78,7 +84,7 @@ def _load_cases(path: Path) -> list[dict[str, Any]]:
     for i, case in enumerate(cases):
         if not isinstance(case, dict) or "name" not in case or "model" not in case:
             raise SystemExit(f"{path}: case {i} needs at least 'name' and 'model'")
-        extra = set(case) - {"name", "model", "workload", "parallel", "steps"}
+        extra = set(case) - {"name", "model", "workload", "parallel", "steps", "memory_limit_bytes"}
         if extra:
             raise SystemExit(f"{path}: case {case['name']}: unknown keys {sorted(extra)}")
         # Validate in the parent, so a typo fails before any GPU time is spent.

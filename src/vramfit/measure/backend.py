@@ -45,6 +45,14 @@ class Backend(Protocol):
         """The SM count and threads per SM (None where there are none: the CPU)."""
         ...
 
+    def limit_memory(self, n_bytes: int) -> None:
+        """Let the caching allocator hold at most ``n_bytes`` of segments."""
+        ...
+
+    def alloc_retries(self) -> int:
+        """How often the allocator freed its cache to retry a failed cudaMalloc."""
+        ...
+
 
 def import_torch() -> Any:
     """Import torch, or raise the one message that says how to install it."""
@@ -109,6 +117,16 @@ class CudaBackend:
             int(props.multi_processor_count), int(props.max_threads_per_multi_processor)
         )
 
+    def limit_memory(self, n_bytes: int) -> None:
+        # set_per_process_memory_fraction: allowed_memory_maximum = fraction * total, cast to
+        # size_t (CUDACachingAllocator.cpp setMemoryFraction); half a byte over n_bytes makes
+        # the cast land on n_bytes itself
+        _, total = self.mem_get_info()
+        self._cuda.set_per_process_memory_fraction((n_bytes + 0.5) / total, self.index)
+
+    def alloc_retries(self) -> int:
+        return int(self._cuda.memory_stats(self.index).get("num_alloc_retries", 0))
+
 
 class CpuBackend:
     """Runs the code path on the CPU and measures nothing: every counter reads 0."""
@@ -147,3 +165,9 @@ class CpuBackend:
 
     def multiprocessors(self) -> Multiprocessors | None:
         return None
+
+    def limit_memory(self, n_bytes: int) -> None:
+        pass
+
+    def alloc_retries(self) -> int:
+        return 0

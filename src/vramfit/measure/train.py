@@ -77,6 +77,10 @@ class TrainMeasurement:
     torch_version: str
     alloc_conf: str | None
     notes: list[str] = field(default_factory=list)
+    # the allocator's limit the run had (None: the whole GPU), and how often it freed its
+    # cache to retry a cudaMalloc that failed (torch.cuda.memory_stats num_alloc_retries)
+    memory_limit_bytes: int | None = None
+    alloc_retries: int = 0
 
 
 class _Recorder:
@@ -214,12 +218,15 @@ def measure_train(
     steps: int = 3,
     backend: Backend | None = None,
     on_progress: ProgressFn | None = None,
+    memory_limit_bytes: int | None = None,
 ) -> TrainMeasurement:
     """Run ``run`` for real and measure its memory; see the module docstring.
 
     ``backend`` defaults to the first CUDA device (VramfitError without one); tests pass a
     ``CpuBackend`` or a fake. ``on_progress(phase, step, total)`` is called as each phase
     starts. Training runs ``steps`` steps; inference runs one prefill (+ decode) pass.
+    ``memory_limit_bytes``: the most the caching allocator may hold, as on a GPU that much
+    smaller (``torch.cuda.set_per_process_memory_fraction``).
     """
     torch = import_torch()
     spec = run.model.resolved()
@@ -250,6 +257,9 @@ def measure_train(
     backend.synchronize()
     free, device_total = backend.mem_get_info()
     context_bytes = device_total - free
+    if memory_limit_bytes is not None:
+        backend.limit_memory(memory_limit_bytes)
+    retries_before = backend.alloc_retries()
 
     rec = _Recorder(backend, on_progress)
     state: dict[str, Any] = {}  # every tensor-owning object, so an OOM can drop them all
@@ -355,6 +365,8 @@ def measure_train(
         torch_version=str(torch.__version__),
         alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", os.environ.get("PYTORCH_ALLOC_CONF")),
         notes=_notes(workload if par.single else _fsdp_compute(workload, par)) + rec.notes,
+        memory_limit_bytes=memory_limit_bytes,
+        alloc_retries=backend.alloc_retries() - retries_before,
     )
 
 
