@@ -10,6 +10,11 @@ not necessarily the largest value that fits. ``solve_max`` also finds the bound 
 the peak allocated bytes plus the CUDA context alone exceed the GPU (the total is at least
 that, and the peak is monotone: no larger value can fit), estimates every value between
 the two when there are few, and says when there were too many to prove the answer largest.
+
+Where the segments outgrow the GPU, an estimate replays within its room (the allocator frees
+its cache and retries, ``vramfit.estimate.core``): the total of a run that fits so is within
+the GPU, and its peak is the limited replay's, which can hand out blocks other than the
+unlimited one does (by less than 1 MiB a block: the remainders too small to split off).
 """
 
 from __future__ import annotations
