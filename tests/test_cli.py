@@ -530,6 +530,11 @@ ERRORS = [
     (["measure", "--seq", "128"], "--seq: only with --train"),
     (["measure", "--preset", "gpt2"], "--preset: only with --train"),
     (["measure", "--steps", "2"], "--steps: only with --train"),
+    (["measure", "--memory-limit", "8GiB"], "--memory-limit: only with --train"),
+    (
+        ["measure", "--train", "--preset", "gpt2", "--memory-limit", "8 gigs"],
+        "--memory-limit: expected a size such as 24GiB, 16GB or 25769803776, got '8 gigs'",
+    ),
     (
         ["measure", "--train", "--dtype", "fp16"],
         "--dtype: only without --train (training uses --precision)",
@@ -782,6 +787,9 @@ class FakeGpu:
     def empty_cache(self) -> None:
         pass
 
+    def mem_get_info(self) -> tuple[int, int]:
+        return 0, 150_109_880_320
+
 
 GIB = 2**30
 
@@ -823,8 +831,17 @@ def fake_train(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     calls: list[dict[str, Any]] = []
     result: dict[str, Any] = {}
 
-    def measure_train(run: Any, *, steps: int, backend: Any, on_progress: Any = None) -> Any:
-        calls.append({"run": run, "steps": steps, "backend": backend})
+    def measure_train(
+        run: Any,
+        *,
+        steps: int,
+        backend: Any,
+        on_progress: Any = None,
+        memory_limit_bytes: int | None = None,
+    ) -> Any:
+        calls.append(
+            {"run": run, "steps": steps, "backend": backend, "limit": memory_limit_bytes}
+        )
         if on_progress is not None:  # drive the progress display as the real one does
             for step in range(1, steps + 1):
                 for phase in ("forward", "backward", "optimizer"):
@@ -870,6 +887,31 @@ def test_measure_train_json(capsys: pytest.CaptureFixture[str], fake_train: list
     assert doc["errors"]["total_bytes"] == pytest.approx(
         100 * (total - 5 * GIB) / (5 * GIB), abs=0.01
     )
+
+
+def test_measure_memory_limit_is_measured_and_predicted_alike(
+    capsys: pytest.CaptureFixture[str], fake_train: list[Any]
+) -> None:
+    """--memory-limit: measure_train runs under it, and the prediction replays within it (the
+    fake's 4 GiB GPT-2 batch 64 does not fit 2 GiB: predicted out of memory)."""
+    fake_train[0].update(
+        memory_limit_bytes=2 * GIB, alloc_retries=1, oom=True, reached="step 1 forward"
+    )
+    args = ["measure", "--train", "--preset", "gpt2", "--batch", "64", "--seq", "512"]
+    code, doc = run_json(capsys, *args, "--memory-limit", "2GiB")
+    assert code == 1 and fake_train[1]["limit"] == 2 * GIB
+    assert doc["predicted"]["fits"] is False and doc["predicted"]["out_of_memory_at"]
+    code, doc = run_json(capsys, *args)
+    assert fake_train[2]["limit"] is None and "out_of_memory_at" not in doc["predicted"]
+    code, out, _ = run(capsys, *args, "--memory-limit", "2GiB")
+    assert code == 1 and "out of memory" in out
+    code, out, err = run(capsys, *args, "--memory-limit", "200GiB")
+    assert (code, out, err) == (
+        2, "", "error: --memory-limit: is more than the GPU's 139.80 GiB\n"
+    )
+    fake_train[0].update(oom=False, reached=None, memory_limit_bytes=8 * GIB)
+    code, out, _ = run(capsys, *args[:-4], "--memory-limit", "8GiB")
+    assert code == 0 and "allocator limit 8.00 GiB: cudaMalloc retried 1 times" in out
 
 
 def test_measure_train_table(capsys: pytest.CaptureFixture[str], fake_train: list[Any]) -> None:

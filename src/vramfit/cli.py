@@ -1630,6 +1630,16 @@ def measure(
             help="With --train: training steps (default: 3).",
         ),
     ] = None,
+    memory_limit: Annotated[
+        str | None,
+        typer.Option(
+            "--memory-limit",
+            metavar="<size>",
+            help="With --train: let PyTorch's allocator hold at most this much "
+            "(torch.cuda.set_per_process_memory_fraction), as on a smaller GPU: 24GiB, 16GB, "
+            "or bytes; predicted with the same limit.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     **shared: Any,
 ) -> None:
@@ -1655,9 +1665,15 @@ def measure(
                 if options[name]:
                     raise VramfitError("only without --train", field=flag)
             run = _run_from_options(**options)
-            _measure_train(run, steps or 3, as_json)
+            limit = None
+            if memory_limit is not None:
+                from vramfit.units import parse_size
+
+                limit = parse_size(memory_limit, field="--memory-limit")
+            _measure_train(run, steps or 3, as_json, limit)
         else:
-            for name, flag in {**RUN_OPTIONS, "steps": "--steps"}.items():
+            only_train = {"steps": "--steps", "memory_limit": "--memory-limit"}
+            for name, flag in {**RUN_OPTIONS, **only_train}.items():
                 if options[name] is not None:
                     raise VramfitError("only with --train", field=flag)
             _measure_matmul(matmul_cells(dtype, bmm, shape, batch, all_cells), as_json)
@@ -1700,7 +1716,7 @@ def _measure_matmul(
     render_matmul(_console(), document)
 
 
-def _measure_train(run: RunSpec, steps: int, as_json: bool) -> None:
+def _measure_train(run: RunSpec, steps: int, as_json: bool, limit: int | None = None) -> None:
     from vramfit.estimate.core import Hardware
     from vramfit.estimate.core import estimate as run_estimate
     from vramfit.measure.train import measure_train
@@ -1709,21 +1725,35 @@ def _measure_train(run: RunSpec, steps: int, as_json: bool) -> None:
         from vramfit.measure.launch import visible_gpus
 
         if visible_gpus() >= run.parallel.gpus:
+            if limit is not None:
+                raise VramfitError("not with one process per GPU", field="--memory-limit")
             _measure_ranks(run, steps, as_json)
             return
     backend = _cuda_backend()
+    if limit is not None:
+        from vramfit.units import format_bytes
+
+        _, device_total = backend.mem_get_info()
+        if limit > device_total:
+            raise VramfitError(
+                f"is more than the GPU's {format_bytes(device_total)}", field="--memory-limit"
+            )
     if as_json:
-        measured = measure_train(run, steps=steps, backend=backend)
+        measured = measure_train(run, steps=steps, backend=backend, memory_limit_bytes=limit)
     else:
         from vramfit.render import measure_progress
 
         with measure_progress(_console(stderr=True)) as on_progress:
-            measured = measure_train(run, steps=steps, backend=backend, on_progress=on_progress)
+            measured = measure_train(
+                run, steps=steps, backend=backend, on_progress=on_progress,
+                memory_limit_bytes=limit,
+            )
     hardware = Hardware(
         name=measured.device_name,
         memory_bytes=measured.device_total_bytes,
         compute_capability=backend.compute_capability(),
         multiprocessors=backend.multiprocessors(),
+        allocator_limit_bytes=limit,
     )
     comparison = train_comparison(run_estimate(run, hardware), measured)
     if as_json:

@@ -464,6 +464,13 @@ def render_train_comparison(console: Console, comparison: dict[str, Any]) -> Non
         f"weights {format_bytes(measured['weights_bytes'])}, "
         f"reserved peak {format_bytes(measured['reserved_peak_bytes'])}"
     )
+    if measured.get("memory_limit_bytes") is not None or measured.get("alloc_retries"):
+        limit = measured.get("memory_limit_bytes")
+        console.print(
+            f"allocator limit {'none' if limit is None else format_bytes(limit)}: cudaMalloc "
+            f"retried {measured.get('alloc_retries', 0)} times after freeing the cache "
+            f"(predicted {predicted.get('alloc_retries', 0)})"
+        )
     for note in measured["notes"]:
         console.print(f"[yellow]note:[/] {escape(note)}")
 

@@ -67,6 +67,31 @@ def parse_count(text: str | int, *, field: str = "--params") -> int:
     return int(value)
 
 
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+}  # fmt: skip
+_SIZE_RE = re.compile(rf"\A *({_DIGITS}(?:\.{_DIGITS})?) *([kmgt]i?b|b)? *\Z", re.I)
+MAX_SIZE = 2**50  # 1 PiB: more memory than any GPU
+
+
+def parse_size(text: str, *, field: str) -> int:
+    """Parse a memory size such as ``24GiB``, ``16 GB``, ``1.5TiB`` or ``25769803776`` (bytes):
+    binary units (KiB, MiB, GiB, TiB) and decimal ones (KB, MB, GB, TB). Raises VramfitError
+    naming ``field`` for anything else, or for a size of under 1 byte or over 1 PiB."""
+    match = _SIZE_RE.match(text) if len(text) <= MAX_COUNT_CHARS else None
+    if not match:
+        raise VramfitError(
+            f"expected a size such as 24GiB, 16GB or 25769803776, got {shown(text)}", field=field
+        )
+    number, unit = Decimal(match.group(1).replace("_", "")), (match.group(2) or "").lower()
+    value = int(number * _SIZE_UNITS[unit])
+    if not 1 <= value <= MAX_SIZE:
+        raise VramfitError(f"must be from 1 byte to 1 PiB, got {shown(text)}", field=field)
+    return value
+
+
 def format_count(count: int) -> str:
     """``1000000000`` -> ``1.00B``, ``354823168`` -> ``354.8M``, ``124439808`` -> ``124.4M``."""
     if count >= 10**12:
