@@ -80,7 +80,8 @@ class Estimate:
     # does not describe the model (a note says why)
     implementation: Impl = Impl.hf
     # the GPU filled up: how often the allocator freed its cache and retried a cudaMalloc
-    # (torch.cuda.memory_stats()["num_alloc_retries"]), and the total it needs without that
+    # (torch.cuda.memory_stats()["num_alloc_retries"], the failing retry of an out-of-memory
+    # included), and the total it needs without that
     cache_flushes: int = 0
     unflushed_total_bytes: int | None = None
     # where the run runs out of memory even after freeing the cache ("phase: point"); the
@@ -272,6 +273,7 @@ def _on_the_gpu(
             f"out of memory: at {phase}: {point} (step {k + 1}) a {size / gib:.2f} GiB request "
             f"finds no room even after the allocator frees its cached segments; the figures "
             f"are what the run holds where nothing limits it",
+            flushes=limited.retries,
             out_of_memory=f"{phase}: {point}",
         )
     unflushed = rep.reserved + outside
