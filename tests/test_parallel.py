@@ -369,7 +369,8 @@ def test_plan_marks_a_verdict_inside_its_approximation(capsys: pytest.CaptureFix
         elif r["fits"]:
             assert r["near_boundary"] == (r["total_bytes"] / (1 - LOW) > memory), r
         else:
-            assert r["near_boundary"] == (r["total_bytes"] / (1 + HIGH) <= memory), r
+            flushes = r["floor_bytes"] <= memory  # the cache flushes may fit it
+            assert r["near_boundary"] == (r["total_bytes"] / (1 + HIGH) <= memory or flushes), r
     row = next(r for r in doc["fits"]
                if (r["layout"], r["checkpointing"]) == ("TP 2 x FSDP2 full 32", "none"))
     assert row["near_boundary"]

@@ -992,6 +992,7 @@ def _candidate_json(c: Any) -> dict[str, Any]:
         "headroom_bytes": c.headroom_bytes,
         "reason": c.reason,
         "near_boundary": c.near,  # the verdict is within the approximation (plan.LOW, HIGH)
+        "floor_bytes": c.floor_bytes,  # the peak and what is outside the allocator
     }
 
 

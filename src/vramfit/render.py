@@ -568,7 +568,8 @@ def render_plan(
     if any(r["near_boundary"] for r in rows):
         console.print(
             "≈ within the plan's approximation of the device total (24% under to 11% over "
-            "the full replay): the verdict may be the other one; `vramfit estimate` with the "
+            "the full replay), or a refusal whose peak fits, which the allocator's cache "
+            "flushes may fit: the verdict may be the other one; `vramfit estimate` with the "
             "layout decides"
         )
     if more_gpus is not None:

@@ -50,6 +50,9 @@ class Candidate:
     total_bytes: int | None = None
     headroom_bytes: int | None = None
     reason: str | None = None  # why it does not fit (None: it fits)
+    # the peak plus what is outside the allocator (context, NCCL): a refusal below the GPU's
+    # memory may fit by the allocator's cache flushes (vramfit.estimate.core)
+    floor_bytes: int | None = None
 
     @property
     def layout(self) -> str:
@@ -59,13 +62,15 @@ class Candidate:
     def near(self) -> bool:
         """Whether the verdict is within the plan's approximation of the device total (``LOW``,
         ``HIGH``): a fit whose full replay could exceed the GPU, or a refusal whose full replay
-        could fit it (``vramfit estimate`` replays every layer)."""
+        could fit it (``vramfit estimate`` replays every layer), by the allocator's cache
+        flushes too where the peak and what is outside the allocator fit."""
         if self.total_bytes is None or self.headroom_bytes is None:
             return False
         memory = self.total_bytes + self.headroom_bytes
         if self.headroom_bytes >= 0:
             return self.total_bytes / (1 - LOW) > memory
-        return self.total_bytes / (1 + HIGH) <= memory
+        flushes = self.floor_bytes is not None and self.floor_bytes <= memory
+        return self.total_bytes / (1 + HIGH) <= memory or flushes
 
 
 @dataclass
@@ -170,10 +175,10 @@ _LAYER_INDEX = re.compile(r"(block |layers\.|h\.)(\d+)")
 
 def _replay(
     spec: ModelSpec, w: Workload, par: Parallel, hardware: Hardware, layers: int, in_flight: int
-) -> tuple[dict[tuple[int, str, str, int], int], int, int]:
+) -> tuple[dict[tuple[int, str, str, int], int], int, int, int]:
     """Allocated bytes at the points outside the layers of the three replayed steps, keyed by
-    (step, phase, name, occurrence from the phase's end); the peak; and the device total less
-    the peak (reserve, context, NCCL)."""
+    (step, phase, name, occurrence from the phase's end); the peak; the device total less
+    the peak (reserve, context, NCCL); and what is outside the allocator (context, NCCL)."""
     from vramfit.config import Attention, Precision
     from vramfit.estimate import parallel
     from vramfit.estimate.kernels import H200
@@ -199,8 +204,8 @@ def _replay(
                 points[(k, phase, named, n)] = n_bytes
     flash = w.attention is Attention.flash and w.precision is not Precision.fp32
     context = hardware.context_bytes or cuda_context_bytes(training=True, flash=flash)
-    reserve = rep.reserved - rep.peak_allocated + context + steps.nccl_bytes
-    return points, rep.peak_allocated, reserve
+    outside = context + steps.nccl_bytes
+    return points, rep.peak_allocated, rep.reserved - rep.peak_allocated + outside, outside
 
 
 def judge(
@@ -267,7 +272,7 @@ def judge(
     total = peak + grid[(ls[-1], ks[-1])][2]
     headroom = hardware.memory_bytes - total
     reason = None if headroom >= 0 else f"needs {total / 2**30:,.1f} GiB"
-    return Candidate(par, ckpt, peak, total, headroom, reason)
+    return Candidate(par, ckpt, peak, total, headroom, reason, peak + grid[(ls[-1], ks[-1])][3])
 
 
 def make_plan(spec: ModelSpec, w: Workload, gpus: int, hardware: Hardware) -> Plan:
