@@ -508,3 +508,24 @@ def test_a_post_forward_all_gather_takes_the_foreach_copy_in(precision: str, cop
 
     assert copy_ins(2) == copy_ins(True)
     assert (copy_ins(True) > 0) is copies
+
+
+def test_plan_marks_a_refusal_the_cache_flushes_may_fit(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Llama-3.1-8B on 4 A100-40GB, FSDP2 full 4 with full checkpointing: plan extrapolates
+    47.03 GiB (over the GPU by more than its approximation), but the peak and what is outside
+    the allocator fit, and the full replay fits after the allocator frees its cache; the
+    refusal is marked."""
+    args = ["--preset", "llama-3.1-8b", "--gpu", "A100-SXM4-40GB", "--gpus", "4"]
+    _, out, _ = cli(capsys, "plan", *args, "--json")
+    doc = json.loads(out)
+    row = next(r for r in doc["does_not_fit"]
+               if (r["layout"], r["checkpointing"]) == ("FSDP2 full 4", "full"))
+    memory = doc["gpu"]["memory_bytes"]
+    assert row["total_bytes"] > 1.11 * memory and row["floor_bytes"] <= memory
+    assert row["near_boundary"]
+    code, out, _ = cli(capsys, "estimate", *args, "--fsdp", "full", "--checkpointing", "full",
+                       "--loop", "drops", "--optimizer", "adamw", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["fits"] and doc["alloc_retries"] > 0
