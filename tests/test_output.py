@@ -399,3 +399,43 @@ def test_solve_lists_its_choices_in_help(
 def test_solve_notes_bf16_without_tensor_cores(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "estimate", "--preset", "gpt2", "--gpu", "T4", "--solve", "batch")
     assert code == 0 and "note: T4 has no bf16 tensor cores" in out
+
+
+# --- when the GPU fills up ----------------------------------------------------------------------
+
+
+def test_a_fit_by_the_allocators_cache_flushes_says_so(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Llama-3.1-8B, FSDP2 full over 4 A100-40GB with full checkpointing: where nothing limits
+    the allocator it holds 50.41 GiB; on the GPU it frees its cache 5 times and fits."""
+    monkeypatch.setenv("COLUMNS", "80")
+    args = ["estimate", "--preset", "llama-3.1-8b", "--gpu", "A100-SXM4-40GB", "--gpus", "4",
+            "--fsdp", "full", "--checkpointing", "full", "--loop", "drops", "--optimizer", "adamw"]
+    code, out, _ = run(capsys, *args)
+    text = " ".join(out.split())
+    assert code == 0
+    assert "Fits on A100-SXM4-40GB (40.00 GiB) by freeing the allocator's cache 5 times" in text
+    assert "where nothing limits it, the run holds 50.41 GiB" in text
+    code, out, _ = run(capsys, *args, "--json")
+    doc = json.loads(out)
+    assert (doc["fits"], doc["alloc_retries"], doc["out_of_memory_at"]) == (True, 5, None)
+    assert doc["total_bytes"] <= doc["gpu"]["memory_bytes"] < doc["unlimited_total_bytes"]
+
+
+def test_out_of_memory_even_after_the_flushes_says_where(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["estimate", "--preset", "mixtral-8x7b", "--layers", "3", "--seq", "2048", "--batch",
+            "8", "--precision", "fp16", "--checkpointing", "full", "--gpu", "A100-SXM4-40GB"]
+    code, out, _ = run(capsys, *args)
+    text = " ".join(out.split())
+    assert code == 1 and "short by" not in text
+    assert (
+        "Does not fit on A100-SXM4-40GB (40.00 GiB): out of memory at backward: log_softmax "
+        "backward, even after freeing the allocator's cache." in text
+    )
+    code, out, _ = run(capsys, *args, "--json")
+    doc = json.loads(out)
+    assert (doc["fits"], doc["out_of_memory_at"]) == (False, "backward: log_softmax backward")
+    assert doc["alloc_retries"] >= 1 and doc["unlimited_total_bytes"] is None

@@ -134,7 +134,13 @@ def render_estimate(
     console.print(phases)
     for note in (*est.notes, *notes):
         console.print(f"[yellow]note:[/] {escape(note)}")
-    if est.cache_flushes and est.fits:
+    if est.out_of_memory is not None and est.hardware is not None:
+        console.print(
+            f"[bold red]Does not fit[/] on {est.hardware.name} "
+            f"({format_bytes(est.hardware.memory_bytes)}): out of memory at "
+            f"{escape(est.out_of_memory)}, even after freeing the allocator's cache."
+        )
+    elif est.cache_flushes and est.fits:
         assert est.hardware is not None
         times = "once" if est.cache_flushes == 1 else f"{est.cache_flushes} times"
         console.print(

@@ -270,9 +270,9 @@ def _on_the_gpu(
         phase, point = steps[k].points[i]
         return _Limited(
             rep,
-            f"out of memory: at {phase}: {point} (step {k + 1}) a {size / gib:.2f} GiB request "
-            f"finds no room even after the allocator frees its cached segments; the figures "
-            f"are what the run holds where nothing limits it",
+            f"at {phase}: {point} (step {k + 1}) a {size / gib:.2f} GiB request finds no "
+            f"room even after the allocator frees its cached segments; the figures are what "
+            f"the run holds where nothing limits it",
             flushes=limited.retries,
             out_of_memory=f"{phase}: {point}",
         )
