@@ -421,6 +421,9 @@ def test_a_fit_by_the_allocators_cache_flushes_says_so(
     doc = json.loads(out)
     assert (doc["fits"], doc["alloc_retries"], doc["out_of_memory_at"]) == (True, 5, None)
     assert doc["total_bytes"] <= doc["gpu"]["memory_bytes"] < doc["unlimited_total_bytes"]
+    code, out, _ = run(capsys, *args, "--solve", "batch")
+    text = " ".join(out.split())
+    assert code == 0 and "note: at batch 3 the allocator frees its cache 9 times to fit" in text
 
 
 def test_out_of_memory_even_after_the_flushes_says_where(

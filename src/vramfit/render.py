@@ -241,6 +241,12 @@ def render_solve(console: Console, solution: Solution, gpu: str) -> None:
             f"Largest {field} {found} on {where}: [bold]{value}[/] "
             f"({format_bytes(est.total_bytes)} of {format_bytes(memory)})."
         )
+        if est.cache_flushes:
+            times = "once" if est.cache_flushes == 1 else f"{est.cache_flushes} times"
+            console.print(
+                f"note: at {field} {value} the allocator frees its cache {times} to fit: the "
+                f"tensors peak at {format_bytes(est.peak_allocated_bytes)}"
+            )
     if solution.too_big:
         shown = ", ".join(str(v) for v in solution.too_big[-5:])
         verb = "does" if len(solution.too_big) == 1 else "do"
