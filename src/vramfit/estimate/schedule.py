@@ -476,8 +476,14 @@ def hf_inference(spec: ModelSpec, w: Workload, workspace_bytes: int) -> Timeline
     # the step's logits, the rest of a one-token step being small-pool tensors
     for _ in range(gen - 2):
         for i, win in enumerate(windows):
-            t.op(f"block {i} cache update")
+            # DynamicLayer.update: `self.keys = torch.cat([self.keys, key_states], dim=-2)`,
+            # then the values: the old keys die with that assignment, before the values'
+            # cat. DynamicSlidingWindowLayer.update cats both into full_key_states and
+            # full_value_states first and assigns after: the old keys and values live
+            # through both cats (transformers/cache_utils.py)
             for j, kind in ((2 * i, "keys"), (2 * i + 1, "values")):
+                if win is None or kind == "keys":
+                    t.op(f"block {i} cache update")
                 old = caches[j]
                 caches[j] = t.new(f"block {i} cached {kind}", Component.kv_cache,
                                   token * (seen[i] + 1))
