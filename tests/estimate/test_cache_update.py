@@ -76,3 +76,54 @@ def test_the_decode_steps_free_the_old_keys_as_transformers_does(
         # a point's frees come after its allocations: dead before the values' cat means
         # freed at an earlier point than the one that makes the new values
         assert (old_keys_end >= new_values_start) is sliding
+
+
+def test_generate_grows_its_mask_positions_and_ids_as_the_replay_does() -> None:
+    """After every forward, transformers' generate() cats one token onto its position ids,
+    its attention mask and its generated ids, in that order, each (batch, tokens) int64
+    (seen on a tiny Llama on the CPU); the replayed run makes the same blocks in the same
+    order, the caller's mask and ids held throughout."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    batch, seq, gen = 3, 5, 4
+    x = torch.randint(0, 64, (batch, seq))
+    grown: list[tuple[int, ...]] = []
+    cat = torch.cat
+
+    def watched(tensors: object, dim: int = 0, **kwargs: object) -> object:
+        out = cat(tensors, dim=dim, **kwargs)
+        if out.dtype == torch.int64:
+            grown.append(tuple(out.shape))
+        return out
+
+    torch.cat = watched
+    try:
+        with torch.no_grad():
+            model.generate(
+                x, attention_mask=torch.ones_like(x),
+                generation_config=transformers.GenerationConfig(
+                    max_new_tokens=gen, do_sample=False, pad_token_id=0, eos_token_id=None
+                ),
+            )
+    finally:
+        torch.cat = cat
+    expected = [(batch, seq + k) for k in range(1, gen + 1) for _ in range(3)]
+    assert grown == expected
+
+    run = RunSpec.model_validate(
+        {"model": {"arch": "llama", "layers": 2, "hidden": 32, "heads": 4, "kv_heads": 2,
+                   "ffn": 64, "vocab": 64},
+         "workload": {"mode": "infer", "batch": batch, "seq": seq, "gen_tokens": gen}}
+    )
+    timeline = hf_inference(run.model.resolved(), run.workload, 0)
+    names = ("position ids", "attention mask", "generated ids")
+    made = [(a.name, a.n_bytes) for a in sorted(timeline.allocations, key=lambda a: a.start)
+            if a.name in names and a.start > 0]
+    replayed = [(n, b) for n, b in made if b > batch * seq * 8]  # past the prefill's
+    assert replayed == [(names[i % 3], batch * (seq + 1 + i // 3) * 8) for i in range(3 * gen)]
+    held = {a.name for a in timeline.allocations if a.persistent}
+    assert {"input ids", "attention mask"} <= held

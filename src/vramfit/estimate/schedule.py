@@ -444,6 +444,7 @@ def hf_inference(spec: ModelSpec, w: Workload, workspace_bytes: int) -> Timeline
     _weights(t, model, spec, True)
     t.op("start")
     t.persist("input ids", Component.activations, [w.batch * w.seq * INT64])
+    ids = _GenerateInputs(t, w.batch, w.seq) if gen else None
     graph.hold(logits, "step")
     for kv in model.cache:
         graph.hold(kv, "generate" if gen else "step")
@@ -457,12 +458,16 @@ def hf_inference(spec: ModelSpec, w: Workload, workspace_bytes: int) -> Timeline
         t.op("end")
         release_held(sim, "step")
         return t.finish()
-    # next_token_logits = outputs.logits[:, -1, :].to(copy=True, dtype=float32), then
-    # `del outputs`; with no logits processors next_token_scores is that same tensor, and
-    # it lives until the next step's replaces it
+    # _sample: _update_model_kwargs_for_generation, then next_token_logits =
+    # outputs.logits[:, -1, :].to(copy=True, dtype=float32) (with no logits processors
+    # next_token_scores is that same tensor, and it lives until the next step's replaces it),
+    # the generated ids' cat, and `del outputs`
+    assert ids is not None
+    ids.update_model_kwargs()
     t.op("next token logits")
     fp32_logits = w.batch * b.vocab * 4
     scores = t.new("fp32 next-token logits", Component.logits, fp32_logits)
+    ids.generated()
     release_held(sim, "step")
     caches = [sim.st(kv).key for kv in model.cache]
     t.phase = "decode"
@@ -489,11 +494,15 @@ def hf_inference(spec: ModelSpec, w: Workload, workspace_bytes: int) -> Timeline
                                   token * (seen[i] + 1))
                 t.free(old)
             seen[i] = seen[i] + 1 if win is None else min(seen[i] + 1, win - 1)
-        t.op("next token logits")
+        t.op("logits")
         logits_key = t.new("logits", Component.logits, step_logits)
+        ids.update_model_kwargs()
+        t.op("next token logits")
         new_scores = t.new("fp32 next-token logits", Component.logits, fp32_logits)
-        t.free(scores, logits_key)
+        t.free(scores)
         scores = new_scores
+        ids.generated()
+        t.free(logits_key)  # del outputs
     if gen >= 2:
         # the last decode step, op by op, against the cache the earlier steps left
         step, m2, logits2, _ = hf.build(
@@ -519,15 +528,63 @@ def hf_inference(spec: ModelSpec, w: Workload, workspace_bytes: int) -> Timeline
         sim2 = run_forward(step, t, workspaces=ws, adopt=adopt)
         sim2.cast_cache = []  # the prefill's, freed as generate() returns
         end_forward(sim2)
+        ids.update_model_kwargs()
         t.op("next token logits")
-        t.temp("fp32 next-token logits", Component.logits, fp32_logits)
+        last_scores = t.new("fp32 next-token logits", Component.logits, fp32_logits)
         t.free(scores)
+        ids.generated()
+        t.free(last_scores)
         release_held(sim2, "step")
     else:
         t.free(*caches, scores)
     t.op("end")
     t.free(*weight_casts.values())
     return t.finish()
+
+
+class _GenerateInputs:
+    """What generate() keeps beside the model, each (batch, tokens so far) of int64
+    (transformers/generation/utils.py): the caller's attention mask (a tokenizer's; here
+    ``torch.ones_like(ids)``) and input ids, held to generate()'s return; the position ids
+    it builds from the mask; and, from the first step on, its own grown mask, position ids
+    and generated ids, each replaced by a cat one token longer after every forward. At a
+    batch of 64 past 2,048 tokens they are large-pool blocks, 512 bytes longer each step."""
+
+    def __init__(self, t: Tape, batch: int, seq: int) -> None:
+        self.t, self.row, self.tokens = t, batch * INT64, seq
+        t.persist("attention mask", Component.activations, [self.row * seq])
+        # _prepare_position_ids_for_generation: attention_mask.long().cumsum(-1) - 1, then
+        # position_ids.masked_fill(attention_mask == 0, 0)
+        t.op("position ids")
+        cumsum = t.new("position ids cumsum", Component.activations, self.row * seq)
+        minus = t.new("position ids", Component.activations, self.row * seq)
+        t.free(cumsum)
+        t.op("position ids")
+        unmasked = t.new("attention mask == 0", Component.activations, batch * seq)
+        self.positions = t.new("position ids", Component.activations, self.row * seq)
+        t.free(unmasked, minus)
+        self.mask: int | None = None  # generate()'s own, once it has grown one
+        self.ids: int | None = None
+
+    def _grown(self, name: str) -> int | None:
+        return self.t.new(name, Component.activations, self.row * (self.tokens + 1))
+
+    def update_model_kwargs(self) -> None:
+        """_update_model_kwargs_for_generation: the position ids' cat, then the mask's."""
+        t = self.t
+        t.op("update model kwargs")
+        positions, self.positions = self.positions, self._grown("position ids")
+        t.free(positions)
+        t.op("update model kwargs")
+        mask, self.mask = self.mask, self._grown("attention mask")
+        t.free(mask)  # None at the first: the caller's stays
+
+    def generated(self) -> None:
+        """``input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)``."""
+        self.t.op("generated ids")
+        ids, self.ids = self.ids, self._grown("generated ids")
+        self.t.free(ids)
+        self.tokens += 1
 
 
 def _keep_cast_cache(sim: _Sim) -> dict[str, int | None]:
