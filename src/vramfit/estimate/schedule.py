@@ -477,8 +477,9 @@ def hf_inference(spec: ModelSpec, w: Workload, workspace_bytes: int) -> Timeline
     # DynamicSlidingWindowLayer keeps a view of the last window - 1 tokens of its full cat
     windows = hf.cache_windows(spec)
     seen = [w.seq if win is None else min(w.seq, win - 1) for win in windows]
-    # decode steps before the last: the cache's cats (new K and V, the old ones freed) and
-    # the step's logits, the rest of a one-token step being small-pool tensors
+    # decode steps before the last: the cache's cats (new K and V, the old ones freed), the
+    # step's logits and generate()'s own cats (``_GenerateInputs``), the rest of a one-token
+    # step being small-pool tensors
     for _ in range(gen - 2):
         for i, win in enumerate(windows):
             # DynamicLayer.update: `self.keys = torch.cat([self.keys, key_states], dim=-2)`,
