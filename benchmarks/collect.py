@@ -84,7 +84,8 @@ def _load_cases(path: Path) -> list[dict[str, Any]]:
     for i, case in enumerate(cases):
         if not isinstance(case, dict) or "name" not in case or "model" not in case:
             raise SystemExit(f"{path}: case {i} needs at least 'name' and 'model'")
-        extra = set(case) - {"name", "model", "workload", "parallel", "steps", "memory_limit_bytes"}
+        known = {"name", "model", "workload", "parallel", "steps", "memory_limit_bytes"}
+        extra = set(case) - known
         if extra:
             raise SystemExit(f"{path}: case {case['name']}: unknown keys {sorted(extra)}")
         # Validate in the parent, so a typo fails before any GPU time is spent.
