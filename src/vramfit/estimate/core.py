@@ -260,8 +260,8 @@ def _on_the_gpu(
             phase, point = timeline.points[over]
             return _Limited(
                 rep,
-                f"out of memory: at {phase}: {point} (step {k + 1}) the tensors alone need more "
-                f"than the {max(limit, 0) / gib:.2f} GiB the allocator can hold on this GPU",
+                f"at {phase}: {point} (step {k + 1}) the tensors alone need more than the "
+                f"{max(limit, 0) / gib:.2f} GiB the allocator can hold on this GPU",
                 out_of_memory=f"{phase}: {point}",
             )
     limited = replay(steps, limit)
