@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from vramfit.units import GIB, MIB, format_bytes, format_count
+from vramfit.units import GIB, MIB, format_bytes, format_count, format_times
 
 if TYPE_CHECKING:  # `vramfit estimate` pays for importing only what its output needs
     from vramfit.estimate.core import Estimate
@@ -142,12 +142,11 @@ def render_estimate(
         )
     elif est.cache_flushes and est.fits:
         assert est.hardware is not None
-        times = "once" if est.cache_flushes == 1 else f"{est.cache_flushes} times"
         console.print(
             f"[bold green]Fits[/] on {est.hardware.name} "
             f"({format_bytes(est.hardware.memory_bytes)}) by freeing the allocator's cache "
-            f"{times}: the tensors peak at {format_bytes(est.peak_allocated_bytes)}, its "
-            "cache fills the rest."
+            f"{format_times(est.cache_flushes)}: the tensors peak at "
+            f"{format_bytes(est.peak_allocated_bytes)}, its cache fills the rest."
         )
     else:
         _render_verdict(
@@ -242,9 +241,9 @@ def render_solve(console: Console, solution: Solution, gpu: str) -> None:
             f"({format_bytes(est.total_bytes)} of {format_bytes(memory)})."
         )
         if est.cache_flushes:
-            times = "once" if est.cache_flushes == 1 else f"{est.cache_flushes} times"
             console.print(
-                f"note: at {field} {value} the allocator frees its cache {times} to fit: the "
+                f"note: at {field} {value} the allocator frees its cache "
+                f"{format_times(est.cache_flushes)} to fit: the "
                 f"tensors peak at {format_bytes(est.peak_allocated_bytes)}"
             )
     if solution.too_big:

@@ -92,6 +92,11 @@ def parse_size(text: str, *, field: str) -> int:
     return value
 
 
+def format_times(n: int) -> str:
+    """``1`` -> ``once``, ``7`` -> ``7 times``."""
+    return "once" if n == 1 else f"{n} times"
+
+
 def format_count(count: int) -> str:
     """``1000000000`` -> ``1.00B``, ``354823168`` -> ``354.8M``, ``124439808`` -> ``124.4M``."""
     if count >= 10**12:

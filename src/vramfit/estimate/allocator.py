@@ -96,9 +96,6 @@ class _Pool:
         self.addresses: dict[int, list[int]] = {}  # size -> addresses of its free blocks
         self.blocks: dict[int, _Block] = {}  # address -> free block
 
-    def __len__(self) -> int:
-        return len(self.blocks)
-
     def entries(self) -> list[tuple[int, int, _Block]]:
         """``(size, address, block)`` of every free block, in the allocator's order."""
         blocks, addresses = self.blocks, self.addresses

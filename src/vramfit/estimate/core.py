@@ -14,6 +14,7 @@ from vramfit.estimate.profiles import reference
 from vramfit.estimate.profiles.hf import hf_unsupported
 from vramfit.estimate.schedule import hf_inference, hf_training_steps, managed_state_bytes
 from vramfit.estimate.timeline import TENSOR_COMPONENTS, Replay, Timeline, replay
+from vramfit.units import format_times
 
 # Components in display order; the breakdown at the peak uses these keys. Managed memory
 # (a paged optimizer's state) is outside PyTorch's allocator: in the device total only.
@@ -253,6 +254,8 @@ def _on_the_gpu(
         return None
     gib = 2**30
     for k, timeline in enumerate(steps):  # the tensors alone outgrow the limit: no replay
+        if any(timeline is earlier for earlier in steps[:k]):
+            continue  # the second steady step: its timeline is the first one's
         over = next((i for i, n in enumerate(timeline.live_bytes()) if n > limit), None)
         if over is not None:
             if hardware.allocator_limit_bytes is None:
@@ -277,11 +280,11 @@ def _on_the_gpu(
             out_of_memory=f"{phase}: {point}",
         )
     unflushed = rep.reserved + outside
-    times = "once" if limited.retries == 1 else f"{limited.retries} times"
     return _Limited(
         limited,
         f"the GPU fills up: where a cudaMalloc fails, the allocator frees its cached segments "
-        f"and retries, {times} over the {'steps' if len(steps) > 1 else 'run'} "
+        f"and retries, {format_times(limited.retries)} over the "
+        f"{'steps' if len(steps) > 1 else 'run'} "
         f"(num_alloc_retries; each frees and synchronizes, a slower step); where nothing "
         f"limits it, the run holds {unflushed / gib:.2f} GiB",
         flushes=limited.retries,

@@ -269,10 +269,11 @@ def judge(
     )
     # the allocator's reserve above the peak (and the context, NCCL) is taken as the largest
     # replay's: fragmentation does not grow linearly
-    total = peak + grid[(ls[-1], ks[-1])][2]
+    _, _, beyond_peak, outside = grid[(ls[-1], ks[-1])]
+    total = peak + beyond_peak
     headroom = hardware.memory_bytes - total
     reason = None if headroom >= 0 else f"needs {total / 2**30:,.1f} GiB"
-    return Candidate(par, ckpt, peak, total, headroom, reason, peak + grid[(ls[-1], ks[-1])][3])
+    return Candidate(par, ckpt, peak, total, headroom, reason, peak + outside)
 
 
 def make_plan(spec: ModelSpec, w: Workload, gpus: int, hardware: Hardware) -> Plan:
