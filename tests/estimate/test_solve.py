@@ -111,6 +111,36 @@ def test_the_largest_batch_is_found_past_a_smaller_one_that_does_not_fit() -> No
 T4 = Hardware(name="T4", memory_bytes=16106127360, compute_capability=(7, 5))
 
 
+def test_where_cache_flushes_decide_the_fit_the_search_does_not_step_one_by_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A long generation's batch on a T4: near the GPU's memory every run that fits does so by
+    # the allocator's cache flushes (its total is the GPU's memory less a few MiB) and every
+    # one that does not totals terabytes (what it would hold where nothing limits it).
+    # Interpolated between those totals, the search moved one batch a step: 68 estimates
+    tiny = ModelSpec(arch="llama", layers=1, hidden=256, heads=2, kv_heads=2, ffn=512, vocab=1024)
+    run = RunSpec(
+        model=tiny,
+        workload=Workload(mode="infer", batch=1, seq=128, gen_tokens=1024, precision="bf16"),
+    )
+    estimates: list[int] = []
+
+    def counted(r: RunSpec, hardware: Hardware | None = None) -> object:
+        estimates.append(r.workload.batch)
+        return estimate(r, hardware)
+
+    monkeypatch.setattr("vramfit.estimate.solve.estimate", counted)
+    solution = solve_max(run, T4, "batch")
+    assert len(estimates) <= 40
+    best = solution.estimate
+    assert best is not None and best.fits and best.cache_flushes > 0
+    assert solution.checked_to > solution.value  # the batch above it was estimated
+    above = run.model_copy(
+        update={"workload": run.workload.model_copy(update={"batch": solution.value + 1})}
+    )
+    assert not estimate(above, T4).fits
+
+
 @pytest.mark.parametrize("gen_tokens", [0, 24])
 def test_solve_seq_stops_at_the_learned_position_table(gen_tokens: int) -> None:
     # GPT-2 has 1024 learned positions: no seq beyond the table (less what is generated)

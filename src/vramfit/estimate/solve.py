@@ -15,6 +15,8 @@ Where the segments outgrow the GPU, an estimate replays within its room (the all
 its cache and retries, ``vramfit.estimate.core``): the total of a run that fits so is within
 the GPU, and its peak is the limited replay's, which can hand out blocks other than the
 unlimited one does (by less than 1 MiB a block: the remainders too small to split off).
+Such totals tell the search nothing of how far the boundary is (``distance`` in
+``solve_max`` says what it interpolates instead).
 """
 
 from __future__ import annotations
@@ -98,7 +100,9 @@ def solve_max(run: RunSpec, hardware: Hardware, field: SolveField) -> Solution:
     A bracketing search from the run's own value and regula falsi find a boundary (``low``
     fits, ``low + 1`` does not) and the bound (the values above it have peak allocated bytes
     plus the CUDA context beyond the GPU); when at most ``SCAN_MAX`` values lie between the
-    two, each is estimated (see the module docstring).
+    two, each is estimated (see the module docstring). Where the bracket's ends fit only by
+    the allocator's cache flushes or run out of memory, the bound comes first and caps the
+    boundary's search, which interpolates ``distance`` rather than the totals.
     """
     limit = search_limit(run, field)
     memory = hardware.memory_bytes
@@ -116,24 +120,53 @@ def solve_max(run: RunSpec, hardware: Hardware, field: SolveField) -> Solution:
         est = probe(value)
         return est.peak_allocated_bytes + est.breakdown.get("cuda_context", 0) - memory
 
-    # the boundary: low fits (or is 0), low + 1 does not; the search starts from the run's own
-    # value, which is usually close
-    low = 0
-    start = min(max(1, getattr(run.workload, field)), limit)
-    if limit >= 1 and excess(start) <= 0:
-        low = _crossing(excess, *_bracket(excess, start, limit), limit)
-    elif limit >= 1 and excess(1) <= 0:
-        low = _crossing(excess, 1, start, limit)
-    # the bound: the total is at least peak + context, and the peak is monotone, so no value
-    # above the last one whose peak + context fit the GPU can fit (low itself fits: when
-    # low >= 1, so does 1's peak + context, without estimating 1)
-    if limit < 1 or (low == 0 and floor_excess(1) > 0):
-        bound = 0
-    else:
+    def flushed(value: int) -> bool:  # its total says little of how far the boundary is
+        est = probe(value)
+        return est.cache_flushes > 0 or est.out_of_memory is not None
+
+    def distance(value: int) -> int:  # <= 0 exactly where excess is
+        # where the allocator's cache flushes decide the fit, near the GPU's memory, a run
+        # that fits so totals the GPU's memory less a few MiB whatever its size, and one out
+        # of memory what it would hold where nothing limits it (terabytes for a long
+        # generation): interpolated between such totals, each step moved one value (Llama-3
+        # 8B generating 4,096 tokens on an H100: 24 steps from batch 49 to 73). So a fit by
+        # flushes is as far from the boundary as its peak and context are below the GPU's
+        # memory, and a run out of memory as its excess, up to the GPU's memory
+        est = probe(value)
+        if est.fits and est.cache_flushes:
+            return floor_excess(value)  # peak + context <= total <= memory
+        return min(excess(value), memory) if flushed(value) else excess(value)
+
+    def find_bound() -> int:
+        # the total is at least peak + context, and the peak is monotone, so no value above
+        # the last one whose peak + context fit the GPU can fit
         start = max(v for v in seen if floor_excess(v) <= 0)
         above = [v for v in seen if v > start and floor_excess(v) > 0]
         lo, hi = (start, min(above)) if above else _bracket(floor_excess, start, limit)
-        bound = _crossing(floor_excess, lo, hi, limit)
+        return _crossing(floor_excess, lo, hi, limit)
+
+    # the boundary: low fits (or is 0), low + 1 does not; the search starts from the run's own
+    # value, which is usually close
+    low = 0
+    bound: int | None = None
+    start = min(max(1, getattr(run.workload, field)), limit)
+    bracket = None
+    if limit >= 1 and excess(start) <= 0:
+        bracket = _bracket(excess, start, limit)
+    elif limit >= 1 and excess(1) <= 0:
+        bracket = (1, start)
+    if bracket is not None:
+        lo, hi = bracket
+        if flushed(lo) or (hi <= limit and flushed(hi)):
+            bound = find_bound()  # no higher than the bound (see below)
+            hi = min(hi, bound + 1)
+        low = _crossing(distance, lo, hi, limit)
+    # the bound (low itself fits: when low >= 1, so does 1's peak + context, without
+    # estimating 1)
+    if limit < 1 or (low == 0 and floor_excess(1) > 0):
+        bound = 0
+    elif bound is None:
+        bound = find_bound()
     # every value between the boundary and the bound, when there are few enough
     if bound - low <= SCAN_MAX:
         for value in range(low + 1, bound + 1):
