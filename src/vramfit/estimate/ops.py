@@ -103,6 +103,12 @@ class Ops:
         )
         return out
 
+    def _after(self, x: Tensor, what: str) -> str:
+        """A name for what an op makes of ``x``, to which ``_t`` adds the block's prefix:
+        ``x``'s own name less the prefix it has as an activation of this block (a weight's
+        name has none)."""
+        return f"{x.name.removeprefix(self.prefix)} {what}"
+
     def keep(self, *tensors: Tensor) -> None:
         """The model's Python code still holds these (a local variable): they live to here."""
         self.g.node(f"{self.prefix}(held)", list(tensors), [], new_point=False)
@@ -114,10 +120,10 @@ class Ops:
         if x.dtype is dtype:
             return x
         component = Component.autocast_weight_copies if x.leaf else Component.activations
-        out = self._t(name or f"{x.name} to {dtype.value}", x.numel, dtype, part=part,
+        out = self._t(name or self._after(x, f"to {dtype.value}"), x.numel, dtype, part=part,
                       component=component)
         self.g.node(
-            f"{self.prefix}{out.name}",
+            out.name,
             [x],
             [out],
             backward=lambda bw: bw.new(0),  # ToCopyBackward0: grad.to(x.dtype)
@@ -514,9 +520,9 @@ class Ops:
     def slice(self, x: Tensor, numel: int, name: str = "") -> Tensor:
         """``x[..., a:b]``: a view; its backward is ``slice_backward``, a full-size zero tensor
         with the gradient copied in."""
-        out = self._t(name or f"{x.name} slice", numel, x.dtype, base=x)
+        out = self._t(name or self._after(x, "slice"), numel, x.dtype, base=x)
         self.g.node(
-            f"{self.prefix}{out.name}",
+            out.name,
             [x],
             [out],
             backward=lambda bw: bw.new(0, dtype=bw.out().dtype if bw.out() else None),
