@@ -87,3 +87,25 @@ def test_a_long_8b_generation_fits_the_h200_after_the_predicted_retries() -> Non
     assert est.cache_flushes == measured["alloc_retries"] == 3
     assert abs(est.peak_allocated_bytes / measured["peak_allocated_bytes"] - 1) < 0.0001
     assert abs(_reserved(est) / measured["reserved_peak_bytes"] - 1) < 0.002
+
+
+BOUNDARY = ROOT / "benchmarks" / "data" / "h200-boundary-validation" / "boundary-validation.jsonl"
+BOUNDARY_CASES = [json.loads(line) for line in BOUNDARY.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("record", BOUNDARY_CASES, ids=lambda r: r["case"]["name"])
+def test_a_solve_answer_holds_at_its_boundary(record: dict) -> None:
+    """benchmarks/data/h200-boundary-validation, predicted before it was measured: under the
+    room an L4 leaves the allocator, Llama-3.2-1B generating 512 tokens after 2,048 fits at
+    batch 85 and 86 (the reserve to the byte) and runs out of memory in the prefill after one
+    retry at 87 and 88, as `--solve batch --gpu L4` answers 86."""
+    case, measured = record["case"], record["result"]
+    est = _predict(case, measured["device_total_bytes"])
+    assert est.fits == (not measured["oom"])
+    assert est.cache_flushes == measured["alloc_retries"]
+    if measured["oom"]:
+        assert est.out_of_memory is not None and est.out_of_memory.startswith("prefill")
+        assert measured["reached"].endswith("prefill")
+    else:
+        assert _reserved(est) == measured["reserved_peak_bytes"]
+        assert abs(est.peak_allocated_bytes / measured["peak_allocated_bytes"] - 1) < 0.0001
