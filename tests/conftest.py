@@ -23,8 +23,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+# The default ("ci") profile draws the same examples on every run (derandomize): a fresh clone's
+# suite passes or fails with the code, not with the draw (a random draw once found a property's
+# rare counterexample and spent minutes shrinking it). New draws are the fuzz profile's job.
 settings.register_profile(
-    "ci", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+    "ci",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+    derandomize=True,
 )
 settings.register_profile(
     "fuzz", deadline=None, suppress_health_check=list(HealthCheck), print_blob=True
