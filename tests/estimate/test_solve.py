@@ -178,3 +178,32 @@ def test_cli_solve_json_says_what_is_proven() -> None:
         "too_big": [],
     }
     assert doc["checked_to"] >= doc["bound"] and doc["estimate"]["workload"]["seq"] == 1024
+
+
+def test_under_the_allocators_own_limit_an_answer_that_runs_out_is_no_answer() -> None:
+    # With allocator_limit_bytes (set_per_process_memory_fraction) a run can run out of memory
+    # while its total where nothing limits the allocator is within the GPU: that is no fit
+    # (the search took such runs for fits and answered a batch that runs out of memory)
+    tiny = ModelSpec(arch="llama", layers=2, hidden=128, heads=2, kv_heads=1, ffn=512, vocab=1024)
+    run = RunSpec(
+        model=tiny,
+        workload=Workload(mode="infer", batch=1, seq=64, gen_tokens=64, precision="bf16"),
+    )
+    gpu = Hardware(
+        name="H200, 256 MiB for the allocator",
+        memory_bytes=150_109_880_320,
+        compute_capability=(9, 0),
+        allocator_limit_bytes=1 << 28,
+    )
+    solution = solve_max(run, gpu, "batch")
+    assert solution.estimate is not None and solution.estimate.fits
+    above = run.model_copy(
+        update={"workload": run.workload.model_copy(update={"batch": solution.value + 1})}
+    )
+    past = estimate(above, gpu)
+    assert not past.fits and past.out_of_memory is not None
+    assert all(not estimate(_batch(run, v), gpu).fits for v in solution.too_big)
+
+
+def _batch(run: RunSpec, batch: int) -> RunSpec:
+    return run.model_copy(update={"workload": run.workload.model_copy(update={"batch": batch})})

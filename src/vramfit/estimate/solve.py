@@ -114,7 +114,11 @@ def solve_max(run: RunSpec, hardware: Hardware, field: SolveField) -> Solution:
         return seen[value]
 
     def excess(value: int) -> int:  # > 0: does not fit
-        return probe(value).total_bytes - memory
+        est = probe(value)
+        over = est.total_bytes - memory
+        # out of memory within the allocator's own limit (allocator_limit_bytes) although the
+        # total where nothing limits it is within the GPU: it does not fit all the same
+        return over if est.fits or over > 0 else 1
 
     def floor_excess(value: int) -> int:  # > 0: no value from here on fits (see hopeless)
         est = probe(value)
@@ -171,7 +175,7 @@ def solve_max(run: RunSpec, hardware: Hardware, field: SolveField) -> Solution:
     if bound - low <= SCAN_MAX:
         for value in range(low + 1, bound + 1):
             excess(value)
-    best = max((v for v, est in seen.items() if est.total_bytes <= memory), default=0)
+    best = max((v for v, est in seen.items() if est.fits), default=0)
     checked_to = best
     while checked_to + 1 in seen:
         checked_to += 1
@@ -182,7 +186,7 @@ def solve_max(run: RunSpec, hardware: Hardware, field: SolveField) -> Solution:
     value = best - 1
     while 1 <= value and best - value <= SCAN_MAX and excess(value) > 0:
         value -= 1
-    too_big = tuple(v for v in sorted(seen) if v < best and seen[v].total_bytes > memory)
+    too_big = tuple(v for v in sorted(seen) if v < best and not seen[v].fits)
     by_positions = limit < _LIMIT[field]
     return Solution(
         field, best, seen.get(best), limit, bound, checked_to, too_big, by_positions, run.parallel
