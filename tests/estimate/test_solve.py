@@ -203,6 +203,10 @@ def test_under_the_allocators_own_limit_an_answer_that_runs_out_is_no_answer() -
     past = estimate(above, gpu)
     assert not past.fits and past.out_of_memory is not None
     assert all(not estimate(_batch(run, v), gpu).fits for v in solution.too_big)
+    # and the bound is the allocator's: past it the peak alone outgrows the limit
+    beyond = estimate(_batch(run, solution.bound + 1), gpu)
+    assert beyond.peak_allocated_bytes > (gpu.allocator_limit_bytes or 0)
+    assert estimate(_batch(run, solution.bound), gpu).peak_allocated_bytes <= (1 << 28)
 
 
 def _batch(run: RunSpec, batch: int) -> RunSpec:

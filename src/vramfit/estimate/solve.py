@@ -122,7 +122,10 @@ def solve_max(run: RunSpec, hardware: Hardware, field: SolveField) -> Solution:
 
     def floor_excess(value: int) -> int:  # > 0: no value from here on fits (see hopeless)
         est = probe(value)
-        return est.peak_allocated_bytes + est.breakdown.get("cuda_context", 0) - memory
+        over = est.peak_allocated_bytes + est.breakdown.get("cuda_context", 0) - memory
+        if hardware.allocator_limit_bytes is not None:  # the allocator holds no more than it
+            over = max(over, est.peak_allocated_bytes - hardware.allocator_limit_bytes)
+        return over
 
     def flushed(value: int) -> bool:  # its total says little of how far the boundary is
         est = probe(value)
