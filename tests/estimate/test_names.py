@@ -12,7 +12,7 @@ from vramfit.estimate.profiles import reference
 from vramfit.estimate.schedule import hf_inference, hf_training_steps
 
 TWICE = re.compile(r"block (\d+) block \1 ")
-LLAMA = ModelSpec(arch="llama", layers=2, hidden=256, heads=2, kv_heads=2, vocab=100)
+LLAMA = ModelSpec(arch="llama", layers=2, hidden=256, heads=4, kv_heads=2, vocab=100)
 
 
 @pytest.mark.parametrize(
@@ -24,6 +24,8 @@ LLAMA = ModelSpec(arch="llama", layers=2, hidden=256, heads=2, kv_heads=2, vocab
         # the reference program's 16-bit probabilities under AMP
         (reference.inference, {"mode": "infer", "seq": 64, "impl": "reference",
                                "precision": "amp-fp16", "attention": "eager"}),
+        # its repeat_kv of grouped keys and values, forward and backward
+        (reference.training_steps, {"seq": 64, "impl": "reference", "precision": "amp-bf16"}),
     ],
 )
 def test_no_name_says_its_block_twice(build, workload) -> None:  # noqa: ANN001

@@ -134,11 +134,12 @@ def test_flash_never_exceeds_eager(run: RunSpec) -> None:
         # a fused kernel's O(s x head_dim) backward scratch can exceed eager's s x s scores
         # when the sequence is shorter than a few head widths
         return
-    if w.impl.value == "hf" and w.gen_tokens and w.precision.value.startswith("amp"):
+    rotary = spec.positions is not None and spec.positions.value == "rope"
+    if w.impl.value == "hf" and w.gen_tokens and w.precision.value.startswith("amp") and rotary:
         # a decode step's keys and values (fp32 under autocast: the rotary cos/sin promote
         # them) are cast to 16 bits by autocast for SDPA both at once, for eager's two
         # matmuls one after the other; with one query token eager's scores are a cache row,
-        # so flash's step can hold a few hundred bytes more (seen: 512)
+        # so flash's step can hold a few hundred bytes more (seen: 512 and 1,024)
         return
     flash = estimate(_with(run, attention="flash")).tensor_peak_bytes
     eager = estimate(_with(run, attention="eager")).tensor_peak_bytes

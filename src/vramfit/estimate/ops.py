@@ -82,7 +82,7 @@ class Ops:
         ``copy_backward``: its gradient arrives laid out otherwise and the backward reshape
         copies it (``clone`` in ViewBackward0; the h200-hf-ops traces)."""
         size = x.numel if numel is None else numel
-        out = self._t(name or f"{x.name} view", size, x.dtype, base=x, part=x.part)
+        out = self._t(name or self._after(x, "view"), size, x.dtype, base=x, part=x.part)
 
         def backward(bw: Backward) -> None:
             g = bw.out()

@@ -153,7 +153,7 @@ class RefOps(Ops):
         wide_v = self._t(f"{name} widened v", numel, v.dtype, part="attention")
         nodes = [
             self.g.node(
-                f"{self.prefix}{out.name}", [x], [out], backward=lambda bw: bw.new(0),
+                out.name, [x], [out], backward=lambda bw: bw.new(0),
                 new_point=first,
             )
             for x, out, first in ((k, wide_k, True), (v, wide_v, False))
