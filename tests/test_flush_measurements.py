@@ -22,6 +22,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from flushes import _predict, _reserved  # noqa: E402
 
+from vramfit.estimate.core import MEASURED_RETRIES  # noqa: E402
+
 RECORDS = [json.loads(line) for line in MEASURED.read_text().splitlines() if line.strip()]
 CASES = {r["case"]["name"]: r for r in RECORDS if "result" in r}
 
@@ -109,3 +111,33 @@ def test_a_solve_answer_holds_at_its_boundary(record: dict) -> None:
     else:
         assert _reserved(est) == measured["reserved_peak_bytes"]
         assert abs(est.peak_allocated_bytes / measured["peak_allocated_bytes"] - 1) < 0.0001
+
+
+FLUSHED = ROOT / "benchmarks" / "data" / "h200-flush-boundary-validation"
+FLUSHED_CASES = [
+    json.loads(line)
+    for line in (FLUSHED / "flush-boundary-validation.jsonl").read_text().splitlines()
+    if line.strip()
+]
+
+
+@pytest.mark.parametrize("record", FLUSHED_CASES, ids=lambda r: r["case"]["name"])
+def test_a_fit_after_hundreds_of_retries_says_it_is_uncertain(record: dict) -> None:
+    """benchmarks/data/h200-flush-boundary-validation: predicted (blind) to fit after 380-429
+    retries, every run ran out of memory. A fit past the retries measured to hold says so."""
+    case, measured = record["case"], record["result"]
+    assert measured["oom"] and measured["alloc_retries"] > MEASURED_RETRIES
+    est = _predict(case, measured["device_total_bytes"])
+    assert est.cache_flushes > MEASURED_RETRIES
+    if est.fits:
+        assert any("uncertain past" in note for note in est.notes)
+
+
+def test_the_fits_measured_to_hold_needed_few_retries() -> None:
+    """MEASURED_RETRIES is the most retries of a run measured to fit as predicted."""
+    held = [
+        r["result"]["alloc_retries"]
+        for r in [*RECORDS, *BOUNDARY_CASES]
+        if "result" in r and not r["result"]["oom"]
+    ]
+    assert max(held) == MEASURED_RETRIES

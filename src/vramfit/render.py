@@ -241,10 +241,18 @@ def render_solve(console: Console, solution: Solution, gpu: str) -> None:
             f"({format_bytes(est.total_bytes)} of {format_bytes(memory)})."
         )
         if est.cache_flushes:
+            from vramfit.estimate.core import MEASURED_RETRIES
+
+            uncertain = (
+                f"; uncertain past {MEASURED_RETRIES} retries: measured runs predicted to fit "
+                "after hundreds ran out of memory"
+                if est.cache_flushes > MEASURED_RETRIES
+                else ""
+            )
             console.print(
                 f"note: at {field} {value} the allocator frees its cache "
                 f"{format_times(est.cache_flushes)} to fit: the "
-                f"tensors peak at {format_bytes(est.peak_allocated_bytes)}"
+                f"tensors peak at {format_bytes(est.peak_allocated_bytes)}{uncertain}"
             )
     if solution.too_big:
         shown = ", ".join(str(v) for v in solution.too_big[-5:])
