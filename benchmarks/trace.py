@@ -66,7 +66,9 @@ def _worker(case: dict, frames: bool, cpp: bool = False) -> dict:
         stacks="all" if cpp else "python",
     )
     run = RunSpec.model_validate({"model": case["model"], "workload": case.get("workload", {})})
-    result = measure_train(run, steps=int(case.get("steps", 3)))
+    result = measure_train(
+        run, steps=int(case.get("steps", 3)), memory_limit_bytes=case.get("memory_limit_bytes")
+    )
     snapshot = torch.cuda.memory._snapshot()
     events, places, index = [], [], {}
     for e in snapshot["device_traces"][0]:
@@ -85,6 +87,9 @@ def _worker(case: dict, frames: bool, cpp: bool = False) -> dict:
         "events": events,
         "reserved_peak_bytes": result.reserved_peak_bytes,
         "peak_allocated_bytes": result.peak_allocated_bytes,
+        "memory_limit_bytes": case.get("memory_limit_bytes"),
+        "alloc_retries": result.alloc_retries,
+        "oom": result.oom,
     }
     if frames or cpp:
         out["places"] = places
