@@ -147,9 +147,10 @@ def test_given_the_drivers_addresses_the_allocator_decides_as_the_real_one() -> 
     """The two recorded runs of the flush boundary set (benchmarks/trace.py: every request,
     free, segment made and segment freed, with addresses) replayed through vramfit's allocator,
     each new segment where the driver put it and each flush freeing the segments the real one
-    freed: it makes a segment exactly where the real allocator did, over
-    hundreds of flushes (over 1,500 segment events each), and reserves the same peak. So the allocator's rules hold there; what
-    the replay gets wrong is where new segments land (the driver reuses the freed ranges)."""
+    freed: it makes a segment exactly where the real allocator did, over hundreds of flushes
+    (over 1,500 segment events each), and reserves the same peak. So the allocator's rules
+    hold there; what the replay gets wrong is where new segments land (the driver reuses the
+    ranges it was given back)."""
     import gzip
 
     from vramfit.estimate.allocator import CachingAllocator
