@@ -93,8 +93,10 @@ class Timeline:
         """Requested bytes live at each point (difference array: O(points + allocations))."""
         delta = [0] * (len(self.points) + 1)
         for a in self.allocations:
-            delta[a.start] += a.n_bytes
-            delta[a.end + 1] -= a.n_bytes
+            sizes = a.sizes
+            n_bytes = sizes[0] if len(sizes) == 1 else sum(sizes)
+            delta[a.start] += n_bytes
+            delta[a.end + 1] -= n_bytes
         live, running = [], 0
         for d in delta[:-1]:
             running += d
