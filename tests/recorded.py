@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from vramfit.estimate.allocator import CachingAllocator
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TRACES = BENCHMARKS / "data" / "h200-traces"
 # traces recorded with a validation set, kept beside its measurements
@@ -82,6 +84,20 @@ def load_start(trace: dict) -> int | None:
     if not marked:
         return None
     return next((i for i, e in enumerate(trace["events"]) if e[3] in marked), None)
+
+
+def release_segment(alloc: CachingAllocator, address: int, size: int) -> None:
+    """The real allocator returned the segment at ``address`` (``empty_cache``, or a retry's
+    ``release_cached_blocks``): in ``alloc`` it must be one free block, which goes too."""
+    for _, _, pool in alloc.pools():
+        for free_size, free_address, block in pool.entries():
+            if free_address == address and block.prev is None and block.next is None:
+                assert free_size == size
+                pool.remove(block)
+                alloc._segments.remove(block)
+                alloc.reserved -= size
+                return
+    raise AssertionError(f"segment {address:#x} of {size} bytes is not a free segment")
 
 
 def trace(name: str) -> dict:

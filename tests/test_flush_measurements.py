@@ -22,9 +22,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from flushes import _predict, _reserved  # noqa: E402
 
+from recorded import release_segment  # noqa: E402
 from vramfit.estimate.core import MEASURED_RETRIES  # noqa: E402
 
-RECORDS = [json.loads(line) for line in MEASURED.read_text().splitlines() if line.strip()]
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+RECORDS = _jsonl(MEASURED)
 CASES = {r["case"]["name"]: r for r in RECORDS if "result" in r}
 
 
@@ -92,7 +98,7 @@ def test_a_long_8b_generation_fits_the_h200_after_the_predicted_retries() -> Non
 
 
 BOUNDARY = ROOT / "benchmarks" / "data" / "h200-boundary-validation" / "boundary-validation.jsonl"
-BOUNDARY_CASES = [json.loads(line) for line in BOUNDARY.read_text().splitlines() if line.strip()]
+BOUNDARY_CASES = _jsonl(BOUNDARY)
 
 
 @pytest.mark.parametrize("record", BOUNDARY_CASES, ids=lambda r: r["case"]["name"])
@@ -114,11 +120,7 @@ def test_a_solve_answer_holds_at_its_boundary(record: dict) -> None:
 
 
 FLUSHED = ROOT / "benchmarks" / "data" / "h200-flush-boundary-validation"
-FLUSHED_CASES = [
-    json.loads(line)
-    for line in (FLUSHED / "flush-boundary-validation.jsonl").read_text().splitlines()
-    if line.strip()
-]
+FLUSHED_CASES = _jsonl(FLUSHED / "flush-boundary-validation.jsonl")
 
 
 @pytest.mark.parametrize("record", FLUSHED_CASES, ids=lambda r: r["case"]["name"])
@@ -163,12 +165,7 @@ def test_given_the_drivers_addresses_the_allocator_decides_as_the_real_one() -> 
             if action == "s":
                 segment = addr
             elif action == "S":  # a retry's release_cached_blocks: one whole free segment
-                pool = next(p for _, _, p in alloc.pools() if addr in p.blocks)
-                block = pool.blocks[addr]
-                assert block.prev is None and block.next is None and block.size == size
-                pool.remove(block)
-                alloc._segments.remove(block)
-                alloc.reserved -= size
+                release_segment(alloc, addr, size)
                 flushed += 1
             elif action == "a":
                 before = len(alloc._segments)

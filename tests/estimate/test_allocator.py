@@ -12,21 +12,15 @@ from __future__ import annotations
 
 import pytest
 
-from recorded import BUILD_UNCOUNTED, RESET_AT_LOAD, load_start, run_end, traces
+from recorded import (
+    BUILD_UNCOUNTED,
+    RESET_AT_LOAD,
+    load_start,
+    release_segment,
+    run_end,
+    traces,
+)
 from vramfit.estimate.allocator import CachingAllocator, round_size, segment_size
-
-
-def _release(alloc: CachingAllocator, address: int, size: int) -> None:
-    """``empty_cache`` returned the segment at ``address``: it must be one free block."""
-    for _, _, pool in alloc.pools():
-        for free_size, free_address, block in pool.entries():
-            if free_address == address and block.prev is None and block.next is None:
-                assert free_size == size
-                pool.remove(block)
-                alloc._segments.remove(block)
-                alloc.reserved -= size
-                return
-    raise AssertionError(f"segment {address:#x} of {size} bytes is not a free segment")
 
 
 def replay_trace(
@@ -43,7 +37,7 @@ def replay_trace(
         if action == "s":
             segment = addr
         elif action == "S":  # torch.cuda.empty_cache (peft's prepare_model_for_kbit_training)
-            _release(alloc, addr, size)
+            release_segment(alloc, addr, size)
         elif action == "a":
             alloc.malloc(addr, size, segment_address=segment)
             segment = None
