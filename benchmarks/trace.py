@@ -65,12 +65,18 @@ def _worker(case: dict, frames: bool, cpp: bool = False) -> dict:
         context="all" if frames or cpp else None,
         stacks="all" if cpp else "python",
     )
-    run = RunSpec.model_validate({"model": case["model"], "workload": case.get("workload", {})})
+    run = RunSpec.model_validate(
+        {
+            "model": case["model"],
+            "workload": case.get("workload", {}),
+            "parallel": case.get("parallel", {}),  # rank 0 under a fake process group
+        }
+    )
     result = measure_train(
         run, steps=int(case.get("steps", 3)), memory_limit_bytes=case.get("memory_limit_bytes")
     )
     snapshot = torch.cuda.memory._snapshot()
-    events, places, index = [], [], {}
+    events, streams, places, index = [], [], [], {}
     for e in snapshot["device_traces"][0]:
         if e["action"] not in ACTIONS:
             continue
@@ -82,6 +88,7 @@ def _worker(case: dict, frames: bool, cpp: bool = False) -> dict:
                 places.append(where)
             event.append(index[where])
         events.append(event)
+        streams.append(e.get("stream", 0))
     out = {
         "name": case["name"],
         "events": events,
@@ -91,6 +98,8 @@ def _worker(case: dict, frames: bool, cpp: bool = False) -> dict:
         "alloc_retries": result.alloc_retries,
         "oom": result.oom,
     }
+    if any(streams):  # FSDP2's all-gather and reduce-scatter streams: each event's stream
+        out["streams"] = streams
     if frames or cpp:
         out["places"] = places
     return out
@@ -102,6 +111,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per case")
     parser.add_argument(
         "--frames", action="store_true", help="label each event with the source line behind it"
     )
@@ -130,7 +140,7 @@ def main() -> None:
             input=json.dumps(case),
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=args.timeout,
         )
         if out.returncode != 0:
             print(case["name"], "failed:", out.stderr[-2000:])
