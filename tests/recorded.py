@@ -30,6 +30,7 @@ SET_TRACES = (
     BENCHMARKS / "data" / "h200-hf-calibration" / "hf-calibration-phi3-cpp-frames.json.gz",
     BENCHMARKS / "data" / "h200-ft-validation7" / "ft7-phi3-lora-cpp-frames.json.gz",
     BENCHMARKS / "data" / "h200-hf-validation5" / "hf5-phi3-trainer-cpp-frames.json.gz",
+    *sorted((BENCHMARKS / "data" / "h200-parallel-traces").glob("*.json.gz")),
     *sorted((BENCHMARKS / "data" / "h200-qlora-load").glob("*.json.gz")),
     *sorted((BENCHMARKS / "data" / "h200-int8-load").glob("*.json.gz")),
 )

@@ -607,7 +607,7 @@ class Ops:
         """``F.scaled_dot_product_attention`` through a fused kernel (``kernel``: "cudnn",
         "flash" or "efficient"): the output (laid out tokens first) and the softmax
         statistics, saved with q, k, v; backward makes dq, dk, dv like their inputs and the
-        kernel's scratch. Autocast casts q, k and v to 16 bits first.
+        kernel's scratch. Autocast casts v, k and q to 16 bits first.
 
         ``bool_mask``: the elements of a boolean ``attn_mask`` broadcast to (batch, 1, q, kv).
         SDPA turns it into an additive mask of q's dtype per call, dense, with one
@@ -616,7 +616,10 @@ class Ops:
         with no other request, in the hf5 Phi-3 trace), and the kernel keeps that float mask
         for its backward. ``mask``: the boolean mask itself, an argument of the layer (a
         checkpoint keeps it for its recompute)."""
-        q, k, v = (self._autocast_low(t, "attention") for t in (q, k, v))
+        # autocast's wrapper casts the arguments as it passes them on, and the compiler
+        # evaluates those right to left: v, k, then q (as matmul's k before q, ``bmm``; the
+        # 8B TP 4 + SP trace, whose 2 MiB k and v casts come before q's 8 MiB)
+        v, k, q = (self._autocast_low(t, "attention") for t in (v, k, q))
         biases: list[Tensor] = []
         if bool_mask:
             bias = self._t(f"{name} float mask", bool_mask, q.dtype, part="attention")

@@ -743,7 +743,9 @@ def replicated_training_steps(
         sp=par.tp if par.sp else 1, tp=par.tp,
     )
     assert loss is not None
-    if not head:
+    if head:  # the loop holds the model's outputs (the 8B TP 4 + SP trace: the cache's K/V)
+        _hold_outputs(graph, model, logits, w.loop)
+    else:
         model.param_list = [
             p for p in model.param_list if not p.name.startswith(_HEAD_PARAMS)
         ]

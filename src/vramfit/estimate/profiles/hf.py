@@ -380,11 +380,12 @@ class Model:
         """Sequence parallel's all-gather before a colwise projection (DTensor
         ``PrepareModuleInput`` with ``Shard(1)`` in, ``Replicate`` out): a new full-sequence
         tensor, which the projections save. ``_c10d_functional`` gathers along dim 0 and
-        ``torch.cat``s the chunks along dim 1 (``all_gather_tensor`` in
+        ``torch.cat``s the chunks along dim 1 (``all_gather_single`` in
         torch/distributed/_functional_collectives.py): the dim-0 buffer is scratch of the
-        output's size. The backward reduce-scatters the projections' summed gradient:
-        ``reduce_scatter_tensor`` first ``cat``s its dim-1 chunks along dim 0, a full-size
-        copy, beside the seq / sp result."""
+        output's size, unless the batch is 1 (``_chunked_cat_is_view``). The backward
+        reduce-scatters the projections' summed gradient: ``reduce_scatter_single`` first
+        ``cat``s its dim-1 chunks along dim 0, a full-size copy at any batch, beside the
+        seq / sp result."""
         if self.sp == 1:
             return x
         full = x.numel * self.sp
@@ -396,17 +397,27 @@ class Model:
             if g is not None:
                 bw.temp("chunks along dim 0", full * g.dtype.size)
 
+        scratch = [] if self._chunked_cat_is_view else [("output along dim 0", full * x.dtype.size)]
         self.g.node(
-            f"{self.ops.prefix}{name} all-gather", [x], [out], backward=backward,
-            scratch=[("output along dim 0", full * x.dtype.size)],
+            f"{self.ops.prefix}{name} all-gather", [x], [out], backward=backward, scratch=scratch
         )
         return out
+
+    @property
+    def _chunked_cat_is_view(self) -> bool:
+        """Whether an all-gather along the sequence (dim 1 of batch x seq x hidden) is the
+        dim-0 buffer itself, viewed: ``_maybe_view_chunk_cat`` (torch/_utils.py) views it
+        when every dim before the gather dim is 1, which a batch of 1 is; else it ``cat``s
+        the chunks into a new tensor (measured: the 8B TP 4 + SP batch-1 trace gathers
+        without a copy, the batch-4 ones with one)."""
+        return self.batch == 1
 
     def scatter(self, name: str, x: Tensor) -> Tensor:
         """Sequence parallel's reduce-scatter after a rowwise projection (``output_layouts
         Shard(1)``): this rank's seq / sp rows, after a full-size ``cat`` of the dim-1
         chunks along dim 0 (scratch); the backward all-gathers the gradient (a full-size
-        gradient and the dim-0 buffer it is ``cat`` from, see ``gather``). The embeddings'
+        gradient and, unless the batch is 1, the dim-0 buffer it is ``cat`` from: see
+        ``gather``). The embeddings'
         ``Replicate`` to ``Shard(1)`` is a local split (``Shard._split_tensor``), copied
         contiguous: no scratch. Without sequence parallel, ``RowwiseParallel``'s
         ``Partial`` to ``Replicate`` all-reduce: functional collectives reduce out of place
@@ -418,7 +429,9 @@ class Model:
                 return x
             out = Tensor(f"{o.prefix}{name} all-reduce", x.numel, x.dtype, part=x.part)
             self.g.node(
-                f"{o.prefix}{name} all-reduce", [x], [out],
+                f"{o.prefix}{name} all-reduce",
+                [x],
+                [out],
                 backward=lambda bw: bw.alias(0, bw.out()),
             )
             return out
@@ -428,7 +441,7 @@ class Model:
         def backward(bw: Backward) -> None:
             g = bw.out()
             bw.new(0, dtype=g.dtype if g else None)
-            if g is not None:
+            if g is not None and not self._chunked_cat_is_view:
                 bw.temp("all-gather output along dim 0", x.numel * g.dtype.size)
 
         scratch = [] if local == "split" else [("chunks along dim 0", x.numel * x.dtype.size)]
@@ -688,7 +701,11 @@ class Model:
         else:
             out = self.eager_core(prefix, q, k, v, keys, mask, p_drop=p_drop)
         name = "attn.c_proj" if b.model_type is ModelType.gpt2 else "self_attn.o_proj"
-        out = self.linear(f"{prefix}.{name}", out, b.hidden, b.bias)
+        # RowwiseParallel's output hook reduces o_proj's output as it returns, before the
+        # attention forward's locals go (the 8B TP 4 + SP trace, tp-traces)
+        out = self.scatter(
+            f"{prefix} attention output", self.linear(f"{prefix}.{name}", out, b.hidden, b.bias)
+        )
         if b.model_type is ModelType.gpt2:
             # GPT2Attention's own resid_dropout, before it returns (its query_states, a view
             # of the c_attn output, alive through it: the hf2 GPT-2 355M trace)
@@ -908,7 +925,7 @@ class Model:
             # (1 + tanh) is saved by the product: add_scalar's output is the mul's input
             act = o.binary(f"{prefix} gelu", half, t, "mul", part="mlp")
             o.keep(hdn)  # NewGELUActivation's argument, to its return
-            return self.linear(f"{prefix}.mlp.c_proj", act, b.hidden, b.bias)
+            return self._down(prefix, "mlp.c_proj", act)
         if b.fused_gate_up:
             gu = self.linear(f"{prefix}.mlp.gate_up_proj", x, 2 * b.ffn, b.bias, "mlp")
             gate = o.view(gu, f"{prefix} gate", numel=n * b.ffn)
@@ -917,7 +934,7 @@ class Model:
             prod = o.binary(f"{prefix} up * act", up, act, "mul", part="mlp")
             # Phi3MLP.forward's local `gate`, a view of the fused output, holds it to the
             # return, through down_proj (the hf1 Phi-3 generate trace)
-            out = self.linear(f"{prefix}.mlp.down_proj", prod, b.hidden, b.bias)
+            out = self._down(prefix, "mlp.down_proj", prod)
             o.keep(gate)
             return out
         else:
@@ -925,7 +942,13 @@ class Model:
             act = o.unary(f"{prefix} act", gate, saves="input", part="mlp")
             up = self.linear(f"{prefix}.mlp.up_proj", x, b.ffn, b.bias, "mlp")
             prod = o.binary(f"{prefix} act * up", act, up, "mul", part="mlp")
-        return self.linear(f"{prefix}.mlp.down_proj", prod, b.hidden, b.bias)
+        return self._down(prefix, "mlp.down_proj", prod)
+
+    def _down(self, prefix: str, name: str, x: Tensor) -> Tensor:
+        """The MLP's output projection, reduced by RowwiseParallel's output hook as the
+        projection returns (``scatter``)."""
+        out = self.linear(f"{prefix}.{name}", x, self.b.hidden, self.b.bias)
+        return self.scatter(f"{prefix} MLP output", out)
 
     def block(
         self, i: int, x: Tensor, cos: Tensor | None, sin: Tensor | None, mask: Tensor | None
@@ -944,8 +967,12 @@ class Model:
         self._seq_sharded = False
         gathered = self.gather(f"{prefix} attention input", normed, "attention")
         attn = self.attention(i, prefix, gathered, cos, sin, mask)
-        attn = self.scatter(f"{prefix} attention output", attn)
         self._seq_sharded = self.sp > 1
+        if gathered is not normed:
+            # sequence parallel gathers in the attention's input hook: the gathered tensor is
+            # the attention forward's `hidden_states` argument, live until it returns (after
+            # o_proj's reduce-scatter; the 8B TP 4 + SP trace, tp-traces)
+            o.keep(gathered)
         if not gpt2:  # `hidden_states, _ = self.self_attn(hidden_states=hidden_states, ...)`
             o.keep(normed)
         if b.norms_per_layer == 4:
@@ -967,9 +994,11 @@ class Model:
                 f"{prefix}.ln_2" if gpt2 else f"{prefix}.post_attention_layernorm", x
             )
         self._seq_sharded = False
-        m = self.mlp(prefix, self.gather(f"{prefix} MLP input", normed, "mlp"))
-        m = self.scatter(f"{prefix} MLP output", m)
+        gathered = self.gather(f"{prefix} MLP input", normed, "mlp")
+        m = self.mlp(prefix, gathered)
         self._seq_sharded = self.sp > 1
+        if gathered is not normed:  # the MLP forward's argument, as the attention's above
+            o.keep(gathered)
         # the MLP's input is the layer's hidden_states until `hidden_states = self.mlp(...)`
         # rebinds it (the hf2 Llama trace: freed before the residual add), GPT-2's until
         # `hidden_states = residual + feed_forward_hidden_states`
@@ -1126,8 +1155,7 @@ def cache_windows(spec: ModelSpec) -> list[int | None]:
     (``get_layer_types_and_kwargs`` in transformers/cache_utils.py, Gemma2Config)."""
     every = spec.sliding_window_every
     return [
-        spec.sliding_window if (every == 1 or (i + 1) % every) else None
-        for i in range(spec.layers)
+        spec.sliding_window if (every == 1 or (i + 1) % every) else None for i in range(spec.layers)
     ]
 
 
