@@ -48,6 +48,7 @@ SETS = {
         "h200-fsdp-validation2/fsdp-validation2.jsonl",
         "h200-fsdp-validation3/fsdp-validation3.jsonl",
         "h200-tp-validation1/tp-validation1.jsonl",
+        "h200-tp-validation2/tp-validation2.jsonl",
     ],
 }
 
