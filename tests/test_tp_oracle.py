@@ -20,9 +20,9 @@ same layout:
   projection's input gradient, the rowwise output's all-reduce, the norms' ``from_local``
   views that keep their input gradient apart from the residual's.
 
-Eager attention and no dropout, as in tests/test_hf_profile_oracle.py. Not covered: sequence
-parallel under full checkpointing, where the real step holds one more tensor of the layer
-input's full-sequence size during the recompute than the replay (not yet explained).
+Eager attention and no dropout, as in tests/test_hf_profile_oracle.py. Under full
+checkpointing with sequence parallel, layer 0's split of the embeddings runs inside its
+checkpoint, which keeps the full embeddings to that layer's backward.
 """
 
 from __future__ import annotations
@@ -167,6 +167,7 @@ def _predicted(run: RunSpec) -> tuple[int, Counter, int]:
     [
         (2, False, "fp32", "none"),
         (2, True, "fp32", "none"),
+        (2, True, "fp32", "full"),
         pytest.param(4, False, "bf16", "full", marks=pytest.mark.slow),
     ],
 )

@@ -960,6 +960,13 @@ class Model:
         self.g.unit_begin(i)
         if self.checkpoint:
             self.g.checkpoint_begin()
+        if i == 0:
+            # sequence parallel: layer 0's PrepareModuleInput (Replicate to Shard(1)) splits
+            # the embeddings in a forward pre-hook, which runs inside the layer's checkpoint
+            # (GradientCheckpointingLayer.__call__ wraps the module call): the checkpoint
+            # keeps the full embeddings as its input, and its recompute splits them again
+            # (the CPU oracle, tests/test_tp_oracle.py)
+            x = self.scatter("embeddings", x)
         self._seq_sharded = self.sp > 1
         layer_input = x
         self.returned_weights = None
@@ -1086,10 +1093,8 @@ class Model:
             cos, sin = o.cast(cos32, x.dtype, "cos"), o.cast(sin32, x.dtype, "sin")
             o.keep(freqs, ang, cos32, sin32)  # the rotary forward's locals, to its return
             model_locals += [cos, sin]
-        # sequence parallel: the embedding's output is reduce-scattered to this rank's rows
-        # (RowwiseParallel, output_layouts Shard(1)), the final norm runs on them and lm_head
-        # gathers them back
-        x = self.scatter("embeddings", x)
+        # sequence parallel: the first layer splits the embedding's output to this rank's
+        # rows (``block``), the final norm runs on them and lm_head gathers them back
         for i in range(b.layers):
             x = self.block(i, x, cos, sin, mask)
         if mask is not None:
