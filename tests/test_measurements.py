@@ -49,6 +49,7 @@ SETS = {
         "h200-fsdp-validation3/fsdp-validation3.jsonl",
         "h200-tp-validation1/tp-validation1.jsonl",
         "h200-tp-validation2/tp-validation2.jsonl",
+        "h200-tp-validation3/tp-validation3.jsonl",
     ],
 }
 
